@@ -1,0 +1,65 @@
+"""What every ``jobs/*.py`` entry point shares: argument parsing and joining Ray.
+
+``python jobs/<job>.py [--config FILE] [--force] [key=value ...]``; a bad config prints one line
+``error: ...`` and exits 2 before any Ray resource is requested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from hdd_ray.config import CampaignConfig, ConfigError, describe_options, load_config
+
+
+def parse_job_args(
+    doc: str, argv: list[str] | None = None, extra: list[tuple[str, dict[str, Any]]] | None = None
+) -> tuple[CampaignConfig, argparse.Namespace]:
+    """Parse a job's command line into a validated config and the remaining flags.
+
+    ``doc`` (the job's module docstring) and every config option with its default are shown
+    by ``--help``. ``extra`` adds job-specific flags as ``(name, argparse kwargs)``.
+    On a config problem prints ``error: <one line>`` to stderr and exits with status 2.
+    """
+    parser = argparse.ArgumentParser(
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config options (key=value):\n" + describe_options(),
+    )
+    parser.add_argument("--config", default=None, help="campaign YAML (default: the demo)")
+    parser.add_argument("--force", action="store_true", help="recompute instead of reusing")
+    for name, kwargs in extra or []:
+        parser.add_argument(name, **kwargs)
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return cfg, args
+
+
+def init_ray(cfg: CampaignConfig) -> None:
+    """Join the configured cluster (``ray.address`` or ``RAY_ADDRESS``), else start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": {"PYTHONPATH": _repo_pythonpath()}}
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        # address="local" always starts a fresh instance (a stale /tmp/ray cluster file would
+        # make a plain ray.init(num_cpus=...) fail)
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
+                 runtime_env=runtime_env)
+
+
+def _repo_pythonpath() -> str:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    existing = os.environ.get("PYTHONPATH", "")
+    return here + (os.pathsep + existing if existing else "")

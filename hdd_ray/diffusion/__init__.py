@@ -1,0 +1,53 @@
+"""The diffusion math: VP schedules, objectives, the velocity conversion and ODE samplers.
+
+Pure torch; nothing here knows about Ray.
+"""
+
+from hdd_ray.diffusion.convert import (
+    PARAMETERIZATIONS,
+    Safeguards,
+    as_velocity,
+    vp_query,
+)
+from hdd_ray.diffusion.objectives import (
+    FM_TIME_SCALE,
+    OBJECTIVES,
+    DDPMEps,
+    FMVelocity,
+    Objective,
+    drop_captions,
+    get_objective,
+    sample_unit_time,
+)
+from hdd_ray.diffusion.sampling import guided, null_condition, sample_ode, time_grid
+from hdd_ray.diffusion.schedules import (
+    SCHEDULES,
+    CosineSchedule,
+    LinearSchedule,
+    VPSchedule,
+    get_schedule,
+)
+
+__all__ = [
+    "FM_TIME_SCALE",
+    "OBJECTIVES",
+    "PARAMETERIZATIONS",
+    "SCHEDULES",
+    "CosineSchedule",
+    "DDPMEps",
+    "FMVelocity",
+    "LinearSchedule",
+    "Objective",
+    "Safeguards",
+    "VPSchedule",
+    "as_velocity",
+    "drop_captions",
+    "get_objective",
+    "get_schedule",
+    "guided",
+    "null_condition",
+    "sample_ode",
+    "sample_unit_time",
+    "time_grid",
+    "vp_query",
+]

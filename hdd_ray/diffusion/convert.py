@@ -1,0 +1,119 @@
+"""The "universal translator": any native predictor -> a flow-matching velocity field.
+
+Flow-matching coordinates (the common space of the mixture): ``x_t = (1 - t) x0 + t eps``,
+``t`` in [0, 1] (t = 1 is noise), velocity ``v = eps - x0``, so ``x_t = x0 + t v``.
+
+A VP expert (schedule ``abar(tau)``) is queried at the flow-matching state ``(x_t, t)`` by
+matching the signal-to-noise ratio. With ``s = sqrt((1 - t)^2 + t^2)``::
+
+    abar* = (1 - t)^2 / s^2,  tau* = abar^{-1}(abar*)        (continuous, not rounded)
+    x_in  = x_t / s = sqrt(abar*) x0 + sqrt(1 - abar*) eps   (exactly on the VP path)
+
+and its output is converted (``alpha = (1 - t) / s``, ``sigma = t / s``):
+
+* ``eps``:  ``x0_hat = (x_t - t eps_hat) / (1 - t)``, ``v = eps_hat - x0_hat = (eps_hat - x_t) / (1 - t)``
+* ``x0``:   ``v = (x_t - x0_hat) / t``
+* ``v`` (VP v-prediction, ``v_vp = alpha eps - sigma x0``): ``eps = alpha v_vp + sigma x_in``,
+  ``x0 = alpha x_in - sigma v_vp``, ``v = eps - x0`` (no division: well conditioned everywhere)
+
+With exact (oracle) predictors the result is the exact flow-matching velocity. Near t = 1 the
+``eps`` form divides by ``1 - t`` and ``abar*`` falls below the schedule's ``abar(T)``; the
+safeguards, each a named config value (``sampling.conversion``), are:
+
+* ``clamp_tau``: clamp ``tau*`` to [0, T] (else it is extrapolated past the schedule),
+* ``min_one_minus_t``: use ``max(1 - t, min_one_minus_t)`` as the divisor,
+* ``x0_clamp``: clamp the implied ``x0_hat = x_t - t v`` to [-c, c] (the data range) and
+  recompute ``v = (x_t - x0_hat) / t`` where the clamp changed it (DDPM's "clip denoised").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hdd_ray.diffusion.schedules import VPSchedule
+
+#: ``predict(x_in, tau_or_t, cond) -> native prediction``
+Predictor = Callable[[Tensor, Tensor, Any], Tensor]
+#: ``v(x_t, t, cond) -> velocity``
+VelocityField = Callable[[Tensor, Tensor, Any], Tensor]
+
+PARAMETERIZATIONS = ("eps", "x0", "v", "velocity")
+
+
+@dataclass(frozen=True)
+class Safeguards:
+    """Numerical safeguards of the conversion near t = 1 (see module docstring)."""
+
+    clamp_tau: bool = True
+    min_one_minus_t: float = 1e-3
+    x0_clamp: float | None = None
+
+
+def _bcast(t: Tensor, x: Tensor) -> Tensor:
+    return t.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+
+
+def vp_query(schedule: VPSchedule, x_t: Tensor, t: Tensor, clamp_tau: bool = True) -> tuple[Tensor, Tensor]:
+    """SNR matching: the VP input ``x_in`` and continuous timestep ``tau*`` for ``(x_t, t)``."""
+    t = t.to(x_t.dtype)
+    s = torch.sqrt((1 - t) ** 2 + t**2)
+    abar = ((1 - t) / s) ** 2
+    tau = schedule.tau_of_alpha_bar(abar, clamp=clamp_tau)
+    return x_t / _bcast(s, x_t), tau
+
+
+def as_velocity(
+    predict: Predictor,
+    parameterization: str,
+    schedule: VPSchedule | None = None,
+    safeguards: Safeguards | None = None,
+) -> VelocityField:
+    """Turn a native predictor into a flow-matching velocity field ``v(x_t, t, cond)``.
+
+    ``parameterization`` is ``"velocity"`` (a flow-matching expert: ``predict`` is called with
+    ``(x_t, t)`` unchanged) or a VP parameterization ``"eps"`` | ``"x0"`` | ``"v"``, which needs
+    ``schedule`` and is called with ``(x_in, tau*)``. ``x_t`` is ``[B, ...]``; ``t`` a float
+    tensor ``[B]``; the dtype follows the input (float64 works).
+    """
+    if parameterization not in PARAMETERIZATIONS:
+        raise ValueError(
+            f"unknown parameterization {parameterization!r}, allowed: {', '.join(PARAMETERIZATIONS)}"
+        )
+    g = safeguards or Safeguards()
+    if parameterization == "velocity":
+        def fm_field(x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+            return _clamp_x0(predict(x_t, t, cond), x_t, t, g.x0_clamp)
+
+        return fm_field
+    if schedule is None:
+        raise ValueError(f"parameterization {parameterization!r} needs a VP schedule")
+
+    def vp_field(x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        x_in, tau = vp_query(schedule, x_t, t, g.clamp_tau)
+        out = predict(x_in, tau, cond)
+        tb = _bcast(t, x_t)
+        if parameterization == "eps":
+            v = (out - x_t) / (1 - tb).clamp_min(g.min_one_minus_t)
+        elif parameterization == "x0":
+            v = (x_t - out) / tb.clamp_min(g.min_one_minus_t)
+        else:  # VP v-prediction
+            s = torch.sqrt((1 - tb) ** 2 + tb**2)
+            alpha, sigma = (1 - tb) / s, tb / s
+            v = (alpha + sigma) * out + (sigma - alpha) * x_in
+        return _clamp_x0(v, x_t, t, g.x0_clamp)
+
+    return vp_field
+
+
+def _clamp_x0(v: Tensor, x_t: Tensor, t: Tensor, c: float | None) -> Tensor:
+    if c is None:
+        return v
+    tb = _bcast(t, x_t)
+    x0 = x_t - tb * v
+    x0c = x0.clamp(-c, c)
+    return torch.where(x0c != x0, (x_t - x0c) / tb.clamp_min(1e-12), v)

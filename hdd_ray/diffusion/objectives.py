@@ -1,0 +1,162 @@
+"""Training objectives. The training loop never knows which one it trains: it calls
+``objective.loss(net, x0, cond)``, and the objective owns the path, the time sampling,
+the target and the mapping to the network's time input.
+
+* ``ddpm_eps``: ``x = sqrt(abar(tau)) x0 + sqrt(1 - abar(tau)) eps``, tau ~ U(0, T) (continuous),
+  the network sees ``tau`` and predicts ``eps``.
+* ``fm_velocity``: ``x_t = (1 - t) x0 + t eps``, t ~ U(0, 1) or logit-normal, the network sees
+  ``1000 t`` (the same numeric range as ``tau``) and predicts ``v = eps - x0``.
+
+Caption dropout (for classifier-free guidance) sets ``cond["drop"]`` on a random fraction of the
+batch; models replace those captions with their learned null caption.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hdd_ray.diffusion.convert import Predictor, Safeguards, VelocityField, as_velocity
+from hdd_ray.diffusion.schedules import VPSchedule, get_schedule
+
+#: the flow-matching time is fed to networks multiplied by this (same range as DDPM's tau)
+FM_TIME_SCALE = 1000.0
+
+Network = Callable[[Tensor, Tensor, Any], Tensor]
+
+
+def sample_unit_time(
+    n: int, method: str, device: torch.device | str, generator: torch.Generator | None = None
+) -> Tensor:
+    """``n`` times in (0, 1): ``uniform`` or ``logit_normal`` (SD3's, mean 0, std 1)."""
+    if method == "uniform":
+        return torch.rand(n, device=device, generator=generator)
+    if method == "logit_normal":
+        return torch.sigmoid(torch.randn(n, device=device, generator=generator))
+    raise ValueError(f"unknown timestep sampling {method!r}, allowed: uniform, logit_normal")
+
+
+def drop_captions(cond: dict[str, Tensor] | None, p: float, generator=None) -> dict | None:
+    """Mark a random fraction ``p`` of the batch as unconditional (``cond["drop"]``)."""
+    if cond is None or p <= 0:
+        return cond
+    ref = next(iter(cond.values()))
+    drop = torch.rand(ref.shape[0], device=ref.device, generator=generator) < p
+    if "drop" in cond:
+        drop = drop | cond["drop"]
+    return {**cond, "drop": drop}
+
+
+class Objective:
+    """A training objective and the way its network is read as a velocity field."""
+
+    name: str = ""
+    parameterization: str = ""
+
+    def __init__(self, timestep_sampling: str = "uniform") -> None:
+        self.timestep_sampling = timestep_sampling
+
+    def sample_time(self, n: int, device, generator=None) -> Tensor:
+        """Native training times for a batch of ``n``."""
+        raise NotImplementedError
+
+    def noise(self, x0: Tensor, eps: Tensor, time: Tensor) -> Tensor:
+        """The noisy input at native ``time``."""
+        raise NotImplementedError
+
+    def target(self, x0: Tensor, eps: Tensor, time: Tensor) -> Tensor:
+        """What the network should predict."""
+        raise NotImplementedError
+
+    def network_time(self, time: Tensor) -> Tensor:
+        """The value fed to the network's timestep embedding."""
+        return time
+
+    def loss(
+        self,
+        net: Network,
+        x0: Tensor,
+        cond: dict[str, Tensor] | None = None,
+        caption_dropout: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Mean squared error of the network's prediction on a freshly noised batch."""
+        time = self.sample_time(x0.shape[0], x0.device, generator)
+        eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        x = self.noise(x0, eps, time)
+        cond = drop_captions(cond, caption_dropout, generator)
+        pred = net(x, self.network_time(time), cond)
+        return torch.mean((pred.float() - self.target(x0, eps, time).float()) ** 2)
+
+    def predictor(self, net: Network) -> Predictor:
+        """``net`` as a native predictor ``predict(x_in, native_time, cond)``."""
+        return lambda x, time, cond: net(x, self.network_time(time), cond)
+
+    def velocity_field(self, net: Network, safeguards: Safeguards | None = None) -> VelocityField:
+        """``net`` read in flow-matching coordinates (DESIGN §1 conversion)."""
+        return as_velocity(self.predictor(net), self.parameterization, None, safeguards)
+
+
+def _b(t: Tensor, x: Tensor) -> Tensor:
+    return t.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+
+
+class DDPMEps(Objective):
+    """DDPM epsilon-prediction on a VP schedule, continuous ``tau`` in [0, T]."""
+
+    name = "ddpm_eps"
+    parameterization = "eps"
+
+    def __init__(self, schedule: VPSchedule | str = "linear", timestep_sampling: str = "uniform"):
+        super().__init__(timestep_sampling)
+        self.schedule = get_schedule(schedule) if isinstance(schedule, str) else schedule
+
+    def sample_time(self, n: int, device, generator=None) -> Tensor:
+        return sample_unit_time(n, self.timestep_sampling, device, generator) * self.schedule.T
+
+    def noise(self, x0: Tensor, eps: Tensor, time: Tensor) -> Tensor:
+        a = _b(self.schedule.alpha_bar(time), x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+    def target(self, x0: Tensor, eps: Tensor, time: Tensor) -> Tensor:
+        return eps
+
+    def velocity_field(self, net: Network, safeguards: Safeguards | None = None) -> VelocityField:
+        return as_velocity(self.predictor(net), "eps", self.schedule, safeguards)
+
+
+class FMVelocity(Objective):
+    """Rectified-flow velocity prediction: ``x_t = (1 - t) x0 + t eps``, target ``eps - x0``."""
+
+    name = "fm_velocity"
+    parameterization = "velocity"
+
+    def sample_time(self, n: int, device, generator=None) -> Tensor:
+        return sample_unit_time(n, self.timestep_sampling, device, generator)
+
+    def noise(self, x0: Tensor, eps: Tensor, time: Tensor) -> Tensor:
+        t = _b(time, x0)
+        return (1 - t) * x0 + t * eps
+
+    def target(self, x0: Tensor, eps: Tensor, time: Tensor) -> Tensor:
+        return eps - x0
+
+    def network_time(self, time: Tensor) -> Tensor:
+        return time * FM_TIME_SCALE
+
+
+OBJECTIVES: dict[str, type[Objective]] = {"ddpm_eps": DDPMEps, "fm_velocity": FMVelocity}
+
+
+def get_objective(
+    name: str, schedule: str | None = "linear", timestep_sampling: str = "uniform"
+) -> Objective:
+    """The objective called ``name``; ``schedule`` is used by VP objectives only."""
+    if name == "ddpm_eps":
+        return DDPMEps(schedule or "linear", timestep_sampling)
+    if name == "fm_velocity":
+        return FMVelocity(timestep_sampling)
+    raise ValueError(f"unknown objective {name!r}, allowed: {', '.join(OBJECTIVES)}")

@@ -1,0 +1,160 @@
+"""The campaign directory (DESIGN §3) on a local path or an ``s3://`` / ``gs://`` URI.
+
+Every stage reads and writes one campaign root through pyarrow filesystems, as Ray Train's
+storage does. Writes of small files are atomic on local disks (write to a temp name, rename),
+so a crash never leaves a half-written manifest or ``expert.json`` behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+
+
+def is_uri(path: str) -> bool:
+    """True for ``scheme://...`` locations (s3, gs, ...), False for local paths."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path inside it)`` for a local path or URI."""
+    path = str(path)
+    if is_uri(path):
+        fs, inner = pafs.FileSystem.from_uri(path)
+        return fs, inner
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def join(root: str, *parts: str) -> str:
+    """Join path components for a local path or URI."""
+    if is_uri(root):
+        return posixpath.join(root, *parts)
+    return os.path.join(root, *parts)
+
+
+def exists(path: str) -> bool:
+    """Whether a file or directory exists."""
+    fs, p = resolve(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def makedirs(path: str) -> None:
+    """Create a directory and its parents (no-op on object stores)."""
+    fs, p = resolve(path)
+    fs.create_dir(p, recursive=True)
+
+
+def read_bytes(path: str) -> bytes:
+    """Whole file as bytes."""
+    fs, p = resolve(path)
+    with fs.open_input_stream(p) as f:
+        return f.read()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a whole file; atomic on local disks."""
+    fs, p = resolve(path)
+    parent = posixpath.dirname(p) if is_uri(path) else os.path.dirname(p)
+    fs.create_dir(parent, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{p}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    else:
+        with fs.open_output_stream(p) as f:
+            f.write(data)
+
+
+def read_json(path: str) -> Any:
+    """Parse a JSON file."""
+    return json.loads(read_bytes(path).decode())
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write ``obj`` as indented JSON (atomic on local disks)."""
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def listdir(path: str) -> list[str]:
+    """Names directly inside a directory (empty when it does not exist)."""
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type == pafs.FileType.NotFound:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
+    return sorted(posixpath.basename(i.path) for i in infos)
+
+
+def remove(path: str) -> None:
+    """Delete a file or directory tree if it exists."""
+    fs, p = resolve(path)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(p)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(p)
+
+
+@dataclass(frozen=True)
+class CampaignPaths:
+    """Where each stage's outputs live under one campaign root (DESIGN §3)."""
+
+    root: str
+
+    @property
+    def corpus(self) -> str:
+        """Input shards written by the demo corpus (or ``corpus.uri``)."""
+        return join(self.root, "corpus")
+
+    @property
+    def clusters(self) -> str:
+        """Clustering outputs: manifest, centroids, assignments, per-cluster shards."""
+        return join(self.root, "clusters")
+
+    @property
+    def manifest(self) -> str:
+        """``clusters/manifest.json``."""
+        return join(self.clusters, "manifest.json")
+
+    def cluster_dir(self, k: int) -> str:
+        """Per-cluster training shards ``clusters/<k>/``."""
+        return join(self.clusters, str(k))
+
+    @property
+    def heldout(self) -> str:
+        """Held-out evaluation split ``clusters/heldout/``."""
+        return join(self.clusters, "heldout")
+
+    @property
+    def experts(self) -> str:
+        """All experts' storage."""
+        return join(self.root, "experts")
+
+    def expert_dir(self, expert_id: str) -> str:
+        """One expert's storage (Ray Train run + final weights + expert.json)."""
+        return join(self.experts, expert_id)
+
+    @property
+    def router(self) -> str:
+        """Router weights + router.json."""
+        return join(self.root, "router")
+
+    @property
+    def mixtures(self) -> str:
+        """Evaluated mixtures."""
+        return join(self.root, "mixtures")
+
+    def local(self) -> str:
+        """The root as an absolute local path (raises for object-store roots)."""
+        if is_uri(self.root):
+            raise ValueError(f"root={self.root!r} is not a local path")
+        return os.path.abspath(self.root)

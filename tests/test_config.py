@@ -1,0 +1,122 @@
+"""Campaign config: loading, overrides, the paper's one-line mix, and every one-line error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from hdd_ray.config import (
+    DEMO_CONFIG,
+    CampaignConfig,
+    ConfigError,
+    load_config,
+    resolve_experts,
+    to_yaml,
+)
+
+
+def test_demo_config_loads_as_typed_dataclasses():
+    cfg = load_config()
+    assert isinstance(cfg, CampaignConfig)
+    assert cfg.clustering.k == 8 and cfg.corpus.source == "demo"
+    assert cfg.sampling.conversion.x0_clamp == 1.0
+
+
+def test_paper_mix_is_one_override():
+    cfg = load_config(overrides=["experts.ddpm_clusters=[1,5]", "experts.schedule=cosine"])
+    experts = resolve_experts(cfg)
+    assert [e.objective for e in experts] == [
+        "fm_velocity", "ddpm_eps", "fm_velocity", "fm_velocity",
+        "fm_velocity", "ddpm_eps", "fm_velocity", "fm_velocity",
+    ]
+    assert experts[1].schedule == "cosine" and experts[0].schedule is None
+
+
+def test_dotlist_overrides_and_per_expert_list():
+    cfg = load_config(overrides=[
+        "experts.train.steps=2000",
+        "experts.list=[{cluster: 2, objective: ddpm_eps, steps: 50, resources: {custom: {gpu_80gb: 1}}}]",
+    ])
+    experts = resolve_experts(cfg)
+    assert experts[0].train["steps"] == 2000
+    assert experts[2].objective == "ddpm_eps" and experts[2].train["steps"] == 50
+    assert experts[2].resources["custom"] == {"gpu_80gb": 1.0}
+    assert experts[3].resources["custom"] == {}
+
+
+def test_expert_id_depends_on_what_determines_the_weights_only():
+    base = resolve_experts(load_config())[1]
+    more_cpu = resolve_experts(load_config(overrides=["experts.resources.cpus_per_worker=2"]))[1]
+    longer = resolve_experts(load_config(overrides=["experts.train.steps=9"]))[1]
+    ckpt = resolve_experts(load_config(overrides=["experts.train.checkpoint_every=7"]))[1]
+    ident = base.expert_id("h", 8, 1)
+    assert ident == more_cpu.expert_id("h", 8, 1) == ckpt.expert_id("h", 8, 1)
+    assert ident != longer.expert_id("h", 8, 1)
+    assert ident != base.expert_id("other-data", 8, 1)
+    assert ident.startswith("c1-fm-")
+
+
+def test_yaml_roundtrip(tmp_path):
+    cfg = load_config(overrides=["experts.ddpm_clusters=[0]"])
+    path = tmp_path / "c.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(path) == cfg
+
+
+BAD = [
+    ("experts.bogus=1", r"^experts\.bogus: unknown key"),
+    ("experts.train.steps=abc", r"^experts\.train\.steps='abc': wrong type, expected int"),
+    ("experts.objective=score_sde", r"^experts\.objective='score_sde': unknown value, allowed: ddpm_eps, fm_velocity"),
+    ("experts.schedule=quadratic", r"^experts\.schedule='quadratic': unknown value, allowed: linear, cosine"),
+    ("experts.model=DiT-Huge/2", r"^experts\.model='DiT-Huge/2': unknown value, allowed: DiT-T/2"),
+    ("router.model=router-Z", r"^router\.model='router-Z': unknown value, allowed: router-T"),
+    ("sampling.routing=best", r"^sampling\.routing='best': unknown value, allowed: full, top1, topk, threshold"),
+    ("sampling.sampler=rk4", r"^sampling\.sampler='rk4': unknown value, allowed: euler, heun"),
+    ("experts.ddpm_clusters=[0,8]", r"^experts\.ddpm_clusters\[1\]=8: cluster id outside 0\.\.7"),
+    ("experts.list=[{cluster: -1}]", r"^experts\.list\[0\]\.cluster=-1: cluster id outside 0\.\.7"),
+    ("experts.train.steps=0", r"^experts\.train\.steps=0: must be > 0"),
+    ("experts.train.batch_size=-4", r"^experts\.train\.batch_size=-4: must be > 0"),
+    ("router.train.steps=-1", r"^router\.train\.steps=-1: must be > 0"),
+    ("sampling.k=9", r"^sampling\.k=9: top-k must be in 1\.\.8"),
+    ("sampling.routing=threshold", r"^sampling\.threshold=None: required when sampling\.routing='threshold'"),
+    ("clustering.embedder=resnet", r"^clustering\.embedder='resnet': unknown value, allowed: pixels, dinov2, open_clip"),
+    ("experts.train.caption_dropout=1.5", r"^experts\.train\.caption_dropout=1\.5: must be in \[0, 1\)"),
+    ("sampling.conversion.min_one_minus_t=0", r"^sampling\.conversion\.min_one_minus_t=0\.0: must be in \(0, 1\)"),
+    ("corpus.channels=2", r"^corpus\.channels=2: allowed: 1, 3"),
+    ("not-an-override", r"^override 'not-an-override' is not of the form key=value"),
+]
+
+
+@pytest.mark.parametrize("override,pattern", BAD, ids=[b[0] for b in BAD])
+def test_each_config_error_is_one_line_naming_key_value_and_allowed(override, pattern):
+    with pytest.raises(ConfigError, match=pattern) as info:
+        load_config(overrides=[override])
+    assert "\n" not in str(info.value)
+
+
+def test_missing_and_broken_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experts: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML") as info:
+        load_config(bad)
+    assert "\n" not in str(info.value)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("experts:\n  trian:\n    steps: 3\n")
+    with pytest.raises(ConfigError, match=r"^experts\.trian: unknown key \(from config file"):
+        load_config(unknown)
+
+
+def test_import_has_no_side_effects():
+    code = (
+        "import sys, hdd_ray, hdd_ray.config, hdd_ray.diffusion, hdd_ray.ensemble, hdd_ray.models;"
+        "assert 'ray' not in sys.modules, 'ray imported';"
+        "assert 'mlflow' not in sys.modules, 'mlflow imported';"
+        "import os; assert not os.path.exists('runs'), 'runs created'"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=str(DEMO_CONFIG.parent))
+    assert out.returncode == 0, out.stderr

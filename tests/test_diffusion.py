@@ -1,0 +1,406 @@
+"""The diffusion core: schedules, the exact DDPM -> velocity conversion, samplers, routing.
+
+Oracle tests run in float64 with analytic optimal predictors (no training).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hdd_ray.diffusion import (
+    FM_TIME_SCALE,
+    Safeguards,
+    as_velocity,
+    drop_captions,
+    get_objective,
+    get_schedule,
+    guided,
+    sample_ode,
+    time_grid,
+)
+from hdd_ray.diffusion.oracle import GaussianMixture
+from hdd_ray.ensemble import MixtureField, blend, route
+
+F64 = torch.float64
+
+
+def gaussian() -> GaussianMixture:
+    cov = torch.tensor([[1.0, 0.6, 0.0], [0.6, 0.5, 0.1], [0.0, 0.1, 0.3]], dtype=F64)
+    return GaussianMixture(torch.ones(1), torch.tensor([[0.5, -1.0, 2.0]]), cov[None])
+
+
+def mixture() -> GaussianMixture:
+    means = torch.tensor([[-2.0, 0.0, 1.0], [2.0, 1.0, -1.0], [0.0, -2.5, 0.5]], dtype=F64)
+    base = torch.eye(3, dtype=F64)
+    covs = torch.stack([0.3 * base, 0.2 * base + 0.05, torch.diag(torch.tensor([0.4, 0.1, 0.2]))])
+    return GaussianMixture(torch.tensor([0.5, 0.3, 0.2]), means, covs)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+T_GRID = torch.cat([torch.linspace(0.001, 0.999, 41, dtype=F64), torch.tensor([0.5 + 1e-9])])
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def test_linear_schedule_matches_ddpm_cumulative_product_at_integer_steps():
+    sched = get_schedule("linear")
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=F64)
+    cumprod = torch.cumprod(1 - betas, 0)
+    n = torch.arange(1, 1001, dtype=F64)
+    assert torch.allclose(sched.alpha_bar(n), cumprod, rtol=1e-12, atol=0)
+    assert float(sched.alpha_bar(torch.zeros(1, dtype=F64))) == 1.0
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_schedule_is_continuous_decreasing_and_inverse_is_exact(name):
+    sched = get_schedule(name)
+    tau = torch.linspace(0.0, 999.5, 5001, dtype=F64) + 0.25  # non-integer taus
+    abar = sched.alpha_bar(tau)
+    assert torch.all(abar[1:] < abar[:-1])
+    back = sched.tau_of_alpha_bar(abar)
+    assert float((back - tau).abs().max()) < 1e-8
+
+
+def test_cosine_schedule_closed_form_and_ends_at_pure_noise():
+    sched = get_schedule("cosine")
+    tau = torch.tensor([0.0, 250.0, 500.0, 1000.0], dtype=F64)
+    s = 0.008
+    f = torch.cos((tau / 1000 + s) / (1 + s) * math.pi / 2) ** 2
+    f0 = math.cos(s / (1 + s) * math.pi / 2) ** 2
+    assert torch.allclose(sched.alpha_bar(tau), f / f0, rtol=1e-14)
+    assert float(sched.alpha_bar(torch.tensor([1000.0], dtype=F64))) < 1e-30
+
+
+def test_unknown_schedule_names_the_allowed_ones():
+    with pytest.raises(ValueError, match="allowed: linear, cosine"):
+        get_schedule("quadratic")
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
+@pytest.mark.parametrize("parameterization", ["eps", "x0", "v"])
+@pytest.mark.parametrize("data", [gaussian, mixture], ids=["gaussian", "mixture"])
+def test_optimal_vp_predictor_converted_equals_optimal_fm_velocity(schedule_name, parameterization, data):
+    """DESIGN §1: with exact predictors the conversion is exact (float64, <= 1e-8 relative)."""
+    gm = data()
+    sched = get_schedule(schedule_name)
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for t in T_GRID:
+        # clamp_tau off: at t -> 1 the linear schedule's range ends before abar* and only the
+        # unclamped (extrapolated) tau* keeps the SNR match exact.
+        field = as_velocity(
+            gm.vp_predictor(sched, parameterization), parameterization, sched,
+            Safeguards(clamp_tau=False, min_one_minus_t=1e-12),
+        )
+        x0, _ = gm.sample(256, g)
+        eps = torch.randn(x0.shape, dtype=F64, generator=g)
+        tt = torch.full((256,), float(t), dtype=F64)
+        x_t = (1 - tt[:, None]) * x0 + tt[:, None] * eps
+        if schedule_name == "linear" and float(t) > 0.99:
+            continue  # beyond abar(T): covered by the clamp test below
+        worst = max(worst, rel_err(field(x_t, tt), gm.fm_velocity()(x_t, tt)))
+    print(f"max relative error {schedule_name}/{parameterization}/{data.__name__}: {worst:.2e}")
+    assert worst <= 1e-8
+
+
+def test_conversion_inside_schedule_range_is_exact_with_default_safeguards():
+    """Default safeguards change nothing where t is inside the schedule's SNR range."""
+    gm, sched = mixture(), get_schedule("linear")
+    field = as_velocity(gm.vp_predictor(sched, "eps"), "eps", sched)  # defaults
+    g = torch.Generator().manual_seed(1)
+    x0, _ = gm.sample(512, g)
+    t = torch.rand(512, dtype=F64, generator=g) * 0.98 + 0.005
+    x_t = (1 - t[:, None]) * x0 + t[:, None] * torch.randn(x0.shape, dtype=F64, generator=g)
+    assert rel_err(field(x_t, t), gm.fm_velocity()(x_t, t)) <= 1e-8
+
+
+def test_conversion_queries_continuous_tau_and_rescaled_input():
+    sched = get_schedule("cosine")
+    seen = {}
+
+    def predict(x_in, tau, cond):
+        seen["x_in"], seen["tau"] = x_in, tau
+        return torch.zeros_like(x_in)
+
+    x_t = torch.randn(4, 3, dtype=F64)
+    t = torch.tensor([0.1, 0.37, 0.5, 0.9], dtype=F64)
+    as_velocity(predict, "eps", sched)(x_t, t)
+    s = torch.sqrt((1 - t) ** 2 + t**2)
+    assert torch.allclose(seen["x_in"], x_t / s[:, None])
+    assert torch.allclose(sched.alpha_bar(seen["tau"]), ((1 - t) / s) ** 2, rtol=1e-12)
+    assert not torch.allclose(seen["tau"], seen["tau"].round())  # never rounded to steps
+
+
+def test_velocity_parameterization_is_passed_through():
+    gm = gaussian()
+    field = as_velocity(gm.fm_velocity(), "velocity")
+    x = torch.randn(8, 3, dtype=F64)
+    t = torch.full((8,), 0.3, dtype=F64)
+    assert torch.equal(field(x, t), gm.fm_velocity()(x, t))
+
+
+def test_unknown_parameterization_and_missing_schedule_fail_clearly():
+    with pytest.raises(ValueError, match="unknown parameterization 'score'"):
+        as_velocity(lambda x, t, c: x, "score")
+    with pytest.raises(ValueError, match="needs a VP schedule"):
+        as_velocity(lambda x, t, c: x, "eps")
+
+
+# ----------------------------------------------------------------------------- safeguards
+
+
+def test_safeguard_clamp_tau_keeps_tau_inside_the_schedule():
+    sched = get_schedule("linear")  # abar(T) ~ 4e-5 > 0: t near 1 asks for more noise than T
+    taus = {}
+
+    def predict(x_in, tau, cond):
+        taus["tau"] = tau
+        return torch.zeros_like(x_in)
+
+    x = torch.randn(2, 3, dtype=F64)
+    t = torch.tensor([0.999, 0.5], dtype=F64)
+    as_velocity(predict, "eps", sched, Safeguards(clamp_tau=True))(x, t)
+    clamped = taus["tau"].clone()
+    as_velocity(predict, "eps", sched, Safeguards(clamp_tau=False))(x, t)
+    assert float(clamped[0]) == 1000.0 and float(taus["tau"][0]) > 1000.0
+    assert float(clamped[1]) == pytest.approx(float(taus["tau"][1]), abs=1e-9)  # inside: unchanged
+
+
+def test_safeguard_min_one_minus_t_bounds_the_division_at_t_equal_1():
+    sched = get_schedule("cosine")
+    residual = 0.01  # a predictor whose eps is off by 0.01 at pure noise
+
+    def predict(x_in, tau, cond):
+        return x_in + residual
+
+    x = torch.randn(3, 2, dtype=F64)
+    t = torch.ones(3, dtype=F64)
+    v3 = as_velocity(predict, "eps", sched, Safeguards(min_one_minus_t=1e-3))(x, t)
+    v1 = as_velocity(predict, "eps", sched, Safeguards(min_one_minus_t=1e-1))(x, t)
+    assert torch.isfinite(v3).all()
+    assert torch.allclose(v3, torch.full_like(x, residual / 1e-3))
+    assert torch.allclose(v1, torch.full_like(x, residual / 1e-1))
+
+
+def test_safeguard_x0_clamp_keeps_the_implied_clean_image_in_range():
+    sched = get_schedule("cosine")
+
+    def predict(x_in, tau, cond):
+        return x_in + 0.05
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 4, dtype=F64, generator=g)
+    t = torch.full((64,), 0.995, dtype=F64)
+    raw = as_velocity(predict, "eps", sched)(x, t)
+    safe = as_velocity(predict, "eps", sched, Safeguards(x0_clamp=1.0))(x, t)
+    x0_raw = x - t[:, None] * raw
+    x0_safe = x - t[:, None] * safe
+    assert float(x0_raw.abs().max()) > 5  # without it, x0_hat explodes near t = 1
+    assert float(x0_safe.abs().max()) <= 1.0 + 1e-9
+    inside = x0_raw.abs() <= 1.0
+    assert torch.equal(safe[inside], raw[inside])  # in range: unchanged
+
+
+# ----------------------------------------------------------------------------- DDM identity
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
+def test_posterior_weighted_expert_velocities_equal_the_mixture_velocity(schedule_name):
+    """DDM identity: sum_k p(k | x_t) v_k(x_t) == v(x_t), one converted DDPM expert included."""
+    gm = mixture()
+    sched = get_schedule(schedule_name)
+    experts = [
+        as_velocity(gm.vp_predictor(sched, "eps", component=0), "eps", sched),
+        gm.fm_velocity(component=1),
+        as_velocity(gm.vp_predictor(sched, "v", component=2), "v", sched),
+    ]
+    g = torch.Generator().manual_seed(3)
+    x0, _ = gm.sample(400, g)
+    t = torch.rand(400, dtype=F64, generator=g) * 0.97 + 0.01
+    x_t = (1 - t[:, None]) * x0 + t[:, None] * torch.randn(x0.shape, dtype=F64, generator=g)
+    w = route(gm.fm_posterior(x_t, t), "full")
+    mixed = blend([f(x_t, t) for f in experts], w)
+    err = rel_err(mixed, gm.fm_velocity()(x_t, t))
+    print(f"DDM identity relative error ({schedule_name}): {err:.2e}")
+    assert err <= 1e-8
+    sparse = MixtureField(experts, gm.fm_posterior, strategy="full")
+    assert rel_err(sparse(x_t, t), gm.fm_velocity()(x_t, t)) <= 1e-8
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+@pytest.mark.parametrize("sampler,steps,shift", [("euler", 200, 1.0), ("heun", 40, 3.0)])
+def test_integrating_the_oracle_field_reproduces_the_target_mean_and_covariance(sampler, steps, shift):
+    gm = gaussian()
+    n = 20000
+    noise = torch.randn(n, 3, dtype=F64, generator=torch.Generator().manual_seed(4))
+    x = sample_ode(gm.fm_velocity(), noise, steps=steps, sampler=sampler, shift=shift)
+    mean_err = (x.mean(0) - gm.mean()).abs().max()
+    cov_err = (torch.cov(x.T) - gm.covariance()).abs().max()
+    # sampling error of n = 20000 draws: ~ 1/sqrt(n) * std ~ 0.007
+    assert float(mean_err) < 0.03, mean_err
+    assert float(cov_err) < 0.05, cov_err
+
+
+def test_converted_ddpm_oracle_samples_the_target_too():
+    gm, sched = gaussian(), get_schedule("cosine")
+    field = as_velocity(gm.vp_predictor(sched, "eps"), "eps", sched)
+    noise = torch.randn(20000, 3, dtype=F64, generator=torch.Generator().manual_seed(5))
+    x = sample_ode(field, noise, steps=60, sampler="heun", shift=1.0)
+    assert float((x.mean(0) - gm.mean()).abs().max()) < 0.05
+    assert float((torch.cov(x.T) - gm.covariance()).abs().max()) < 0.08
+
+
+def test_heun_is_more_accurate_than_euler_at_equal_steps():
+    gm = gaussian()
+    noise = torch.randn(4000, 3, dtype=F64, generator=torch.Generator().manual_seed(6))
+    ref = sample_ode(gm.fm_velocity(), noise, steps=400, sampler="heun")
+    e = sample_ode(gm.fm_velocity(), noise, steps=10, sampler="euler")
+    h = sample_ode(gm.fm_velocity(), noise, steps=10, sampler="heun")
+    assert rel_err(h, ref) < 0.2 * rel_err(e, ref)
+
+
+def test_time_grid_is_shifted_towards_noise():
+    plain = time_grid(10, 1.0, dtype=F64)
+    shifted = time_grid(10, 3.0, dtype=F64)
+    assert float(plain[0]) == 1.0 and float(plain[-1]) == 0.0
+    assert float(shifted[0]) == 1.0 and float(shifted[-1]) == 0.0
+    assert torch.all(shifted[1:-1] > plain[1:-1])
+    with pytest.raises(ValueError, match="steps=0"):
+        time_grid(0)
+
+
+def test_classifier_free_guidance_extrapolates_from_the_unconditional_field():
+    def field(x, t, cond):
+        drop = cond.get("drop", torch.zeros(x.shape[0], dtype=torch.bool))
+        uncond = drop.to(x.dtype)[:, None]
+        return x + (1 - uncond) * cond["tokens"][:, :, 0]  # conditional adds the token value
+
+    x = torch.randn(5, 2, dtype=F64)
+    t = torch.full((5,), 0.5, dtype=F64)
+    cond = {"tokens": torch.full((5, 2, 1), 0.7, dtype=F64), "mask": torch.ones(5, 2, dtype=torch.bool)}
+    assert torch.allclose(guided(field, 1.0)(x, t, cond), x + 0.7)
+    assert torch.allclose(guided(field, 3.0)(x, t, cond), x + 3.0 * 0.7)
+
+
+# ----------------------------------------------------------------------------- objectives
+
+
+@pytest.mark.parametrize("name", ["ddpm_eps", "fm_velocity"])
+def test_objective_paths_and_targets(name):
+    obj = get_objective(name, "cosine")
+    g = torch.Generator().manual_seed(7)
+    x0 = torch.randn(1000, 4, dtype=F64, generator=g)
+    eps = torch.randn(1000, 4, dtype=F64, generator=g)
+    time = obj.sample_time(1000, "cpu", g)
+    x = obj.noise(x0, eps, time)
+    if name == "fm_velocity":
+        assert 0 <= float(time.min()) and float(time.max()) <= 1
+        assert torch.allclose(x, x0 + time[:, None].to(F64) * obj.target(x0, eps, time))
+        assert torch.allclose(obj.network_time(time), time * FM_TIME_SCALE)
+    else:
+        assert 0 <= float(time.min()) and float(time.max()) <= 1000
+        assert float(time.max()) > 900 and not torch.equal(time, time.round())
+        assert torch.equal(obj.target(x0, eps, time), eps)
+        a = obj.schedule.alpha_bar(time)[:, None]
+        assert torch.allclose(x, a.sqrt() * x0 + (1 - a).sqrt() * eps, atol=1e-6)
+
+
+def test_objective_loss_is_zero_for_the_exact_target_and_positive_otherwise():
+    obj = get_objective("fm_velocity")
+    x0 = torch.zeros(16, 2)  # data at 0: the exact velocity is eps = x_t / t
+    def exact(x, nt, cond):
+        return x / (nt / FM_TIME_SCALE)[:, None]
+
+    assert float(obj.loss(exact, x0)) < 1e-8
+    assert float(obj.loss(lambda x, nt, c: torch.zeros_like(x), x0)) > 0.5
+
+
+def test_caption_dropout_marks_the_configured_fraction():
+    cond = {"tokens": torch.zeros(10000, 2, 3), "mask": torch.ones(10000, 2, dtype=torch.bool)}
+    out = drop_captions(cond, 0.1, torch.Generator().manual_seed(8))
+    assert abs(float(out["drop"].float().mean()) - 0.1) < 0.01
+    assert drop_captions(cond, 0.0) is cond
+
+
+def test_logit_normal_timesteps_concentrate_in_the_middle():
+    obj = get_objective("fm_velocity", timestep_sampling="logit_normal")
+    t = obj.sample_time(20000, "cpu", torch.Generator().manual_seed(9))
+    mid = ((t > 0.25) & (t < 0.75)).float().mean()
+    assert float(mid) > 0.6  # uniform would give 0.5
+    with pytest.raises(ValueError, match="unknown objective"):
+        get_objective("score_sde")
+
+
+# ----------------------------------------------------------------------------- routing
+
+
+def _probs(b: int = 64, k: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.softmax(torch.randn(b, k, generator=torch.Generator().manual_seed(seed)) * 2, 1)
+
+
+@pytest.mark.parametrize("strategy,kw", [("full", {}), ("top1", {}), ("topk", {"k": 2}),
+                                         ("topk", {"k": 3}), ("threshold", {"threshold": 0.2})])
+def test_routing_weights_rows_sum_to_one_and_are_zero_outside_the_chosen_experts(strategy, kw):
+    p = _probs()
+    w = route(p, strategy, **kw)
+    assert torch.allclose(w.sum(1), torch.ones(64))
+    chosen = w > 0
+    if strategy == "top1":
+        assert torch.equal(chosen.sum(1), torch.ones(64, dtype=torch.long))
+        assert torch.equal(w.argmax(1), p.argmax(1))
+    if strategy == "topk":
+        assert torch.equal(chosen.sum(1), torch.full((64,), kw["k"]))
+        top = p.topk(kw["k"], 1).indices
+        assert torch.all(torch.gather(chosen, 1, top))
+        assert torch.allclose(torch.gather(w, 1, top), torch.gather(p, 1, top) / torch.gather(p, 1, top).sum(1, keepdim=True))
+    if strategy == "threshold":
+        assert torch.all(chosen.sum(1) >= 1)
+        assert torch.all(chosen == ((p >= 0.2) | (p == p.max(1, keepdim=True).values)))
+    if strategy == "full":
+        assert torch.allclose(w, p / p.sum(1, keepdim=True))
+
+
+def test_threshold_routing_keeps_at_least_one_expert_when_none_passes():
+    p = torch.full((3, 4), 0.25)
+    w = route(p, "threshold", threshold=0.9)
+    assert torch.equal((w > 0).sum(1), torch.ones(3, dtype=torch.long))
+
+
+def test_routing_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="top-k must be in 1..8"):
+        route(_probs(), "topk", k=9)
+    with pytest.raises(ValueError, match="unknown routing strategy 'best'"):
+        route(_probs(), "best")
+    with pytest.raises(ValueError, match="needs a threshold"):
+        route(_probs(), "threshold")
+
+
+@pytest.mark.parametrize("strategy,k,per_step", [("full", 2, 8), ("topk", 2, 2), ("top1", 1, 1), ("topk", 3, 3)])
+def test_sparse_execution_evaluates_each_expert_only_on_its_routed_samples(strategy, k, per_step):
+    batch, n_experts, steps = 32, 8, 5
+    calls = []
+
+    def make(j):
+        def field(x, t, cond):
+            calls.append((j, x.shape[0]))
+            return torch.full_like(x, float(j))
+        return field
+
+    router = lambda x, t: _probs(x.shape[0], n_experts, seed=int(t[0] * 1000))  # noqa: E731
+    mix = MixtureField([make(j) for j in range(n_experts)], router, strategy=strategy, k=k)
+    x = sample_ode(mix, torch.zeros(batch, 2), steps=steps, sampler="euler")
+    assert sum(mix.evaluations) == per_step * batch * steps
+    assert sum(n for _, n in calls) == per_step * batch * steps
+    assert torch.isfinite(x).all()
