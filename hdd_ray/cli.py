@@ -13,6 +13,10 @@ from typing import Any
 
 from hdd_ray.config import CampaignConfig, ConfigError, describe_options, load_config
 
+#: Ray settings every job needs. Many experts starting at once on a small machine take longer
+#: than Ray Train's default 60 s to bring up their worker groups.
+RAY_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
+
 
 def parse_job_args(
     doc: str, argv: list[str] | None = None, extra: list[tuple[str, dict[str, Any]]] | None = None
@@ -48,15 +52,16 @@ def init_ray(cfg: CampaignConfig) -> None:
 
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": {"PYTHONPATH": _repo_pythonpath()}}
+    runtime_env = {"env_vars": {"PYTHONPATH": _repo_pythonpath(), **RAY_ENV}}
+    for key, value in RAY_ENV.items():  # a local instance started below inherits these too
+        os.environ.setdefault(key, value)
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         # address="local" always starts a fresh instance (a stale /tmp/ray cluster file would
         # make a plain ray.init(num_cpus=...) fail)
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
-                 runtime_env=runtime_env)
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, runtime_env=runtime_env)
 
 
 def _repo_pythonpath() -> str:

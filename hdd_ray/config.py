@@ -63,6 +63,7 @@ class ClusteringConfig:
     embedder: str = "pixels"  # pixels | dinov2 | open_clip
     embedder_arch: Optional[str] = None  # timm / open_clip architecture name
     embedder_weights: Optional[str] = None  # local weights file or open_clip pretrained tag
+    embedder_image_size: Optional[int] = None  # feature embedders' input size (None = arch default)
     pixel_size: int = 8  # pixels embedder: downsample to this size
     fine_centroids: int = 32
     fit_sample_cap: int = 100_000
@@ -189,7 +190,8 @@ class EvaluationConfig:
 
     num_samples: int = 500
     fid_extractor: str = "clip"  # clip | inception | dinov2
-    extractor_weights: Optional[str] = None
+    extractor_arch: Optional[str] = None  # open_clip / timm architecture of the extractor
+    extractor_weights: Optional[str] = None  # local file (or open_clip tag)
     clip_arch: Optional[str] = None
     clip_weights: Optional[str] = None
     baseline_ddpm_clusters: Optional[List[int]] = None  # evaluate this mixture too
@@ -475,6 +477,8 @@ def validate(cfg: CampaignConfig) -> None:
         )
     if cl.balance_cap is not None:
         _positive("clustering.balance_cap", cl.balance_cap)
+    if cl.embedder_image_size is not None:
+        _positive("clustering.embedder_image_size", cl.embedder_image_size)
     _fraction("clustering.heldout_fraction", cl.heldout_fraction)
     _positive("clustering.gpus_per_actor", cl.gpus_per_actor, strict=False)
 

@@ -69,5 +69,7 @@ def run(
     all_tags = {"campaign": cfg.name, **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else name, tags=all_tags) as active:
+    nested = mlflow.active_run() is not None  # a stage inside the campaign's run
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else name, tags=all_tags,
+                          nested=nested) as active:
         yield active

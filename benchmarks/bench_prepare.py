@@ -1,0 +1,180 @@
+"""Benchmark of the prepare stage: Ray Data versus a plain Python loop, and corpus scaling.
+
+    python benchmarks/bench_prepare.py                      # both parts, results in benchmarks/out/
+    python benchmarks/bench_prepare.py --sizes 1,2,4,8 --embedders pixels
+
+Part 1 runs the same work twice in one process on the same machine: `prepare_corpus` (three
+Ray Data passes: decode + embed in an actor pool, assign, write per-cluster shards) and a plain
+loop over the same library functions (iter_samples -> decode -> embed -> hierarchical k-means
+-> assign -> write shards). It reports samples/s of each and their ratio. Part 2 replicates the
+demo corpus 1x..Nx (fresh keys) and reports the Ray path's wall time per size.
+
+Ray starts once (not timed); each timed run recomputes (force=True, tracking off). The dinov2
+embedder uses random weights saved to a local file (no download): the cost is what matters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hdd_ray.clustering import (  # noqa: E402
+    assign_clusters,
+    build_embedder,
+    fit_hierarchical_kmeans,
+    heldout_mask,
+    prepare_corpus,
+    squared_distances,
+)
+from hdd_ray.config import load_config  # noqa: E402
+from hdd_ray.corpus import (  # noqa: E402
+    decode_image,
+    encode_png,
+    iter_samples,
+    prepare_image,
+    write_demo_corpus,
+    write_tar,
+)
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def replicate_demo(directory: Path, times: int, shard_size: int = 500) -> Path:
+    """The demo digits ``times`` over, with fresh keys, as shards in ``directory``."""
+    base = write_demo_corpus(str(directory / "_demo"))
+    samples = [{k: v for k, v in s.items() if k != "__url__"} for s in iter_samples(base)]
+    out = directory / f"x{times}"
+    every = [{**s, "__key__": f"r{r}-{s['__key__']}"} for r in range(times) for s in samples]
+    for n, start in enumerate(range(0, len(every), shard_size)):
+        write_tar(str(out / f"shard-{n:06d}.tar"), every[start : start + shard_size])
+    return out
+
+
+def plain_loop(corpus: Path, cfg, out_dir: Path) -> int:
+    """The prepare stage's work without Ray, one process; returns the number of samples."""
+    cl, c = cfg.clustering, cfg.corpus
+    embedder = build_embedder(cl.embedder, c.channels, cl.pixel_size, cl.embedder_arch,
+                              cl.embedder_weights, cl.embedder_image_size)
+    keys, pngs, captions, feats, pending = [], [], [], [], []
+    for s in iter_samples([str(p) for p in sorted(corpus.glob("*.tar"))]):
+        img = decode_image(s[c.image_key])
+        keys.append(s["__key__"])
+        pngs.append(encode_png(prepare_image(img, c.channels, c.image_size)))
+        captions.append(s[c.caption_key])
+        pending.append(embedder.preprocess(img))
+        if len(pending) == cl.batch_size:
+            feats.append(embedder.embed(np.stack(pending)))
+            pending = []
+    if pending:
+        feats.append(embedder.embed(np.stack(pending)))
+    x = np.concatenate(feats)
+    km = fit_hierarchical_kmeans(x, cl.k, cl.fine_centroids, cl.kmeans_iters, cl.seed)
+    cluster, _ = assign_clusters(squared_distances(x, km["coarse"]), cl.balance_cap)
+    held = heldout_mask(keys, cluster, cl.heldout_fraction, cl.seed)
+    dest = np.where(held, "heldout", cluster.astype(str))
+    for d in np.unique(dest):
+        idx = sorted(np.flatnonzero(dest == d), key=lambda i: keys[i])
+        for n, start in enumerate(range(0, len(idx), c.shard_size)):
+            write_tar(str(out_dir / d / f"shard-{n:06d}.tar"), [
+                {"__key__": keys[i], "png": pngs[i], "txt": captions[i]}
+                for i in idx[start : start + c.shard_size]
+            ])
+    return len(keys)
+
+
+def timed_prepare(cfg) -> tuple[float, int]:
+    t = time.perf_counter()
+    manifest = prepare_corpus(cfg, force=True)
+    return time.perf_counter() - t, manifest["num_samples"]
+
+
+def main() -> None:
+    """Run the benchmark, print a markdown table, save JSON under benchmarks/out/."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="1,2,4", help="corpus multiples for the scaling part")
+    ap.add_argument("--embedders", default="pixels,dinov2")
+    ap.add_argument("--num-actors", type=int, default=2)
+    args = ap.parse_args()
+
+    import logging
+
+    import ray
+
+    logging.basicConfig(level=logging.WARNING)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+             log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    tmp = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
+    OUT.mkdir(parents=True, exist_ok=True)
+    results: dict = {"machine": f"{os.cpu_count()} CPUs", "ray_vs_loop": [], "scaling": []}
+
+    weights = tmp / "dinov2_vits14.pth"
+    import timm
+    import torch
+
+    torch.save(timm.create_model("vit_small_patch14_dinov2", pretrained=False,
+                                 img_size=56).state_dict(), weights)
+    embedder_args = {
+        "pixels": [],
+        "dinov2": ["clustering.embedder=dinov2",
+                   "clustering.embedder_arch=vit_small_patch14_dinov2",
+                   f"clustering.embedder_weights={weights}", "clustering.embedder_image_size=56"],
+    }
+    corpus1 = replicate_demo(tmp / "corpus", 1)
+    for name in args.embedders.split(","):
+        cfg = load_config(None, [
+            f"root={tmp / ('ray-' + name)}", "corpus.source=webdataset", f"corpus.uri={corpus1}",
+            "tracking.enabled=false", f"clustering.num_actors={args.num_actors}",
+            *embedder_args[name],
+        ])
+        timed_prepare(cfg)  # warm-up: worker processes, imports, model files in page cache
+        ray_s, n = timed_prepare(cfg)
+        t = time.perf_counter()
+        n_loop = plain_loop(corpus1, cfg, tmp / ("loop-" + name))
+        loop_s = time.perf_counter() - t
+        assert n_loop == n
+        row = {"embedder": name, "samples": n, "ray_s": round(ray_s, 2),
+               "loop_s": round(loop_s, 2), "ray_per_s": round(n / ray_s, 1),
+               "loop_per_s": round(n / loop_s, 1), "ray_over_loop": round(loop_s / ray_s, 3)}
+        results["ray_vs_loop"].append(row)
+        print(row, flush=True)
+
+    base = None
+    for times in [int(s) for s in args.sizes.split(",")]:
+        corpus = corpus1 if times == 1 else replicate_demo(tmp / "corpus", times)
+        cfg = load_config(None, [
+            f"root={tmp / f'scale-{times}'}", "corpus.source=webdataset", f"corpus.uri={corpus}",
+            "tracking.enabled=false", f"clustering.num_actors={args.num_actors}",
+        ])
+        wall, n = timed_prepare(cfg)
+        base = base or wall
+        row = {"times": times, "samples": n, "wall_s": round(wall, 2),
+               "per_s": round(n / wall, 1), "wall_vs_1x": round(wall / base, 2)}
+        results["scaling"].append(row)
+        print(row, flush=True)
+
+    (OUT / "bench_prepare.json").write_text(json.dumps(results, indent=2))
+    print("\n| embedder | samples | Ray Data s | plain loop s | Ray/loop throughput |")
+    print("|---|---|---|---|---|")
+    for r in results["ray_vs_loop"]:
+        print(f"| {r['embedder']} | {r['samples']} | {r['ray_s']} | {r['loop_s']} | "
+              f"{r['ray_over_loop']} |")
+    print("\n| corpus | samples | wall s | samples/s | wall vs 1x |")
+    print("|---|---|---|---|---|")
+    for r in results["scaling"]:
+        print(f"| {r['times']}x | {r['samples']} | {r['wall_s']} | {r['per_s']} | "
+              f"{r['wall_vs_1x']} |")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
