@@ -112,3 +112,126 @@ class MixtureField:
             wj = w[idx, j].reshape(-1, *([1] * (x_t.dim() - 1))).to(v.dtype)
             out.index_add_(0, idx, (wj * v).to(out.dtype))
         return out
+
+
+# ------------------------------------------------------------------------------------- mixtures
+
+
+class MixtureError(ValueError):
+    """A mixture that cannot be assembled (one line: which experts are missing and how to fix)."""
+
+
+class Mixture:
+    """A campaign's experts (any mix of objectives and schedules) and its router, ready to sample.
+
+    Each expert keeps its own text encoder and tokenizer; the mixture's condition is an index
+    into the batch's prompts, so sparse routing can hand each expert just its samples.
+    """
+
+    def __init__(self, experts: list[tuple[Any, dict]], router: Any, cfg: Any) -> None:
+        self.experts = experts  # (ExpertModel, expert.json) per cluster, in cluster order
+        self.router = router
+        self.cfg = cfg
+        self.last_evaluations: list[int] = [0] * len(experts)
+
+    @property
+    def assignment(self) -> str:
+        """The objectives per cluster as a readable string, e.g. ``D F F D F F F F``."""
+        return " ".join("D" if d["objective"].startswith("ddpm") else "F" for _, d in self.experts)
+
+    def fields(self, prompts: list[str], guidance: float, device) -> list[VelocityField]:
+        """Each expert as a guided flow-matching velocity field over ``cond = {"index": [B]}``."""
+        from hdd_ray.diffusion import Safeguards, get_objective, guided
+
+        conv = self.cfg.sampling.conversion
+        safeguards = Safeguards(conv.clamp_tau, conv.min_one_minus_t, conv.x0_clamp)
+        out = []
+        for model, desc in self.experts:
+            objective = get_objective(desc["objective"], desc["schedule"])
+            tok = model.tokenize(prompts, device)
+            field = guided(objective.velocity_field(model, safeguards), guidance)
+
+            def expert_field(x, t, cond, _f=field, _tok=tok):
+                idx = cond["index"]
+                return _f(x, t, {"ids": _tok["ids"][idx], "mask": _tok["mask"][idx]})
+
+            out.append(expert_field)
+        return out
+
+    def router_probs(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """``p(k | x_t, t)`` from the router (flow-matching t in [0, 1])."""
+        from hdd_ray.diffusion import FM_TIME_SCALE
+
+        return torch.softmax(self.router(x_t, t * FM_TIME_SCALE).float(), dim=1).to(x_t.dtype)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: list[str],
+        seed: int = 0,
+        strategy: str | None = None,
+        k: int | None = None,
+        threshold: float | None = None,
+        guidance: float | None = None,
+        steps: int | None = None,
+        device: str | torch.device = "cpu",
+    ) -> Tensor:
+        """One image per prompt, ``[N, C, H, W]`` in [-1, 1]; seeded per batch, so reproducible."""
+        from hdd_ray.diffusion import sample_ode
+
+        s = self.cfg.sampling
+        strategy = strategy or s.routing
+        k = k if k is not None else s.k
+        threshold = threshold if threshold is not None else s.threshold
+        guidance = guidance if guidance is not None else s.guidance_scale
+        steps = steps or s.steps
+        c, size = self.cfg.corpus.channels, self.cfg.corpus.image_size
+        mix = MixtureField(self.fields(prompts, guidance, device), self.router_probs,
+                           strategy=strategy, k=k, threshold=threshold)
+        out = []
+        for start in range(0, len(prompts), s.batch_size):
+            n = min(s.batch_size, len(prompts) - start)
+            g = torch.Generator().manual_seed(seed * 1_000_003 + start)
+            noise = torch.randn(n, c, size, size, generator=g).to(device)
+            cond = {"index": torch.arange(start, start + n, device=device)}
+            out.append(sample_ode(mix, noise, cond, steps=steps, sampler=s.sampler,
+                                  shift=s.time_shift).clamp(-1, 1).cpu())
+        self.last_evaluations = list(mix.evaluations)
+        return torch.cat(out)
+
+
+def load_mixture(cfg: Any, ddpm_clusters: Sequence[int] | None = None, device="cpu") -> Mixture:
+    """Assemble a mixture from the campaign's expert cache and router.
+
+    ``ddpm_clusters`` picks the objective assignment (default: the config's). Every expert it
+    needs must already be trained; otherwise one line names the missing ones and the fix.
+    """
+    from hdd_ray import storage
+    from hdd_ray.config import resolve_experts
+    from hdd_ray.storage import CampaignPaths
+    from hdd_ray.training.launcher import (
+        expert_id,
+        load_expert,
+        load_manifest,
+        load_router,
+        with_assignment,
+    )
+
+    if ddpm_clusters is not None:
+        cfg = with_assignment(cfg, list(ddpm_clusters))
+    manifest = load_manifest(cfg)
+    paths = CampaignPaths(cfg.root)
+    wanted = [(e, expert_id(cfg, e, manifest)) for e in resolve_experts(cfg)]
+    missing = [eid for _, eid in wanted
+               if not storage.exists(storage.join(paths.expert_dir(eid), "expert.json"))]
+    if missing:
+        raise MixtureError(
+            f"experts not trained yet: {', '.join(missing)} "
+            f"(run `python jobs/train_all_experts.py root={cfg.root} ...` with this assignment)"
+        )
+    experts = []
+    for _, eid in wanted:
+        model, desc = load_expert(paths.expert_dir(eid))
+        experts.append((model.to(device), desc))
+    router = load_router(cfg, manifest).to(device)
+    return Mixture(experts, router, cfg)

@@ -1,30 +1,85 @@
-"""The main job: every expert (and the router) as independent Ray Train runs.
+"""The main job: prepare the corpus, then every expert and the router as independent Ray Train runs.
 
-Local demo (starts a local Ray instance):
+Local demo (starts a local Ray instance; CPU is fine):
     python jobs/train_all_experts.py
     python jobs/train_all_experts.py experts.ddpm_clusters=[0,3] experts.train.steps=3000
-On a running Ray cluster:
+On a running Ray cluster (the job joins it through RAY_ADDRESS):
     ray job submit --working-dir . -- python jobs/train_all_experts.py --config jobs/configs/demo.yaml
+A real campaign (see clusters/ and the README "Run on a cluster"):
+    ray job submit --working-dir . -- python jobs/train_all_experts.py --config jobs/configs/<campaign>.yaml root=s3://bucket/campaign
+
+Re-running is safe and cheap: finished experts are reused, partial ones resume from their last
+checkpoint, missing ones are trained. The job prints one line per expert and exits 1 if any failed.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hdd_ray.cli import parse_job_args  # noqa: E402
-from hdd_ray.config import resolve_experts  # noqa: E402
+from hdd_ray import tracking  # noqa: E402
+from hdd_ray.cli import init_ray, parse_job_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the campaign; returns the process exit status."""
-    cfg, _ = parse_job_args(__doc__, argv)
-    print(f"campaign {cfg.name!r} at {cfg.root}: {cfg.clustering.k} experts")
-    for e in resolve_experts(cfg):
-        print(f"  cluster {e.cluster}: {e.objective:<12} {e.schedule or '':<7} {e.model}")
+    cfg, args = parse_job_args(__doc__, argv, extra=[
+        ("--skip-router", {"action": "store_true", "help": "train the experts only"}),
+    ])
+    from hdd_ray.clustering import prepare_corpus
+    from hdd_ray.corpus import PrepareError
+    from hdd_ray.training.launcher import (
+        CampaignError,
+        campaign_assignments,
+        format_table,
+        train_campaign,
+    )
+
+    started = time.time()
+    init_ray(cfg)
+    with tracking.run(cfg, "train_all_experts", tags={"stage": "campaign"}) as parent:
+        try:
+            prepare_corpus(cfg, force=args.force)
+            statuses = train_campaign(cfg, include_router=not args.skip_router,
+                                      parent_run_id=parent.info.run_id if parent else None)
+        except (PrepareError, CampaignError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print()
+        print(format_table(statuses))
+        failed = [s for s in statuses if not s.ok]
+        print(f"\n{len(statuses) - len(failed)}/{len(statuses)} runs ok in "
+              f"{time.time() - started:.0f} s (campaign root: {cfg.root})")
+        if failed:
+            return 1
+        if cfg.evaluation.enabled and not args.skip_router:
+            evaluate(cfg, campaign_assignments(cfg), parent.info.run_id if parent else None)
+    print(f"done in {time.time() - started:.0f} s")
     return 0
+
+
+def evaluate(cfg, assignments: list[list[int]], parent_run_id: str | None) -> None:
+    """Evaluate the campaign's mixture (and its baseline) and print the comparison table."""
+    from hdd_ray import storage
+    from hdd_ray.evaluation.mixture import Judge, MixtureSpec, comparison_table, evaluate_mixture
+    from hdd_ray.storage import CampaignPaths
+
+    judge = Judge(cfg)
+    results = []
+    for ddpm in assignments:
+        spec = MixtureSpec.from_config(cfg, ddpm)
+        print(f"evaluating mixture {spec.assignment(cfg.clustering.k)} ({spec.routing}, "
+              f"N={spec.num_samples}) ...", flush=True)
+        results.append(evaluate_mixture(cfg, spec, judge, parent_run_id))
+    table = comparison_table(results, CampaignPaths(cfg.root).mixtures)
+    print()
+    print(table)
+    print(f"\n(reference CLIP held-out retrieval: "
+          f"{judge.clip_info.get('retrieval_top1', 'n/a')}; tables in "
+          f"{storage.join(CampaignPaths(cfg.root).mixtures, 'comparison.md')})")
 
 
 if __name__ == "__main__":

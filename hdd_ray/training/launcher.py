@@ -1,0 +1,535 @@
+"""The campaign launcher: every expert and the router as independent, preemptible Ray Train runs.
+
+Each expert is its own ``TorchTrainer`` with its own ``RunConfig`` (name = expert id, storage
+under ``<root>/experts``), ``FailureConfig`` and ``ScalingConfig`` (CPUs, GPUs, accelerator
+type, custom resources, labels). All start at once, each ``fit()`` in its own thread; one
+expert's failure never stops another. The expert cache (DESIGN §3): a finished expert (valid
+``weights.safetensors`` + ``expert.json``) is reused, a partial one resumed, a missing one trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from hdd_ray import storage
+from hdd_ray.config import CampaignConfig, ResolvedExpert, resolve_experts, to_dict
+from hdd_ray.storage import CampaignPaths
+from hdd_ray.training.loop import STATE_FILE, train_loop
+from hdd_ray.training.model import (
+    ExpertModel,
+    RouterModel,
+    WeightsMismatch,
+    load_weights,
+    save_weights,
+)
+
+WEIGHTS = "weights.safetensors"
+EXPERT_JSON = "expert.json"
+ROUTER_JSON = "router.json"
+
+
+class CampaignError(ValueError):
+    """A campaign that cannot be trained as asked (one line)."""
+
+
+class ExpertRejected(ValueError):
+    """An expert on storage that does not belong to this campaign (one line says what differs)."""
+
+
+@dataclass
+class RunStatus:
+    """One line of the job's closing table."""
+
+    name: str
+    kind: str  # expert | router
+    cluster: int | None
+    objective: str
+    status: str  # trained | reused | resumed | failed | rejected
+    steps: int = 0
+    final_loss: float | None = None
+    wall_time_s: float | None = None
+    node: str = ""
+    reason: str = ""
+    attempts: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """Whether the run ended with usable weights."""
+        return self.status in ("trained", "reused", "resumed")
+
+
+# ------------------------------------------------------------------------------------- planning
+
+
+def load_manifest(cfg: CampaignConfig) -> dict[str, Any]:
+    """The clustering manifest; one line naming the fix when the corpus was not prepared."""
+    paths = CampaignPaths(cfg.root)
+    if not storage.exists(paths.manifest):
+        raise CampaignError(
+            f"no clusters at {paths.clusters}: run `python jobs/prepare_corpus.py root={cfg.root}` first"
+        )
+    manifest = storage.read_json(paths.manifest)
+    if int(manifest.get("k", -1)) != cfg.clustering.k:
+        raise CampaignError(
+            f"clustering.k={cfg.clustering.k} but {paths.manifest} has k={manifest.get('k')}: "
+            "re-run prepare_corpus with --force or fix clustering.k"
+        )
+    return manifest
+
+
+def cluster_info(manifest: dict[str, Any], cluster: int) -> dict[str, Any]:
+    """The manifest's entry of one cluster: ``count``, ``hash`` (of its data), ``shards``."""
+    for entry in manifest.get("clusters", []):
+        if int(entry["cluster"]) == cluster:
+            return entry
+    return {"cluster": cluster, "count": 0, "hash": "", "shards": []}
+
+
+def cluster_shards(cfg: CampaignConfig, manifest: dict[str, Any], cluster: int) -> list[str]:
+    """Full paths of a cluster's training shards."""
+    clusters_dir = CampaignPaths(cfg.root).clusters
+    return [storage.join(clusters_dir, s) for s in cluster_info(manifest, cluster)["shards"]]
+
+
+def heldout_shards(cfg: CampaignConfig, manifest: dict[str, Any] | None = None) -> list[str]:
+    """Full paths of the held-out evaluation split's shards."""
+    manifest = manifest or load_manifest(cfg)
+    clusters_dir = CampaignPaths(cfg.root).clusters
+    return [storage.join(clusters_dir, s) for s in manifest.get("heldout", {}).get("shards", [])]
+
+
+def expert_identity(cfg: CampaignConfig, expert: ResolvedExpert, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What determines the expert's weights (DESIGN §3); the data hash is its own cluster's,
+    so re-clustering that leaves a cluster unchanged keeps its expert."""
+    data_hash = str(cluster_info(manifest, expert.cluster)["hash"])
+    return expert.identity(data_hash, cfg.corpus.image_size, cfg.corpus.channels)
+
+
+def expert_id(cfg: CampaignConfig, expert: ResolvedExpert, manifest: dict[str, Any]) -> str:
+    """Deterministic id of an expert in this campaign."""
+    data_hash = str(cluster_info(manifest, expert.cluster)["hash"])
+    return expert.expert_id(data_hash, cfg.corpus.image_size, cfg.corpus.channels)
+
+
+def router_identity(cfg: CampaignConfig, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What determines the router's weights."""
+    train = {k: v for k, v in to_dict(cfg.router.train).items() if k not in ("checkpoint_every", "compile")}
+    return {"model": cfg.router.model, "train": train, "k": cfg.clustering.k,
+            "data_hash": str(manifest["data_hash"]), "image_size": cfg.corpus.image_size,
+            "channels": cfg.corpus.channels}
+
+
+def router_id(cfg: CampaignConfig, manifest: dict[str, Any]) -> str:
+    """Deterministic id of the campaign's router."""
+    blob = json.dumps(router_identity(cfg, manifest), sort_keys=True)
+    return "router-" + hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def check_existing(directory: str, identity: dict[str, Any], json_name: str) -> str:
+    """``"finished"``, ``"partial"`` (checkpoints only) or ``"missing"``.
+
+    Raises :class:`ExpertRejected` when ``json_name`` describes a different model.
+    """
+    desc_path = storage.join(directory, json_name)
+    if storage.exists(desc_path) and storage.exists(storage.join(directory, WEIGHTS)):
+        desc = storage.read_json(desc_path)
+        diffs = [f"{k}: {desc.get('identity', {}).get(k)!r} here vs {v!r} in the campaign"
+                 for k, v in identity.items() if desc.get("identity", {}).get(k) != v]
+        if diffs:
+            raise ExpertRejected(f"{directory} does not match the campaign ({'; '.join(diffs[:3])})")
+        return "finished"
+    if any(n.startswith("checkpoint_") for n in storage.listdir(directory)):
+        return "partial"
+    return "missing"
+
+
+# ------------------------------------------------------------------------------------- running
+
+
+def _scaling(resources: dict[str, Any]):
+    from ray.train import ScalingConfig
+
+    per_worker: dict[str, float] = {"CPU": float(resources["cpus_per_worker"])}
+    if resources["gpus_per_worker"] > 0:
+        per_worker["GPU"] = float(resources["gpus_per_worker"])
+    per_worker.update({k: float(v) for k, v in resources["custom"].items()})
+    return ScalingConfig(
+        num_workers=int(resources["num_workers"]),
+        use_gpu=resources["gpus_per_worker"] > 0,
+        resources_per_worker=per_worker,
+        accelerator_type=resources.get("accelerator_type"),
+        label_selector=resources.get("label_selector") or None,
+    )
+
+
+def _fit(name: str, storage_path: str, loop_config: dict[str, Any], resources: dict[str, Any]):
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=_scaling(resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(
+                max_failures=int(resources["max_failures"]),
+                max_preemption_failures=int(resources["max_preemption_failures"]),
+            ),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # one INFO line per report would drown the job's output
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    return trainer.fit()
+
+
+def _final_state(result) -> dict[str, Any]:
+    if result.checkpoint is None:
+        raise RuntimeError("the run ended without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def _node_resources(node_id: str | None) -> dict[str, float]:
+    import ray
+
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id:
+            return {k: v for k, v in node.get("Resources", {}).items() if not k.startswith("node:")}
+    return {}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    for marker in ("NoUsableData: ", "WeightsMismatch: ", "ValueError: ", "RuntimeError: "):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+class _Mlflow:
+    """Thread-safe MLflow bookkeeping of the launcher (client API: no fluent run stack)."""
+
+    def __init__(self, cfg: CampaignConfig, parent_run_id: str | None) -> None:
+        self.enabled = cfg.tracking.enabled
+        self.parent = parent_run_id
+        self.uri = None
+        if self.enabled:
+            from mlflow.tracking import MlflowClient
+
+            from hdd_ray import tracking
+
+            self.exp_id = tracking.setup(cfg)
+            self.uri = tracking.tracking_uri(cfg)
+            self.client = MlflowClient(self.uri)
+            self.campaign = cfg.name
+
+    def run_for(self, name: str, tags: dict[str, str]) -> str | None:
+        """The run of this expert/router: reused if one exists (resume continues its curve)."""
+        if not self.enabled:
+            return None
+        found = self.client.search_runs([self.exp_id], f"tags.run_key = '{name}'", max_results=1)
+        if found:
+            return found[0].info.run_id
+        all_tags = {"run_key": name, "campaign": self.campaign, **tags}
+        if self.parent:
+            all_tags["mlflow.parentRunId"] = self.parent
+        return self.client.create_run(self.exp_id, run_name=name, tags=all_tags).info.run_id
+
+    def finish(self, run_id: str | None, status: RunStatus, params: dict[str, Any]) -> None:
+        if not self.enabled or run_id is None:
+            return
+        from mlflow.entities import Metric, Param, RunTag
+
+        from hdd_ray.tracking import flatten
+
+        now = int(time.time() * 1000)
+        metrics = [Metric("steps", status.steps, now, 0)]
+        if status.final_loss is not None:
+            metrics.append(Metric("final_loss", float(status.final_loss), now, 0))
+        if status.wall_time_s is not None:
+            metrics.append(Metric("wall_time_s", float(status.wall_time_s), now, 0))
+        existing = self.client.get_run(run_id).data.params
+        new_params = [Param(k, v) for k, v in flatten(params).items() if k not in existing]
+        tags = [RunTag("status", status.status), RunTag("node", status.node or "")]
+        if status.reason:
+            tags.append(RunTag("reason", status.reason[:500]))
+        try:
+            self.client.log_batch(run_id, metrics=metrics, params=new_params[:100], tags=tags)
+            self.client.set_terminated(run_id, "FINISHED" if status.ok else "FAILED")
+        except Exception as exc:
+            print(f"warning: MLflow logging failed: {_one_line(exc)}")
+
+
+def _base_loop_config(cfg: CampaignConfig, train: dict[str, Any], resources: dict[str, Any]) -> dict[str, Any]:
+    cpus = float(resources["cpus_per_worker"])
+    return {
+        "train": train,
+        "image_size": cfg.corpus.image_size,
+        "channels": cfg.corpus.channels,
+        "use_gpu": resources["gpus_per_worker"] > 0,
+        "torch_threads": max(1, int(round(cpus))),
+    }
+
+
+def _train_one_expert(
+    cfg: CampaignConfig, expert: ResolvedExpert, manifest: dict[str, Any], mlf: _Mlflow
+) -> RunStatus:
+    paths = CampaignPaths(cfg.root)
+    eid = expert_id(cfg, expert, manifest)
+    directory = paths.expert_dir(eid)
+    identity = expert_identity(cfg, expert, manifest)
+    status = RunStatus(eid, "expert", expert.cluster, expert.objective +
+                       (f"/{expert.schedule}" if expert.schedule else ""), "failed")
+    try:
+        state = check_existing(directory, identity, EXPERT_JSON)
+    except ExpertRejected as exc:
+        status.status, status.reason = "rejected", _one_line(exc)
+        return status
+    if state == "finished":
+        desc = storage.read_json(storage.join(directory, EXPERT_JSON))
+        status.status, status.steps = "reused", int(desc["steps"])
+        status.final_loss, status.wall_time_s = desc.get("final_loss"), desc.get("wall_time_s")
+        status.node = desc.get("node", {}).get("hostname", "")
+        return status
+    shards = cluster_shards(cfg, manifest, expert.cluster)
+    count = int(cluster_info(manifest, expert.cluster)["count"])
+    if not shards or count == 0:
+        status.reason = f"cluster {expert.cluster} has no usable data ({paths.cluster_dir(expert.cluster)} is empty)"
+        return status
+    run_id = mlf.run_for(eid, {"kind": "expert", "cluster": str(expert.cluster),
+                               "objective": expert.objective})
+    loop_config = {
+        **_base_loop_config(cfg, expert.train, expert.resources),
+        "kind": "expert",
+        "expert": asdict(expert),
+        "shards": shards,
+        "tracking": {"uri": mlf.uri, "run_id": run_id} if run_id else None,
+    }
+    started = time.time()
+    try:
+        result = _fit(eid, paths.experts, loop_config, expert.resources)
+        if result.error is not None:
+            raise result.error
+        final = _final_state(result)
+        history = list(final["history"])
+        model = ExpertModel(expert.model, expert.text, cfg.corpus.image_size, cfg.corpus.channels)
+        model.load_state_dict(final["ema"])
+        save_weights(storage.join(directory, WEIGHTS), model.exported_state())
+        node = {**history[-1], "resources": _node_resources(history[-1].get("node_id"))}
+        desc = {
+            "identity": identity,
+            "expert_id": eid,
+            "cluster": expert.cluster,
+            "objective": expert.objective,
+            "schedule": expert.schedule,
+            "architecture": expert.model,
+            "text": expert.text,
+            "image_size": cfg.corpus.image_size,
+            "channels": cfg.corpus.channels,
+            "steps": int(final["step"]),
+            "final_loss": float(result.metrics.get("loss", float("nan"))),
+            "wall_time_s": float(final["wall_time"]),
+            "data_hash": identity["data_hash"],
+            "num_samples": count,
+            "resources": expert.resources,
+            "node": node,
+            "attempts": history,
+            "world_size": int(result.metrics.get("world_size", 1)),
+            "process_group_size": int(result.metrics.get("pg_world_size", 1)),
+            "mlflow_run_id": run_id,
+        }
+        storage.write_json(storage.join(directory, EXPERT_JSON), desc)  # last: marks completion
+        status.status = "resumed" if history[0]["start_step"] > 0 else "trained"
+        status.steps, status.final_loss = desc["steps"], desc["final_loss"]
+        status.wall_time_s, status.attempts = desc["wall_time_s"], len(history)
+        status.node = node.get("hostname", "")
+        status.extra = {"node_resources": node["resources"]}
+    except Exception as exc:
+        status.reason = _one_line(exc)
+        status.wall_time_s = time.time() - started
+    mlf.finish(run_id, status, {"expert": identity, "resources": expert.resources})
+    return status
+
+
+def _train_router(cfg: CampaignConfig, manifest: dict[str, Any], mlf: _Mlflow) -> RunStatus:
+    paths = CampaignPaths(cfg.root)
+    rid = router_id(cfg, manifest)
+    directory = storage.join(paths.router, rid)
+    identity = router_identity(cfg, manifest)
+    status = RunStatus(rid, "router", None, "cross-entropy", "failed")
+    try:
+        state = check_existing(directory, identity, ROUTER_JSON)
+    except ExpertRejected as exc:
+        status.status, status.reason = "rejected", _one_line(exc)
+        return status
+    if state == "finished":
+        desc = storage.read_json(storage.join(directory, ROUTER_JSON))
+        status.status, status.steps = "reused", int(desc["steps"])
+        status.final_loss, status.wall_time_s = desc.get("final_loss"), desc.get("wall_time_s")
+        return status
+    shards = {str(c): cluster_shards(cfg, manifest, c) for c in range(cfg.clustering.k)}
+    run_id = mlf.run_for(rid, {"kind": "router"})
+    train = to_dict(cfg.router.train)
+    resources = to_dict(cfg.router.resources)
+    loop_config = {**_base_loop_config(cfg, train, resources), "kind": "router",
+                   "model": cfg.router.model, "num_clusters": cfg.clustering.k,
+                   "cluster_shards": shards,
+                   "tracking": {"uri": mlf.uri, "run_id": run_id} if run_id else None}
+    started = time.time()
+    try:
+        result = _fit(rid, paths.router, loop_config, resources)
+        if result.error is not None:
+            raise result.error
+        final = _final_state(result)
+        model = RouterModel(cfg.router.model, cfg.corpus.image_size, cfg.corpus.channels, cfg.clustering.k)
+        model.load_state_dict(final["ema"])
+        accuracy = router_accuracy_by_t(model, cfg)
+        save_weights(storage.join(directory, WEIGHTS), model.exported_state())
+        history = list(final["history"])
+        desc = {"identity": identity, "router_id": rid, "architecture": cfg.router.model,
+                "k": cfg.clustering.k, "image_size": cfg.corpus.image_size,
+                "channels": cfg.corpus.channels, "steps": int(final["step"]),
+                "final_loss": float(result.metrics.get("loss", float("nan"))),
+                "wall_time_s": float(final["wall_time"]), "data_hash": str(manifest["data_hash"]),
+                "top1_accuracy_by_t": accuracy, "node": history[-1], "attempts": history}
+        storage.write_json(storage.join(directory, ROUTER_JSON), desc)
+        status.status = "resumed" if history[0]["start_step"] > 0 else "trained"
+        status.steps, status.final_loss = desc["steps"], desc["final_loss"]
+        status.wall_time_s, status.attempts = desc["wall_time_s"], len(history)
+        status.node = history[-1].get("hostname", "")
+        status.extra = {"top1_accuracy_by_t": accuracy}
+        if mlf.enabled and run_id:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            mlf.client.log_batch(run_id, metrics=[
+                Metric("top1_accuracy_by_t", acc, now, int(round(float(t) * 100)))
+                for t, acc in accuracy.items()])
+    except Exception as exc:
+        status.reason = _one_line(exc)
+        status.wall_time_s = time.time() - started
+    mlf.finish(run_id, status, {"router": identity})
+    return status
+
+
+@torch.no_grad()
+def router_accuracy_by_t(model: RouterModel, cfg: CampaignConfig, bins: int = 10) -> dict[str, float]:
+    """Top-1 accuracy of the router on the held-out split at ``t`` in the middle of each bin."""
+    from hdd_ray.diffusion import FM_TIME_SCALE
+    from hdd_ray.training.data import read_cluster
+
+    shards = heldout_shards(cfg)
+    if not shards:
+        return {}
+    data = read_cluster(shards, cfg.corpus.image_size, cfg.corpus.channels, label=None)
+    g = torch.Generator().manual_seed(0)
+    model.eval()
+    out = {}
+    for i in range(bins):
+        t = torch.full((len(data),), (i + 0.5) / bins)
+        eps = torch.randn(data.images.shape, generator=g)
+        tb = t.view(-1, 1, 1, 1)
+        logits = model((1 - tb) * data.images + tb * eps, t * FM_TIME_SCALE)
+        out[f"{(i + 0.5) / bins:.2f}"] = float((logits.argmax(1) == data.labels).float().mean())
+    return out
+
+
+def campaign_assignments(cfg: CampaignConfig) -> list[list[int]]:
+    """The objective assignments the campaign needs: its own, plus the evaluation baseline."""
+    out = [sorted(cfg.experts.ddpm_clusters)]
+    base = cfg.evaluation.baseline_ddpm_clusters
+    if cfg.evaluation.enabled and base is not None and sorted(base) not in out:
+        out.append(sorted(base))
+    return out
+
+
+def with_assignment(cfg: CampaignConfig, ddpm_clusters: list[int]) -> CampaignConfig:
+    """The same campaign with another objective assignment."""
+    import dataclasses
+
+    return dataclasses.replace(
+        cfg, experts=dataclasses.replace(cfg.experts, ddpm_clusters=list(ddpm_clusters)))
+
+
+def train_campaign(
+    cfg: CampaignConfig,
+    only: list[int] | None = None,
+    include_router: bool = True,
+    parent_run_id: str | None = None,
+    assignments: list[list[int]] | None = None,
+) -> list[RunStatus]:
+    """Train (or reuse / resume) every expert of the campaign and the router, concurrently.
+
+    ``assignments`` (default :func:`campaign_assignments`) lists the objective assignments whose
+    experts are needed; an expert shared by several (same id) is trained once. ``only``
+    restricts to expert indices (clusters). Ray must be initialised. One status per run.
+    """
+    manifest = load_manifest(cfg)
+    jobs, seen = [], set()
+    mlf = _Mlflow(cfg, parent_run_id)
+    for ddpm in assignments or campaign_assignments(cfg):
+        variant = with_assignment(cfg, ddpm)
+        for e in resolve_experts(variant):
+            eid = expert_id(variant, e, manifest)
+            if (only is not None and e.index not in set(only)) or eid in seen:
+                continue
+            seen.add(eid)
+            jobs.append((_train_one_expert, (variant, e, manifest, mlf)))
+    jobs.sort(key=lambda job: job[1][1].cluster)
+    if include_router:
+        jobs.append((_train_router, (cfg, manifest, mlf)))
+    workers = cfg.ray.max_concurrent_experts or len(jobs)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = [pool.submit(fn, *args) for fn, args in jobs]
+        return [f.result() for f in futures]
+
+
+def load_expert(directory: str) -> tuple[ExpertModel, dict[str, Any]]:
+    """An exported expert (safetensors + expert.json), checked against its description."""
+    desc = storage.read_json(storage.join(directory, EXPERT_JSON))
+    model = ExpertModel(desc["architecture"], desc["text"], desc["image_size"], desc["channels"])
+    load_weights(model, storage.join(directory, WEIGHTS), f"expert {desc['expert_id']}")
+    return model.eval(), desc
+
+
+def load_router(cfg: CampaignConfig, manifest: dict[str, Any] | None = None) -> RouterModel:
+    """The campaign's trained router (one line naming the fix when it is missing)."""
+    manifest = manifest or load_manifest(cfg)
+    rid = router_id(cfg, manifest)
+    directory = storage.join(CampaignPaths(cfg.root).router, rid)
+    if not storage.exists(storage.join(directory, ROUTER_JSON)):
+        raise CampaignError(f"router {rid} not trained yet: run `python jobs/train_all_experts.py root={cfg.root}`")
+    model = RouterModel(cfg.router.model, cfg.corpus.image_size, cfg.corpus.channels, cfg.clustering.k)
+    load_weights(model, storage.join(directory, WEIGHTS), f"router {rid}")
+    return model.eval()
+
+
+def format_table(statuses: list[RunStatus]) -> str:
+    """The per-run status table printed at the end of the job."""
+    head = f"{'run':<24} {'cluster':>7} {'objective':<16} {'status':<9} {'steps':>6} {'loss':>8} {'wall s':>7} {'node':<14} reason"
+    lines = [head, "-" * len(head)]
+    for s in statuses:
+        loss = f"{s.final_loss:.4f}" if s.final_loss is not None else "-"
+        wall = f"{s.wall_time_s:.0f}" if s.wall_time_s is not None else "-"
+        cluster = str(s.cluster) if s.cluster is not None else "-"
+        lines.append(f"{s.name:<24} {cluster:>7} {s.objective:<16} {s.status:<9} {s.steps:>6} "
+                     f"{loss:>8} {wall:>7} {s.node[:14]:<14} {s.reason}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "CampaignError", "ExpertRejected", "RunStatus", "WeightsMismatch", "check_existing",
+    "expert_id", "format_table", "load_expert", "load_manifest", "router_id", "train_campaign",
+]

@@ -1,0 +1,354 @@
+"""One training loop for every expert and the router, run by Ray Train on each worker.
+
+The loop never knows which objective it trains: an expert's :class:`Objective` owns the loss,
+the router's task owns its cross-entropy. What the loop owns is everything a preemptible run
+needs: resume from ``ray.train.get_checkpoint()`` (model, EMA, optimizer, step, RNG states),
+a checkpoint every ``checkpoint_every`` steps and at once when Ray reports a drain of the node
+(``ray.train.get_preemption_info()``), gradient accumulation, bf16 autocast and DDP on GPUs,
+and metrics to MLflow (tracking URI set explicitly here: workers do not inherit the driver's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import platform
+import socket
+import tempfile
+import time
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hdd_ray.diffusion import FM_TIME_SCALE, get_objective
+from hdd_ray.training.data import ClusterData, read_cluster
+from hdd_ray.training.model import ExpertModel, RouterModel
+
+STATE_FILE = "state.pt"
+PREEMPTION_CHECK_EVERY = 10
+LOG_EVERY = 10
+
+
+# ------------------------------------------------------------------------------------- tasks
+
+
+class ExpertTask:
+    """An expert: its cluster's data and its own objective's loss."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        spec = config["expert"]
+        self.train = config["train"]
+        self.objective = get_objective(spec["objective"], spec["schedule"], self.train["timestep_sampling"])
+        self.model = ExpertModel(spec["model"], spec["text"], config["image_size"], config["channels"])
+        self.data = read_cluster(config["shards"], config["image_size"], config["channels"],
+                                 label=spec["cluster"])
+
+    def loss(self, model: nn.Module, batch_size: int, g: torch.Generator, device) -> Tensor:
+        x0, captions, _ = self.data.batch(batch_size, g)
+        inner = model.module if hasattr(model, "module") else model
+        cond = inner.tokenize(captions, device)
+        return self.objective.loss(model, x0.to(device), cond, self.train["caption_dropout"], g)
+
+
+class RouterTask:
+    """The router: every cluster's data with its cluster id, noised on the flow-matching path."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.train = config["train"]
+        k = config["num_clusters"]
+        self.model = RouterModel(config["model"], config["image_size"], config["channels"], k)
+        parts = [read_cluster(config["cluster_shards"][str(c)], config["image_size"],
+                              config["channels"], label=c) for c in range(k)
+                 if config["cluster_shards"].get(str(c))]
+        self.data = ClusterData(torch.cat([p.images for p in parts]),
+                                [c for p in parts for c in p.captions],
+                                torch.cat([p.labels for p in parts]))
+
+    def loss(self, model: nn.Module, batch_size: int, g: torch.Generator, device) -> Tensor:
+        x0, _, labels = self.data.batch(batch_size, g)
+        x0, labels = x0.to(device), labels.to(device)
+        t = torch.rand(batch_size, generator=g).to(device)
+        eps = torch.randn(x0.shape, generator=g).to(device)
+        tb = t.view(-1, *([1] * (x0.dim() - 1)))
+        logits = model((1 - tb) * x0 + tb * eps, t * FM_TIME_SCALE)
+        return nn.functional.cross_entropy(logits.float(), labels)
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (buffers copied)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """``ema = decay * ema + (1 - decay) * param``."""
+        for e, p in zip(self.model.parameters(), model.parameters(), strict=True):
+            e.lerp_(p.detach().to(e.dtype), 1 - self.decay)
+        for e, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            e.copy_(b)
+
+
+def _node_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"hostname": socket.gethostname(), "platform": platform.platform(),
+                            "device": str(device), "pid": os.getpid()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():  # get_runtime_context() would start Ray
+        info["node_id"] = ray.get_runtime_context().get_node_id()
+    return info
+
+
+class _Tracker:
+    """Buffered MLflow metrics of one run (flushed at checkpoints, so sqlite sees few writes)."""
+
+    def __init__(self, tracking: dict[str, Any] | None) -> None:
+        self.client, self.run_id, self.buffer = None, None, []
+        if tracking and tracking.get("run_id"):
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=tracking["uri"])
+            self.run_id = tracking["run_id"]
+
+    def log(self, key: str, value: float, step: int) -> None:
+        if self.client is not None:
+            from mlflow.entities import Metric
+
+            self.buffer.append(Metric(key, float(value), int(time.time() * 1000), step))
+
+    def flush(self) -> None:
+        if self.client is None or not self.buffer:
+            return
+        try:
+            for i in range(0, len(self.buffer), 900):
+                self.client.log_batch(self.run_id, metrics=self.buffer[i:i + 900])
+        except Exception as exc:  # tracking must never stop training
+            print(f"warning: MLflow logging failed: {str(exc).splitlines()[0]}")
+        self.buffer = []
+
+
+# ------------------------------------------------------------------------------------- loop
+
+
+class RayTrainHooks:
+    """What the loop asks of its runner, answered by Ray Train (inside a worker group)."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        _quiet_report_log()
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def device(self, use_cuda: bool) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device() if use_cuda else torch.device("cpu")
+
+    def load_state(self) -> dict[str, Any] | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as d:
+            return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        import ray.train
+
+        if state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, os.path.join(d, STATE_FILE))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    def preempted(self) -> bool:
+        import ray.train
+
+        try:
+            return ray.train.get_preemption_info() is not None
+        except Exception:  # e.g. num_workers=0 (no worker group): nothing to ask
+            return False
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        if self.world == 1:
+            return model
+        return ray.train.torch.prepare_model(
+            model, parallel_strategy_kwargs={"find_unused_parameters": False})
+
+
+class LocalHooks:
+    """The same loop in a plain process: checkpoints are ``state.pt`` files in ``directory``.
+
+    Used for the orchestration-overhead benchmark (identical loop, no Ray) and fast tests.
+    """
+
+    rank, world = 0, 1
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.reports: list[dict[str, Any]] = []
+
+    def device(self, use_cuda: bool) -> torch.device:
+        return torch.device("cuda") if use_cuda else torch.device("cpu")
+
+    def load_state(self) -> dict[str, Any] | None:
+        path = os.path.join(self.directory, STATE_FILE)
+        if not os.path.exists(path):
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        self.reports.append(metrics)
+        if state is not None:
+            os.makedirs(self.directory, exist_ok=True)
+            tmp = os.path.join(self.directory, STATE_FILE + ".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, os.path.join(self.directory, STATE_FILE))
+
+    def preempted(self) -> bool:
+        return False
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker entry point (``TorchTrainer(train_loop, train_loop_config=config)``)."""
+    run_loop(config, RayTrainHooks())
+
+
+def run_loop(config: dict[str, Any], hooks: RayTrainHooks | LocalHooks) -> dict[str, Any]:
+    """Train an expert or the router; returns the last reported metrics.
+
+    ``config["kind"]`` is ``"expert"`` or ``"router"``; ``config["train"]`` the settings of
+    :class:`hdd_ray.config.TrainConfig`. Reports ``step``, ``loss`` and a checkpoint holding
+    ``state.pt`` every ``checkpoint_every`` steps, at the last step, and on a drain notice.
+    """
+    rank, world = hooks.rank, hooks.world
+    torch.set_num_threads(max(1, int(config.get("torch_threads", 1))))
+    use_cuda = torch.cuda.is_available() and config.get("use_gpu", False)
+    device = hooks.device(use_cuda)
+    tr = config["train"]
+    torch.manual_seed(tr["seed"] + rank)
+
+    task = ExpertTask(config) if config["kind"] == "expert" else RouterTask(config)
+    model = task.model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=tr["lr"], weight_decay=tr["weight_decay"])
+    ema = EMA(model, tr["ema_decay"])
+    gen = torch.Generator().manual_seed(tr["seed"] * 100_003 + rank)
+    start_step, history, wall_before = 0, [], 0.0
+
+    state = hooks.load_state()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.model.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        start_step, history = int(state["step"]), list(state["history"])
+        wall_before = float(state["wall_time"])
+        if rank == 0:
+            gen.set_state(state["rng"])
+        else:  # only rank 0's generator is checkpointed; other ranks reseed by step
+            gen.manual_seed(tr["seed"] * 100_003 + rank + start_step)
+        torch.set_rng_state(state["torch_rng"])
+    history.append({"start_step": start_step, "time": time.time(), **_node_info(device)})
+
+    model = hooks.wrap(model)
+    if tr.get("compile") and use_cuda:
+        model = torch.compile(model)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                if use_cuda and tr["mixed_precision"] == "bf16" else contextlib.nullcontext())
+
+    tracker = _Tracker(config.get("tracking") if rank == 0 else None)
+    steps, accum, every = tr["steps"], tr["grad_accum"], tr["checkpoint_every"]
+    group = _process_group_info()
+    t0, smoothed, drain_checkpointed = time.time(), None, False
+    last: dict[str, Any] = {}
+
+    def report(step: int, loss: float | None, final: bool = False) -> None:
+        elapsed = time.time() - t0
+        metrics = {"step": step, "loss": float("nan") if loss is None else loss,
+                   "world_size": world, "final": final,
+                   "steps_per_s": (step - start_step) / elapsed if elapsed > 0 else 0.0, **group}
+        tracker.flush()
+        last.update(metrics)
+        if rank != 0:
+            hooks.report(metrics, None)
+            return
+        hooks.report(metrics, {
+            "model": _unwrap(model).state_dict(), "ema": ema.model.state_dict(),
+            "optimizer": opt.state_dict(), "step": step, "history": history,
+            "rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "wall_time": wall_before + elapsed})
+
+    if start_step >= steps:  # a finished run re-run: re-report its state so it has a result
+        report(start_step, None, final=True)
+        return last
+    for step in range(start_step, steps):
+        model.train()
+        total = 0.0
+        for micro in range(accum):
+            sync = contextlib.nullcontext() if (world == 1 or micro == accum - 1) else model.no_sync()
+            with sync:
+                with autocast:
+                    loss = task.loss(model, tr["batch_size"], gen, device) / accum
+                loss.backward()
+            total += float(loss.detach())
+        if tr["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, tr["grad_clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(_unwrap(model))
+        smoothed = total if smoothed is None else 0.98 * smoothed + 0.02 * total
+        done = step + 1
+        if done % LOG_EVERY == 0:
+            tracker.log("loss", total, done)
+            tracker.log("loss_smoothed", smoothed, done)
+        drain = False
+        if done % PREEMPTION_CHECK_EVERY == 0 and not drain_checkpointed:
+            drain = hooks.preempted()  # a barrier: every rank calls it at the same steps
+            drain_checkpointed = drain
+            if drain and rank == 0:
+                print(f"drain notice at step {done}: checkpointing now")
+        if done % every == 0 or done == steps or drain:
+            report(done, smoothed, final=done == steps)
+    return last
+
+
+def _quiet_report_log() -> None:
+    """Ray Train logs every report at INFO under a path-named logger that LoggingConfig misses."""
+    try:
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except Exception:  # private module: best effort only
+        pass
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)
+    return model.module if hasattr(model, "module") else model
+
+
+def _process_group_info() -> dict[str, Any]:
+    """Size of this run's collective group: an expert's group holds only its own workers."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return {"pg_world_size": dist.get_world_size(), "pg_backend": str(dist.get_backend())}
+    return {"pg_world_size": 1, "pg_backend": "none"}

@@ -1,0 +1,58 @@
+"""Train ONE expert of a campaign, anywhere: a contributor's own machine or any Ray cluster.
+
+The expert lands in the campaign's storage exactly as if the main job had trained it; the main
+job and later sweeps then reuse it. Use the campaign's own config so the expert id matches.
+
+    python jobs/train_expert.py --expert 3                                  # cluster 3 of the demo
+    python jobs/train_expert.py --expert c3-ddpm-1a2b3c4d5e --config jobs/configs/demo.yaml
+    python jobs/train_expert.py --expert 3 root=s3://bucket/campaign experts.resources.gpus_per_worker=1
+    ray job submit --working-dir . -- python jobs/train_expert.py --expert 3
+
+Without a Ray cluster it starts a local Ray instance on this machine.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hdd_ray.cli import init_ray, parse_job_args  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train the chosen expert; returns the process exit status."""
+    cfg, args = parse_job_args(__doc__, argv, extra=[
+        ("--expert", {"required": True, "help": "expert index (cluster) or expert id"}),
+    ])
+    from hdd_ray.config import resolve_experts
+    from hdd_ray.training.launcher import (
+        CampaignError,
+        expert_id,
+        format_table,
+        load_manifest,
+        train_campaign,
+    )
+
+    try:
+        manifest = load_manifest(cfg)
+    except CampaignError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    experts = resolve_experts(cfg)
+    chosen = [e for e in experts if str(e.index) == args.expert
+              or expert_id(cfg, e, manifest) == args.expert]
+    if not chosen:
+        ids = ", ".join(expert_id(cfg, e, manifest) for e in experts)
+        print(f"error: --expert {args.expert!r} is neither an index 0..{len(experts) - 1} "
+              f"nor an id of this campaign ({ids})", file=sys.stderr)
+        return 2
+    init_ray(cfg)
+    statuses = train_campaign(cfg, only=[chosen[0].index], include_router=False)
+    print(format_table(statuses))
+    return 0 if all(s.ok for s in statuses) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

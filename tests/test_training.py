@@ -1,0 +1,246 @@
+"""Experts and the router as independent, preemptible Ray Train runs (real local Ray, CPU).
+
+One prepared demo campaign (K = 3) is shared by the module; each test trains few, tiny runs.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hdd_ray import storage
+from hdd_ray.config import load_config
+from hdd_ray.training.launcher import (
+    EXPERT_JSON,
+    WEIGHTS,
+    load_expert,
+    train_campaign,
+)
+from hdd_ray.training.loop import STATE_FILE
+from hdd_ray.training.model import WeightsMismatch, load_weights
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.ray
+
+BASE = [
+    "clustering.k=3", "clustering.fine_centroids=12", "sampling.k=2",
+    "experts.ddpm_clusters=[0]", "experts.train.batch_size=32",
+    "experts.resources.cpus_per_worker=0.25", "router.resources.cpus_per_worker=0.25",
+    "evaluation.enabled=false",
+]
+
+
+def _cfg(root: Path, *extra: str):
+    return load_config(overrides=[f"root={root}", *BASE, *extra])
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, ray_local):
+    """A demo campaign with K = 3 clusters, prepared once for the module."""
+    from hdd_ray.clustering import prepare_corpus
+
+    root = tmp_path_factory.mktemp("campaign") / "root"
+    prepare_corpus(_cfg(root))
+    return root
+
+
+def _copy(prepared: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    shutil.copytree(prepared, root)
+    return root
+
+
+def _expert_dirs(root: Path) -> dict[int, Path]:
+    out = {}
+    for d in (root / "experts").iterdir():
+        if d.is_dir() and d.name.startswith("c"):
+            out[int(d.name.split("-")[0][1:])] = d
+    return out
+
+
+def _checkpoints(d: Path) -> list[Path]:
+    return sorted(d.glob("checkpoint_*"))
+
+
+def test_campaign_trains_every_expert_and_router_then_reuses_them(prepared, tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    root = _copy(prepared, tmp_path)
+    cfg = _cfg(root, "experts.train.steps=30", "experts.train.checkpoint_every=15",
+               "router.train.steps=150", "router.train.checkpoint_every=75",
+               # expert 2 runs DDP on two workers: its process group must hold only those two
+               "experts.list=[{cluster: 2, resources: {num_workers: 2, cpus_per_worker: 0.25}}]")
+    from hdd_ray import tracking
+
+    with tracking.run(cfg, "campaign-test") as parent:
+        statuses = train_campaign(cfg, parent_run_id=parent.info.run_id)
+    assert [s.status for s in statuses] == ["trained"] * 4, [s.reason for s in statuses]
+    experts = _expert_dirs(root)
+    assert sorted(experts) == [0, 1, 2]
+    for cluster, d in experts.items():
+        desc = json.loads((d / EXPERT_JSON).read_text())
+        assert desc["steps"] == 30 and desc["cluster"] == cluster
+        assert desc["objective"] == ("ddpm_eps" if cluster == 0 else "fm_velocity")
+        assert desc["node"]["hostname"] and desc["wall_time_s"] > 0
+        model, _ = load_expert(str(d))
+        cond = model.tokenize(["a digit"] * 2)
+        out = model(torch.randn(2, 1, 8, 8), torch.tensor([10.0, 900.0]), cond)
+        assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
+    # isolation: each expert's collective group holds its own workers only
+    groups = {c: json.loads((d / EXPERT_JSON).read_text()) for c, d in experts.items()}
+    assert groups[2]["world_size"] == 2 and groups[2]["process_group_size"] == 2
+    assert groups[0]["process_group_size"] == 1 and groups[1]["process_group_size"] == 1
+    router = json.loads(next((root / "router").glob("router-*/router.json")).read_text())
+    assert len(router["top1_accuracy_by_t"]) == 10
+    # near-clean inputs are easy to route; pure noise is not
+    acc = router["top1_accuracy_by_t"]
+    assert acc["0.05"] > acc["0.95"]
+
+    # MLflow: one nested run per expert + router under the campaign run, with loss curves
+    client = MlflowClient(tracking.tracking_uri(cfg))
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    children = client.search_runs([exp.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 4
+    for run in children:
+        steps = 150 if run.data.tags["kind"] == "router" else 30
+        assert run.data.tags["status"] == "trained"
+        assert run.data.metrics["steps"] == steps
+        # the loss curve is logged every 10 steps
+        assert len(client.get_metric_history(run.info.run_id, "loss")) == steps // 10
+
+    # re-running the finished campaign trains nothing
+    mtimes = {p: p.stat().st_mtime for d in experts.values() for p in d.rglob("*")}
+    again = train_campaign(cfg)
+    assert [s.status for s in again] == ["reused"] * 4
+    assert mtimes == {p: p.stat().st_mtime for d in experts.values() for p in d.rglob("*")}
+
+    # an expert on storage that belongs to another campaign is rejected with one line
+    desc_path = experts[1] / EXPERT_JSON
+    desc = json.loads(desc_path.read_text())
+    desc["identity"]["objective"] = "ddpm_eps"
+    desc_path.write_text(json.dumps(desc))
+    rejected = train_campaign(cfg, only=[1], include_router=False)
+    assert rejected[0].status == "rejected"
+    assert "objective: 'ddpm_eps' here vs 'fm_velocity' in the campaign" in rejected[0].reason
+    assert "\n" not in rejected[0].reason
+
+    # weights that do not fit the architecture are refused, never half-loaded
+    from hdd_ray.training.model import ExpertModel
+
+    wide = ExpertModel("DiT-S/8", desc["text"], 8, 1)
+    with pytest.raises(WeightsMismatch, match="weight .* has shape") as info:
+        load_weights(wide, str(experts[0] / WEIGHTS), "expert c0")
+    assert "\n" not in str(info.value)
+
+
+def _state_when_checkpointed(d: Path, timeout: float = 240) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for ckpt in _checkpoints(d) if d.exists() else []:
+            try:
+                return torch.load(ckpt / STATE_FILE, weights_only=True)
+            except Exception:
+                pass  # still being written
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint appeared in {d}")
+
+
+def test_killed_worker_resumes_from_its_last_checkpoint(prepared, tmp_path):
+    root = _copy(prepared, tmp_path)
+    steps, every = 240, 40
+    cfg = _cfg(root, f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}")
+    result = {}
+    runner = threading.Thread(
+        target=lambda: result.update(s=train_campaign(cfg, only=[1], include_router=False)))
+    runner.start()
+    while not (root / "experts").exists() or not _expert_dirs(root):
+        time.sleep(0.2)
+    d = _expert_dirs(root)[1]
+    state = _state_when_checkpointed(d)
+    pid = state["history"][-1]["pid"]
+    os.kill(pid, signal.SIGKILL)  # the training worker, mid-run
+    runner.join(timeout=400)
+    status = result["s"][0]
+    assert status.status == "trained", status.reason
+    desc = json.loads((d / EXPERT_JSON).read_text())
+    assert desc["steps"] == steps  # the exact configured step count
+    starts = [a["start_step"] for a in desc["attempts"]]
+    assert len(starts) == 2 and starts[0] == 0
+    assert starts[1] > 0, "restarted from step 0"
+    assert starts[1] % every == 0  # from a checkpoint: lost at most one interval
+    print(f"killed pid {pid} after step {state['step']}; resumed at step {starts[1]}")
+
+
+def test_expert_without_usable_data_fails_alone(prepared, tmp_path):
+    root = _copy(prepared, tmp_path)
+    for shard in (root / "clusters" / "1").glob("*.tar"):
+        shard.write_bytes(b"this is not a tar archive" * 10)
+    cfg = _cfg(root, "experts.train.steps=20", "experts.train.checkpoint_every=10",
+               "experts.resources.max_failures=0")
+    statuses = train_campaign(cfg, only=[0, 1], include_router=False)
+    by_cluster = {s.cluster: s for s in statuses}
+    assert by_cluster[0].status == "trained"
+    assert by_cluster[1].status == "failed"
+    assert "no usable samples" in by_cluster[1].reason and "\n" not in by_cluster[1].reason
+
+
+def test_killed_driver_rerun_resumes_the_partial_experts(prepared, tmp_path):
+    root = _copy(prepared, tmp_path)
+    args = [f"root={root}", *BASE, "experts.train.steps=400", "experts.train.checkpoint_every=40",
+            "tracking.enabled=false"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train_all_experts.py"),
+                             "--skip-router", *args], cwd=tmp_path, env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            dirs = _expert_dirs(root) if (root / "experts").exists() else {}
+            if dirs and all(_checkpoints(d) for d in dirs.values()) and len(dirs) == 3:
+                break
+            assert proc.poll() is None, "the job ended before it could be killed"
+            time.sleep(0.3)
+        else:
+            raise AssertionError("no checkpoints appeared")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray instance it started
+        proc.wait()
+    assert not list(root.glob("experts/*/expert.json"))
+    statuses = train_campaign(_cfg(root, "experts.train.steps=400",
+                                   "experts.train.checkpoint_every=40", "tracking.enabled=false"),
+                              include_router=False)
+    assert [s.status for s in statuses] == ["resumed"] * 3, [s.reason for s in statuses]
+    for d in _expert_dirs(root).values():
+        desc = json.loads((d / EXPERT_JSON).read_text())
+        assert desc["steps"] == 400 and desc["attempts"][0]["start_step"] >= 40
+
+
+def test_train_expert_job_rejects_an_unknown_expert(prepared, tmp_path):
+    root = _copy(prepared, tmp_path)
+    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "train_expert.py"), "--expert", "7",
+                          f"root={root}", *BASE], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("error: --expert '7' is neither an index 0..2")
+    assert len(out.stderr.strip().splitlines()) == 1
+    missing = subprocess.run([sys.executable, str(ROOT / "jobs" / "train_all_experts.py"),
+                              f"root={tmp_path / 'nowhere'}", "corpus.source=webdataset",
+                              f"corpus.uri={tmp_path / 'no-shards'}"],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and missing.stderr.strip().startswith("error:")
+    assert not glob.glob(str(tmp_path / "nowhere" / "experts" / "*"))
+    assert storage.exists(str(root / "clusters" / "manifest.json"))
