@@ -1,0 +1,76 @@
+"""Evaluation: feature extractors, FID (with cached reference statistics and its floor), CLIP
+score, intra-prompt diversity, and the demo's reference CLIP. Protocols: ``evaluation/README.md``.
+
+Importing this package loads neither open_clip, timm nor torchmetrics' image metrics; each is
+imported by the function that needs it.
+"""
+
+from hdd_ray.evaluation.features import (
+    DEFAULT_CLIP_ARCH,
+    DEFAULT_DINOV2_ARCH,
+    EXTRACTOR_KINDS,
+    DINOv2Extractor,
+    FeatureExtractor,
+    InceptionExtractor,
+    OpenCLIPImageExtractor,
+    build_extractor,
+    clip_pixels,
+    extract_features,
+    open_clip_arch,
+    to_rgb,
+)
+from hdd_ray.evaluation.metrics import (
+    DIVERSITY_NAMES,
+    ReferenceStats,
+    clip_score,
+    diversity,
+    fid,
+    fid_floor,
+    images_hash,
+    lpips_backbone_path,
+    reference_stats,
+    reference_stats_dir,
+)
+from hdd_ray.evaluation.reference_clip import (
+    REFERENCE_CLIP_ARCH,
+    REFERENCE_CLIP_CONFIG,
+    digit_of_caption,
+    get_reference_clip,
+    reference_clip_dir,
+    register_reference_clip_config,
+    retrieval_accuracy,
+    train_reference_clip,
+)
+
+__all__ = [
+    "DEFAULT_CLIP_ARCH",
+    "DEFAULT_DINOV2_ARCH",
+    "DIVERSITY_NAMES",
+    "DINOv2Extractor",
+    "EXTRACTOR_KINDS",
+    "FeatureExtractor",
+    "InceptionExtractor",
+    "OpenCLIPImageExtractor",
+    "REFERENCE_CLIP_ARCH",
+    "REFERENCE_CLIP_CONFIG",
+    "ReferenceStats",
+    "build_extractor",
+    "clip_pixels",
+    "clip_score",
+    "digit_of_caption",
+    "diversity",
+    "extract_features",
+    "fid",
+    "fid_floor",
+    "get_reference_clip",
+    "images_hash",
+    "lpips_backbone_path",
+    "open_clip_arch",
+    "reference_clip_dir",
+    "reference_stats",
+    "reference_stats_dir",
+    "register_reference_clip_config",
+    "retrieval_accuracy",
+    "to_rgb",
+    "train_reference_clip",
+]

@@ -1,0 +1,397 @@
+"""The metrics, one implementation of each: FID (and its floor), CLIP score, intra-prompt diversity.
+
+All images are ``[N, C, H, W]`` float tensors in [-1, 1] (``C`` 1 or 3), as the samplers and
+:func:`hdd_ray.training.data.read_cluster` produce them.
+
+* FID is torchmetrics' :class:`~torchmetrics.image.fid.FrechetInceptionDistance` with the chosen
+  extractor (:func:`hdd_ray.evaluation.features.build_extractor`) as its feature network, so
+  Inception-FID, CLIP-FID and FD-DINOv2 share one implementation. Statistics of a reference set
+  are cached (:class:`ReferenceStats`), and every FID is reported beside its floor
+  (:func:`fid_floor`: held-out real images against the training split).
+* CLIP score is torchmetrics' definition, ``100 * mean(max(cos(img, txt), 0))``, for any
+  open_clip-style model (torchmetrics' own ``CLIPScore`` only takes Hugging Face models).
+* Diversity is the mean pairwise distance among samples of one prompt, averaged over prompts:
+  LPIPS when its backbone weights are on disk, otherwise distances between normalized extractor
+  features (or pixels); the returned name says which.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import struct
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import Tensor, nn
+
+from hdd_ray import storage
+from hdd_ray.evaluation.features import clip_pixels, extract_features, to_rgb
+
+__all__ = [
+    "DIVERSITY_NAMES",
+    "ReferenceStats",
+    "clip_score",
+    "diversity",
+    "fid",
+    "fid_floor",
+    "images_hash",
+    "lpips_backbone_path",
+    "reference_stats",
+    "reference_stats_dir",
+]
+
+DIVERSITY_NAMES = ("lpips_diversity", "feature_diversity", "pixel_diversity")
+_LPIPS_MIN_SIZE = 64  # AlexNet's 11x11/4 stem and three poolings leave nothing of an 8 px image
+
+
+def reference_stats_dir(root: str) -> str:
+    """``<root>/evaluation/reference_stats``: where a campaign caches reference statistics."""
+    return storage.join(root, "evaluation", "reference_stats")
+
+
+def images_hash(images: Tensor) -> str:
+    """sha256 (hex) of an image set's shape and float32 values: a data hash for ad-hoc sets.
+
+    Campaign stages should prefer the data hashes of the prepare stage's manifest, which do not
+    need the images in memory.
+    """
+    h = hashlib.sha256(str(tuple(images.shape)).encode())
+    h.update(images.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------- FID
+
+
+class _FIDFeatures(nn.Module):
+    """The extractor as torchmetrics' feature network: float64 features.
+
+    torchmetrics accumulates its sums in float64 and advises computing FID in float64; returning
+    float64 features gives that without ``set_dtype``, which would also cast the extractor's
+    weights (and its forward pass) to float64.
+    """
+
+    def __init__(self, extractor: nn.Module) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.num_features = int(extractor.num_features)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.extractor(images).double()
+
+
+def _fid_metric(extractor: nn.Module) -> Any:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    # A custom feature network receives the images unchanged (torchmetrics' ``normalize`` only
+    # rescales for its built-in Inception): the extractor takes [-1, 1] images as they are.
+    metric = FrechetInceptionDistance(feature=_FIDFeatures(extractor), reset_real_features=False)
+    device = next(extractor.parameters(), torch.zeros(0)).device
+    return metric.to(device)
+
+
+def _update(metric: Any, images: Tensor, real: bool, batch_size: int) -> None:
+    """Feed a set to the metric in batches (the extractor runs on ``batch_size`` images at once)."""
+    with torch.no_grad():
+        for i in range(0, images.shape[0], batch_size):
+            metric.update(images[i : i + batch_size].to(metric.device), real=real)
+
+
+@dataclass
+class ReferenceStats:
+    """FID statistics of a reference image set under one extractor, as torchmetrics keeps them.
+
+    ``features_sum`` = sum of feature vectors ``[D]`` and ``features_cov_sum`` = sum of their
+    outer products ``[D, D]`` (float64), over ``num_samples`` images: mean and covariance follow
+    (:attr:`mean`, :attr:`cov`), and the sums load straight into the metric's ``real`` state.
+    ``loaded`` says whether they came from the cache file ``path``.
+    """
+
+    extractor: str
+    data_hash: str
+    num_samples: int
+    features_sum: Tensor
+    features_cov_sum: Tensor
+    loaded: bool = False
+    path: str | None = None
+
+    @property
+    def mean(self) -> Tensor:
+        """Mean feature ``[D]``."""
+        return self.features_sum / self.num_samples
+
+    @property
+    def cov(self) -> Tensor:
+        """Unbiased feature covariance ``[D, D]`` (as torchmetrics computes it)."""
+        mu = self.mean[None]
+        return (self.features_cov_sum - self.num_samples * mu.t() @ mu) / (self.num_samples - 1)
+
+    def to_bytes(self) -> bytes:
+        """safetensors bytes: the two sums, with extractor, data hash and count as metadata."""
+        tensors = {
+            "features_sum": self.features_sum.double().contiguous(),
+            "features_cov_sum": self.features_cov_sum.double().contiguous(),
+        }
+        meta = {
+            "extractor": self.extractor,
+            "data_hash": self.data_hash,
+            "num_samples": str(self.num_samples),
+        }
+        return save_safetensors(tensors, metadata=meta)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes, path: str | None = None) -> ReferenceStats:
+        """Inverse of :meth:`to_bytes` (``loaded=True``)."""
+        meta = _safetensors_metadata(blob)
+        tensors = load_safetensors(blob)
+        return cls(
+            extractor=meta["extractor"],
+            data_hash=meta["data_hash"],
+            num_samples=int(meta["num_samples"]),
+            features_sum=tensors["features_sum"],
+            features_cov_sum=tensors["features_cov_sum"],
+            loaded=True,
+            path=path,
+        )
+
+
+def _safetensors_metadata(blob: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors blob (an 8-byte header length, then JSON)."""
+    (length,) = struct.unpack("<Q", blob[:8])
+    return json.loads(blob[8 : 8 + length]).get("__metadata__", {})
+
+
+def _stats_file(extractor_name: str, data_hash: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", extractor_name)
+    return f"{safe}-{data_hash[:16]}.safetensors"
+
+
+def reference_stats(
+    images: Tensor | Callable[[], Tensor],
+    extractor: nn.Module,
+    data_hash: str,
+    cache_dir: str | None = None,
+    batch_size: int = 256,
+) -> ReferenceStats:
+    """FID statistics of a reference set, from ``cache_dir`` when computed before.
+
+    The cache entry is ``<cache_dir>/<extractor name>-<data_hash[:16]>.safetensors`` (no pickles;
+    local path or URI): a different extractor (or extractor weights, which its name encodes) or a
+    different data hash is a different entry. ``images`` may be a callable that loads them, so a
+    cached reference never needs its images in memory. ``cache_dir=None`` computes without
+    caching.
+    """
+    name = str(extractor.name)
+    path = storage.join(cache_dir, _stats_file(name, data_hash)) if cache_dir else None
+    if path is not None and storage.exists(path):
+        stats = ReferenceStats.from_bytes(storage.read_bytes(path), path=path)
+        if stats.extractor == name and stats.data_hash == data_hash:
+            return stats
+    imgs = images() if callable(images) else images
+    metric = _fid_metric(extractor)
+    _update(metric, imgs, real=True, batch_size=batch_size)
+    stats = ReferenceStats(
+        extractor=name,
+        data_hash=data_hash,
+        num_samples=int(metric.real_features_num_samples),
+        features_sum=metric.real_features_sum.detach().cpu(),
+        features_cov_sum=metric.real_features_cov_sum.detach().cpu(),
+        path=path,
+    )
+    if path is not None:
+        storage.write_bytes(path, stats.to_bytes())
+    return stats
+
+
+def fid(
+    fake_images: Tensor,
+    reference: ReferenceStats | Tensor,
+    extractor: nn.Module,
+    batch_size: int = 256,
+) -> float:
+    """Frechet distance between ``fake_images`` and a reference, in ``extractor``'s feature space.
+
+    ``FID = |mu_r - mu_f|^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2))`` (torchmetrics, float64).
+    ``reference`` is cached :class:`ReferenceStats` (which must come from the same extractor) or
+    an image tensor. FID is biased upward at small N: compare values only at equal N, and beside
+    :func:`fid_floor` computed at that N.
+    """
+    metric = _fid_metric(extractor)
+    if isinstance(reference, ReferenceStats):
+        if reference.extractor != extractor.name:
+            raise ValueError(
+                f"reference statistics were computed with {reference.extractor!r}, "
+                f"not {extractor.name!r}"
+            )
+        metric.real_features_sum = reference.features_sum.to(metric.device, torch.float64)
+        metric.real_features_cov_sum = reference.features_cov_sum.to(metric.device, torch.float64)
+        metric.real_features_num_samples = torch.tensor(reference.num_samples, device=metric.device)
+    else:
+        _update(metric, reference, real=True, batch_size=batch_size)
+    _update(metric, fake_images, real=False, batch_size=batch_size)
+    return float(metric.compute())
+
+
+def fid_floor(
+    heldout_images: Tensor,
+    train_images: ReferenceStats | Tensor,
+    extractor: nn.Module,
+    num_samples: int | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> float:
+    """FID of real held-out images against the training split: the floor beside every FID.
+
+    A mixture's samples are compared with the training split; real images the experts never saw,
+    compared the same way, show how low that FID can go at this N with this extractor (finite-N
+    bias plus the true gap between the splits). ``train_images`` may be the training split's
+    cached :class:`ReferenceStats`. ``num_samples`` draws that many held-out images
+    (seeded) so the floor is taken at the same N as the samples it accompanies.
+    """
+    if num_samples is not None and num_samples < heldout_images.shape[0]:
+        generator = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(heldout_images.shape[0], generator=generator)[:num_samples]
+        heldout_images = heldout_images[idx]
+    return fid(heldout_images, train_images, extractor, batch_size=batch_size)
+
+
+# --------------------------------------------------------------------------------- CLIP score
+
+
+@torch.no_grad()
+def clip_score(
+    images: Tensor,
+    captions: Sequence[str],
+    model: nn.Module,
+    tokenizer: Callable[[list[str]], Tensor],
+    batch_size: int = 256,
+) -> float:
+    """``100 * mean_i max(cos(E_img(x_i), E_txt(c_i)), 0)`` (torchmetrics' CLIPScore definition).
+
+    ``model`` is open_clip-style (``encode_image``, ``encode_text``; images preprocessed by
+    :func:`~hdd_ray.evaluation.features.clip_pixels`), ``tokenizer`` maps captions to token ids.
+    """
+    if images.shape[0] != len(captions) or not captions:
+        raise ValueError(
+            f"clip_score needs one caption per image, got {images.shape[0]} images and "
+            f"{len(captions)} captions"
+        )
+    device = next(model.parameters()).device
+    scores = []
+    for i in range(0, images.shape[0], batch_size):
+        img = model.encode_image(clip_pixels(images[i : i + batch_size].to(device), model))
+        txt = model.encode_text(tokenizer(list(captions[i : i + batch_size])).to(device))
+        cos = F.cosine_similarity(img.float(), txt.float(), dim=-1)
+        scores.append(100.0 * cos.clamp(min=0.0))
+    return float(torch.cat(scores).mean())
+
+
+# --------------------------------------------------------------------------------- diversity
+
+
+def lpips_backbone_path(lpips_weights: str | None = None) -> str | None:
+    """The local AlexNet file LPIPS needs, or ``None`` when there is none (no download is tried).
+
+    ``lpips_weights`` names the file explicitly (it must exist); otherwise torch hub's cache is
+    checked for the file torchvision would download (``alexnet-owt-7be5be79.pth``).
+    torchmetrics ships LPIPS's linear heads; only this backbone is fetched from the network.
+    """
+    if lpips_weights:
+        path = os.path.expanduser(lpips_weights)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"lpips_weights={lpips_weights!r}: no such file")
+        return path
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", _alexnet_file_name())
+    return cached if os.path.isfile(cached) else None
+
+
+def _alexnet_file_name() -> str:
+    from torchvision.models import AlexNet_Weights
+
+    return os.path.basename(AlexNet_Weights.DEFAULT.url)
+
+
+@contextlib.contextmanager
+def _hub_dir_with(backbone: str) -> Iterator[None]:
+    """Point torch hub at a temporary cache holding ``backbone`` under torchvision's file name.
+
+    torchmetrics builds LPIPS's AlexNet through torchvision, which reads only the hub cache; a
+    symlink there makes it load the given file instead of downloading. (torch hub's directory is
+    process-global: don't build LPIPS from several threads at once.)
+    """
+    before = torch.hub.get_dir()
+    with tempfile.TemporaryDirectory(prefix="hdd_ray_hub_") as tmp:
+        os.makedirs(os.path.join(tmp, "checkpoints"))
+        os.symlink(os.path.abspath(backbone), os.path.join(tmp, "checkpoints", _alexnet_file_name()))
+        torch.hub.set_dir(tmp)
+        try:
+            yield
+        finally:
+            torch.hub.set_dir(before)
+
+
+def _lpips_metric(backbone: str) -> Any:
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    with _hub_dir_with(backbone):
+        return LearnedPerceptualImagePatchSimilarity(net_type="alex", reduction="mean")
+
+
+def _pairs(n: int) -> tuple[Tensor, Tensor]:
+    i, j = torch.triu_indices(n, n, offset=1)
+    return i, j
+
+
+@torch.no_grad()
+def diversity(
+    groups: Sequence[Tensor],
+    extractor: nn.Module | None = None,
+    lpips_weights: str | None = None,
+    batch_size: int = 256,
+) -> tuple[str, float]:
+    """Intra-prompt diversity -> ``(name, value)``: mean pairwise distance within each group
+    (the samples of one prompt), averaged over groups with at least two samples.
+
+    * ``lpips_diversity``: LPIPS (AlexNet) between every pair, the paper's measure; used when its
+      backbone is on disk (:func:`lpips_backbone_path`). Images under 64 px are upsampled first.
+    * ``feature_diversity``: L2 distance between L2-normalized ``extractor`` features (0..2).
+    * ``pixel_diversity``: root-mean-square pixel difference, when no extractor is given.
+
+    Identical samples give 0 under all three.
+    """
+    usable = [g for g in groups if g.shape[0] >= 2]
+    if not usable:
+        raise ValueError("diversity needs at least one group with two or more samples")
+    backbone = lpips_backbone_path(lpips_weights)
+    if backbone is not None:
+        metric = _lpips_metric(backbone)
+        values = []
+        for group in usable:
+            x = to_rgb(group.float()).clamp(-1, 1)
+            if min(x.shape[-2:]) < _LPIPS_MIN_SIZE:
+                x = F.interpolate(x, size=(_LPIPS_MIN_SIZE,) * 2, mode="bilinear", antialias=False)
+            i, j = _pairs(x.shape[0])
+            metric.reset()
+            for k in range(0, i.numel(), batch_size):
+                metric.update(x[i[k : k + batch_size]], x[j[k : k + batch_size]])
+            values.append(float(metric.compute()))
+        return "lpips_diversity", sum(values) / len(values)
+    values = []
+    for group in usable:
+        if extractor is not None:
+            z = F.normalize(extract_features(extractor, group, batch_size).double(), dim=-1)
+        else:  # RMS over pixels: comparable across image sizes
+            z = group.double().flatten(1) / group[0].numel() ** 0.5
+        values.append(float(torch.pdist(z).mean()))
+    name = "feature_diversity" if extractor is not None else "pixel_diversity"
+    return name, sum(values) / len(values)
