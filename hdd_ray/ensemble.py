@@ -149,11 +149,13 @@ class Mixture:
         for model, desc in self.experts:
             objective = get_objective(desc["objective"], desc["schedule"])
             tok = model.tokenize(prompts, device)
+            # the captions' token features do not change over the ODE steps: encode them once
+            tokens = model.encode_text(tok["ids"], tok["mask"])
             field = guided(objective.velocity_field(model, safeguards), guidance)
 
-            def expert_field(x, t, cond, _f=field, _tok=tok):
+            def expert_field(x, t, cond, _f=field, _tokens=tokens, _mask=tok["mask"]):
                 idx = cond["index"]
-                return _f(x, t, {"ids": _tok["ids"][idx], "mask": _tok["mask"][idx]})
+                return _f(x, t, {"tokens": _tokens[idx], "mask": _mask[idx]})
 
             out.append(expert_field)
         return out

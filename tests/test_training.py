@@ -73,19 +73,28 @@ def _checkpoints(d: Path) -> list[Path]:
     return sorted(d.glob("checkpoint_*"))
 
 
-def test_campaign_trains_every_expert_and_router_then_reuses_them(prepared, tmp_path):
-    import mlflow
-    from mlflow.tracking import MlflowClient
+@pytest.fixture(scope="module")
+def trained(prepared, tmp_path_factory):
+    """The K = 3 campaign trained once: 3 experts (expert 2 on two DDP workers) + the router."""
+    from hdd_ray import tracking
 
-    root = _copy(prepared, tmp_path)
+    root = _copy(prepared, tmp_path_factory.mktemp("trained"))
     cfg = _cfg(root, "experts.train.steps=30", "experts.train.checkpoint_every=15",
                "router.train.steps=150", "router.train.checkpoint_every=75",
                # expert 2 runs DDP on two workers: its process group must hold only those two
                "experts.list=[{cluster: 2, resources: {num_workers: 2, cpus_per_worker: 0.25}}]")
-    from hdd_ray import tracking
-
     with tracking.run(cfg, "campaign-test") as parent:
         statuses = train_campaign(cfg, parent_run_id=parent.info.run_id)
+    return root, cfg, statuses, parent.info.run_id
+
+
+def test_campaign_trains_every_expert_and_router_then_reuses_them(trained):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from hdd_ray import tracking
+
+    root, cfg, statuses, parent_id = trained
     assert [s.status for s in statuses] == ["trained"] * 4, [s.reason for s in statuses]
     experts = _expert_dirs(root)
     assert sorted(experts) == [0, 1, 2]
@@ -111,8 +120,7 @@ def test_campaign_trains_every_expert_and_router_then_reuses_them(prepared, tmp_
     # MLflow: one nested run per expert + router under the campaign run, with loss curves
     client = MlflowClient(tracking.tracking_uri(cfg))
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    children = client.search_runs([exp.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
     assert len(children) == 4
     for run in children:
         steps = 150 if run.data.tags["kind"] == "router" else 30
@@ -127,6 +135,50 @@ def test_campaign_trains_every_expert_and_router_then_reuses_them(prepared, tmp_
     assert [s.status for s in again] == ["reused"] * 4
     assert mtimes == {p: p.stat().st_mtime for d in experts.values() for p in d.rglob("*")}
 
+
+def test_mixture_of_ddpm_and_fm_experts_is_evaluated_and_tracked(trained):
+    from mlflow.tracking import MlflowClient
+
+    from hdd_ray import tracking
+    from hdd_ray.evaluation.mixture import MixtureSpec, evaluate_mixture
+
+    root, cfg, _, parent_id = trained
+    spec = MixtureSpec.from_config(cfg, num_samples=48, steps=6)
+    assert spec.assignment(3) == "D F F"
+    result = evaluate_mixture(cfg, spec, parent_run_id=parent_id)
+    assert not result["reused"]
+    for key in ("fid", "fid_floor", "clip_score", "diversity"):
+        assert result[key] == result[key] and result[key] >= 0, key  # finite, not NaN
+    assert result["diversity_metric"] == "feature_diversity"
+    assert abs(sum(result["expert_share"]) - 1) < 1e-9
+    # top-2 of 3 experts: every evaluation step runs exactly 2 experts per sample
+    assert sum(result["expert_evaluations"]) == 2 * 48 * (2 * 6 - 1)  # Heun: 2 calls/step but last
+    directory = root / "mixtures" / result["mixture_id"]
+    assert (directory / "metrics.json").exists() and (directory / "grid.png").exists()
+    client = MlflowClient(tracking.tracking_uri(cfg))
+    runs = client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+        f"tags.mixture_id = '{result['mixture_id']}'")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.tags["mlflow.parentRunId"] == parent_id
+    assert {"fid", "fid_floor", "clip_score", "diversity"} <= set(run.data.metrics)
+    assert run.data.params["assignment"] == "D F F"
+    assert run.data.tags["num_samples"] == "48" and run.data.tags["steps"] == "6"
+    assert run.data.tags["extractor"].startswith("clip:reference")
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert any("images" in a or "samples" in a for a in artifacts), artifacts
+    # the same mixture again is reused, not re-sampled
+    assert evaluate_mixture(cfg, spec)["reused"]
+
+
+def test_foreign_expert_and_mismatched_weights_are_rejected(trained, tmp_path):
+    root, cfg, _, _ = trained
+    root = _copy(root, tmp_path)
+    cfg = _cfg(root, "experts.train.steps=30", "experts.train.checkpoint_every=15",
+               "router.train.steps=150", "router.train.checkpoint_every=75",
+               "experts.list=[{cluster: 2, resources: {num_workers: 2, cpus_per_worker: 0.25}}]")
+    experts = _expert_dirs(root)
     # an expert on storage that belongs to another campaign is rejected with one line
     desc_path = experts[1] / EXPERT_JSON
     desc = json.loads(desc_path.read_text())
@@ -136,6 +188,7 @@ def test_campaign_trains_every_expert_and_router_then_reuses_them(prepared, tmp_
     assert rejected[0].status == "rejected"
     assert "objective: 'ddpm_eps' here vs 'fm_velocity' in the campaign" in rejected[0].reason
     assert "\n" not in rejected[0].reason
+    assert json.loads(desc_path.read_text()) == desc  # nothing already trained is touched
 
     # weights that do not fit the architecture are refused, never half-loaded
     from hdd_ray.training.model import ExpertModel

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -247,6 +248,17 @@ class _Mlflow:
             all_tags["mlflow.parentRunId"] = self.parent
         return self.client.create_run(self.exp_id, run_name=name, tags=all_tags).info.run_id
 
+    def log_curve(self, run_id: str | None, curve: dict[str, float] | None) -> None:
+        """The router's top-1 accuracy against t (step = 100 t)."""
+        if not self.enabled or run_id is None or not curve:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[
+            Metric("top1_accuracy_by_t", acc, now, int(round(float(t) * 100)))
+            for t, acc in curve.items()])
+
     def finish(self, run_id: str | None, status: RunStatus, params: dict[str, Any]) -> None:
         if not self.enabled or run_id is None:
             return
@@ -283,144 +295,127 @@ def _base_loop_config(cfg: CampaignConfig, train: dict[str, Any], resources: dic
     }
 
 
-def _train_one_expert(
-    cfg: CampaignConfig, expert: ResolvedExpert, manifest: dict[str, Any], mlf: _Mlflow
-) -> RunStatus:
+@dataclass
+class _Job:
+    """One independent training run (an expert or the router), as the launcher executes it."""
+
+    kind: str
+    name: str
+    cluster: int | None
+    objective: str
+    storage_path: str  # Ray Train storage: the run lives in <storage_path>/<name>
+    json_name: str
+    identity: dict[str, Any]
+    resources: dict[str, Any]
+    loop_config: dict[str, Any]
+    build: Callable[[], torch.nn.Module]  # the architecture, for the exported EMA weights
+    describe: dict[str, Any]  # fixed fields of the exported JSON
+    tags: dict[str, str]
+    precheck_error: str = ""
+    evaluate: Callable[[torch.nn.Module], dict[str, Any]] | None = None  # extra JSON fields
+
+    @property
+    def directory(self) -> str:
+        return storage.join(self.storage_path, self.name)
+
+
+def _expert_job(cfg: CampaignConfig, expert: ResolvedExpert, manifest: dict[str, Any]) -> _Job:
     paths = CampaignPaths(cfg.root)
-    eid = expert_id(cfg, expert, manifest)
-    directory = paths.expert_dir(eid)
     identity = expert_identity(cfg, expert, manifest)
-    status = RunStatus(eid, "expert", expert.cluster, expert.objective +
-                       (f"/{expert.schedule}" if expert.schedule else ""), "failed")
+    shards = cluster_shards(cfg, manifest, expert.cluster)
+    count = int(cluster_info(manifest, expert.cluster)["count"])
+    empty = not shards or count == 0
+    size, ch = cfg.corpus.image_size, cfg.corpus.channels
+    return _Job(
+        kind="expert", name=expert_id(cfg, expert, manifest), cluster=expert.cluster,
+        objective=expert.objective + (f"/{expert.schedule}" if expert.schedule else ""),
+        storage_path=paths.experts, json_name=EXPERT_JSON, identity=identity,
+        resources=expert.resources,
+        loop_config={**_base_loop_config(cfg, expert.train, expert.resources), "kind": "expert",
+                     "expert": asdict(expert), "shards": shards},
+        build=lambda: ExpertModel(expert.model, expert.text, size, ch),
+        describe={"cluster": expert.cluster, "objective": expert.objective,
+                  "schedule": expert.schedule, "architecture": expert.model, "text": expert.text,
+                  "image_size": size, "channels": ch, "data_hash": identity["data_hash"],
+                  "num_samples": count, "resources": expert.resources},
+        tags={"kind": "expert", "cluster": str(expert.cluster), "objective": expert.objective},
+        precheck_error=(f"cluster {expert.cluster} has no usable data "
+                        f"({paths.cluster_dir(expert.cluster)} is empty)") if empty else "",
+    )
+
+
+def _router_job(cfg: CampaignConfig, manifest: dict[str, Any]) -> _Job:
+    train, resources = to_dict(cfg.router.train), to_dict(cfg.router.resources)
+    size, ch, k = cfg.corpus.image_size, cfg.corpus.channels, cfg.clustering.k
+    return _Job(
+        kind="router", name=router_id(cfg, manifest), cluster=None, objective="cross-entropy",
+        storage_path=CampaignPaths(cfg.root).router, json_name=ROUTER_JSON,
+        identity=router_identity(cfg, manifest), resources=resources,
+        loop_config={**_base_loop_config(cfg, train, resources), "kind": "router",
+                     "model": cfg.router.model, "num_clusters": k,
+                     "cluster_shards": {str(c): cluster_shards(cfg, manifest, c) for c in range(k)}},
+        build=lambda: RouterModel(cfg.router.model, size, ch, k),
+        describe={"architecture": cfg.router.model, "k": k, "image_size": size, "channels": ch,
+                  "data_hash": str(manifest["data_hash"])},
+        tags={"kind": "router"},
+        evaluate=lambda model: {"top1_accuracy_by_t": router_accuracy_by_t(model, cfg)},
+    )
+
+
+def _execute(job: _Job, mlf: _Mlflow) -> RunStatus:
+    """Reuse, resume or train one run; export its EMA weights + JSON. Never raises."""
+    status = RunStatus(job.name, job.kind, job.cluster, job.objective, "failed")
     try:
-        state = check_existing(directory, identity, EXPERT_JSON)
+        state = check_existing(job.directory, job.identity, job.json_name)
     except ExpertRejected as exc:
         status.status, status.reason = "rejected", _one_line(exc)
         return status
     if state == "finished":
-        desc = storage.read_json(storage.join(directory, EXPERT_JSON))
+        desc = storage.read_json(storage.join(job.directory, job.json_name))
         status.status, status.steps = "reused", int(desc["steps"])
         status.final_loss, status.wall_time_s = desc.get("final_loss"), desc.get("wall_time_s")
         status.node = desc.get("node", {}).get("hostname", "")
         return status
-    shards = cluster_shards(cfg, manifest, expert.cluster)
-    count = int(cluster_info(manifest, expert.cluster)["count"])
-    if not shards or count == 0:
-        status.reason = f"cluster {expert.cluster} has no usable data ({paths.cluster_dir(expert.cluster)} is empty)"
+    if job.precheck_error:
+        status.reason = job.precheck_error
         return status
-    run_id = mlf.run_for(eid, {"kind": "expert", "cluster": str(expert.cluster),
-                               "objective": expert.objective})
-    loop_config = {
-        **_base_loop_config(cfg, expert.train, expert.resources),
-        "kind": "expert",
-        "expert": asdict(expert),
-        "shards": shards,
-        "tracking": {"uri": mlf.uri, "run_id": run_id} if run_id else None,
-    }
+    run_id = mlf.run_for(job.name, job.tags)
+    tracking = {"uri": mlf.uri, "run_id": run_id} if run_id else None
     started = time.time()
     try:
-        result = _fit(eid, paths.experts, loop_config, expert.resources)
+        result = _fit(job.name, job.storage_path, {**job.loop_config, "tracking": tracking},
+                      job.resources)
         if result.error is not None:
             raise result.error
         final = _final_state(result)
         history = list(final["history"])
-        model = ExpertModel(expert.model, expert.text, cfg.corpus.image_size, cfg.corpus.channels)
+        model = job.build()
         model.load_state_dict(final["ema"])
-        save_weights(storage.join(directory, WEIGHTS), model.exported_state())
+        extra = job.evaluate(model) if job.evaluate else {}
+        save_weights(storage.join(job.directory, WEIGHTS), model.exported_state())
         node = {**history[-1], "resources": _node_resources(history[-1].get("node_id"))}
         desc = {
-            "identity": identity,
-            "expert_id": eid,
-            "cluster": expert.cluster,
-            "objective": expert.objective,
-            "schedule": expert.schedule,
-            "architecture": expert.model,
-            "text": expert.text,
-            "image_size": cfg.corpus.image_size,
-            "channels": cfg.corpus.channels,
+            "identity": job.identity, f"{job.kind}_id": job.name, **job.describe, **extra,
             "steps": int(final["step"]),
             "final_loss": float(result.metrics.get("loss", float("nan"))),
             "wall_time_s": float(final["wall_time"]),
-            "data_hash": identity["data_hash"],
-            "num_samples": count,
-            "resources": expert.resources,
-            "node": node,
-            "attempts": history,
+            "node": node, "attempts": history,
             "world_size": int(result.metrics.get("world_size", 1)),
             "process_group_size": int(result.metrics.get("pg_world_size", 1)),
             "mlflow_run_id": run_id,
         }
-        storage.write_json(storage.join(directory, EXPERT_JSON), desc)  # last: marks completion
+        # written last: its presence (with the weights) marks a finished, reusable run
+        storage.write_json(storage.join(job.directory, job.json_name), desc)
         status.status = "resumed" if history[0]["start_step"] > 0 else "trained"
         status.steps, status.final_loss = desc["steps"], desc["final_loss"]
         status.wall_time_s, status.attempts = desc["wall_time_s"], len(history)
         status.node = node.get("hostname", "")
-        status.extra = {"node_resources": node["resources"]}
+        status.extra = {"node_resources": node["resources"], **extra}
+        mlf.log_curve(run_id, extra.get("top1_accuracy_by_t"))
     except Exception as exc:
         status.reason = _one_line(exc)
         status.wall_time_s = time.time() - started
-    mlf.finish(run_id, status, {"expert": identity, "resources": expert.resources})
-    return status
-
-
-def _train_router(cfg: CampaignConfig, manifest: dict[str, Any], mlf: _Mlflow) -> RunStatus:
-    paths = CampaignPaths(cfg.root)
-    rid = router_id(cfg, manifest)
-    directory = storage.join(paths.router, rid)
-    identity = router_identity(cfg, manifest)
-    status = RunStatus(rid, "router", None, "cross-entropy", "failed")
-    try:
-        state = check_existing(directory, identity, ROUTER_JSON)
-    except ExpertRejected as exc:
-        status.status, status.reason = "rejected", _one_line(exc)
-        return status
-    if state == "finished":
-        desc = storage.read_json(storage.join(directory, ROUTER_JSON))
-        status.status, status.steps = "reused", int(desc["steps"])
-        status.final_loss, status.wall_time_s = desc.get("final_loss"), desc.get("wall_time_s")
-        return status
-    shards = {str(c): cluster_shards(cfg, manifest, c) for c in range(cfg.clustering.k)}
-    run_id = mlf.run_for(rid, {"kind": "router"})
-    train = to_dict(cfg.router.train)
-    resources = to_dict(cfg.router.resources)
-    loop_config = {**_base_loop_config(cfg, train, resources), "kind": "router",
-                   "model": cfg.router.model, "num_clusters": cfg.clustering.k,
-                   "cluster_shards": shards,
-                   "tracking": {"uri": mlf.uri, "run_id": run_id} if run_id else None}
-    started = time.time()
-    try:
-        result = _fit(rid, paths.router, loop_config, resources)
-        if result.error is not None:
-            raise result.error
-        final = _final_state(result)
-        model = RouterModel(cfg.router.model, cfg.corpus.image_size, cfg.corpus.channels, cfg.clustering.k)
-        model.load_state_dict(final["ema"])
-        accuracy = router_accuracy_by_t(model, cfg)
-        save_weights(storage.join(directory, WEIGHTS), model.exported_state())
-        history = list(final["history"])
-        desc = {"identity": identity, "router_id": rid, "architecture": cfg.router.model,
-                "k": cfg.clustering.k, "image_size": cfg.corpus.image_size,
-                "channels": cfg.corpus.channels, "steps": int(final["step"]),
-                "final_loss": float(result.metrics.get("loss", float("nan"))),
-                "wall_time_s": float(final["wall_time"]), "data_hash": str(manifest["data_hash"]),
-                "top1_accuracy_by_t": accuracy, "node": history[-1], "attempts": history}
-        storage.write_json(storage.join(directory, ROUTER_JSON), desc)
-        status.status = "resumed" if history[0]["start_step"] > 0 else "trained"
-        status.steps, status.final_loss = desc["steps"], desc["final_loss"]
-        status.wall_time_s, status.attempts = desc["wall_time_s"], len(history)
-        status.node = history[-1].get("hostname", "")
-        status.extra = {"top1_accuracy_by_t": accuracy}
-        if mlf.enabled and run_id:
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            mlf.client.log_batch(run_id, metrics=[
-                Metric("top1_accuracy_by_t", acc, now, int(round(float(t) * 100)))
-                for t, acc in accuracy.items()])
-    except Exception as exc:
-        status.reason = _one_line(exc)
-        status.wall_time_s = time.time() - started
-    mlf.finish(run_id, status, {"router": identity})
+    mlf.finish(run_id, status, {job.kind: job.identity, "resources": job.resources})
     return status
 
 
@@ -477,7 +472,8 @@ def train_campaign(
     restricts to expert indices (clusters). Ray must be initialised. One status per run.
     """
     manifest = load_manifest(cfg)
-    jobs, seen = [], set()
+    jobs: list[_Job] = []
+    seen: set[str] = set()
     mlf = _Mlflow(cfg, parent_run_id)
     for ddpm in assignments or campaign_assignments(cfg):
         variant = with_assignment(cfg, ddpm)
@@ -486,14 +482,13 @@ def train_campaign(
             if (only is not None and e.index not in set(only)) or eid in seen:
                 continue
             seen.add(eid)
-            jobs.append((_train_one_expert, (variant, e, manifest, mlf)))
-    jobs.sort(key=lambda job: job[1][1].cluster)
+            jobs.append(_expert_job(variant, e, manifest))
+    jobs.sort(key=lambda job: job.cluster)
     if include_router:
-        jobs.append((_train_router, (cfg, manifest, mlf)))
+        jobs.append(_router_job(cfg, manifest))
     workers = cfg.ray.max_concurrent_experts or len(jobs)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [pool.submit(fn, *args) for fn, args in jobs]
-        return [f.result() for f in futures]
+        return list(pool.map(lambda job: _execute(job, mlf), jobs))
 
 
 def load_expert(directory: str) -> tuple[ExpertModel, dict[str, Any]]:

@@ -43,14 +43,23 @@ class ExpertModel(nn.Module):
         ids, mask = tok if isinstance(tok, tuple) else (tok, tok != 0)
         return {"ids": ids.to(device), "mask": mask.to(device)}
 
-    def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        """Native prediction at network time ``t`` (see ``diffusion.objectives``)."""
-        ids, mask = cond["ids"], cond["mask"]
+    def encode_text(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """Caption token features (precompute them once when sampling many steps)."""
         if self.text_frozen:
             with torch.no_grad():
-                tokens = self.text(ids)
-        else:
-            tokens = self.text(ids, mask)
+                return self.text(ids)
+        return self.text(ids, mask)
+
+    def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        """Native prediction at network time ``t`` (see ``diffusion.objectives``).
+
+        ``cond`` holds ``ids`` + ``mask`` (and optionally ``drop``), or precomputed ``tokens``
+        + ``mask`` from :meth:`encode_text`.
+        """
+        mask = cond["mask"]
+        tokens = cond.get("tokens")
+        if tokens is None:
+            tokens = self.encode_text(cond["ids"], mask)
         inner = {"tokens": tokens.to(x.dtype) if not torch.is_autocast_enabled() else tokens, "mask": mask}
         if "drop" in cond:
             inner["drop"] = cond["drop"]
