@@ -3,6 +3,8 @@
     python evaluation/evaluate_mixture.py                                   # the demo's mixture
     python evaluation/evaluate_mixture.py --ddpm-clusters 0,3 --routing topk --k 2 --guidance 2
     python evaluation/evaluate_mixture.py --ddpm-clusters none --routing top1   # all-FM, top-1
+    python evaluation/evaluate_mixture.py --mixture objectives     # a sweep's best mixture
+    python evaluation/evaluate_mixture.py --mixture path/to/best_mixture.json --num-samples 2000
     python evaluation/evaluate_mixture.py --config jobs/configs/<campaign>.yaml root=s3://bucket/c
     ray job submit --working-dir . -- python evaluation/evaluate_mixture.py --ddpm-clusters 0,3
 
@@ -36,6 +38,8 @@ def _clusters(text: str | None) -> list[int] | None:
 def main(argv: list[str] | None = None) -> int:
     """Evaluate the mixture; returns the process exit status."""
     cfg, args = parse_job_args(__doc__, argv, extra=[
+        ("--mixture", {"default": None, "help": "a saved mixture: sweep name (its "
+                       "best_mixture.json) or a JSON path; the other flags override it"}),
         ("--ddpm-clusters", {"default": None, "help": "clusters using ddpm_eps, e.g. 0,3 or none"}),
         ("--routing", {"default": None, "choices": ["full", "top1", "topk", "threshold"]}),
         ("--k", {"type": int, "default": None}),
@@ -58,9 +62,24 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= k <= cfg.clustering.k:
         print(f"error: --k {k}: top-k must be in 1..{cfg.clustering.k}", file=sys.stderr)
         return 2
-    spec = MixtureSpec.from_config(cfg, ddpm, routing=args.routing, k=args.k,
-                                   threshold=args.threshold, guidance=args.guidance,
-                                   steps=args.steps, num_samples=args.num_samples)
+    overrides = {"routing": args.routing, "k": args.k, "threshold": args.threshold,
+                 "guidance": args.guidance, "steps": args.steps, "num_samples": args.num_samples}
+    if args.mixture:
+        import dataclasses
+
+        from hdd_ray.config import ConfigError
+        from hdd_ray.sweep import SweepError, load_mixture_spec
+
+        try:
+            cfg, saved = load_mixture_spec(cfg, args.mixture)
+        except (SweepError, ConfigError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if ddpm is not None:
+            overrides["ddpm_clusters"] = tuple(sorted(ddpm))
+        spec = dataclasses.replace(saved, **{k: v for k, v in overrides.items() if v is not None})
+    else:
+        spec = MixtureSpec.from_config(cfg, ddpm, **overrides)
     if spec.routing == "threshold" and spec.threshold is None:
         print("error: --routing threshold needs --threshold", file=sys.stderr)
         return 2

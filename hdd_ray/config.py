@@ -33,6 +33,9 @@ CORPUS_SOURCES = ("demo", "webdataset")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 MIXED_PRECISION = ("no", "bf16")
 FID_EXTRACTORS = ("clip", "inception", "dinov2")
+SWEEP_MODES = ("grid", "n_ddpm", "list", "random", "optuna")
+#: letters of an objective assignment string ("D F F D"): cluster uses ddpm_eps / the base
+ASSIGNMENT_LETTERS = {"D": "ddpm_eps", "F": "fm_velocity"}
 
 
 class ConfigError(ValueError):
@@ -217,6 +220,43 @@ class RayConfig:
 
 
 @dataclass
+class AshaConfig:
+    """Early stopping of sweep trials: FID on a growing number of samples (ASHA rungs)."""
+
+    sample_counts: List[int] = field(default_factory=list)  # rungs, e.g. [256, 1024]; [] = N only
+    reduction_factor: int = 2
+
+
+@dataclass
+class SweepConfig:
+    """A Ray Tune sweep over objective assignments (which clusters use ``ddpm_eps``) and sampling.
+
+    ``mode``: ``grid`` = every one of the 2^K assignments, ``n_ddpm`` = the assignments with
+    exactly n DDPM experts for each n in ``n_ddpm``, ``list`` = the ``assignments`` given
+    (strings like ``"D F F D"``), ``random`` / ``optuna`` = ``num_samples`` trials drawn by Tune's
+    random search / OptunaSearch (from the ``n_ddpm`` assignments when set, else per cluster).
+    The other lists are crossed with the assignments (grid modes) or sampled (search modes);
+    left unset they hold the campaign's own value.
+    """
+
+    name: str = "objectives"
+    mode: str = "n_ddpm"  # grid | n_ddpm | list | random | optuna
+    n_ddpm: Optional[List[int]] = field(default_factory=lambda: [0, 1])
+    assignments: List[str] = field(default_factory=list)  # mode=list: "D F F D F F F F", ...
+    num_samples: int = 8  # trials of random / optuna
+    # the lists below: None = the campaign's own value (sampling.*, experts.schedule)
+    routing: Optional[List[str]] = None
+    k: Optional[List[int]] = None
+    guidance: Optional[List[float]] = None
+    steps: Optional[List[int]] = None
+    schedule: Optional[List[str]] = None  # VP schedule of the ddpm_eps experts
+    max_concurrent_trials: int = 2
+    cpus_per_trial: float = 1.0
+    asha: AshaConfig = field(default_factory=AshaConfig)
+    seed: int = 0
+
+
+@dataclass
 class CampaignConfig:
     """A whole campaign: one storage root that every stage reads and writes."""
 
@@ -231,6 +271,7 @@ class CampaignConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 # --------------------------------------------------------------------------- resolved experts
@@ -556,6 +597,71 @@ def validate(cfg: CampaignConfig) -> None:
     if not cfg.tracking.experiment:
         raise ConfigError("tracking.experiment='': must be a non-empty name")
     _positive("ray.max_concurrent_experts", cfg.ray.max_concurrent_experts, strict=False)
+    validate_sweep(cfg)
+
+
+def parse_assignment(text: str, k: int, key: str = "assignment") -> List[int]:
+    """``"D F F D"`` (or ``"DFFD"``, or objective names) -> the clusters using ``ddpm_eps``.
+
+    One letter (or objective name) per cluster: ``D`` = ``ddpm_eps``, ``F`` = ``fm_velocity``.
+    Raises :class:`ConfigError` naming ``key`` on an unknown objective or a wrong length.
+    """
+    tokens = text.replace(",", " ").split()
+    if len(tokens) == 1 and len(tokens[0]) > 1 and tokens[0] not in OBJECTIVES:
+        tokens = list(tokens[0])
+    names = {**ASSIGNMENT_LETTERS, **{o: o for o in OBJECTIVES}}
+    for c, tok in enumerate(tokens):
+        if tok not in names:
+            raise ConfigError(f"{key}={text!r}: unknown objective {tok!r} for cluster {c}, "
+                              "allowed: D (ddpm_eps), F (fm_velocity)")
+    if len(tokens) != k:
+        raise ConfigError(f"{key}={text!r}: {len(tokens)} objectives, expected one per cluster "
+                          f"(clustering.k={k})")
+    return [c for c, tok in enumerate(tokens) if names[tok] == "ddpm_eps"]
+
+
+def validate_sweep(cfg: CampaignConfig) -> None:
+    """Check the sweep's search space (one-line :class:`ConfigError` on the first problem)."""
+    sw, k = cfg.sweep, cfg.clustering.k
+    if not sw.name or "/" in sw.name:
+        raise ConfigError(f"sweep.name={sw.name!r}: must be a non-empty name without '/'")
+    _choice("sweep.mode", sw.mode, SWEEP_MODES)
+    if sw.mode == "n_ddpm" and not sw.n_ddpm:
+        raise ConfigError(f"sweep.n_ddpm={sw.n_ddpm!r}: required (non-empty) for sweep.mode='n_ddpm'")
+    for i, n in enumerate(sw.n_ddpm or []):
+        if not 0 <= n <= k:
+            raise ConfigError(f"sweep.n_ddpm[{i}]={n}: number of DDPM experts must be in 0..{k} "
+                              f"(clustering.k={k})")
+    if sw.mode == "list" and not sw.assignments:
+        raise ConfigError("sweep.assignments=[]: required (non-empty) for sweep.mode='list'")
+    for i, text in enumerate(sw.assignments):
+        parse_assignment(text, k, f"sweep.assignments[{i}]")
+    _positive("sweep.num_samples", sw.num_samples)
+    for key in ("routing", "k", "guidance", "steps", "schedule"):
+        if getattr(sw, key) is not None and not getattr(sw, key):
+            raise ConfigError(f"sweep.{key}=[]: must list at least one value (or be unset)")
+    for i, r in enumerate(sw.routing or []):
+        _choice(f"sweep.routing[{i}]", r, ROUTING_STRATEGIES)
+    if "threshold" in (sw.routing or []) and cfg.sampling.threshold is None:
+        raise ConfigError("sampling.threshold=None: required when sweep.routing has 'threshold'")
+    for i, top in enumerate(sw.k or []):
+        if not 1 <= top <= k:
+            raise ConfigError(f"sweep.k[{i}]={top}: top-k must be in 1..{k} (clustering.k={k})")
+    for i, g in enumerate(sw.guidance or []):
+        _positive(f"sweep.guidance[{i}]", g, strict=False)
+    for i, st in enumerate(sw.steps or []):
+        _positive(f"sweep.steps[{i}]", st)
+    for i, sc in enumerate(sw.schedule or []):
+        _choice(f"sweep.schedule[{i}]", sc, SCHEDULES)
+    _positive("sweep.max_concurrent_trials", sw.max_concurrent_trials)
+    _positive("sweep.cpus_per_trial", sw.cpus_per_trial, strict=False)
+    counts = sw.asha.sample_counts
+    for i, n in enumerate(counts):
+        _positive(f"sweep.asha.sample_counts[{i}]", n)
+    if list(counts) != sorted(set(counts)):
+        raise ConfigError(f"sweep.asha.sample_counts={list(counts)}: must be strictly increasing")
+    if sw.asha.reduction_factor < 2:
+        raise ConfigError(f"sweep.asha.reduction_factor={sw.asha.reduction_factor}: must be >= 2")
 
 
 def describe_options() -> str:

@@ -1,0 +1,157 @@
+"""Ray Tune sweeps of objective assignments (real local Ray + MLflow, CPU, K = 3 tiny experts).
+
+One prepared campaign is shared by the module; the first sweep trains the 2K = 6 experts the
+search space needs, the others reuse them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hdd_ray.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.ray
+
+BASE = [
+    "clustering.k=3", "clustering.fine_centroids=12", "sampling.k=2",
+    "experts.ddpm_clusters=[0]", "experts.train.steps=30", "experts.train.batch_size=32",
+    "experts.train.checkpoint_every=30", "router.train.steps=30", "router.train.checkpoint_every=30",
+    "experts.resources.cpus_per_worker=0.25", "router.resources.cpus_per_worker=0.25",
+    "evaluation.num_samples=96", "sampling.steps=4", "sampling.sampler=euler",
+    "sweep.cpus_per_trial=1", "sweep.max_concurrent_trials=2", "sweep.k=[2]",
+]
+
+
+def _overrides(root: Path, *extra: str) -> list[str]:
+    return [f"root={root}", *BASE, *extra]
+
+
+def _cfg(root: Path, *extra: str):
+    return load_config(overrides=_overrides(root, *extra))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, ray_local):
+    """A demo campaign with K = 3 clusters, prepared once for the module."""
+    from hdd_ray.clustering import prepare_corpus
+
+    root = tmp_path_factory.mktemp("sweep") / "root"
+    prepare_corpus(_cfg(root))
+    return root
+
+
+@pytest.fixture(scope="module")
+def first_sweep(prepared):
+    """Assignments with 0 or 1 DDPM expert (4 mixtures), ASHA rungs 64 -> 96 samples."""
+    from hdd_ray.sweep import run_sweep
+
+    cfg = _cfg(prepared, "sweep.name=first", "sweep.mode=n_ddpm", "sweep.n_ddpm=[0,1]",
+               "sweep.asha.sample_counts=[64]")
+    return cfg, run_sweep(cfg, verbose=0)
+
+
+def _client(cfg):
+    from mlflow.tracking import MlflowClient
+
+    from hdd_ray import tracking
+
+    return MlflowClient(tracking.tracking_uri(cfg)), tracking.setup(cfg)
+
+
+def _trial_runs(cfg, parent: str):
+    client, exp_id = _client(cfg)
+    return client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent}' "
+                                        "and tags.stage = 'sweep_trial'")
+
+
+def test_sweep_covers_assignments_and_trains_each_expert_once(first_sweep):
+    cfg, result = first_sweep
+    root = Path(cfg.root)
+    assert {r["assignment"] for r in result.rows} == {"F F F", "D F F", "F D F", "F F D"}
+    # the 2K experts the space needs, each trained once, in one attempt
+    descs = [json.loads(p.read_text()) for p in root.glob("experts/*/expert.json")]
+    assert sorted((d["cluster"], d["objective"]) for d in descs) == sorted(
+        (c, o) for c in range(3) for o in ("ddpm_eps", "fm_velocity"))
+    assert all(len(d["attempts"]) == 1 and d["attempts"][0]["start_step"] == 0 for d in descs)
+    assert result.trainings == result.experts_needed == 6
+    # one MLflow child run per trial under the sweep run, with the trial's params
+    runs = _trial_runs(cfg, result.parent_run_id)
+    assert sorted(r.data.params["assignment"] for r in runs) == sorted(
+        r["assignment"] for r in result.rows)
+    assert len({r.data.tags["trial_id"] for r in runs}) == len(runs) == 4
+    assert all(r.data.params["num_ddpm"] == str(r.data.params["assignment"].count("D"))
+               for r in runs)
+    # outputs: ranking, plot, best mixture (readable back as a spec)
+    d = Path(result.directory)
+    for name in ("ranking.csv", "ranking.md", "fid_clip_vs_num_ddpm.png", "best_mixture.json"):
+        assert (d / name).is_file(), name
+    from hdd_ray.sweep import load_mixture_spec
+
+    variant, spec = load_mixture_spec(cfg, "first")
+    assert spec.assignment(3) == result.best["assignment"]
+    assert spec.num_samples == 96 and variant.experts.ddpm_clusters == list(spec.ddpm_clusters)
+    client, _ = _client(cfg)
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"ranking.md", "ranking.csv", "fid_clip_vs_num_ddpm.png"} <= artifacts
+
+
+def test_bad_search_space_fails_with_one_line_before_any_trial(prepared, tmp_path):
+    for bad, words in ((["sweep.n_ddpm=[4]"], "sweep.n_ddpm[0]=4"),
+                       (["sweep.mode=list", "sweep.assignments=[DFX]"], "unknown objective 'X'"),
+                       (["sweep.mode=everything"], "sweep.mode='everything'")):
+        out = subprocess.run([sys.executable, str(ROOT / "jobs" / "sweep_objectives.py"),
+                              *_overrides(tmp_path / "nothing", *bad)],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert out.returncode == 2, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
+        assert not (tmp_path / "nothing").exists()
+
+
+def test_interrupted_sweep_restores_without_redoing_finished_trials(first_sweep, ray_local):
+    import ray
+
+    from hdd_ray.sweep import run_sweep
+
+    cfg, _ = first_sweep
+    root = Path(cfg.root)
+    extra = ["sweep.name=resume", "sweep.mode=list", "sweep.max_concurrent_trials=1",
+             "sweep.assignments=[FFF,DFF,FDF,DDF]", "sweep.guidance=[1.0]"]
+    before = set(root.glob("mixtures/*/metrics.json"))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    address = ray.get_runtime_context().gcs_address
+    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "sweep_objectives.py"),
+                             *_overrides(root, *extra), f"ray.address={address}"],
+                            cwd=root.parent, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 150
+        while time.time() < deadline:
+            new = set(root.glob("mixtures/*/metrics.json")) - before
+            if len(new) >= 2:  # trial 1 finished, trial 2 evaluated (trials run one at a time)
+                time.sleep(2)  # let Tune save its experiment state
+                break
+            assert proc.poll() is None, "the sweep ended before it could be killed"
+            time.sleep(0.3)
+        else:
+            raise AssertionError("no trial finished")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = {p: p.stat().st_mtime for p in set(root.glob("mixtures/*/metrics.json")) - before}
+    result = run_sweep(_cfg(root, *extra), verbose=0)
+    assert result.restored
+    assert {r["assignment"] for r in result.rows} == {"F F F", "D F F", "F D F", "D D F"}
+    assert all(p.stat().st_mtime == t for p, t in done.items())  # finished ones not redone
+    assert len(set(root.glob("mixtures/*/metrics.json")) - before) == 4
+    runs = _trial_runs(cfg, result.parent_run_id)
+    assert len(runs) == len({r.data.tags["trial_id"] for r in runs}) == 4
