@@ -193,10 +193,17 @@ def test_foreign_expert_and_mismatched_weights_are_rejected(trained, tmp_path):
     # weights that do not fit the architecture are refused, never half-loaded
     from hdd_ray.training.model import ExpertModel
 
-    wide = ExpertModel("DiT-S/8", desc["text"], 8, 1)
-    with pytest.raises(WeightsMismatch, match="weight .* has shape") as info:
-        load_weights(wide, str(experts[0] / WEIGHTS), "expert c0")
+    deeper = ExpertModel("DiT-S/8", desc["text"], 8, 1)
+    with pytest.raises(WeightsMismatch, match="do not match the architecture .missing") as info:
+        load_weights(deeper, str(experts[0] / WEIGHTS), "expert c0")
     assert "\n" not in str(info.value)
+    narrower_text = ExpertModel("DiT-T/2", {**desc["text"], "dim": 32}, 8, 1)
+    before = {k: v.clone() for k, v in narrower_text.state_dict().items()}
+    with pytest.raises(WeightsMismatch, match="weight .* has shape") as info:
+        load_weights(narrower_text, str(experts[0] / WEIGHTS), "expert c0")
+    assert "\n" not in str(info.value)
+    after = narrower_text.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing half-loaded
 
 
 def _state_when_checkpointed(d: Path, timeout: float = 240) -> dict:

@@ -110,11 +110,13 @@ class Judge:
                                          cache_dir=cache)
         self._floor: dict[int, float] = {}
 
-    def prompts(self, n: int) -> list[str]:
-        """``n`` prompts: the held-out captions' distinct texts, cycled (so prompts repeat,
-        which gives the intra-prompt diversity its groups)."""
+    def prompts(self, n: int, per_prompt: int = 4) -> list[str]:
+        """``n`` prompts from the held-out captions' distinct texts, each used at least
+        ``per_prompt`` times when ``n`` allows (the intra-prompt diversity needs groups)."""
         distinct = sorted(set(self.heldout.captions))
-        return [distinct[i % len(distinct)] for i in range(n)]
+        m = max(1, min(len(distinct), n // per_prompt))
+        chosen = [distinct[round(i * len(distinct) / m)] for i in range(m)]  # spread evenly
+        return [chosen[i % m] for i in range(n)]
 
     def floor(self, n: int) -> float:
         """FID of real held-out images (at most ``n``) against the training reference."""
