@@ -39,10 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     started = time.time()
-    init_ray(cfg)
     with tracking.run(cfg, "train_all_experts", tags={"stage": "campaign"}) as parent:
         try:
+            # checks its inputs before it joins or starts Ray (bad input: one line, no cluster)
             prepare_corpus(cfg, force=args.force)
+            init_ray(cfg)  # no-op when prepare already joined Ray
             statuses = train_campaign(cfg, include_router=not args.skip_router,
                                       parent_run_id=parent.info.run_id if parent else None)
         except (PrepareError, CampaignError) as exc:

@@ -406,7 +406,9 @@ def _execute(job: _Job, mlf: _Mlflow) -> RunStatus:
         }
         # written last: its presence (with the weights) marks a finished, reusable run
         storage.write_json(storage.join(job.directory, job.json_name), desc)
-        status.status = "resumed" if history[0]["start_step"] > 0 else "trained"
+        # attempts of this launch: the first one started from a checkpoint when resuming
+        this_launch = [a for a in history if a.get("time", 0) >= started - 1] or history
+        status.status = "resumed" if this_launch[0]["start_step"] > 0 else "trained"
         status.steps, status.final_loss = desc["steps"], desc["final_loss"]
         status.wall_time_s, status.attempts = desc["wall_time_s"], len(history)
         status.node = node.get("hostname", "")
