@@ -64,7 +64,8 @@ def vp_query(schedule: VPSchedule, x_t: Tensor, t: Tensor, clamp_tau: bool = Tru
     s = torch.sqrt((1 - t) ** 2 + t**2)
     abar = ((1 - t) / s) ** 2
     tau = schedule.tau_of_alpha_bar(abar, clamp=clamp_tau)
-    return x_t / _bcast(s, x_t), tau
+    # per-sample scalars are folded first: one pass over the full tensor
+    return x_t * _bcast(s.reciprocal(), x_t), tau
 
 
 def as_velocity(
@@ -96,15 +97,16 @@ def as_velocity(
     def vp_field(x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         x_in, tau = vp_query(schedule, x_t, t, g.clamp_tau)
         out = predict(x_in, tau, cond)
-        tb = _bcast(t, x_t)
+        # [B] scalars first, then one subtraction and one in-place scaling of the full tensor
         if parameterization == "eps":
-            v = (out - x_t) / (1 - tb).clamp_min(g.min_one_minus_t)
+            v = (out - x_t).mul_(_bcast((1 - t).clamp_min(g.min_one_minus_t).reciprocal(), x_t))
         elif parameterization == "x0":
-            v = (x_t - out) / tb.clamp_min(g.min_one_minus_t)
+            v = (x_t - out).mul_(_bcast(t.clamp_min(g.min_one_minus_t).reciprocal(), x_t))
         else:  # VP v-prediction
-            s = torch.sqrt((1 - tb) ** 2 + tb**2)
-            alpha, sigma = (1 - tb) / s, tb / s
-            v = (alpha + sigma) * out + (sigma - alpha) * x_in
+            t = t.to(x_t.dtype)
+            s = torch.sqrt((1 - t) ** 2 + t**2)
+            alpha, sigma = (1 - t) / s, t / s
+            v = (out * _bcast(alpha + sigma, x_t)).addcmul_(_bcast(sigma - alpha, x_t), x_in)
         return _clamp_x0(v, x_t, t, g.x0_clamp)
 
     return vp_field
@@ -114,6 +116,8 @@ def _clamp_x0(v: Tensor, x_t: Tensor, t: Tensor, c: float | None) -> Tensor:
     if c is None:
         return v
     tb = _bcast(t, x_t)
-    x0 = x_t - tb * v
-    x0c = x0.clamp(-c, c)
-    return torch.where(x0c != x0, (x_t - x0c) / tb.clamp_min(1e-12), v)
+    # x0 = x_t - t v; where the clamp moves it to x0c, v becomes (x_t - x0c) / t
+    # = v + (x0 - x0c) / t, which leaves v bit-for-bit unchanged where x0 was in range
+    x0 = torch.addcmul(x_t, tb, v, value=-1)
+    excess = x0.sub_(x0.clamp(-c, c))
+    return torch.addcdiv(v, excess, tb.clamp_min(1e-12))
