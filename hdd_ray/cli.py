@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Any
 
+from hdd_ray import storage
 from hdd_ray.config import CampaignConfig, ConfigError, describe_options, load_config
 
 #: Ray settings every job needs. Many experts starting at once on a small machine take longer
@@ -43,6 +44,9 @@ def parse_job_args(
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    # a relative local root means "from where the job was started"; Ray Train and Tune need
+    # absolute storage paths, and workers run in other directories
+    cfg.root = storage.absolute(cfg.root)
     return cfg, args
 
 

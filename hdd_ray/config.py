@@ -136,7 +136,8 @@ class ExpertSpec:
     steps: Optional[int] = None
     batch_size: Optional[int] = None
     lr: Optional[float] = None
-    resources: Optional[ResourcesConfig] = None
+    # keys of ResourcesConfig, merged over ``experts.resources`` (only the keys given change)
+    resources: Optional[Dict[str, Any]] = None
 
 
 @dataclass
@@ -329,7 +330,9 @@ def resolve_experts(cfg: CampaignConfig | DictConfig) -> List[ResolvedExpert]:
         for key in ("steps", "batch_size", "lr"):
             if o is not None and getattr(o, key) is not None:
                 train[key] = getattr(o, key)
-        resources = _plain(o.resources) if o is not None and o.resources is not None else None
+        resources = _plain(ex.resources)
+        if o is not None and o.resources is not None:
+            resources = _plain(merge_resources(ex.resources, o.resources))
         out.append(
             ResolvedExpert(
                 index=c,
@@ -339,7 +342,7 @@ def resolve_experts(cfg: CampaignConfig | DictConfig) -> List[ResolvedExpert]:
                 model=(o.model if o and o.model else None) or ex.model,
                 text=_plain(ex.text),
                 train=train,
-                resources=resources or _plain(ex.resources),
+                resources=resources,
             )
         )
     return out
@@ -477,6 +480,28 @@ def _validate_train(prefix: str, t: TrainConfig) -> None:
     _choice(f"{prefix}.mixed_precision", t.mixed_precision, MIXED_PRECISION)
 
 
+def merge_resources(base: Any, override: Any, prefix: str = "experts.list[].resources") -> Any:
+    """``base`` (a ``ResourcesConfig`` node) with the keys of ``override`` replaced.
+
+    Nested maps (``custom``, ``label_selector``) are merged key by key. An unknown key or a value
+    of the wrong type raises :class:`ConfigError` naming ``prefix``.
+    """
+    override = _plain(override) if not isinstance(override, dict) else override
+    unknown = sorted(set(override) - set(ResourcesConfig.__dataclass_fields__))
+    if unknown:
+        allowed = ", ".join(ResourcesConfig.__dataclass_fields__)
+        raise ConfigError(f"{prefix}.{unknown[0]}: unknown key, allowed: {allowed}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ResourcesConfig), base, override)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        value = getattr(exc, "value", None)
+        raise ConfigError(
+            f"{prefix}.{key}={value!r}: {_first_line(getattr(exc, 'msg', exc))}"
+        ) from None
+    return merged
+
+
 def _validate_resources(prefix: str, r: ResourcesConfig) -> None:
     _positive(f"{prefix}.num_workers", r.num_workers, strict=False)
     _positive(f"{prefix}.cpus_per_worker", r.cpus_per_worker, strict=False)
@@ -559,7 +584,8 @@ def validate(cfg: CampaignConfig) -> None:
             if getattr(spec, key) is not None:
                 _positive(f"{p}.{key}", getattr(spec, key))
         if spec.resources is not None:
-            _validate_resources(f"{p}.resources", spec.resources)
+            merged = merge_resources(cfg.experts.resources, spec.resources, f"{p}.resources")
+            _validate_resources(f"{p}.resources", merged)
 
     _choice("router.model", cfg.router.model, tuple(ROUTER_SIZES))
     _validate_train("router.train", cfg.router.train)

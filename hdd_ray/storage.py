@@ -94,6 +94,15 @@ def listdir(path: str) -> list[str]:
     return sorted(posixpath.basename(i.path) for i in infos)
 
 
+def absolute(path: str) -> str:
+    """``path`` made absolute against the current directory; URIs (``s3://``) as given.
+
+    Campaign roots go through this on the driver: Ray Train and Tune need absolute storage
+    paths, and Ray workers run in other directories.
+    """
+    return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))
+
+
 def remove(path: str) -> None:
     """Delete a file or directory tree if it exists."""
     fs, p = resolve(path)

@@ -321,6 +321,7 @@ def run_sweep(cfg: CampaignConfig, force: bool = False, verbose: int = 1) -> Swe
     from hdd_ray.evaluation.mixture import Judge
 
     validate_sweep(cfg)
+    cfg = dataclasses.replace(cfg, root=storage.absolute(cfg.root))
     sw = cfg.sweep
     directory = sweep_dir(cfg)
     spec_path = storage.join(directory, SPEC_FILE)

@@ -46,6 +46,21 @@ def test_dotlist_overrides_and_per_expert_list():
     assert experts[3].resources["custom"] == {}
 
 
+def test_per_expert_resources_merge_over_the_default():
+    cfg = load_config(overrides=[
+        "experts.resources.cpus_per_worker=0.25", "experts.resources.max_failures=7",
+        "experts.resources.custom={spot: 1}",
+        "experts.list=[{cluster: 2, resources: {gpus_per_worker: 1, custom: {gpu_80gb: 1}}}]",
+    ])
+    experts = resolve_experts(cfg)
+    listed, other = experts[2].resources, experts[1].resources
+    assert listed["gpus_per_worker"] == 1.0 and other["gpus_per_worker"] == 0.0
+    # the keys the entry does not give keep the default's values, maps merge key by key
+    assert listed["cpus_per_worker"] == other["cpus_per_worker"] == 0.25
+    assert listed["max_failures"] == other["max_failures"] == 7
+    assert listed["custom"] == {"spot": 1.0, "gpu_80gb": 1.0} and other["custom"] == {"spot": 1.0}
+
+
 def test_expert_id_depends_on_what_determines_the_weights_only():
     base = resolve_experts(load_config())[1]
     more_cpu = resolve_experts(load_config(overrides=["experts.resources.cpus_per_worker=2"]))[1]
@@ -85,6 +100,12 @@ BAD = [
     ("experts.train.caption_dropout=1.5", r"^experts\.train\.caption_dropout=1\.5: must be in \[0, 1\)"),
     ("sampling.conversion.min_one_minus_t=0", r"^sampling\.conversion\.min_one_minus_t=0\.0: must be in \(0, 1\)"),
     ("corpus.channels=2", r"^corpus\.channels=2: allowed: 1, 3"),
+    ("experts.list=[{cluster: 1, resources: {gpus: 1}}]",
+     r"^experts\.list\[0\]\.resources\.gpus: unknown key, allowed: num_workers, cpus_per_worker"),
+    ("experts.list=[{cluster: 1, resources: {cpus_per_worker: -2}}]",
+     r"^experts\.list\[0\]\.resources\.cpus_per_worker=-2\.0: must be >= 0"),
+    ("experts.list=[{cluster: 1, resources: {num_workers: many}}]",
+     r"^experts\.list\[0\]\.resources\.num_workers='many': Value 'many' of type 'str' could not"),
     ("not-an-override", r"^override 'not-an-override' is not of the form key=value"),
 ]
 

@@ -178,6 +178,13 @@ def test_mixture_of_ddpm_and_fm_experts_is_evaluated_and_tracked(trained):
     assert any("images" in a or "samples" in a for a in artifacts), artifacts
     # the same mixture again is reused, not re-sampled
     assert evaluate_mixture(cfg, spec)["reused"]
+    # a later judge of the campaign loads the cached reference CLIP and statistics without
+    # decoding the training split
+    from hdd_ray.evaluation.mixture import Judge
+
+    judge = Judge(cfg)
+    assert not judge.decoded_train and judge.clip_info["loaded"]
+    assert judge.reference.num_samples > len(judge.heldout)
 
 
 def test_foreign_expert_and_mismatched_weights_are_rejected(trained, tmp_path):
@@ -268,10 +275,58 @@ def test_expert_without_usable_data_fails_alone(prepared, tmp_path):
     assert "no usable samples" in by_cluster[1].reason and "\n" not in by_cluster[1].reason
 
 
+def test_local_instance_queues_runs_that_do_not_fit_together():
+    import threading
+
+    from hdd_ray.training.launcher import _ResourceGate
+
+    gate = _ResourceGate({"CPU": 2.0, "GPU": 1.0})
+    big = {"num_workers": 1, "cpus_per_worker": 1.5, "gpus_per_worker": 0.0, "custom": {}}
+    gpu = {"num_workers": 2, "cpus_per_worker": 0.25, "gpus_per_worker": 0.5, "custom": {}}
+    assert gate.need(gpu) == {"CPU": 0.5, "GPU": 1.0}
+    events: list[str] = []
+    first_in, release = threading.Event(), threading.Event()
+
+    def run(name: str, hold_until: threading.Event | None) -> None:
+        with gate.hold(big):
+            events.append(f"{name} in")
+            if hold_until is not None:
+                first_in.set()
+                hold_until.wait(10)
+            events.append(f"{name} out")
+
+    a = threading.Thread(target=run, args=("a", release))
+    a.start()
+    first_in.wait(10)
+    b = threading.Thread(target=run, args=("b", None))
+    b.start()
+    b.join(0.3)
+    assert b.is_alive() and events == ["a in"]  # 1.5 + 1.5 CPUs do not fit in 2: b waits
+    with gate.hold(gpu):  # 0.5 CPU + 1 GPU still fit beside a
+        pass
+    release.set()
+    a.join(10), b.join(10)
+    assert events == ["a in", "a out", "b in", "b out"] and gate.free == gate.capacity
+    assert gate.unfit(gpu) == ""
+    assert gate.unfit({**gpu, "gpus_per_worker": 1}).startswith(
+        "asks for 2 GPU in all (2 workers) but the local Ray instance has 1")
+
+
+def test_expert_larger_than_the_local_instance_fails_before_ray_train(prepared, tmp_path):
+    root = _copy(prepared, tmp_path)
+    cfg = _cfg(root, "experts.train.steps=20", "tracking.enabled=false",
+               "experts.list=[{cluster: 1, resources: {cpus_per_worker: 64}}]")
+    (status,) = train_campaign(cfg, only=[1], include_router=False)
+    assert status.status == "failed" and "\n" not in status.reason
+    assert status.reason.startswith("asks for 64 CPU in all (1 workers) but the local Ray instance")
+    assert not (root / "experts").exists() or not any((root / "experts").iterdir())
+
+
 def test_killed_driver_rerun_resumes_the_partial_experts(prepared, tmp_path):
     root = _copy(prepared, tmp_path)
-    args = [f"root={root}", *BASE, "experts.train.steps=400", "experts.train.checkpoint_every=40",
-            "tracking.enabled=false"]
+    # a relative root, as the README's commands give it: the job resolves it against its cwd
+    args = [f"root={root.relative_to(tmp_path)}", *BASE, "experts.train.steps=400",
+            "experts.train.checkpoint_every=40", "tracking.enabled=false"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train_all_experts.py"),

@@ -87,9 +87,15 @@ class Judge:
         size, ch = cfg.corpus.image_size, cfg.corpus.channels
         held = read_cluster(heldout_shards(cfg, manifest), size, ch, label=None)
         train_shards = [s for c in range(cfg.clustering.k) for s in cluster_shards(cfg, manifest, c)]
-        train = read_cluster(train_shards, size, ch, label=None)
-        self.heldout, self.train = held, train
+        self.heldout = held
+        self._train: Any = None
         self.data_hash = str(manifest["data_hash"])
+
+        def train() -> Any:  # the training split is decoded only when a cache misses
+            if self._train is None:
+                self._train = read_cluster(train_shards, size, ch, label=None)
+            return self._train
+
         ev = cfg.evaluation
         self.clip_info: dict[str, Any] = {}
         if ev.clip_arch:  # a real CLIP (local weights or a named tag)
@@ -99,15 +105,18 @@ class Judge:
             self.clip, self.tokenizer = model, open_clip.get_tokenizer(ev.clip_arch)
         else:  # the demo's own reference CLIP, trained once per campaign
             self.clip, self.tokenizer, self.clip_info = get_reference_clip(
-                cfg.root, train.images, train.captions, held.images, held.captions,
-                data_hash=self.data_hash)
+                cfg.root, lambda: train().images, lambda: train().captions, held.images,
+                held.captions, data_hash=self.data_hash)
         clip_model = self.clip if ev.fid_extractor == "clip" and not ev.extractor_weights else None
         arch = ev.extractor_arch or (ev.clip_arch if ev.fid_extractor == "clip" else None)
         self.extractor = build_extractor(ev.fid_extractor, weights=ev.extractor_weights,
                                          arch=arch, clip_model=clip_model)
         cache = storage.join(CampaignPaths(cfg.root).root, "evaluation", "reference_stats")
-        self.reference = reference_stats(train.images, self.extractor, self.data_hash,
+        self.reference = reference_stats(lambda: train().images, self.extractor, self.data_hash,
                                          cache_dir=cache)
+        #: whether the training split had to be decoded (a cache missed)
+        self.decoded_train = self._train is not None
+        self._train = None  # not kept: the reference statistics are all scoring needs
         self._floor: dict[int, float] = {}
 
     def prompts(self, n: int, per_prompt: int = 4) -> list[str]:

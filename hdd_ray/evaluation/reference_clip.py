@@ -269,8 +269,8 @@ def _settings(steps: int, batch_size: int, lr: float, seed: int, data_hash: str)
 
 def get_reference_clip(
     root: str,
-    train_images: Tensor,
-    train_captions: Sequence[str],
+    train_images: Tensor | Callable[[], Tensor],
+    train_captions: Sequence[str] | Callable[[], Sequence[str]],
     heldout_images: Tensor,
     heldout_captions: Sequence[str],
     data_hash: str,
@@ -287,6 +287,8 @@ def get_reference_clip(
     model is retrained on ``train_*`` and the cache overwritten. ``info`` is the JSON: settings,
     ``train_seconds``, ``final_loss``, ``weights_sha256``, the held-out retrieval accuracy
     (:func:`retrieval_accuracy`) and ``loaded`` (True when it came from the cache).
+    ``train_images`` / ``train_captions`` may be callables that load them, so a cached model
+    never needs the training split in memory.
     The model is frozen, in eval mode, and carries ``eval_label = "reference"`` so CLIP-FID
     extractors built from it are named ``clip:reference-<fingerprint>``.
     """
@@ -304,6 +306,10 @@ def get_reference_clip(
             model.eval_label = "reference"
             return model, tokenizer, {**info, "loaded": True}
 
+    if callable(train_images):
+        train_images = train_images()
+    if callable(train_captions):
+        train_captions = train_captions()
     start = time.perf_counter()
     model, tokenizer, history = train_reference_clip(
         train_images, train_captions, steps=steps, batch_size=batch_size, lr=lr, seed=seed

@@ -2,7 +2,8 @@
 
 Each expert is its own ``TorchTrainer`` with its own ``RunConfig`` (name = expert id, storage
 under ``<root>/experts``), ``FailureConfig`` and ``ScalingConfig`` (CPUs, GPUs, accelerator
-type, custom resources, labels). All start at once, each ``fit()`` in its own thread; one
+type, custom resources, labels). All start at once, each ``fit()`` in its own thread (on a
+local Ray instance, as many at once as its resources can place: the rest queue); one
 expert's failure never stops another. The expert cache (DESIGN §3): a finished expert (valid
 ``weights.safetensors`` + ``expert.json``) is reused, a partial one resumed, a missing one trained.
 """
@@ -12,10 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -362,7 +365,72 @@ def _router_job(cfg: CampaignConfig, manifest: dict[str, Any]) -> _Job:
     )
 
 
-def _execute(job: _Job, mlf: _Mlflow) -> RunStatus:
+class _ResourceGate:
+    """Holds runs back until their Ray request fits what a fixed Ray instance has free.
+
+    A local instance never grows, and Ray Train counts a worker group that waits too long for
+    resources (``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``) as a failed attempt: with more
+    experts than the instance can place at once, the extra ones would burn their
+    ``max_failures`` waiting. Queued here instead, each starts when one before it finished.
+    On a cluster that autoscales no gate is used: pending requests are what makes it grow.
+    """
+
+    def __init__(self, capacity: dict[str, float]) -> None:
+        self.capacity = dict(capacity)
+        self.free = dict(capacity)
+        self._cond = threading.Condition()
+
+    @staticmethod
+    def need(resources: dict[str, Any]) -> dict[str, float]:
+        """The resources one run's worker group asks for, all workers together."""
+        n = int(resources.get("num_workers", 1))
+        need = {"CPU": n * float(resources.get("cpus_per_worker", 1.0)),
+                "GPU": n * float(resources.get("gpus_per_worker", 0.0))}
+        need.update({k: n * float(v) for k, v in (resources.get("custom") or {}).items()})
+        return {k: v for k, v in need.items() if v > 0}
+
+    def unfit(self, resources: dict[str, Any]) -> str:
+        """Why the run can never start on this instance ('' when it can)."""
+        for key, amount in self.need(resources).items():
+            have = self.capacity.get(key, 0.0)
+            if amount > have + 1e-9:
+                return (f"asks for {amount:g} {key} in all ({resources.get('num_workers', 1)} "
+                        f"workers) but the local Ray instance has {have:g}: lower the run's "
+                        "resources or start Ray with more (ray.num_cpus)")
+        return ""
+
+    @contextmanager
+    def hold(self, resources: dict[str, Any]):
+        """Wait until the run's resources are free, keep them while the block runs."""
+        need = self.need(resources)
+
+        def fits() -> bool:
+            return all(self.free.get(k, 0.0) + 1e-9 >= v for k, v in need.items())
+
+        with self._cond:
+            self._cond.wait_for(fits)
+            for k, v in need.items():
+                self.free[k] -= v
+        try:
+            yield
+        finally:
+            with self._cond:
+                for k, v in need.items():
+                    self.free[k] += v
+                self._cond.notify_all()
+
+
+def _local_gate(cfg: CampaignConfig) -> _ResourceGate | None:
+    """A gate over the local instance's free resources; None when joined to a cluster."""
+    import ray
+
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS") or not ray.is_initialized():
+        return None
+    return _ResourceGate({k: float(v) for k, v in ray.available_resources().items()
+                          if not k.startswith("node:") and k not in ("memory", "object_store_memory")})
+
+
+def _execute(job: _Job, mlf: _Mlflow, gate: _ResourceGate | None = None) -> RunStatus:
     """Reuse, resume or train one run; export its EMA weights + JSON. Never raises."""
     status = RunStatus(job.name, job.kind, job.cluster, job.objective, "failed")
     try:
@@ -379,6 +447,17 @@ def _execute(job: _Job, mlf: _Mlflow) -> RunStatus:
     if job.precheck_error:
         status.reason = job.precheck_error
         return status
+    if gate is None:
+        return _train(job, mlf, status)
+    status.reason = gate.unfit(job.resources)
+    if status.reason:
+        return status
+    with gate.hold(job.resources):
+        return _train(job, mlf, status)
+
+
+def _train(job: _Job, mlf: _Mlflow, status: RunStatus) -> RunStatus:
+    """Train (or resume) the run under Ray Train and export it; failures land in ``status``."""
     run_id = mlf.run_for(job.name, job.tags)
     tracking = {"uri": mlf.uri, "run_id": run_id} if run_id else None
     started = time.time()
@@ -473,6 +552,7 @@ def train_campaign(
     experts are needed; an expert shared by several (same id) is trained once. ``only``
     restricts to expert indices (clusters). Ray must be initialised. One status per run.
     """
+    cfg = replace(cfg, root=storage.absolute(cfg.root))
     manifest = load_manifest(cfg)
     jobs: list[_Job] = []
     seen: set[str] = set()
@@ -489,8 +569,9 @@ def train_campaign(
     if include_router:
         jobs.append(_router_job(cfg, manifest))
     workers = cfg.ray.max_concurrent_experts or len(jobs)
+    gate = _local_gate(cfg)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(pool.map(lambda job: _execute(job, mlf), jobs))
+        return list(pool.map(lambda job: _execute(job, mlf, gate), jobs))
 
 
 def load_expert(directory: str) -> tuple[ExpertModel, dict[str, Any]]:
