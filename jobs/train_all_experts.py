@@ -78,8 +78,9 @@ def evaluate(cfg, assignments: list[list[int]], parent_run_id: str | None) -> No
     table = comparison_table(results, CampaignPaths(cfg.root).mixtures)
     print()
     print(table)
-    print(f"\n(reference CLIP held-out retrieval: "
-          f"{judge.clip_info.get('retrieval_top1', 'n/a')}; tables in "
+    retrieval = judge.clip_info.get("retrieval_top1")
+    shown = f"{retrieval:.3f} top-1" if isinstance(retrieval, float) else "n/a"
+    print(f"\n(reference CLIP held-out retrieval: {shown}; tables in "
           f"{storage.join(CampaignPaths(cfg.root).mixtures, 'comparison.md')})")
 
 
