@@ -95,6 +95,7 @@ def as_velocity(
         raise ValueError(f"parameterization {parameterization!r} needs a VP schedule")
 
     def vp_field(x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        t = t.to(x_t.dtype)  # the per-sample factors below in the state's precision
         x_in, tau = vp_query(schedule, x_t, t, g.clamp_tau)
         out = predict(x_in, tau, cond)
         # [B] scalars first, then one subtraction and one in-place scaling of the full tensor
@@ -103,7 +104,6 @@ def as_velocity(
         elif parameterization == "x0":
             v = (x_t - out).mul_(_bcast(t.clamp_min(g.min_one_minus_t).reciprocal(), x_t))
         else:  # VP v-prediction
-            t = t.to(x_t.dtype)
             s = torch.sqrt((1 - t) ** 2 + t**2)
             alpha, sigma = (1 - t) / s, t / s
             v = (out * _bcast(alpha + sigma, x_t)).addcmul_(_bcast(sigma - alpha, x_t), x_in)
