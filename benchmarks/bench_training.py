@@ -5,9 +5,13 @@
    interval included in both. Target >= 0.95.
 2. Campaign scaling: wall time of K experts trained concurrently versus one expert, on the same
    Ray resources; speedup = K * T1 / TK, efficiency = speedup / min(K, CPUs).
+3. Concurrency cap (``--caps``, instead of 1 and 2): wall time of one K-expert campaign at the
+   demo's fractional CPUs per expert, all at once versus ``ray.max_concurrent_experts`` = c,
+   measured in alternating order in one run; ratio = wall(all) / wall(c).
 
     python benchmarks/bench_training.py                     # demo data, 2 CPUs
     python benchmarks/bench_training.py --steps 400 --k 4
+    python benchmarks/bench_training.py --caps 2 --k 8 --steps 300 --cpus-per-expert 0.25
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--root", default=None)
+    parser.add_argument("--caps", default="", help="comma list of caps to compare with 'all at once'")
+    parser.add_argument("--cpus-per-expert", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
 
     import ray
@@ -46,10 +53,14 @@ def main() -> None:
                  "experts.ddpm_clusters=[0]", f"sampling.k={min(2, args.k)}",
                  f"experts.train.steps={args.steps}",
                  f"experts.train.checkpoint_every={args.checkpoint_every}",
-                 "experts.resources.cpus_per_worker=1", "tracking.enabled=false"]
+                 f"experts.resources.cpus_per_worker={args.cpus_per_expert:g}",
+                 "tracking.enabled=false"]
     cfg = load_config(overrides=overrides)
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False)
     prepare_corpus(cfg)
+    if args.caps:
+        caps_benchmark(args, overrides)
+        return
     expert = resolve_experts(cfg)[1]
     conf = {"kind": "expert", "expert": asdict(expert), "train": expert.train,
             "image_size": cfg.corpus.image_size, "channels": cfg.corpus.channels,
@@ -90,6 +101,34 @@ def main() -> None:
     print(f"\n| K | T1 (s) | TK (s) | speedup K*T1/TK | efficiency speedup/min(K, CPUs={args.cpus}) |")
     print("|---|---|---|---|---|")
     print(f"| {args.k} | {t1:.1f} | {tk:.1f} | {speedup:.2f} | {speedup / min(args.k, args.cpus):.2f} |")
+
+
+def caps_benchmark(args, overrides: list[str]) -> None:
+    """3. One K-expert campaign, all at once versus capped, alternating, fresh ids each time."""
+    from hdd_ray.config import load_config
+    from hdd_ray.training.launcher import train_campaign
+
+    caps = [0] + [int(c) for c in args.caps.split(",")]
+    walls: dict[int, list[float]] = {c: [] for c in caps}
+    seed = 10
+    for r in range(args.rounds):
+        for cap in (caps if r % 2 == 0 else caps[::-1]):
+            seed += 1
+            cfg = load_config(overrides=[*overrides, f"experts.train.seed={seed}",
+                                         f"ray.max_concurrent_experts={cap}"])
+            t = time.time()
+            statuses = train_campaign(cfg, include_router=False)
+            walls[cap].append(time.time() - t)
+            assert all(s.ok for s in statuses), [s.reason for s in statuses]
+            print(f"round {r} cap {cap or 'all'}: {walls[cap][-1]:.1f} s", flush=True)
+    base = sum(walls[0]) / len(walls[0])
+    print(f"\n| experts at once (K={args.k}, {args.cpus_per_expert:g} CPU each, {args.cpus} CPUs) "
+          "| wall s (mean) | steps/s all experts | wall(all) / wall(cap) |")
+    print("|---|---|---|---|")
+    for cap in caps:
+        mean = sum(walls[cap]) / len(walls[cap])
+        print(f"| {cap or f'all ({args.k})'} | {mean:.1f} | {args.k * args.steps / mean:.2f} | "
+              f"{base / mean:.2f} |")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ BASE = [
     "experts.ddpm_clusters=[0]", "experts.train.steps=30", "experts.train.batch_size=32",
     "experts.train.checkpoint_every=30", "router.train.steps=30", "router.train.checkpoint_every=30",
     "experts.resources.cpus_per_worker=0.25", "router.resources.cpus_per_worker=0.25",
+    "ray.max_concurrent_experts=0",  # all at once (the demo runs 2 at a time)
     "evaluation.num_samples=96", "sampling.steps=4", "sampling.sampler=euler",
     "sweep.cpus_per_trial=1", "sweep.max_concurrent_trials=2", "sweep.k=[2]",
 ]

@@ -37,6 +37,7 @@ BASE = [
     "clustering.k=3", "clustering.fine_centroids=12", "sampling.k=2",
     "experts.ddpm_clusters=[0]", "experts.train.batch_size=32",
     "experts.resources.cpus_per_worker=0.25", "router.resources.cpus_per_worker=0.25",
+    "ray.max_concurrent_experts=0",  # all at once: the kill tests need every run started
     "evaluation.enabled=false",
 ]
 
