@@ -46,8 +46,19 @@ def parse_job_args(
         raise SystemExit(2) from None
     # a relative local root means "from where the job was started"; Ray Train and Tune need
     # absolute storage paths, and workers run in other directories
+    relative = not storage.is_uri(cfg.root) and not os.path.isabs(os.path.expanduser(cfg.root))
     cfg.root = storage.absolute(cfg.root)
+    if relative and in_job_working_dir_copy(cfg.root):
+        print(f"warning: root={cfg.root} is inside this job's copy of the uploaded working "
+              "directory, which Ray deletes after the job; pass an absolute root or a bucket URI",
+              file=sys.stderr)
     return cfg, args
+
+
+def in_job_working_dir_copy(path: str) -> bool:
+    """Whether ``path`` lies in a ``ray job submit --working-dir`` package Ray unpacked."""
+    parts = os.path.normpath(path).split(os.sep)
+    return "runtime_resources" in parts and any(p.startswith("_ray_pkg_") for p in parts)
 
 
 def init_ray(cfg: CampaignConfig) -> None:

@@ -13,7 +13,8 @@ Other search spaces:
         'sweep.assignments=["D F F D F F F F"]' sweep.routing=[top1,topk] sweep.guidance=[1.0,2.0]
     python jobs/sweep_objectives.py evaluation.num_samples=1024 sweep.asha.sample_counts=[256]
 On a running Ray cluster (the job joins it through RAY_ADDRESS):
-    ray job submit --working-dir . -- python jobs/sweep_objectives.py --config jobs/configs/demo.yaml
+    ray job submit --working-dir . -- python jobs/sweep_objectives.py root=/abs/path/runs/demo
+    (an absolute root or a bucket: the job runs in a copy of the working directory)
     ray job submit --working-dir . -- python jobs/sweep_objectives.py \\
         --config jobs/configs/<campaign>.yaml root=s3://bucket/campaign sweep.mode=grid
 

@@ -4,7 +4,8 @@ Local demo (starts a local Ray instance; CPU is fine):
     python jobs/train_all_experts.py
     python jobs/train_all_experts.py experts.ddpm_clusters=[0,3] experts.train.steps=3000
 On a running Ray cluster (the job joins it through RAY_ADDRESS):
-    ray job submit --working-dir . -- python jobs/train_all_experts.py --config jobs/configs/demo.yaml
+    ray job submit --working-dir . -- python jobs/train_all_experts.py root=/abs/path/runs/demo
+    (an absolute root or a bucket: the job runs in a copy of the working directory)
 A real campaign (see clusters/ and the README "Run on a cluster"):
     ray job submit --working-dir . -- python jobs/train_all_experts.py --config jobs/configs/<campaign>.yaml root=s3://bucket/campaign
 

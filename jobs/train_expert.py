@@ -6,7 +6,7 @@ job and later sweeps then reuse it. Use the campaign's own config so the expert 
     python jobs/train_expert.py --expert 3                                  # cluster 3 of the demo
     python jobs/train_expert.py --expert c3-ddpm-1a2b3c4d5e --config jobs/configs/demo.yaml
     python jobs/train_expert.py --expert 3 root=s3://bucket/campaign experts.resources.gpus_per_worker=1
-    ray job submit --working-dir . -- python jobs/train_expert.py --expert 3
+    ray job submit --working-dir . -- python jobs/train_expert.py --expert 3 root=/abs/path/runs/demo
 
 Without a Ray cluster it starts a local Ray instance on this machine.
 """

@@ -141,3 +141,24 @@ def test_import_has_no_side_effects():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=str(DEMO_CONFIG.parent))
     assert out.returncode == 0, out.stderr
+
+
+def test_relative_root_is_resolved_from_the_start_directory_and_warned_inside_a_job_package(
+        tmp_path, monkeypatch, capsys):
+    from hdd_ray.cli import parse_job_args
+
+    monkeypatch.chdir(tmp_path)
+    cfg, _ = parse_job_args("", ["root=runs/x"])
+    assert cfg.root == str(tmp_path / "runs" / "x")
+    assert "warning" not in capsys.readouterr().err
+
+    # the layout Ray unpacks a `ray job submit --working-dir` package into
+    package = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_ab12"
+    package.mkdir(parents=True)
+    monkeypatch.chdir(package)
+    cfg, _ = parse_job_args("", ["root=runs/x"])
+    err = capsys.readouterr().err.strip()
+    assert cfg.root == str(package / "runs" / "x")
+    assert err.startswith("warning: root=") and "absolute root" in err and "\n" not in err
+    parse_job_args("", [f"root={tmp_path / 'abs'}"])  # an absolute root: the user chose it
+    assert capsys.readouterr().err == ""
