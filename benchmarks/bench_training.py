@@ -54,7 +54,7 @@ def main() -> None:
                  f"experts.train.steps={args.steps}",
                  f"experts.train.checkpoint_every={args.checkpoint_every}",
                  f"experts.resources.cpus_per_worker={args.cpus_per_expert:g}",
-                 "tracking.enabled=false"]
+                 "tracking.enabled=false", "ray.max_concurrent_experts=0"]  # all at once
     cfg = load_config(overrides=overrides)
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False)
     prepare_corpus(cfg)

@@ -46,11 +46,14 @@ def parse_job_args(
         raise SystemExit(2) from None
     # a relative local root means "from where the job was started"; Ray Train and Tune need
     # absolute storage paths, and workers run in other directories
-    relative = not storage.is_uri(cfg.root) and not os.path.isabs(os.path.expanduser(cfg.root))
+    root = str(cfg.root)
+    relative = not (storage.is_uri(root) or root.startswith("file://")
+                    or os.path.isabs(os.path.expanduser(root)))
     cfg.root = storage.absolute(cfg.root)
     if relative and in_job_working_dir_copy(cfg.root):
         print(f"warning: root={cfg.root} is inside this job's copy of the uploaded working "
-              "directory, which Ray deletes after the job; pass an absolute root or a bucket URI",
+              "directory, which Ray may delete once the job ends; pass an absolute root or a "
+              "bucket URI",
               file=sys.stderr)
     return cfg, args
 

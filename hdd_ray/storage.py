@@ -100,7 +100,9 @@ def absolute(path: str) -> str:
     Campaign roots go through this on the driver: Ray Train and Tune need absolute storage
     paths, and Ray workers run in other directories.
     """
-    return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))
+    if is_uri(path) or str(path).startswith("file://"):  # file:// URIs are absolute already
+        return path
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def remove(path: str) -> None:

@@ -162,3 +162,5 @@ def test_relative_root_is_resolved_from_the_start_directory_and_warned_inside_a_
     assert err.startswith("warning: root=") and "absolute root" in err and "\n" not in err
     parse_job_args("", [f"root={tmp_path / 'abs'}"])  # an absolute root: the user chose it
     assert capsys.readouterr().err == ""
+    cfg, _ = parse_job_args("", ["root=file:///data/campaign"])  # a file:// URI is absolute
+    assert cfg.root == "file:///data/campaign" and capsys.readouterr().err == ""

@@ -311,6 +311,35 @@ def test_local_instance_queues_runs_that_do_not_fit_together():
     assert gate.unfit(gpu) == ""
     assert gate.unfit({**gpu, "gpus_per_worker": 1}).startswith(
         "asks for 2 GPU in all (2 workers) but the local Ray instance has 1")
+    assert gate.unfit({**gpu, "accelerator_type": "A100"}).startswith(
+        "asks for accelerator_type A100 but the local Ray instance has no such accelerator")
+
+
+def test_campaign_on_a_local_instance_runs_experts_that_fill_it_one_at_a_time(
+        prepared, tmp_path, monkeypatch):
+    from hdd_ray.training import launcher
+
+    root = _copy(prepared, tmp_path)
+    # each expert asks for both CPUs of the local instance: the launcher must start one at a time
+    cfg = _cfg(root, "experts.train.steps=10", "experts.train.checkpoint_every=10",
+               "tracking.enabled=false", "experts.resources.cpus_per_worker=2")
+    lock, running, peak = threading.Lock(), [0], [0]
+    real_train = launcher._train
+
+    def counted(job, mlf, status):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            return real_train(job, mlf, status)  # the real Ray Train run
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(launcher, "_train", counted)
+    statuses = train_campaign(cfg, only=[1, 2], include_router=False)
+    assert [s.status for s in statuses] == ["trained", "trained"], [s.reason for s in statuses]
+    assert peak[0] == 1
 
 
 def test_expert_larger_than_the_local_instance_fails_before_ray_train(prepared, tmp_path):

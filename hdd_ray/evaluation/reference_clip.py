@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import re
 import tempfile
@@ -106,10 +107,22 @@ def _build(seed: int) -> tuple[nn.Module, Any]:
 
     arch = register_reference_clip_config()
     # fork_rng: seed the init without changing the caller's global RNG stream.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = open_clip.create_model(arch)
+    quiet = _NoPretrainedWarning()  # it is trained right here: open_clip's warning misleads
+    logging.getLogger().addFilter(quiet)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = open_clip.create_model(arch)
+    finally:
+        logging.getLogger().removeFilter(quiet)
     return model, open_clip.get_tokenizer(arch)
+
+
+class _NoPretrainedWarning(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded" for an architecture built to be trained."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
 
 
 def _contrastive_loss(img: Tensor, txt: Tensor, caption_ids: Tensor, scale: Tensor) -> Tensor:

@@ -387,12 +387,18 @@ class _ResourceGate:
         need = {"CPU": n * float(resources.get("cpus_per_worker", 1.0)),
                 "GPU": n * float(resources.get("gpus_per_worker", 0.0))}
         need.update({k: n * float(v) for k, v in (resources.get("custom") or {}).items()})
+        if resources.get("accelerator_type"):  # how Ray Train asks for it: a tiny resource
+            need[f"accelerator_type:{resources['accelerator_type']}"] = n * 0.001
         return {k: v for k, v in need.items() if v > 0}
 
     def unfit(self, resources: dict[str, Any]) -> str:
         """Why the run can never start on this instance ('' when it can)."""
         for key, amount in self.need(resources).items():
             have = self.capacity.get(key, 0.0)
+            if amount > have + 1e-9 and key.startswith("accelerator_type:"):
+                return (f"asks for accelerator_type {key.split(':', 1)[1]} but the local Ray "
+                        "instance has no such accelerator: drop experts.resources.accelerator_type "
+                        "or run on a cluster that has it")
             if amount > have + 1e-9:
                 return (f"asks for {amount:g} {key} in all ({resources.get('num_workers', 1)} "
                         f"workers) but the local Ray instance has {have:g}: lower the run's "
@@ -421,12 +427,16 @@ class _ResourceGate:
 
 
 def _local_gate(cfg: CampaignConfig) -> _ResourceGate | None:
-    """A gate over the local instance's free resources; None when joined to a cluster."""
+    """A gate over the local instance's resources; None when joined to a cluster.
+
+    The capacity is the instance's total (``cluster_resources``), not a snapshot of what is free
+    now: actors of an earlier stage still shutting down must not shrink it for the whole campaign.
+    """
     import ray
 
     if cfg.ray.address or os.environ.get("RAY_ADDRESS") or not ray.is_initialized():
         return None
-    return _ResourceGate({k: float(v) for k, v in ray.available_resources().items()
+    return _ResourceGate({k: float(v) for k, v in ray.cluster_resources().items()
                           if not k.startswith("node:") and k not in ("memory", "object_store_memory")})
 
 
