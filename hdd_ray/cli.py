@@ -46,11 +46,8 @@ def parse_job_args(
         raise SystemExit(2) from None
     # a relative local root means "from where the job was started"; Ray Train and Tune need
     # absolute storage paths, and workers run in other directories
-    root = str(cfg.root)
-    relative = not (storage.is_uri(root) or root.startswith("file://")
-                    or os.path.isabs(os.path.expanduser(root)))
     cfg.root = storage.absolute(cfg.root)
-    if relative and in_job_working_dir_copy(cfg.root):
+    if in_job_working_dir_copy(cfg.root):
         print(f"warning: root={cfg.root} is inside this job's copy of the uploaded working "
               "directory, which Ray may delete once the job ends; pass an absolute root or a "
               "bucket URI",
@@ -64,6 +61,11 @@ def in_job_working_dir_copy(path: str) -> bool:
     return "runtime_resources" in parts and any(p.startswith("_ray_pkg_") for p in parts)
 
 
+def cluster_address(cfg: CampaignConfig) -> str | None:
+    """The Ray cluster a job joins (``ray.address``, else ``RAY_ADDRESS``); None: start one."""
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
 def init_ray(cfg: CampaignConfig) -> None:
     """Join the configured cluster (``ray.address`` or ``RAY_ADDRESS``), else start a local one."""
     import ray
@@ -73,7 +75,7 @@ def init_ray(cfg: CampaignConfig) -> None:
     runtime_env = {"env_vars": {"PYTHONPATH": _repo_pythonpath(), **RAY_ENV}}
     for key, value in RAY_ENV.items():  # a local instance started below inherits these too
         os.environ.setdefault(key, value)
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(cfg)
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:

@@ -277,8 +277,6 @@ def test_expert_without_usable_data_fails_alone(prepared, tmp_path):
 
 
 def test_local_instance_queues_runs_that_do_not_fit_together():
-    import threading
-
     from hdd_ray.training.launcher import _ResourceGate
 
     gate = _ResourceGate({"CPU": 2.0, "GPU": 1.0})

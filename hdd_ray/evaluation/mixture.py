@@ -88,13 +88,13 @@ class Judge:
         held = read_cluster(heldout_shards(cfg, manifest), size, ch, label=None)
         train_shards = [s for c in range(cfg.clustering.k) for s in cluster_shards(cfg, manifest, c)]
         self.heldout = held
-        self._train: Any = None
         self.data_hash = str(manifest["data_hash"])
+        decoded: list[Any] = []  # not kept past __init__: the reference statistics suffice
 
         def train() -> Any:  # the training split is decoded only when a cache misses
-            if self._train is None:
-                self._train = read_cluster(train_shards, size, ch, label=None)
-            return self._train
+            if not decoded:
+                decoded.append(read_cluster(train_shards, size, ch, label=None))
+            return decoded[0]
 
         ev = cfg.evaluation
         self.clip_info: dict[str, Any] = {}
@@ -115,8 +115,7 @@ class Judge:
         self.reference = reference_stats(lambda: train().images, self.extractor, self.data_hash,
                                          cache_dir=cache)
         #: whether the training split had to be decoded (a cache missed)
-        self.decoded_train = self._train is not None
-        self._train = None  # not kept: the reference statistics are all scoring needs
+        self.decoded_train = bool(decoded)
         self._floor: dict[int, float] = {}
 
     def prompts(self, n: int, per_prompt: int = 4) -> list[str]:

@@ -395,14 +395,15 @@ class _ResourceGate:
         """Why the run can never start on this instance ('' when it can)."""
         for key, amount in self.need(resources).items():
             have = self.capacity.get(key, 0.0)
-            if amount > have + 1e-9 and key.startswith("accelerator_type:"):
+            if amount <= have + 1e-9:
+                continue
+            if key.startswith("accelerator_type:"):
                 return (f"asks for accelerator_type {key.split(':', 1)[1]} but the local Ray "
                         "instance has no such accelerator: drop experts.resources.accelerator_type "
                         "or run on a cluster that has it")
-            if amount > have + 1e-9:
-                return (f"asks for {amount:g} {key} in all ({resources.get('num_workers', 1)} "
-                        f"workers) but the local Ray instance has {have:g}: lower the run's "
-                        "resources or start Ray with more (ray.num_cpus)")
+            return (f"asks for {amount:g} {key} in all ({resources.get('num_workers', 1)} "
+                    f"workers) but the local Ray instance has {have:g}: lower the run's "
+                    "resources or start Ray with more (ray.num_cpus)")
         return ""
 
     @contextmanager
@@ -434,7 +435,9 @@ def _local_gate(cfg: CampaignConfig) -> _ResourceGate | None:
     """
     import ray
 
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS") or not ray.is_initialized():
+    from hdd_ray.cli import cluster_address
+
+    if cluster_address(cfg) or not ray.is_initialized():
         return None
     return _ResourceGate({k: float(v) for k, v in ray.cluster_resources().items()
                           if not k.startswith("node:") and k not in ("memory", "object_store_memory")})
