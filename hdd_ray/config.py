@@ -19,6 +19,8 @@ from typing import Any, Dict, List, Optional  # noqa: UP035 - OmegaConf needs ty
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from hdd_ray.errors import ConfigError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "jobs" / "configs"
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
@@ -36,10 +38,6 @@ FID_EXTRACTORS = ("clip", "inception", "dinov2")
 SWEEP_MODES = ("grid", "n_ddpm", "list", "random", "optuna")
 #: letters of an objective assignment string ("D F F D"): cluster uses ddpm_eps / the base
 ASSIGNMENT_LETTERS = {"D": "ddpm_eps", "F": "fm_velocity"}
-
-
-class ConfigError(ValueError):
-    """A configuration problem, described in one line (key path, bad value, what is allowed)."""
 
 
 # --------------------------------------------------------------------------- sections

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from hdd_ray import storage
+from hdd_ray.errors import PrepareError
 
 __all__ = [
     "DEMO_NUM_SAMPLES",
@@ -68,10 +69,6 @@ DEMO_TEMPLATES = (
 # Same rule as webdataset / Ray Data: key = path up to the first dot of the base name.
 _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
-
-
-class PrepareError(ValueError):
-    """A problem with the corpus or the clustering settings, described in one line."""
 
 
 # --------------------------------------------------------------------------- listing

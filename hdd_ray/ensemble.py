@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from hdd_ray.diffusion.convert import VelocityField
+from hdd_ray.errors import MixtureError
 
 STRATEGIES = ("full", "top1", "topk", "threshold")
 
@@ -115,10 +116,6 @@ class MixtureField:
 
 
 # ------------------------------------------------------------------------------------- mixtures
-
-
-class MixtureError(ValueError):
-    """A mixture that cannot be assembled (one line: which experts are missing and how to fix)."""
 
 
 class Mixture:

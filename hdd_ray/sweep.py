@@ -38,6 +38,7 @@ from typing import Any
 
 from hdd_ray import storage
 from hdd_ray.config import CampaignConfig, ConfigError, parse_assignment, validate_sweep
+from hdd_ray.errors import SweepError
 from hdd_ray.storage import CampaignPaths
 
 BEST_FILE = "best_mixture.json"
@@ -45,10 +46,6 @@ SPEC_FILE = "sweep_spec.json"
 RANKING_COLUMNS = ("rank", "assignment", "num_ddpm", "schedule", "routing", "k", "guidance",
                    "steps", "num_samples", "fid", "fid_floor", "clip_score", "diversity",
                    "stopped_early", "trial_id")
-
-
-class SweepError(ValueError):
-    """A sweep that cannot run as asked (one line)."""
 
 
 # --------------------------------------------------------------------------- search space

@@ -15,10 +15,7 @@ import torch
 from torch import Tensor
 
 from hdd_ray.corpus import decode_image, iter_samples, prepare_image
-
-
-class NoUsableData(ValueError):
-    """A cluster with no decodable sample."""
+from hdd_ray.errors import NoUsableData
 
 
 @dataclass

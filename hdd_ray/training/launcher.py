@@ -25,6 +25,7 @@ import torch
 
 from hdd_ray import storage
 from hdd_ray.config import CampaignConfig, ResolvedExpert, resolve_experts, to_dict
+from hdd_ray.errors import CampaignError, ExpertRejected
 from hdd_ray.storage import CampaignPaths
 from hdd_ray.training.loop import STATE_FILE, train_loop
 from hdd_ray.training.model import (
@@ -38,14 +39,6 @@ from hdd_ray.training.model import (
 WEIGHTS = "weights.safetensors"
 EXPERT_JSON = "expert.json"
 ROUTER_JSON = "router.json"
-
-
-class CampaignError(ValueError):
-    """A campaign that cannot be trained as asked (one line)."""
-
-
-class ExpertRejected(ValueError):
-    """An expert on storage that does not belong to this campaign (one line says what differs)."""
 
 
 @dataclass

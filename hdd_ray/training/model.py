@@ -14,6 +14,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from hdd_ray import storage
+from hdd_ray.errors import WeightsMismatch
 from hdd_ray.models import build_dit, build_router, build_text_encoder
 
 
@@ -87,10 +88,6 @@ class RouterModel(nn.Module):
     def exported_state(self) -> dict[str, Tensor]:
         """All weights."""
         return self.state_dict()
-
-
-class WeightsMismatch(ValueError):
-    """Weights that do not fit the architecture their description names."""
 
 
 def save_weights(path: str, state: dict[str, Tensor]) -> None:
