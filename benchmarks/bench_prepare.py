@@ -29,10 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hdd_ray.clustering import (  # noqa: E402
     assign_clusters,
-    build_embedder,
     fit_hierarchical_kmeans,
     heldout_mask,
-    prepare_corpus,
     squared_distances,
 )
 from hdd_ray.config import load_config  # noqa: E402
@@ -44,6 +42,7 @@ from hdd_ray.corpus import (  # noqa: E402
     write_demo_corpus,
     write_tar,
 )
+from hdd_ray.prepare import build_embedder, prepare_corpus  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 

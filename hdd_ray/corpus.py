@@ -5,8 +5,8 @@ A shard is a tar archive whose members are grouped into samples by key: ``digit-
 member name up to the first dot of its base name, as in webdataset and Ray Data).
 
 Everything here is plain Python over pyarrow filesystems (local paths, ``s3://``, ``gs://``):
-the Ray Data passes of :mod:`hdd_ray.clustering` use the same reader inside their tasks, and
-trainers use :func:`load_cluster_arrays` to pull one cluster's shards into memory on a worker.
+the Ray Data passes of :mod:`hdd_ray.prepare` and the trainers' data loading use the same
+reader inside their tasks.
 
 Damage never raises here: a tar cut short or an unreadable shard yields a sample dict with an
 ``__error__`` reason (``truncated_tar``, ``unreadable_shard``) so callers can count it.
@@ -42,8 +42,6 @@ __all__ = [
     "iter_tar",
     "key_priority",
     "list_shards",
-    "load_cluster_arrays",
-    "load_shard_arrays",
     "prepare_image",
     "sample_digest",
     "shard_listing",
@@ -326,50 +324,6 @@ def write_demo_corpus(directory: str, shard_size: int = 500) -> list[str]:
         if name.startswith("shard-") and name.endswith(".tar") and name not in names:
             storage.remove(storage.join(directory, name))
     return paths
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def load_shard_arrays(
-    shards: list[str], channels: int, image_key: str = "png", caption_key: str = "txt"
-) -> tuple[np.ndarray, list[str]]:
-    """Decode shards into ``(images float32 [N, C, H, W] in [-1, 1], captions)``.
-
-    ``x = pixel / 127.5 - 1``. All images must share one size (the prepared shards do).
-    """
-    images, captions = [], []
-    for sample in iter_samples(shards, suffixes=(image_key, caption_key)):
-        arr = np.asarray(decode_image(sample[image_key]).convert("L" if channels == 1 else "RGB"))
-        images.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
-        captions.append(sample[caption_key].decode("utf-8"))
-    if not images:
-        return np.zeros((0, channels, 0, 0), np.float32), []
-    x = np.stack(images).astype(np.float32) / 127.5 - 1.0
-    return x, captions
-
-
-def load_cluster_arrays(
-    paths: storage.CampaignPaths | str, cluster: int | str
-) -> tuple[np.ndarray, list[str]]:
-    """One cluster's training shards (or ``"heldout"``) of a prepared campaign, in memory.
-
-    Reads ``clusters/manifest.json`` for the shard list and channel count; returns
-    ``(images float32 [N, C, H, W] in [-1, 1], captions)`` in key order.
-    """
-    paths = storage.CampaignPaths(paths) if isinstance(paths, str) else paths
-    if not storage.exists(paths.manifest):
-        raise PrepareError(f"{paths.manifest}: not found (run jobs/prepare_corpus.py first)")
-    manifest = storage.read_json(paths.manifest)
-    if cluster == "heldout":
-        rel = manifest["heldout"]["shards"]
-    else:
-        k = int(cluster)
-        if not 0 <= k < manifest["k"]:
-            raise PrepareError(f"cluster {cluster!r}: outside 0..{manifest['k'] - 1}")
-        rel = manifest["clusters"][k]["shards"]
-    shards = [storage.join(paths.clusters, r) for r in rel]
-    return load_shard_arrays(shards, int(manifest["channels"]))
 
 
 def sample_digest(image: bytes, caption: bytes) -> str:

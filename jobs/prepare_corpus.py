@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_job_args(__doc__, argv)  # bad options: one line, exit 2, before Ray
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU probe
-    from hdd_ray.clustering import PrepareError, format_summary, prepare_corpus
+    from hdd_ray.prepare import PrepareError, format_summary, prepare_corpus
 
     try:
         # Checks the input first, then joins RAY_ADDRESS / ray.address or starts a local Ray

@@ -18,25 +18,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_corpus import load_cluster_arrays
 
-from hdd_ray.clustering import (
-    PrepareError,
-    assign_clusters,
-    build_embedder,
-    heldout_mask,
-    prepare_corpus,
-)
+from hdd_ray.clustering import assign_clusters, heldout_mask
 from hdd_ray.config import load_config
 from hdd_ray.corpus import (
     DEMO_NUM_SAMPLES,
     decode_image,
     iter_samples,
     iter_tar,
-    load_cluster_arrays,
     tar_bytes,
     write_demo_corpus,
     write_tar,
 )
+from hdd_ray.prepare import PrepareError, build_embedder, prepare_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.ray
@@ -209,7 +204,7 @@ def test_new_clustering_settings_reuse_the_embeddings(damaged, caplog):
     cfg, manifest, _ = damaged
     cfg = copy.deepcopy(cfg)
     cfg.clustering.k, cfg.clustering.balance_cap = 3, None
-    with caplog.at_level(logging.INFO, logger="hdd_ray.clustering"):
+    with caplog.at_level(logging.INFO, logger="hdd_ray.prepare"):
         redone = prepare_corpus(cfg)
     assert "reusing embeddings" in caplog.text and not redone["reused"]
     assert redone["k"] == 3 and len(list((Path(cfg.root) / "clusters").glob("[3-9]"))) == 0

@@ -14,20 +14,22 @@ reference statistics are keyed by it.
 * ``dinov2``: a timm DINOv2 ViT (FD-DINOv2, Stein et al. 2023), CLS features at 224 px; weights
   from a local file.
 
-No extractor downloads anything by itself; the only network access is open_clip fetching a
-named pretrained tag, which is the user's explicit choice.
+Pretrained backbones are loaded by :mod:`hdd_ray.towers` (its local-file rules, QuickGELU for
+OpenAI weights). No extractor downloads anything by itself; the only network access is open_clip
+fetching a named pretrained tag, which is the user's explicit choice.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from hdd_ray import towers
 
 __all__ = [
     "DEFAULT_CLIP_ARCH",
@@ -40,7 +42,6 @@ __all__ = [
     "build_extractor",
     "clip_pixels",
     "extract_features",
-    "open_clip_arch",
     "to_rgb",
 ]
 
@@ -48,6 +49,8 @@ EXTRACTOR_KINDS = ("clip", "inception", "dinov2")
 DEFAULT_CLIP_ARCH = "ViT-B-32"  # CLIP-FID's tower (Kynkaanniemi et al., "The Role of ImageNet Classes in FID")
 DEFAULT_DINOV2_ARCH = "vit_large_patch14_dinov2"  # FD-DINOv2's ViT-L/14 (Stein et al. 2023)
 _WEIGHTS_KEY = "evaluation.extractor_weights"
+_ARCH_KEY = "evaluation.extractor_arch"
+_KIND_KEY = "evaluation.fid_extractor"
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -193,26 +196,6 @@ def extract_features(extractor: nn.Module, images: Tensor, batch_size: int = 256
     return torch.cat(chunks) if chunks else torch.zeros(0, int(extractor.num_features))
 
 
-def _looks_like_path(value: str) -> bool:
-    suffixes = {".pt", ".pth", ".bin", ".safetensors", ".npz", ".ckpt"}
-    return "/" in value or os.sep in value or value.startswith(("~", ".")) or (
-        Path(value).suffix in suffixes
-    )
-
-
-def _local_file(weights: str | None, kind: str, key: str = _WEIGHTS_KEY) -> str:
-    """A local weights file that exists, or a one-line error naming the config key."""
-    if not weights:
-        raise ValueError(
-            f"{key} is required for fid_extractor={kind}: a local weights file "
-            "(nothing is downloaded at run time)"
-        )
-    path = os.path.expanduser(str(weights))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{key}={weights!r}: no such file (fid_extractor={kind})")
-    return path
-
-
 def _fingerprint(module: nn.Module) -> str:
     """First 8 hex digits of sha256 over a module's state dict (names, shapes, values)."""
     h = hashlib.sha256()
@@ -221,30 +204,6 @@ def _fingerprint(module: nn.Module) -> str:
         h.update(str(tuple(tensor.shape)).encode())
         h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:8]
-
-
-def open_clip_arch(arch: str) -> str:
-    """An open_clip architecture name; a ``.json`` config path is registered under its stem.
-
-    Same convention as ``clustering.embedder_arch``: a config file travels to Ray workers, where
-    a config registered only in the driver would be unknown.
-    """
-    import open_clip
-
-    if arch.endswith(".json"):
-        if not os.path.isfile(arch):
-            raise FileNotFoundError(f"open_clip model config {arch!r}: no such file")
-        name = Path(arch).stem
-        if name not in open_clip.list_models():
-            open_clip.add_model_config(arch)
-        return name
-    name = arch.replace("/", "-")
-    if name not in open_clip.list_models():
-        raise ValueError(
-            f"unknown open_clip architecture {arch!r} (see open_clip.list_models(), or give a "
-            "model config .json file)"
-        )
-    return name
 
 
 def build_extractor(
@@ -269,7 +228,9 @@ def build_extractor(
     Missing weights fail with one line naming ``evaluation.extractor_weights``.
     """
     if kind == "inception":
-        extractor: FeatureExtractor = InceptionExtractor(_local_file(weights, kind))
+        extractor: FeatureExtractor = InceptionExtractor(
+            towers.local_file(weights, _WEIGHTS_KEY, f"{_KIND_KEY}={kind!r}")
+        )
     elif kind == "clip":
         extractor = _build_clip(weights, arch, clip_model)
     elif kind == "dinov2":
@@ -289,30 +250,15 @@ def _build_clip(
     if clip_model is not None:
         label = getattr(clip_model, "eval_label", "model")
         return OpenCLIPImageExtractor(clip_model, f"clip:{label}-{_fingerprint(clip_model)}")
-    import open_clip
-
-    arch_name = open_clip_arch(arch or DEFAULT_CLIP_ARCH)
+    arch_name = towers.open_clip_arch(arch or DEFAULT_CLIP_ARCH, _ARCH_KEY)
     if not weights:
         raise ValueError(
             f"{_WEIGHTS_KEY} is required for fid_extractor=clip: an open_clip pretrained tag "
             f"(e.g. 'openai' for {DEFAULT_CLIP_ARCH}) or a local weights file"
         )
-    quick_gelu = False
-    if _looks_like_path(weights):
-        weights = _local_file(weights, "clip")
-        label = Path(weights).stem
-    else:
-        tags = open_clip.list_pretrained_tags_by_model(arch_name)
-        if weights not in tags:
-            raise ValueError(
-                f"{_WEIGHTS_KEY}={weights!r}: not a local file nor an open_clip tag for "
-                f"{arch_name} (tags: {tags})"
-            )
-        label = weights
-        # OpenAI's weights were trained with QuickGELU; open_clip only warns on the mismatch, and
-        # the tower would silently compute different features with plain GELU.
-        quick_gelu = bool(open_clip.get_pretrained_cfg(arch_name, weights).get("quick_gelu"))
-    model = open_clip.create_model(arch_name, pretrained=weights, force_quick_gelu=quick_gelu)
+    model = towers.open_clip_model(arch_name, weights, arch_key=_ARCH_KEY,
+                                   weights_key=_WEIGHTS_KEY)
+    label = Path(weights).stem if towers.is_local_path(weights) else weights
     return OpenCLIPImageExtractor(model, f"clip:{arch_name}:{label}")
 
 
@@ -320,12 +266,10 @@ def _build_dinov2(weights: str | None, arch: str | None) -> FeatureExtractor:
     import timm
 
     arch = arch or DEFAULT_DINOV2_ARCH
-    path = _local_file(weights, "dinov2")
+    path = towers.local_file(weights, _WEIGHTS_KEY, f"{_KIND_KEY}='dinov2'")
     if arch not in timm.list_models("*dinov2*"):
         raise ValueError(f"unknown timm DINOv2 architecture {arch!r} (see timm.list_models)")
-    # timm's own local-file path: converts official DINOv2 checkpoints and resamples the position
-    # embedding from the 518 px pretraining grid to 224 px.
-    model = timm.create_model(
-        arch, pretrained=True, pretrained_cfg_overlay={"file": path}, num_classes=0, img_size=224
-    )
+    # 224 px: FD-DINOv2's resolution (timm resamples the 518 px position embedding).
+    model = towers.dinov2_model(arch, path, img_size=224, arch_key=_ARCH_KEY,
+                                weights_key=_WEIGHTS_KEY)
     return DINOv2Extractor(model, f"dinov2:{arch}:{Path(path).stem}")

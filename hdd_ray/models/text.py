@@ -7,7 +7,6 @@ Both encoders expose ``encode(captions) -> {"tokens": [B, L, dim], "mask": [B, L
 from __future__ import annotations
 
 import json
-import os
 import re
 import tempfile
 import zlib
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from hdd_ray import towers
 from hdd_ray.models.dit import EncoderBlock
 
 __all__ = [
@@ -29,6 +29,8 @@ __all__ = [
 
 TEXT_ENCODER_KINDS = ("learned", "open_clip")
 _WORD = re.compile(r"[^\W_]+")  # runs of letters/digits, any script
+_ARCH_KEY = "experts.text.arch"
+_WEIGHTS_KEY = "experts.text.pretrained"
 
 
 class HashTokenizer:
@@ -98,21 +100,13 @@ class LearnedTextEncoder(nn.Module):
         return {"tokens": self(ids, mask), "mask": mask}
 
 
-def _looks_like_path(value: str) -> bool:
-    suffixes = {".pt", ".pth", ".bin", ".safetensors", ".npz", ".ckpt"}
-    return (
-        "/" in value
-        or os.sep in value
-        or value.startswith(("~", "."))
-        or (Path(value).suffix in suffixes)
-    )
-
-
 class OpenCLIPTextEncoder(nn.Module):
     """Frozen open_clip text tower returning per-token features (after ``ln_final``).
 
-    ``pretrained`` is an open_clip tag (downloaded by open_clip into its cache, so it needs the
-    network or a warm cache), a local checkpoint file, or ``None`` for random weights (tests).
+    ``arch`` is an open_clip name or config ``.json``; ``pretrained`` an open_clip tag
+    (downloaded by open_clip into its cache, so it needs the network or a warm cache), a local
+    checkpoint file, or ``None`` for random weights (tests). Loaded by :mod:`hdd_ray.towers`
+    (QuickGELU for OpenAI weights).
     Only the text tower is kept; it is in eval mode with ``requires_grad=False`` for good, and
     ``train()`` does not switch it back. The mask marks the tokenizer's non-zero ids (SOT, words,
     EOT); the CLIP text tower is causal, so real tokens never see the padding.
@@ -120,26 +114,9 @@ class OpenCLIPTextEncoder(nn.Module):
 
     def __init__(self, arch: str, pretrained: str | None = None) -> None:
         super().__init__()
-        import open_clip  # lazy: open_clip pulls in torchvision
-
-        arch = arch.replace("/", "-")
-        if arch not in open_clip.list_models():
-            raise ValueError(
-                f"unknown open_clip architecture {arch!r}: not in "
-                "open_clip.list_models() (register a config with add_model_config)"
-            )
-        if pretrained is not None and _looks_like_path(pretrained):
-            pretrained = os.path.expanduser(pretrained)
-            if not os.path.isfile(pretrained):
-                raise FileNotFoundError(f"open_clip weights file not found: {pretrained}")
-        elif pretrained is not None:
-            tags = open_clip.list_pretrained_tags_by_model(arch)
-            if pretrained not in tags:
-                raise ValueError(
-                    f"unknown open_clip pretrained tag {pretrained!r} for {arch}; "
-                    f"expected a local file or one of {tags}"
-                )
-        model = open_clip.create_model(arch, pretrained=pretrained)
+        model = towers.open_clip_model(arch, pretrained, arch_key=_ARCH_KEY,
+                                       weights_key=_WEIGHTS_KEY)
+        arch = towers.open_clip_arch(arch, _ARCH_KEY)
         tower = model.text if hasattr(model, "text") else model  # CustomTextCLIP vs CLIP
         if not hasattr(tower, "token_embedding") or getattr(tower, "cls_emb", None) is not None:
             raise ValueError(f"open_clip {arch}: only CLIP-style causal text towers are supported")
@@ -153,7 +130,7 @@ class OpenCLIPTextEncoder(nn.Module):
         self.transformer = tower.transformer
         self.ln_final = tower.ln_final
         self.register_buffer("attn_mask", tower.attn_mask, persistent=False)
-        self.tokenizer = open_clip.get_tokenizer(arch)
+        self.tokenizer = towers.open_clip_tokenizer(arch)
         self.requires_grad_(False)
         self.eval()
 
