@@ -10,7 +10,7 @@ Fast and offline: nothing here reaches a cloud or a Kubernetes API.
   autoscaling config by Ray's own KubeRay reader (``_derive_autoscaling_config_from_ray_cr``,
   private as well), which reads the custom resources from ``rayStartParams`` the way the
   autoscaler in the head pod will.
-* The spot watcher (``hdd_ray/spot.py``) runs against a fake metadata server on 127.0.0.1 that
+* The spot watcher (``clusters/spot_watcher.py``) runs against a fake metadata server on 127.0.0.1 that
   speaks the AWS IMDSv2 and GCP metadata protocols.
 """
 
@@ -20,6 +20,7 @@ import copy
 import json
 import re
 import shlex
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,11 +30,13 @@ from typing import Any
 import pytest
 import yaml
 
-from hdd_ray import spot
 from hdd_ray.config import load_config, resolve_experts
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTERS = ROOT / "clusters"
+sys.path.insert(0, str(CLUSTERS))  # the spot watcher is node-side tooling, not in the package
+import spot_watcher as spot  # noqa: E402
+
 LAUNCHER_YAMLS = [CLUSTERS / "aws.yaml", CLUSTERS / "gcp.yaml"]
 KUBERAY = sorted((CLUSTERS / "kuberay").glob("*.yaml"))
 CAMPAIGNS = [ROOT / "jobs" / "configs" / "paper-8x-xl.yaml",

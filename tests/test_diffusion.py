@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from oracle import GaussianMixture  # tests/oracle.py: analytic predictors
 
 from hdd_ray.diffusion import (
     FM_TIME_SCALE,
@@ -21,7 +22,6 @@ from hdd_ray.diffusion import (
     sample_ode,
     time_grid,
 )
-from hdd_ray.diffusion.oracle import GaussianMixture
 from hdd_ray.ensemble import MixtureField, blend, route
 
 F64 = torch.float64
@@ -90,7 +90,7 @@ def test_unknown_schedule_names_the_allowed_ones():
 @pytest.mark.parametrize("parameterization", ["eps", "x0", "v"])
 @pytest.mark.parametrize("data", [gaussian, mixture], ids=["gaussian", "mixture"])
 def test_optimal_vp_predictor_converted_equals_optimal_fm_velocity(schedule_name, parameterization, data):
-    """DESIGN §1: with exact predictors the conversion is exact (float64, <= 1e-8 relative)."""
+    """ARCHITECTURE.md "Conversion": with exact predictors the conversion is exact (float64, <= 1e-8 relative)."""
     gm = data()
     sched = get_schedule(schedule_name)
     g = torch.Generator().manual_seed(0)

@@ -12,6 +12,7 @@ from hdd_ray.diffusion.convert import (
 from hdd_ray.diffusion.objectives import (
     FM_TIME_SCALE,
     OBJECTIVES,
+    TIMESTEP_SAMPLING,
     DDPMEps,
     FMVelocity,
     Objective,
@@ -19,20 +20,23 @@ from hdd_ray.diffusion.objectives import (
     get_objective,
     sample_unit_time,
 )
-from hdd_ray.diffusion.sampling import guided, null_condition, sample_ode, time_grid
+from hdd_ray.diffusion.sampling import SAMPLERS, guided, null_condition, sample_ode, time_grid
 from hdd_ray.diffusion.schedules import (
     SCHEDULES,
     CosineSchedule,
     LinearSchedule,
     VPSchedule,
     get_schedule,
+    per_sample,
 )
 
 __all__ = [
     "FM_TIME_SCALE",
     "OBJECTIVES",
     "PARAMETERIZATIONS",
+    "SAMPLERS",
     "SCHEDULES",
+    "TIMESTEP_SAMPLING",
     "CosineSchedule",
     "DDPMEps",
     "FMVelocity",
@@ -46,6 +50,7 @@ __all__ = [
     "get_schedule",
     "guided",
     "null_condition",
+    "per_sample",
     "sample_ode",
     "sample_unit_time",
     "time_grid",

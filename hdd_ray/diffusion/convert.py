@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hdd_ray.diffusion.schedules import VPSchedule
+from hdd_ray.diffusion.schedules import VPSchedule, per_sample
 
 #: ``predict(x_in, tau_or_t, cond) -> native prediction``
 Predictor = Callable[[Tensor, Tensor, Any], Tensor]
@@ -54,10 +54,6 @@ class Safeguards:
     x0_clamp: float | None = None
 
 
-def _bcast(t: Tensor, x: Tensor) -> Tensor:
-    return t.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
-
-
 def vp_query(schedule: VPSchedule, x_t: Tensor, t: Tensor, clamp_tau: bool = True) -> tuple[Tensor, Tensor]:
     """SNR matching: the VP input ``x_in`` and continuous timestep ``tau*`` for ``(x_t, t)``."""
     t = t.to(x_t.dtype)
@@ -65,7 +61,7 @@ def vp_query(schedule: VPSchedule, x_t: Tensor, t: Tensor, clamp_tau: bool = Tru
     abar = ((1 - t) / s) ** 2
     tau = schedule.tau_of_alpha_bar(abar, clamp=clamp_tau)
     # per-sample scalars are folded first: one pass over the full tensor
-    return x_t * _bcast(s.reciprocal(), x_t), tau
+    return x_t * per_sample(s.reciprocal(), x_t), tau
 
 
 def as_velocity(
@@ -100,13 +96,13 @@ def as_velocity(
         out = predict(x_in, tau, cond)
         # [B] scalars first, then one subtraction and one in-place scaling of the full tensor
         if parameterization == "eps":
-            v = (out - x_t).mul_(_bcast((1 - t).clamp_min(g.min_one_minus_t).reciprocal(), x_t))
+            v = (out - x_t).mul_(per_sample((1 - t).clamp_min(g.min_one_minus_t).reciprocal(), x_t))
         elif parameterization == "x0":
-            v = (x_t - out).mul_(_bcast(t.clamp_min(g.min_one_minus_t).reciprocal(), x_t))
+            v = (x_t - out).mul_(per_sample(t.clamp_min(g.min_one_minus_t).reciprocal(), x_t))
         else:  # VP v-prediction
             s = torch.sqrt((1 - t) ** 2 + t**2)
             alpha, sigma = (1 - t) / s, t / s
-            v = (out * _bcast(alpha + sigma, x_t)).addcmul_(_bcast(sigma - alpha, x_t), x_in)
+            v = (out * per_sample(alpha + sigma, x_t)).addcmul_(per_sample(sigma - alpha, x_t), x_in)
         return _clamp_x0(v, x_t, t, g.x0_clamp)
 
     return vp_field
@@ -115,7 +111,7 @@ def as_velocity(
 def _clamp_x0(v: Tensor, x_t: Tensor, t: Tensor, c: float | None) -> Tensor:
     if c is None:
         return v
-    tb = _bcast(t, x_t)
+    tb = per_sample(t, x_t)
     # x0 = x_t - t v; where the clamp moves it to x0c, v becomes (x_t - x0c) / t
     # = v + (x0 - x0c) / t, which leaves v bit-for-bit unchanged where x0 was in range
     x0 = torch.addcmul(x_t, tb, v, value=-1)

@@ -20,12 +20,15 @@ import torch
 from torch import Tensor
 
 from hdd_ray.diffusion.convert import Predictor, Safeguards, VelocityField, as_velocity
-from hdd_ray.diffusion.schedules import VPSchedule, get_schedule
+from hdd_ray.diffusion.schedules import VPSchedule, get_schedule, per_sample
 
 #: the flow-matching time is fed to networks multiplied by this (same range as DDPM's tau)
 FM_TIME_SCALE = 1000.0
 
 Network = Callable[[Tensor, Tensor, Any], Tensor]
+
+#: how flow-matching times are drawn in training (``train.timestep_sampling``)
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 
 
 def sample_unit_time(
@@ -36,7 +39,8 @@ def sample_unit_time(
         return torch.rand(n, device=device, generator=generator)
     if method == "logit_normal":
         return torch.sigmoid(torch.randn(n, device=device, generator=generator))
-    raise ValueError(f"unknown timestep sampling {method!r}, allowed: uniform, logit_normal")
+    raise ValueError(
+        f"unknown timestep sampling {method!r}, allowed: {', '.join(TIMESTEP_SAMPLING)}")
 
 
 def drop_captions(cond: dict[str, Tensor] | None, p: float, generator=None) -> dict | None:
@@ -96,12 +100,8 @@ class Objective:
         return lambda x, time, cond: net(x, self.network_time(time), cond)
 
     def velocity_field(self, net: Network, safeguards: Safeguards | None = None) -> VelocityField:
-        """``net`` read in flow-matching coordinates (DESIGN §1 conversion)."""
+        """``net`` read in flow-matching coordinates (the conversion: ARCHITECTURE.md, "Conversion")."""
         return as_velocity(self.predictor(net), self.parameterization, None, safeguards)
-
-
-def _b(t: Tensor, x: Tensor) -> Tensor:
-    return t.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
 
 
 class DDPMEps(Objective):
@@ -118,7 +118,7 @@ class DDPMEps(Objective):
         return sample_unit_time(n, self.timestep_sampling, device, generator) * self.schedule.T
 
     def noise(self, x0: Tensor, eps: Tensor, time: Tensor) -> Tensor:
-        a = _b(self.schedule.alpha_bar(time), x0)
+        a = per_sample(self.schedule.alpha_bar(time), x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
     def target(self, x0: Tensor, eps: Tensor, time: Tensor) -> Tensor:
@@ -138,7 +138,7 @@ class FMVelocity(Objective):
         return sample_unit_time(n, self.timestep_sampling, device, generator)
 
     def noise(self, x0: Tensor, eps: Tensor, time: Tensor) -> Tensor:
-        t = _b(time, x0)
+        t = per_sample(time, x0)
         return (1 - t) * x0 + t * eps
 
     def target(self, x0: Tensor, eps: Tensor, time: Tensor) -> Tensor:

@@ -19,6 +19,9 @@ from torch import Tensor
 
 from hdd_ray.diffusion.convert import VelocityField
 
+#: ODE integrators of :func:`sample_ode` (``sampling.sampler``)
+SAMPLERS = ("euler", "heun")
+
 
 def time_grid(steps: int, shift: float = 1.0, device=None, dtype=torch.float32) -> Tensor:
     """``steps + 1`` decreasing times from 1 to 0, shifted by ``shift`` (1 = uniform)."""
@@ -41,8 +44,8 @@ def sample_ode(
     shift: float = 1.0,
 ) -> Tensor:
     """Integrate ``dx/dt = field(x, t, cond)`` from ``t = 1`` (``x = noise``) to ``t = 0``."""
-    if sampler not in ("euler", "heun"):
-        raise ValueError(f"unknown sampler {sampler!r}, allowed: euler, heun")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}, allowed: {', '.join(SAMPLERS)}")
     ts = time_grid(steps, shift, noise.device, noise.dtype)
     x = noise
     batch = noise.shape[0]

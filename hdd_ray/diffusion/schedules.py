@@ -32,13 +32,14 @@ class VPSchedule:
         """Inverse of :meth:`alpha_bar`; ``clamp`` keeps the result inside [0, T]."""
         raise NotImplementedError
 
-    def snr(self, tau: Tensor) -> Tensor:
-        """Signal-to-noise ratio ``abar / (1 - abar)``."""
-        a = self.alpha_bar(tau)
-        return a / (1 - a)
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}(T={self.T})"
+
+
+def per_sample(t: Tensor, x: Tensor) -> Tensor:
+    """Per-sample scalars ``t`` (shape ``(B,)``) shaped ``(B, 1, ..., 1)`` to broadcast over
+    ``x``'s batch, in ``x``'s dtype."""
+    return t.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
 
 
 def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:

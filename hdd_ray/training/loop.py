@@ -5,7 +5,8 @@ the router's task owns its cross-entropy. What the loop owns is everything a pre
 needs: resume from ``ray.train.get_checkpoint()`` (model, EMA, optimizer, step, RNG states),
 a checkpoint every ``checkpoint_every`` steps and at once when Ray reports a drain of the node
 (``ray.train.get_preemption_info()``), gradient accumulation, bf16 autocast and DDP on GPUs,
-and metrics to MLflow (tracking URI set explicitly here: workers do not inherit the driver's).
+and metrics to MLflow (:class:`hdd_ray.tracking.MetricBuffer`, with the tracking URI passed in:
+workers do not inherit the driver's).
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hdd_ray.diffusion import FM_TIME_SCALE, get_objective
+from hdd_ray import tracking
+from hdd_ray.diffusion import FM_TIME_SCALE, get_objective, per_sample
 from hdd_ray.training.data import ClusterData, read_cluster
 from hdd_ray.training.model import ExpertModel, RouterModel
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 PREEMPTION_CHECK_EVERY = 10
@@ -72,7 +76,7 @@ class RouterTask:
         x0, labels = x0.to(device), labels.to(device)
         t = torch.rand(batch_size, generator=g).to(device)
         eps = torch.randn(x0.shape, generator=g).to(device)
-        tb = t.view(-1, *([1] * (x0.dim() - 1)))
+        tb = per_sample(t, x0)
         logits = model((1 - tb) * x0 + tb * eps, t * FM_TIME_SCALE)
         return nn.functional.cross_entropy(logits.float(), labels)
 
@@ -107,34 +111,6 @@ def _node_info(device: torch.device) -> dict[str, Any]:
     if ray is not None and ray.is_initialized():  # get_runtime_context() would start Ray
         info["node_id"] = ray.get_runtime_context().get_node_id()
     return info
-
-
-class _Tracker:
-    """Buffered MLflow metrics of one run (flushed at checkpoints, so sqlite sees few writes)."""
-
-    def __init__(self, tracking: dict[str, Any] | None) -> None:
-        self.client, self.run_id, self.buffer = None, None, []
-        if tracking and tracking.get("run_id"):
-            from mlflow.tracking import MlflowClient
-
-            self.client = MlflowClient(tracking_uri=tracking["uri"])
-            self.run_id = tracking["run_id"]
-
-    def log(self, key: str, value: float, step: int) -> None:
-        if self.client is not None:
-            from mlflow.entities import Metric
-
-            self.buffer.append(Metric(key, float(value), int(time.time() * 1000), step))
-
-    def flush(self) -> None:
-        if self.client is None or not self.buffer:
-            return
-        try:
-            for i in range(0, len(self.buffer), 900):
-                self.client.log_batch(self.run_id, metrics=self.buffer[i:i + 900])
-        except Exception as exc:  # tracking must never stop training
-            print(f"warning: MLflow logging failed: {str(exc).splitlines()[0]}")
-        self.buffer = []
 
 
 # ------------------------------------------------------------------------------------- loop
@@ -274,7 +250,7 @@ def run_loop(config: dict[str, Any], hooks: RayTrainHooks | LocalHooks) -> dict[
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                 if use_cuda and tr["mixed_precision"] == "bf16" else contextlib.nullcontext())
 
-    tracker = _Tracker(config.get("tracking") if rank == 0 else None)
+    tracker = tracking.MetricBuffer(config.get("tracking") if rank == 0 else None)
     steps, accum, every = tr["steps"], tr["grad_accum"], tr["checkpoint_every"]
     group = _process_group_info()
     t0, smoothed, drain_checkpointed = time.time(), None, False
@@ -324,7 +300,7 @@ def run_loop(config: dict[str, Any], hooks: RayTrainHooks | LocalHooks) -> dict[
             drain = hooks.preempted()  # a barrier: every rank calls it at the same steps
             drain_checkpointed = drain
             if drain and rank == 0:
-                print(f"drain notice at step {done}: checkpointing now")
+                log.warning("drain notice at step %d: checkpointing now", done)
         if done % every == 0 or done == steps or drain:
             report(done, smoothed, final=done == steps)
     return last

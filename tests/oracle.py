@@ -1,4 +1,4 @@
-"""Analytic optimal predictors for Gaussian-mixture data (float64), for exactness tests.
+"""Analytic optimal predictors for Gaussian-mixture data (float64), for the exactness tests.
 
 For data ``x0 ~ sum_m pi_m N(mu_m, S_m)`` on any affine path ``x = a x0 + b eps`` the
 posterior is closed form: ``x | m ~ N(a mu_m, a^2 S_m + b^2 I) =: N(m_m, C_m)`` and
