@@ -42,10 +42,10 @@ def main() -> None:
 
     import ray
 
-    from hdd_ray.clustering import prepare_corpus
+    from hdd_ray.campaign import EXPERT_JSON, CampaignPaths, cluster_shards, load_manifest
     from hdd_ray.config import load_config, resolve_experts
-    from hdd_ray.storage import CampaignPaths
-    from hdd_ray.training.launcher import cluster_shards, load_manifest, train_campaign
+    from hdd_ray.prepare import prepare_corpus
+    from hdd_ray.training.launcher import train_campaign
     from hdd_ray.training.loop import LocalHooks, run_loop
 
     root = args.root or tempfile.mkdtemp(prefix="bench-train-")
@@ -74,8 +74,6 @@ def main() -> None:
     ray_status = train_campaign(cfg, only=[1], include_router=False)[0]
     ray_wall = time.time() - t
     import json
-
-    from hdd_ray.training.launcher import EXPERT_JSON
 
     desc_dir = CampaignPaths(root).expert_dir(ray_status.name)
     desc = json.loads(open(os.path.join(desc_dir, EXPERT_JSON)).read())

@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         ("--num-samples", {"type": int, "default": None}),
     ])
     from hdd_ray.ensemble import MixtureError
+    from hdd_ray.errors import CampaignError
     from hdd_ray.evaluation.mixture import MixtureSpec, evaluate_mixture
-    from hdd_ray.training.launcher import CampaignError
 
     ddpm = _clusters(args.ddpm_clusters)
     for c in ddpm or []:

@@ -1,5 +1,10 @@
 """Typed campaign configuration: OmegaConf structured dataclasses, YAML + dotlist, validation.
 
+Longer than ~500 lines on purpose: it is the whole schema of a campaign, and each section's
+dataclass carries its own ``validate`` method, so every option, its default and its rule are
+read in one place (cross-section checks: :func:`validate`). Splitting it would part options
+from their checks.
+
 A campaign is described by one :class:`CampaignConfig`. It is loaded from a YAML file (the
 demo campaign ``jobs/configs/demo.yaml`` when none is given), overridden from the command line
 with ``key=value`` items (``experts.train.steps=2000``, ``experts.ddpm_clusters=[0,3]``) and
@@ -10,8 +15,6 @@ that names the key path, the bad value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional  # noqa: UP035 - OmegaConf needs typing generics
@@ -25,19 +28,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "jobs" / "configs"
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 
-OBJECTIVES = ("ddpm_eps", "fm_velocity")
-SCHEDULES = ("linear", "cosine")
-SAMPLERS = ("euler", "heun")
-ROUTING_STRATEGIES = ("full", "top1", "topk", "threshold")
+# Choices owned by this module. The others come from the registries that own them (objectives,
+# schedules, samplers, timestep sampling: hdd_ray.diffusion; routing: hdd_ray.ensemble; text
+# encoders and model sizes: hdd_ray.models; FID extractors: hdd_ray.evaluation.features), imported
+# by the ``validate`` methods when they run: those modules import torch, this one must not.
 EMBEDDERS = ("pixels", "dinov2", "open_clip")
-TEXT_ENCODERS = ("learned", "open_clip")
 CORPUS_SOURCES = ("demo", "webdataset")
-TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 MIXED_PRECISION = ("no", "bf16")
-FID_EXTRACTORS = ("clip", "inception", "dinov2")
 SWEEP_MODES = ("grid", "n_ddpm", "list", "random", "optuna")
-#: letters of an objective assignment string ("D F F D"): cluster uses ddpm_eps / the base
-ASSIGNMENT_LETTERS = {"D": "ddpm_eps", "F": "fm_velocity"}
 
 
 # --------------------------------------------------------------------------- sections
@@ -54,6 +52,16 @@ class CorpusConfig:
     image_size: int = 8  # images are resized (square) to this many pixels
     channels: int = 1  # 1 = grayscale, 3 = RGB
     shard_size: int = 1000  # samples per written shard
+
+    def validate(self) -> None:
+        """One-line :class:`ConfigError` on the first bad value of ``corpus``."""
+        _choice("corpus.source", self.source, CORPUS_SOURCES)
+        if self.source == "webdataset" and not self.uri:
+            raise ConfigError("corpus.uri=None: required when corpus.source='webdataset'")
+        _positive("corpus.image_size", self.image_size)
+        if self.channels not in (1, 3):
+            raise ConfigError(f"corpus.channels={self.channels!r}: allowed: 1, 3")
+        _positive("corpus.shard_size", self.shard_size)
 
 
 @dataclass
@@ -76,6 +84,28 @@ class ClusteringConfig:
     gpus_per_actor: float = 0.0
     seed: int = 0
 
+    def validate(self) -> None:
+        """One-line :class:`ConfigError` on the first bad value of ``clustering``."""
+        _positive("clustering.k", self.k)
+        _choice("clustering.embedder", self.embedder, EMBEDDERS)
+        if self.embedder != "pixels" and not self.embedder_arch:
+            raise ConfigError(
+                f"clustering.embedder_arch=None: required for clustering.embedder={self.embedder!r}"
+            )
+        for key in ("pixel_size", "fine_centroids", "fit_sample_cap", "kmeans_iters",
+                    "batch_size", "num_actors"):
+            _positive(f"clustering.{key}", getattr(self, key))
+        if self.fine_centroids < self.k:
+            raise ConfigError(
+                f"clustering.fine_centroids={self.fine_centroids}: must be >= clustering.k={self.k}"
+            )
+        if self.balance_cap is not None:
+            _positive("clustering.balance_cap", self.balance_cap)
+        if self.embedder_image_size is not None:
+            _positive("clustering.embedder_image_size", self.embedder_image_size)
+        _fraction("clustering.heldout_fraction", self.heldout_fraction)
+        _positive("clustering.gpus_per_actor", self.gpus_per_actor, strict=False)
+
 
 @dataclass
 class TrainConfig:
@@ -95,6 +125,19 @@ class TrainConfig:
     compile: bool = False
     seed: int = 0
 
+    def validate(self, prefix: str) -> None:
+        """One-line :class:`ConfigError` naming ``prefix`` (``experts.train``, ``router.train``)."""
+        from hdd_ray.diffusion import TIMESTEP_SAMPLING
+
+        for key in ("steps", "batch_size", "lr", "grad_accum", "checkpoint_every"):
+            _positive(f"{prefix}.{key}", getattr(self, key))
+        _positive(f"{prefix}.weight_decay", self.weight_decay, strict=False)
+        _positive(f"{prefix}.grad_clip", self.grad_clip, strict=False)
+        _fraction(f"{prefix}.ema_decay", self.ema_decay)
+        _fraction(f"{prefix}.caption_dropout", self.caption_dropout)
+        _choice(f"{prefix}.timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
+        _choice(f"{prefix}.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+
 
 @dataclass
 class ResourcesConfig:
@@ -109,6 +152,16 @@ class ResourcesConfig:
     max_failures: int = 3
     max_preemption_failures: int = -1  # -1 = keep retrying preemptions
 
+    def validate(self, prefix: str) -> None:
+        """One-line :class:`ConfigError` naming ``prefix`` (``experts.resources``, ...)."""
+        _positive(f"{prefix}.num_workers", self.num_workers, strict=False)
+        _positive(f"{prefix}.cpus_per_worker", self.cpus_per_worker, strict=False)
+        _positive(f"{prefix}.gpus_per_worker", self.gpus_per_worker, strict=False)
+        for name, amount in self.custom.items():
+            _positive(f"{prefix}.custom.{name}", amount, strict=False)
+        if self.max_failures < -1:
+            raise ConfigError(f"{prefix}.max_failures={self.max_failures}: must be >= -1")
+
 
 @dataclass
 class TextConfig:
@@ -121,6 +174,17 @@ class TextConfig:
     depth: int = 1
     vocab_size: int = 1024
     max_len: int = 16
+
+    def validate(self) -> None:
+        """One-line :class:`ConfigError` on the first bad value of ``experts.text``."""
+        from hdd_ray.models import TEXT_ENCODER_KINDS
+
+        _choice("experts.text.encoder", self.encoder, TEXT_ENCODER_KINDS)
+        if self.encoder == "open_clip" and not self.arch:
+            raise ConfigError(
+                "experts.text.arch=None: required for experts.text.encoder='open_clip'")
+        for key in ("dim", "depth", "vocab_size", "max_len"):
+            _positive(f"experts.text.{key}", getattr(self, key))
 
 
 @dataclass
@@ -137,6 +201,27 @@ class ExpertSpec:
     # keys of ResourcesConfig, merged over ``experts.resources`` (only the keys given change)
     resources: Optional[Dict[str, Any]] = None
 
+    def validate(self, prefix: str, k: int, default_resources: ResourcesConfig) -> None:
+        """One-line :class:`ConfigError` naming ``prefix`` (``experts.list[i]``); ``k`` is
+        ``clustering.k``, ``default_resources`` the ``experts.resources`` it merges over."""
+        from hdd_ray.diffusion import OBJECTIVES, SCHEDULES
+        from hdd_ray.models import DIT_SIZES
+
+        if not 0 <= self.cluster < k:
+            raise ConfigError(f"{prefix}.cluster={self.cluster}: cluster id outside 0..{k - 1}")
+        if self.objective is not None:
+            _choice(f"{prefix}.objective", self.objective, tuple(OBJECTIVES))
+        if self.schedule is not None:
+            _choice(f"{prefix}.schedule", self.schedule, tuple(SCHEDULES))
+        if self.model is not None:
+            _choice(f"{prefix}.model", self.model, tuple(DIT_SIZES))
+        for key in ("steps", "batch_size", "lr"):
+            if getattr(self, key) is not None:
+                _positive(f"{prefix}.{key}", getattr(self, key))
+        if self.resources is not None:
+            merged = merge_resources(default_resources, self.resources, f"{prefix}.resources")
+            OmegaConf.to_object(merged).validate(f"{prefix}.resources")
+
 
 @dataclass
 class ExpertsConfig:
@@ -151,6 +236,30 @@ class ExpertsConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     list: List[ExpertSpec] = field(default_factory=list)
 
+    def validate(self, k: int) -> None:
+        """One-line :class:`ConfigError` on the first bad value of ``experts``; cluster ids
+        must be below ``k`` (``clustering.k``)."""
+        from hdd_ray.diffusion import OBJECTIVES, SCHEDULES
+        from hdd_ray.models import DIT_SIZES
+
+        _choice("experts.objective", self.objective, tuple(OBJECTIVES))
+        _choice("experts.schedule", self.schedule, tuple(SCHEDULES))
+        _choice("experts.model", self.model, tuple(DIT_SIZES))
+        for i, cid in enumerate(self.ddpm_clusters):
+            if not 0 <= cid < k:
+                raise ConfigError(f"experts.ddpm_clusters[{i}]={cid}: cluster id outside "
+                                  f"0..{k - 1} (clustering.k={k})")
+        self.text.validate()
+        self.train.validate("experts.train")
+        self.resources.validate("experts.resources")
+        seen: set[int] = set()
+        for i, spec in enumerate(self.list):
+            p = f"experts.list[{i}]"
+            if 0 <= spec.cluster < k and spec.cluster in seen:
+                raise ConfigError(f"{p}.cluster={spec.cluster}: listed twice")
+            spec.validate(p, k, self.resources)
+            seen.add(spec.cluster)
+
 
 @dataclass
 class RouterConfig:
@@ -160,6 +269,14 @@ class RouterConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(caption_dropout=0.0))
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
+    def validate(self) -> None:
+        """One-line :class:`ConfigError` on the first bad value of ``router``."""
+        from hdd_ray.models import ROUTER_SIZES
+
+        _choice("router.model", self.model, tuple(ROUTER_SIZES))
+        self.train.validate("router.train")
+        self.resources.validate("router.resources")
+
 
 @dataclass
 class ConversionConfig:
@@ -168,6 +285,14 @@ class ConversionConfig:
     clamp_tau: bool = True  # clamp tau* to the schedule's [0, T]
     min_one_minus_t: float = 1e-3  # bound 1 - t away from 0 in v = (eps - x_t) / (1 - t)
     x0_clamp: Optional[float] = None  # clamp x0_hat to [-c, c] (data range), None = off
+
+    def validate(self) -> None:
+        """One-line :class:`ConfigError` on the first bad value of ``sampling.conversion``."""
+        if not 0 < self.min_one_minus_t < 1:
+            raise ConfigError(f"sampling.conversion.min_one_minus_t={self.min_one_minus_t!r}: "
+                              "must be in (0, 1)")
+        if self.x0_clamp is not None:
+            _positive("sampling.conversion.x0_clamp", self.x0_clamp)
 
 
 @dataclass
@@ -185,6 +310,27 @@ class SamplingConfig:
     seed: int = 0
     conversion: ConversionConfig = field(default_factory=ConversionConfig)
 
+    def validate(self, k: int) -> None:
+        """One-line :class:`ConfigError` on the first bad value of ``sampling``; top-k must be
+        in 1..``k`` (``clustering.k``)."""
+        from hdd_ray.diffusion import SAMPLERS
+        from hdd_ray.ensemble import STRATEGIES
+
+        _positive("sampling.steps", self.steps)
+        _choice("sampling.sampler", self.sampler, SAMPLERS)
+        _positive("sampling.time_shift", self.time_shift)
+        _positive("sampling.guidance_scale", self.guidance_scale, strict=False)
+        _choice("sampling.routing", self.routing, STRATEGIES)
+        _positive("sampling.batch_size", self.batch_size)
+        if not 1 <= self.k <= k:
+            raise ConfigError(f"sampling.k={self.k}: top-k must be in 1..{k} (clustering.k={k})")
+        if self.threshold is not None:
+            _fraction("sampling.threshold", self.threshold, hi_open=False)
+        if self.routing == "threshold" and self.threshold is None:
+            raise ConfigError(
+                "sampling.threshold=None: required when sampling.routing='threshold'")
+        self.conversion.validate()
+
 
 @dataclass
 class EvaluationConfig:
@@ -199,6 +345,18 @@ class EvaluationConfig:
     baseline_ddpm_clusters: Optional[List[int]] = None  # evaluate this mixture too
     enabled: bool = True
 
+    def validate(self, k: int) -> None:
+        """One-line :class:`ConfigError` on the first bad value of ``evaluation``; cluster ids
+        must be below ``k`` (``clustering.k``)."""
+        from hdd_ray.evaluation.features import EXTRACTOR_KINDS
+
+        _positive("evaluation.num_samples", self.num_samples)
+        _choice("evaluation.fid_extractor", self.fid_extractor, EXTRACTOR_KINDS)
+        for i, cid in enumerate(self.baseline_ddpm_clusters or []):
+            if not 0 <= cid < k:
+                raise ConfigError(f"evaluation.baseline_ddpm_clusters[{i}]={cid}: cluster id "
+                                  f"outside 0..{k - 1}")
+
 
 @dataclass
 class TrackingConfig:
@@ -207,6 +365,11 @@ class TrackingConfig:
     uri: Optional[str] = None
     experiment: str = "hdd_ray"
     enabled: bool = True
+
+    def validate(self) -> None:
+        """One-line :class:`ConfigError` on a bad ``tracking`` value."""
+        if not self.experiment:
+            raise ConfigError("tracking.experiment='': must be a non-empty name")
 
 
 @dataclass
@@ -217,6 +380,10 @@ class RayConfig:
     num_cpus: Optional[int] = None
     max_concurrent_experts: int = 0  # 0 = all at once
 
+    def validate(self) -> None:
+        """One-line :class:`ConfigError` on a bad ``ray`` value."""
+        _positive("ray.max_concurrent_experts", self.max_concurrent_experts, strict=False)
+
 
 @dataclass
 class AshaConfig:
@@ -224,6 +391,18 @@ class AshaConfig:
 
     sample_counts: List[int] = field(default_factory=list)  # rungs, e.g. [256, 1024]; [] = N only
     reduction_factor: int = 2
+
+    def validate(self) -> None:
+        """One-line :class:`ConfigError` on the first bad value of ``sweep.asha``."""
+        counts = self.sample_counts
+        for i, n in enumerate(counts):
+            _positive(f"sweep.asha.sample_counts[{i}]", n)
+        if list(counts) != sorted(set(counts)):
+            raise ConfigError(
+                f"sweep.asha.sample_counts={list(counts)}: must be strictly increasing")
+        if self.reduction_factor < 2:
+            raise ConfigError(
+                f"sweep.asha.reduction_factor={self.reduction_factor}: must be >= 2")
 
 
 @dataclass
@@ -253,6 +432,46 @@ class SweepConfig:
     cpus_per_trial: float = 1.0
     asha: AshaConfig = field(default_factory=AshaConfig)
     seed: int = 0
+
+    def validate(self, k: int) -> None:
+        """One-line :class:`ConfigError` on the first bad value of the search space; ``k`` is
+        ``clustering.k`` (assignments have one objective per cluster)."""
+        from hdd_ray.campaign import parse_assignment  # the campaign layer imports this module
+        from hdd_ray.diffusion import SCHEDULES
+        from hdd_ray.ensemble import STRATEGIES
+
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"sweep.name={self.name!r}: must be a non-empty name without '/'")
+        _choice("sweep.mode", self.mode, SWEEP_MODES)
+        if self.mode == "n_ddpm" and not self.n_ddpm:
+            raise ConfigError(
+                f"sweep.n_ddpm={self.n_ddpm!r}: required (non-empty) for sweep.mode='n_ddpm'")
+        for i, n in enumerate(self.n_ddpm or []):
+            if not 0 <= n <= k:
+                raise ConfigError(f"sweep.n_ddpm[{i}]={n}: number of DDPM experts must be in "
+                                  f"0..{k} (clustering.k={k})")
+        if self.mode == "list" and not self.assignments:
+            raise ConfigError("sweep.assignments=[]: required (non-empty) for sweep.mode='list'")
+        for i, text in enumerate(self.assignments):
+            parse_assignment(text, k, f"sweep.assignments[{i}]")
+        _positive("sweep.num_samples", self.num_samples)
+        for key in ("routing", "k", "guidance", "steps", "schedule"):
+            if getattr(self, key) is not None and not getattr(self, key):
+                raise ConfigError(f"sweep.{key}=[]: must list at least one value (or be unset)")
+        for i, r in enumerate(self.routing or []):
+            _choice(f"sweep.routing[{i}]", r, STRATEGIES)
+        for i, top in enumerate(self.k or []):
+            if not 1 <= top <= k:
+                raise ConfigError(f"sweep.k[{i}]={top}: top-k must be in 1..{k} (clustering.k={k})")
+        for i, g in enumerate(self.guidance or []):
+            _positive(f"sweep.guidance[{i}]", g, strict=False)
+        for i, st in enumerate(self.steps or []):
+            _positive(f"sweep.steps[{i}]", st)
+        for i, sc in enumerate(self.schedule or []):
+            _choice(f"sweep.schedule[{i}]", sc, tuple(SCHEDULES))
+        _positive("sweep.max_concurrent_trials", self.max_concurrent_trials)
+        _positive("sweep.cpus_per_trial", self.cpus_per_trial, strict=False)
+        self.asha.validate()
 
 
 @dataclass
@@ -289,27 +508,6 @@ class ResolvedExpert:
     train: Dict[str, Any]
     resources: Dict[str, Any]
 
-    def identity(self, data_hash: str, image_size: int, channels: int) -> Dict[str, Any]:
-        """Everything that determines the expert's weights (resources excluded)."""
-        train = {k: v for k, v in self.train.items() if k not in ("checkpoint_every", "compile")}
-        return {
-            "cluster": self.cluster,
-            "objective": self.objective,
-            "schedule": self.schedule,
-            "model": self.model,
-            "text": self.text,
-            "train": train,
-            "data_hash": data_hash,
-            "image_size": image_size,
-            "channels": channels,
-        }
-
-    def expert_id(self, data_hash: str, image_size: int, channels: int) -> str:
-        """Deterministic id: readable prefix + hash of :meth:`identity`."""
-        blob = json.dumps(self.identity(data_hash, image_size, channels), sort_keys=True)
-        digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
-        tag = "ddpm" if self.objective == "ddpm_eps" else "fm"
-        return f"c{self.cluster}-{tag}-{digest}"
 
 
 def resolve_experts(cfg: CampaignConfig | DictConfig) -> List[ResolvedExpert]:
@@ -467,17 +665,6 @@ def _fraction(key: str, value: float, lo_open: bool = False, hi_open: bool = Tru
         raise ConfigError(f"{key}={value!r}: must be in {rng}")
 
 
-def _validate_train(prefix: str, t: TrainConfig) -> None:
-    for key in ("steps", "batch_size", "lr", "grad_accum", "checkpoint_every"):
-        _positive(f"{prefix}.{key}", getattr(t, key))
-    _positive(f"{prefix}.weight_decay", t.weight_decay, strict=False)
-    _positive(f"{prefix}.grad_clip", t.grad_clip, strict=False)
-    _fraction(f"{prefix}.ema_decay", t.ema_decay)
-    _fraction(f"{prefix}.caption_dropout", t.caption_dropout)
-    _choice(f"{prefix}.timestep_sampling", t.timestep_sampling, TIMESTEP_SAMPLING)
-    _choice(f"{prefix}.mixed_precision", t.mixed_precision, MIXED_PRECISION)
-
-
 def merge_resources(base: Any, override: Any, prefix: str = "experts.list[].resources") -> Any:
     """``base`` (a ``ResourcesConfig`` node) with the keys of ``override`` replaced.
 
@@ -500,192 +687,30 @@ def merge_resources(base: Any, override: Any, prefix: str = "experts.list[].reso
     return merged
 
 
-def _validate_resources(prefix: str, r: ResourcesConfig) -> None:
-    _positive(f"{prefix}.num_workers", r.num_workers, strict=False)
-    _positive(f"{prefix}.cpus_per_worker", r.cpus_per_worker, strict=False)
-    _positive(f"{prefix}.gpus_per_worker", r.gpus_per_worker, strict=False)
-    for name, amount in r.custom.items():
-        _positive(f"{prefix}.custom.{name}", amount, strict=False)
-    if r.max_failures < -1:
-        raise ConfigError(f"{prefix}.max_failures={r.max_failures}: must be >= -1")
-
-
 def validate(cfg: CampaignConfig) -> None:
-    """Check values the types cannot express; raise :class:`ConfigError` on the first problem."""
-    from hdd_ray.models import DIT_SIZES, ROUTER_SIZES  # lazy: keeps config import light
+    """Check values the types cannot express; raise :class:`ConfigError` on the first problem.
 
+    Each section checks itself (its ``validate``); what spans sections is checked here.
+    """
     if not str(cfg.root).strip():
         raise ConfigError("root='': must be a local path or a s3:// / gs:// URI")
-    c = cfg.corpus
-    _choice("corpus.source", c.source, CORPUS_SOURCES)
-    if c.source == "webdataset" and not c.uri:
-        raise ConfigError("corpus.uri=None: required when corpus.source='webdataset'")
-    _positive("corpus.image_size", c.image_size)
-    if c.channels not in (1, 3):
-        raise ConfigError(f"corpus.channels={c.channels!r}: allowed: 1, 3")
-    _positive("corpus.shard_size", c.shard_size)
-
-    cl = cfg.clustering
-    _positive("clustering.k", cl.k)
-    _choice("clustering.embedder", cl.embedder, EMBEDDERS)
-    if cl.embedder != "pixels" and not cl.embedder_arch:
-        raise ConfigError(
-            f"clustering.embedder_arch=None: required for clustering.embedder={cl.embedder!r}"
-        )
-    for key in ("pixel_size", "fine_centroids", "fit_sample_cap", "kmeans_iters", "batch_size",
-                "num_actors"):
-        _positive(f"clustering.{key}", getattr(cl, key))
-    if cl.fine_centroids < cl.k:
-        raise ConfigError(
-            f"clustering.fine_centroids={cl.fine_centroids}: must be >= clustering.k={cl.k}"
-        )
-    if cl.balance_cap is not None:
-        _positive("clustering.balance_cap", cl.balance_cap)
-    if cl.embedder_image_size is not None:
-        _positive("clustering.embedder_image_size", cl.embedder_image_size)
-    _fraction("clustering.heldout_fraction", cl.heldout_fraction)
-    _positive("clustering.gpus_per_actor", cl.gpus_per_actor, strict=False)
-
-    ex = cfg.experts
-    k = cl.k
-    _choice("experts.objective", ex.objective, OBJECTIVES)
-    _choice("experts.schedule", ex.schedule, SCHEDULES)
-    _choice("experts.model", ex.model, tuple(DIT_SIZES))
-    for i, cid in enumerate(ex.ddpm_clusters):
-        if not 0 <= cid < k:
-            raise ConfigError(
-                f"experts.ddpm_clusters[{i}]={cid}: cluster id outside 0..{k - 1} (clustering.k={k})"
-            )
-    t = ex.text
-    _choice("experts.text.encoder", t.encoder, TEXT_ENCODERS)
-    if t.encoder == "open_clip" and not t.arch:
-        raise ConfigError("experts.text.arch=None: required for experts.text.encoder='open_clip'")
-    for key in ("dim", "depth", "vocab_size", "max_len"):
-        _positive(f"experts.text.{key}", getattr(t, key))
-    _validate_train("experts.train", ex.train)
-    _validate_resources("experts.resources", ex.resources)
-    seen: set[int] = set()
-    for i, spec in enumerate(ex.list):
-        p = f"experts.list[{i}]"
-        if not 0 <= spec.cluster < k:
-            raise ConfigError(f"{p}.cluster={spec.cluster}: cluster id outside 0..{k - 1}")
-        if spec.cluster in seen:
-            raise ConfigError(f"{p}.cluster={spec.cluster}: listed twice")
-        seen.add(spec.cluster)
-        if spec.objective is not None:
-            _choice(f"{p}.objective", spec.objective, OBJECTIVES)
-        if spec.schedule is not None:
-            _choice(f"{p}.schedule", spec.schedule, SCHEDULES)
-        if spec.model is not None:
-            _choice(f"{p}.model", spec.model, tuple(DIT_SIZES))
-        for key in ("steps", "batch_size", "lr"):
-            if getattr(spec, key) is not None:
-                _positive(f"{p}.{key}", getattr(spec, key))
-        if spec.resources is not None:
-            merged = merge_resources(cfg.experts.resources, spec.resources, f"{p}.resources")
-            _validate_resources(f"{p}.resources", merged)
-
-    _choice("router.model", cfg.router.model, tuple(ROUTER_SIZES))
-    _validate_train("router.train", cfg.router.train)
-    _validate_resources("router.resources", cfg.router.resources)
-
-    s = cfg.sampling
-    _positive("sampling.steps", s.steps)
-    _choice("sampling.sampler", s.sampler, SAMPLERS)
-    _positive("sampling.time_shift", s.time_shift)
-    _positive("sampling.guidance_scale", s.guidance_scale, strict=False)
-    _choice("sampling.routing", s.routing, ROUTING_STRATEGIES)
-    _positive("sampling.batch_size", s.batch_size)
-    if not 1 <= s.k <= k:
-        raise ConfigError(f"sampling.k={s.k}: top-k must be in 1..{k} (clustering.k={k})")
-    if s.threshold is not None:
-        _fraction("sampling.threshold", s.threshold, hi_open=False)
-    if s.routing == "threshold" and s.threshold is None:
-        raise ConfigError("sampling.threshold=None: required when sampling.routing='threshold'")
-    cv = s.conversion
-    if not 0 < cv.min_one_minus_t < 1:
-        raise ConfigError(
-            f"sampling.conversion.min_one_minus_t={cv.min_one_minus_t!r}: must be in (0, 1)"
-        )
-    if cv.x0_clamp is not None:
-        _positive("sampling.conversion.x0_clamp", cv.x0_clamp)
-
-    ev = cfg.evaluation
-    _positive("evaluation.num_samples", ev.num_samples)
-    _choice("evaluation.fid_extractor", ev.fid_extractor, FID_EXTRACTORS)
-    for i, cid in enumerate(ev.baseline_ddpm_clusters or []):
-        if not 0 <= cid < k:
-            raise ConfigError(
-                f"evaluation.baseline_ddpm_clusters[{i}]={cid}: cluster id outside 0..{k - 1}"
-            )
-    if not cfg.tracking.experiment:
-        raise ConfigError("tracking.experiment='': must be a non-empty name")
-    _positive("ray.max_concurrent_experts", cfg.ray.max_concurrent_experts, strict=False)
+    k = cfg.clustering.k
+    cfg.corpus.validate()
+    cfg.clustering.validate()
+    cfg.experts.validate(k)
+    cfg.router.validate()
+    cfg.sampling.validate(k)
+    cfg.evaluation.validate(k)
+    cfg.tracking.validate()
+    cfg.ray.validate()
     validate_sweep(cfg)
-
-
-def parse_assignment(text: str, k: int, key: str = "assignment") -> List[int]:
-    """``"D F F D"`` (or ``"DFFD"``, or objective names) -> the clusters using ``ddpm_eps``.
-
-    One letter (or objective name) per cluster: ``D`` = ``ddpm_eps``, ``F`` = ``fm_velocity``.
-    Raises :class:`ConfigError` naming ``key`` on an unknown objective or a wrong length.
-    """
-    tokens = text.replace(",", " ").split()
-    if len(tokens) == 1 and len(tokens[0]) > 1 and tokens[0] not in OBJECTIVES:
-        tokens = list(tokens[0])
-    names = {**ASSIGNMENT_LETTERS, **{o: o for o in OBJECTIVES}}
-    for c, tok in enumerate(tokens):
-        if tok not in names:
-            raise ConfigError(f"{key}={text!r}: unknown objective {tok!r} for cluster {c}, "
-                              "allowed: D (ddpm_eps), F (fm_velocity)")
-    if len(tokens) != k:
-        raise ConfigError(f"{key}={text!r}: {len(tokens)} objectives, expected one per cluster "
-                          f"(clustering.k={k})")
-    return [c for c, tok in enumerate(tokens) if names[tok] == "ddpm_eps"]
 
 
 def validate_sweep(cfg: CampaignConfig) -> None:
     """Check the sweep's search space (one-line :class:`ConfigError` on the first problem)."""
-    sw, k = cfg.sweep, cfg.clustering.k
-    if not sw.name or "/" in sw.name:
-        raise ConfigError(f"sweep.name={sw.name!r}: must be a non-empty name without '/'")
-    _choice("sweep.mode", sw.mode, SWEEP_MODES)
-    if sw.mode == "n_ddpm" and not sw.n_ddpm:
-        raise ConfigError(f"sweep.n_ddpm={sw.n_ddpm!r}: required (non-empty) for sweep.mode='n_ddpm'")
-    for i, n in enumerate(sw.n_ddpm or []):
-        if not 0 <= n <= k:
-            raise ConfigError(f"sweep.n_ddpm[{i}]={n}: number of DDPM experts must be in 0..{k} "
-                              f"(clustering.k={k})")
-    if sw.mode == "list" and not sw.assignments:
-        raise ConfigError("sweep.assignments=[]: required (non-empty) for sweep.mode='list'")
-    for i, text in enumerate(sw.assignments):
-        parse_assignment(text, k, f"sweep.assignments[{i}]")
-    _positive("sweep.num_samples", sw.num_samples)
-    for key in ("routing", "k", "guidance", "steps", "schedule"):
-        if getattr(sw, key) is not None and not getattr(sw, key):
-            raise ConfigError(f"sweep.{key}=[]: must list at least one value (or be unset)")
-    for i, r in enumerate(sw.routing or []):
-        _choice(f"sweep.routing[{i}]", r, ROUTING_STRATEGIES)
-    if "threshold" in (sw.routing or []) and cfg.sampling.threshold is None:
+    cfg.sweep.validate(cfg.clustering.k)
+    if "threshold" in (cfg.sweep.routing or []) and cfg.sampling.threshold is None:
         raise ConfigError("sampling.threshold=None: required when sweep.routing has 'threshold'")
-    for i, top in enumerate(sw.k or []):
-        if not 1 <= top <= k:
-            raise ConfigError(f"sweep.k[{i}]={top}: top-k must be in 1..{k} (clustering.k={k})")
-    for i, g in enumerate(sw.guidance or []):
-        _positive(f"sweep.guidance[{i}]", g, strict=False)
-    for i, st in enumerate(sw.steps or []):
-        _positive(f"sweep.steps[{i}]", st)
-    for i, sc in enumerate(sw.schedule or []):
-        _choice(f"sweep.schedule[{i}]", sc, SCHEDULES)
-    _positive("sweep.max_concurrent_trials", sw.max_concurrent_trials)
-    _positive("sweep.cpus_per_trial", sw.cpus_per_trial, strict=False)
-    counts = sw.asha.sample_counts
-    for i, n in enumerate(counts):
-        _positive(f"sweep.asha.sample_counts[{i}]", n)
-    if list(counts) != sorted(set(counts)):
-        raise ConfigError(f"sweep.asha.sample_counts={list(counts)}: must be strictly increasing")
-    if sw.asha.reduction_factor < 2:
-        raise ConfigError(f"sweep.asha.reduction_factor={sw.asha.reduction_factor}: must be >= 2")
 
 
 def describe_options() -> str:

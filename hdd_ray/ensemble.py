@@ -206,23 +206,24 @@ def load_mixture(cfg: Any, ddpm_clusters: Sequence[int] | None = None, device="c
     needs must already be trained; otherwise one line names the missing ones and the fix.
     """
     from hdd_ray import storage
-    from hdd_ray.config import resolve_experts
-    from hdd_ray.storage import CampaignPaths
-    from hdd_ray.training.launcher import (
+    from hdd_ray.campaign import (
+        EXPERT_JSON,
+        CampaignPaths,
         expert_id,
         load_expert,
         load_manifest,
         load_router,
         with_assignment,
     )
+    from hdd_ray.config import resolve_experts
 
     if ddpm_clusters is not None:
-        cfg = with_assignment(cfg, list(ddpm_clusters))
+        cfg = with_assignment(cfg, ddpm_clusters)
     manifest = load_manifest(cfg)
     paths = CampaignPaths(cfg.root)
     wanted = [(e, expert_id(cfg, e, manifest)) for e in resolve_experts(cfg)]
     missing = [eid for _, eid in wanted
-               if not storage.exists(storage.join(paths.expert_dir(eid), "expert.json"))]
+               if not storage.exists(storage.join(paths.expert_dir(eid), EXPERT_JSON))]
     if missing:
         raise MixtureError(
             f"experts not trained yet: {', '.join(missing)} "

@@ -1,8 +1,9 @@
-"""The campaign directory (DESIGN §3) on a local path or an ``s3://`` / ``gs://`` URI.
+"""Files on a local path or an ``s3://`` / ``gs://`` URI, through pyarrow filesystems.
 
-Every stage reads and writes one campaign root through pyarrow filesystems, as Ray Train's
-storage does. Writes of small files are atomic on local disks (write to a temp name, rename),
-so a crash never leaves a half-written manifest or ``expert.json`` behind.
+Every stage reads and writes one campaign root (laid out by
+:class:`hdd_ray.campaign.CampaignPaths`) through these functions, as Ray Train's storage does.
+Writes of small files are atomic on local disks (write to a temp name, rename), so a crash never
+leaves a half-written manifest or ``expert.json`` behind.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -113,59 +113,3 @@ def remove(path: str) -> None:
         fs.delete_dir(p)
     elif info.type == pafs.FileType.File:
         fs.delete_file(p)
-
-
-@dataclass(frozen=True)
-class CampaignPaths:
-    """Where each stage's outputs live under one campaign root (DESIGN §3)."""
-
-    root: str
-
-    @property
-    def corpus(self) -> str:
-        """Input shards written by the demo corpus (or ``corpus.uri``)."""
-        return join(self.root, "corpus")
-
-    @property
-    def clusters(self) -> str:
-        """Clustering outputs: manifest, centroids, assignments, per-cluster shards."""
-        return join(self.root, "clusters")
-
-    @property
-    def manifest(self) -> str:
-        """``clusters/manifest.json``."""
-        return join(self.clusters, "manifest.json")
-
-    def cluster_dir(self, k: int) -> str:
-        """Per-cluster training shards ``clusters/<k>/``."""
-        return join(self.clusters, str(k))
-
-    @property
-    def heldout(self) -> str:
-        """Held-out evaluation split ``clusters/heldout/``."""
-        return join(self.clusters, "heldout")
-
-    @property
-    def experts(self) -> str:
-        """All experts' storage."""
-        return join(self.root, "experts")
-
-    def expert_dir(self, expert_id: str) -> str:
-        """One expert's storage (Ray Train run + final weights + expert.json)."""
-        return join(self.experts, expert_id)
-
-    @property
-    def router(self) -> str:
-        """Router weights + router.json."""
-        return join(self.root, "router")
-
-    @property
-    def mixtures(self) -> str:
-        """Evaluated mixtures."""
-        return join(self.root, "mixtures")
-
-    def local(self) -> str:
-        """The root as an absolute local path (raises for object-store roots)."""
-        if is_uri(self.root):
-            raise ValueError(f"root={self.root!r} is not a local path")
-        return os.path.abspath(self.root)

@@ -4,7 +4,7 @@ The search space comes from the config's ``sweep`` section (:class:`hdd_ray.conf
 The flow of :func:`run_sweep`:
 
 1. **Experts first.** The union of the experts the whole search space can ask for is trained up
-   front by one :func:`~hdd_ray.training.launcher.train_campaign` call per DDPM schedule: for
+   front by one :func:`hdd_ray.training.train_campaign` call per DDPM schedule: for
    each cluster, ``ddpm_eps`` if some candidate assignment makes it DDPM and ``fm_velocity`` if
    some makes it FM, so at most 2K trainings (per schedule) for 2^K mixtures, and an expert is
    never trained twice at once (trials only read the expert cache).
@@ -31,15 +31,13 @@ import dataclasses
 import io
 import itertools
 import json
-import os
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from hdd_ray import storage
-from hdd_ray.config import CampaignConfig, ConfigError, parse_assignment, validate_sweep
+from hdd_ray.campaign import CampaignPaths, format_assignment, parse_assignment, with_assignment
+from hdd_ray.config import CampaignConfig, ConfigError, validate_sweep
 from hdd_ray.errors import SweepError
-from hdd_ray.storage import CampaignPaths
 
 BEST_FILE = "best_mixture.json"
 SPEC_FILE = "sweep_spec.json"
@@ -49,11 +47,6 @@ RANKING_COLUMNS = ("rank", "assignment", "num_ddpm", "schedule", "routing", "k",
 
 
 # --------------------------------------------------------------------------- search space
-
-
-def assignment_string(ddpm_clusters: list[int] | tuple[int, ...], k: int) -> str:
-    """The readable objective per cluster, e.g. ``D F F D F F F F``."""
-    return " ".join("D" if c in set(ddpm_clusters) else "F" for c in range(k))
 
 
 def candidate_assignments(cfg: CampaignConfig) -> list[list[int]]:
@@ -107,7 +100,7 @@ def param_space(cfg: CampaignConfig) -> dict[str, Any]:
         for c in range(k):
             space[f"c{c}"] = tune.choice(["D", "F"])
     else:
-        strings = [assignment_string(a, k) for a in candidate_assignments(cfg)]
+        strings = [format_assignment(a, k) for a in candidate_assignments(cfg)]
         space["assignment"] = pick(strings) if len(strings) > 1 or search else strings[0]
     return space
 
@@ -143,41 +136,19 @@ def describe(cfg: CampaignConfig) -> dict[str, Any]:
             "num_samples": cfg.evaluation.num_samples, "k": cfg.clustering.k}
 
 
-def sweep_dir(cfg: CampaignConfig) -> str:
-    """``<root>/sweeps/<sweep.name>``: the Tune experiment and the sweep's outputs."""
-    return storage.join(_sweeps_root(cfg), cfg.sweep.name)
-
-
-def _sweeps_root(cfg: CampaignConfig) -> str:
-    root = CampaignPaths(cfg.root).root
-    return storage.join(root if storage.is_uri(root) else os.path.abspath(root), "sweeps")
-
-
-def variant(cfg: CampaignConfig, ddpm_clusters: list[int], schedule: str) -> CampaignConfig:
-    """The campaign with another assignment and DDPM schedule (what a trial's experts use)."""
-    return dataclasses.replace(cfg, experts=dataclasses.replace(
-        cfg.experts, ddpm_clusters=sorted(ddpm_clusters), schedule=schedule))
-
-
 # --------------------------------------------------------------------------- the trial
 
 
-def _trial_run(cfg: CampaignConfig, client: Any, exp_id: str, parent: str | None,
-               trial_id: str, name: str, params: dict[str, Any]) -> str:
+def _trial_run(cfg: CampaignConfig, parent: str | None, trial_id: str, name: str,
+               params: dict[str, Any]) -> Any:
     """The trial's MLflow child run: found by ``trial_id`` (a restarted trial keeps it)."""
-    found = client.search_runs(
-        [exp_id], f"tags.trial_id = '{trial_id}' and tags.sweep = '{cfg.sweep.name}'",
-        max_results=1)
-    if found:
-        return found[0].info.run_id
-    tags = {"campaign": cfg.name, "stage": "sweep_trial", "sweep": cfg.sweep.name,
-            "trial_id": trial_id}
-    if parent:
-        tags["mlflow.parentRunId"] = parent
-    run_id = client.create_run(exp_id, run_name=name, tags=tags).info.run_id
-    for key, value in params.items():
-        client.log_param(run_id, key, value)
-    return run_id
+    from hdd_ray import tracking
+
+    exp = tracking.connect(cfg)
+    if exp is None:
+        return None
+    tags = {"stage": "sweep_trial", "sweep": cfg.sweep.name, "trial_id": trial_id}
+    return exp.find_or_create(name, tags, key=("trial_id", "sweep"), parent=parent, params=params)
 
 
 def sweep_trial(config: dict[str, Any], cfg: CampaignConfig,
@@ -196,22 +167,14 @@ def sweep_trial(config: dict[str, Any], cfg: CampaignConfig,
     torch.set_num_threads(max(1, int(round(cfg.sweep.cpus_per_trial))))
     k = cfg.clustering.k
     ddpm = trial_assignment(config, k)
-    var = variant(cfg, ddpm, config["schedule"])
+    var = with_assignment(cfg, ddpm, config["schedule"])
     quiet = dataclasses.replace(var, tracking=dataclasses.replace(var.tracking, enabled=False))
     trial_id = tune.get_context().get_trial_id() or "local"
-    params = {"assignment": assignment_string(ddpm, k), "num_ddpm": len(ddpm),
+    params = {"assignment": format_assignment(ddpm, k), "num_ddpm": len(ddpm),
               "schedule": config["schedule"], "routing": config["routing"], "k": config["k"],
               "guidance": config["guidance"], "steps": config["steps"], "trial_id": trial_id}
-    client = run_id = None
-    if cfg.tracking.enabled:  # workers do not inherit the driver's tracking URI: set it here
-        from mlflow.tracking import MlflowClient
-
-        from hdd_ray import tracking
-
-        exp_id = tracking.setup(cfg)
-        client = MlflowClient(tracking.tracking_uri(cfg))
-        run_id = _trial_run(cfg, client, exp_id, parent_run_id, trial_id,
-                            f"trial {params['assignment']} {config['routing']}", params)
+    run = _trial_run(cfg, parent_run_id, trial_id,
+                     f"trial {params['assignment']} {config['routing']}", params)
     judge = Judge(quiet)
     result: dict[str, Any] = {}
     for n in rungs(cfg):
@@ -222,25 +185,17 @@ def sweep_trial(config: dict[str, Any], cfg: CampaignConfig,
         metrics = {key: float(result[key]) for key in ("fid", "fid_floor", "clip_score",
                                                        "diversity", "images_per_second")
                    if result.get(key) is not None}
-        if client is not None:
-            now = int(time.time() * 1000)
-            from mlflow.entities import Metric
-
-            client.log_batch(run_id, metrics=[Metric(key, v, now, n) for key, v in metrics.items()]
-                             + [Metric(f"expert_share_{i}", float(v), now, n)
-                                for i, v in enumerate(result["expert_share"])])
-            client.set_tag(run_id, "mixture_id", result["mixture_id"])
-            client.set_tag(run_id, "num_samples", str(n))
+        if run is not None:
+            run.log({**metrics, **{f"expert_share_{i}": float(v)
+                                   for i, v in enumerate(result["expert_share"])}},
+                    tags={"mixture_id": result["mixture_id"], "num_samples": str(n)}, step=n)
         tune.report({**metrics, "num_samples": n, "num_ddpm": len(ddpm),
                      "assignment": params["assignment"], "mixture_id": result["mixture_id"]})
-    if client is not None:
-        grid = storage.join(CampaignPaths(cfg.root).mixtures, result["mixture_id"], GRID_FILE)
+    if run is not None:
+        grid = storage.join(CampaignPaths(cfg.root).mixture_dir(result["mixture_id"]), GRID_FILE)
         if storage.exists(grid):
-            from PIL import Image
-
-            client.log_image(run_id, Image.open(io.BytesIO(storage.read_bytes(grid))),
-                             key="samples")
-        client.set_terminated(run_id, "FINISHED")
+            run.log_image(storage.read_bytes(grid), key="samples")
+        run.finish()
 
 
 # --------------------------------------------------------------------------- the driver
@@ -263,26 +218,16 @@ class SweepResult:
 
 def _sweep_parent(cfg: CampaignConfig) -> str | None:
     """The sweep's MLflow parent run (reused on restore)."""
-    if not cfg.tracking.enabled:
-        return None
-    from mlflow.tracking import MlflowClient
-
     from hdd_ray import tracking
 
-    exp_id = tracking.setup(cfg)
-    client = MlflowClient(tracking.tracking_uri(cfg))
-    found = client.search_runs(
-        [exp_id], f"tags.stage = 'sweep' and tags.sweep = '{cfg.sweep.name}'", max_results=1)
-    if found:
-        return found[0].info.run_id
+    exp = tracking.connect(cfg)
+    if exp is None:
+        return None
     sw = cfg.sweep
-    run = client.create_run(exp_id, run_name=f"sweep {sw.name}", tags={
-        "campaign": cfg.name, "stage": "sweep", "sweep": sw.name, "mode": sw.mode})
-    from hdd_ray.tracking import flatten
-
-    for key, value in flatten(describe(cfg)).items():
-        client.log_param(run.info.run_id, key, value)
-    return run.info.run_id
+    return exp.find_or_create(f"sweep {sw.name}", {"stage": "sweep", "sweep": sw.name,
+                                                   "mode": sw.mode},
+                              key=("stage", "sweep"),
+                              params=tracking.flatten(describe(cfg))).run_id
 
 
 def train_needed_experts(cfg: CampaignConfig, parent_run_id: str | None = None) -> tuple[int, int]:
@@ -291,12 +236,12 @@ def train_needed_experts(cfg: CampaignConfig, parent_run_id: str | None = None) 
     Returns ``(trained, needed)``: experts trained now and experts the sweep needs in all.
     Raises :class:`SweepError` when one fails.
     """
-    from hdd_ray.training.launcher import train_campaign
+    from hdd_ray.training import train_campaign
 
     needed = needed_assignments(candidate_assignments(cfg))
     statuses = []
     for i, schedule in enumerate(swept_values(cfg)["schedule"]):
-        statuses += train_campaign(variant(cfg, [], schedule), include_router=(i == 0),
+        statuses += train_campaign(with_assignment(cfg, [], schedule), include_router=(i == 0),
                                    parent_run_id=parent_run_id, assignments=needed)
     experts = {s.name: s for s in statuses if s.kind == "expert"}
     failed = [s for s in statuses if not s.ok]
@@ -320,7 +265,8 @@ def run_sweep(cfg: CampaignConfig, force: bool = False, verbose: int = 1) -> Swe
     validate_sweep(cfg)
     cfg = dataclasses.replace(cfg, root=storage.absolute(cfg.root))
     sw = cfg.sweep
-    directory = sweep_dir(cfg)
+    paths = CampaignPaths(cfg.root)
+    directory = paths.sweep_dir(sw.name)
     spec_path = storage.join(directory, SPEC_FILE)
     if force and storage.exists(directory):
         storage.remove(directory)
@@ -329,7 +275,7 @@ def run_sweep(cfg: CampaignConfig, force: bool = False, verbose: int = 1) -> Swe
                          "space: pick another sweep.name, or pass --force to start it over")
     parent = _sweep_parent(cfg)
     trained, needed = train_needed_experts(cfg, parent)
-    Judge(variant(cfg, [], swept_values(cfg)["schedule"][0]))  # builds the shared caches (reference CLIP, stats)
+    Judge(with_assignment(cfg, [], swept_values(cfg)["schedule"][0]))  # builds the shared caches (reference CLIP, stats)
     storage.write_json(spec_path, describe(cfg))
 
     trainable = tune.with_resources(tune.with_parameters(sweep_trial, cfg=cfg,
@@ -361,7 +307,7 @@ def run_sweep(cfg: CampaignConfig, force: bool = False, verbose: int = 1) -> Swe
                 metric="fid", mode="min", scheduler=scheduler, search_alg=search_alg,
                 num_samples=sw.num_samples if sw.mode in ("random", "optuna") else 1,
                 max_concurrent_trials=sw.max_concurrent_trials),
-            run_config=tune.RunConfig(name=sw.name, storage_path=_sweeps_root(cfg),
+            run_config=tune.RunConfig(name=sw.name, storage_path=paths.sweeps,
                                       verbose=verbose),
         )
     grid = tuner.fit()
@@ -394,7 +340,7 @@ def rank(grid: Any, cfg: CampaignConfig) -> list[dict[str, Any]]:
             continue
         ddpm = trial_assignment(c, cfg.clustering.k)
         rows.append({
-            "assignment": assignment_string(ddpm, cfg.clustering.k), "num_ddpm": len(ddpm),
+            "assignment": format_assignment(ddpm, cfg.clustering.k), "num_ddpm": len(ddpm),
             "ddpm_clusters": ddpm, "schedule": c["schedule"], "routing": c["routing"],
             "k": c["k"], "guidance": c["guidance"], "steps": c["steps"],
             "num_samples": m["num_samples"], "fid": m["fid"], "fid_floor": m.get("fid_floor"),
@@ -457,7 +403,7 @@ def write_outputs(cfg: CampaignConfig, rows: list[dict[str, Any]], parent: str |
     """Ranking CSV + markdown, the plot and ``best_mixture.json``; artifacts of the sweep run."""
     import csv
 
-    directory = sweep_dir(cfg)
+    directory = CampaignPaths(storage.absolute(cfg.root)).sweep_dir(cfg.sweep.name)
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(RANKING_COLUMNS)
@@ -472,27 +418,19 @@ def write_outputs(cfg: CampaignConfig, rows: list[dict[str, Any]], parent: str |
     for name, data in files.items():
         storage.write_bytes(storage.join(directory, name), data)
     if parent is not None:
-        from mlflow.tracking import MlflowClient
-
         from hdd_ray import tracking
 
-        client = MlflowClient(tracking.tracking_uri(cfg))
+        run = tracking.Experiment(cfg).run(parent)
         for name, data in files.items():
             if name.endswith(".png"):
-                _log_png(client, parent, name, data)
+                run.log_image(data, artifact_file=name)
             else:
-                client.log_text(parent, data.decode(), name)
+                run.log_text(data.decode(), name)
         if best is not None:
-            client.log_metric(parent, "best_fid", float(best["fid"]))
-            client.set_tag(parent, "best_assignment", best["assignment"])
-        client.set_terminated(parent, "FINISHED")
+            run.log({"best_fid": float(best["fid"])},
+                    tags={"best_assignment": best["assignment"]})
+        run.finish()
     return md
-
-
-def _log_png(client: Any, run_id: str, name: str, data: bytes) -> None:
-    from PIL import Image
-
-    client.log_image(run_id, Image.open(io.BytesIO(data)), artifact_file=name)
 
 
 def best_spec(cfg: CampaignConfig, row: dict[str, Any]) -> dict[str, Any]:
@@ -520,7 +458,8 @@ def load_mixture_spec(cfg: CampaignConfig, name_or_path: str) -> tuple[CampaignC
 
     path = name_or_path
     if not (name_or_path.endswith(".json") and storage.exists(name_or_path)):
-        path = storage.join(_sweeps_root(cfg), name_or_path, BEST_FILE)
+        path = storage.join(CampaignPaths(storage.absolute(cfg.root)).sweep_dir(name_or_path),
+                            BEST_FILE)
     if not storage.exists(path):
         raise SweepError(f"--mixture {name_or_path!r}: no {path} (run jobs/sweep_objectives.py "
                          f"sweep.name={name_or_path} first, or give a JSON path)")
@@ -530,11 +469,11 @@ def load_mixture_spec(cfg: CampaignConfig, name_or_path: str) -> tuple[CampaignC
     for c in spec["ddpm_clusters"]:
         if not 0 <= c < cfg.clustering.k:
             raise ConfigError(f"{path}: cluster id {c} outside 0..{cfg.clustering.k - 1}")
-    return variant(cfg, list(spec["ddpm_clusters"]), saved["schedule"]), MixtureSpec(**spec)
+    return with_assignment(cfg, spec["ddpm_clusters"], saved["schedule"]), MixtureSpec(**spec)
 
 
 __all__ = [
-    "SweepError", "SweepResult", "assignment_string", "candidate_assignments",
+    "SweepError", "SweepResult", "candidate_assignments",
     "load_mixture_spec", "needed_assignments", "param_space", "rank", "run_sweep",
     "sweep_trial", "train_needed_experts",
 ]

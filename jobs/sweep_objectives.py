@@ -45,10 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
         argv = [*DEMO_DEFAULTS, *argv]  # later overrides win
     cfg, args = parse_job_args(__doc__, argv)
-    from hdd_ray.clustering import prepare_corpus
-    from hdd_ray.corpus import PrepareError
+    from hdd_ray.errors import CampaignError
+    from hdd_ray.prepare import PrepareError, prepare_corpus
     from hdd_ray.sweep import SweepError, run_sweep
-    from hdd_ray.training.launcher import CampaignError
 
     started = time.time()
     init_ray(cfg)

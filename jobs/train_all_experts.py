@@ -30,14 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_job_args(__doc__, argv, extra=[
         ("--skip-router", {"action": "store_true", "help": "train the experts only"}),
     ])
-    from hdd_ray.clustering import prepare_corpus
-    from hdd_ray.corpus import PrepareError
-    from hdd_ray.training.launcher import (
-        CampaignError,
-        campaign_assignments,
-        format_table,
-        train_campaign,
-    )
+    from hdd_ray.campaign import campaign_assignments
+    from hdd_ray.errors import CampaignError
+    from hdd_ray.prepare import PrepareError, prepare_corpus
+    from hdd_ray.training.launcher import format_table, train_campaign
 
     started = time.time()
     with tracking.run(cfg, "train_all_experts", tags={"stage": "campaign"}) as parent:
@@ -46,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             prepare_corpus(cfg, force=args.force)
             init_ray(cfg)  # no-op when prepare already joined Ray
             statuses = train_campaign(cfg, include_router=not args.skip_router,
-                                      parent_run_id=parent.info.run_id if parent else None)
+                                      parent_run_id=parent.run_id if parent else None)
         except (PrepareError, CampaignError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -58,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         if failed:
             return 1
         if cfg.evaluation.enabled and not args.skip_router:
-            evaluate(cfg, campaign_assignments(cfg), parent.info.run_id if parent else None)
+            evaluate(cfg, campaign_assignments(cfg), parent.run_id if parent else None)
     print(f"done in {time.time() - started:.0f} s")
     return 0
 
@@ -66,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate(cfg, assignments: list[list[int]], parent_run_id: str | None) -> None:
     """Evaluate the campaign's mixture (and its baseline) and print the comparison table."""
     from hdd_ray import storage
+    from hdd_ray.campaign import CampaignPaths
     from hdd_ray.evaluation.mixture import Judge, MixtureSpec, comparison_table, evaluate_mixture
-    from hdd_ray.storage import CampaignPaths
 
     judge = Judge(cfg)
     results = []

@@ -26,14 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_job_args(__doc__, argv, extra=[
         ("--expert", {"required": True, "help": "expert index (cluster) or expert id"}),
     ])
+    from hdd_ray.campaign import expert_id, load_manifest
     from hdd_ray.config import resolve_experts
-    from hdd_ray.training.launcher import (
-        CampaignError,
-        expert_id,
-        format_table,
-        load_manifest,
-        train_campaign,
-    )
+    from hdd_ray.errors import CampaignError
+    from hdd_ray.training.launcher import format_table, train_campaign
 
     try:
         manifest = load_manifest(cfg)

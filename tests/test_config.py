@@ -62,14 +62,19 @@ def test_per_expert_resources_merge_over_the_default():
 
 
 def test_expert_id_depends_on_what_determines_the_weights_only():
-    base = resolve_experts(load_config())[1]
-    more_cpu = resolve_experts(load_config(overrides=["experts.resources.cpus_per_worker=2"]))[1]
-    longer = resolve_experts(load_config(overrides=["experts.train.steps=9"]))[1]
-    ckpt = resolve_experts(load_config(overrides=["experts.train.checkpoint_every=7"]))[1]
-    ident = base.expert_id("h", 8, 1)
-    assert ident == more_cpu.expert_id("h", 8, 1) == ckpt.expert_id("h", 8, 1)
-    assert ident != longer.expert_id("h", 8, 1)
-    assert ident != base.expert_id("other-data", 8, 1)
+    from hdd_ray.campaign import expert_id
+
+    def id_of(overrides: list[str], data_hash: str = "h") -> str:
+        cfg = load_config(overrides=["corpus.image_size=8", "corpus.channels=1", *overrides])
+        manifest = {"clusters": [{"cluster": 1, "count": 1, "hash": data_hash, "shards": []}]}
+        return expert_id(cfg, resolve_experts(cfg)[1], manifest)
+
+    ident = id_of([])
+    more_cpu = id_of(["experts.resources.cpus_per_worker=2"])
+    ckpt = id_of(["experts.train.checkpoint_every=7"])
+    assert ident == more_cpu == ckpt
+    assert ident != id_of(["experts.train.steps=9"])
+    assert ident != id_of([], "other-data")
     assert ident.startswith("c1-fm-")
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from hdd_ray.campaign import CampaignPaths
 from hdd_ray.corpus import demo_caption
 from hdd_ray.evaluation import (
     ReferenceStats,
@@ -27,7 +28,6 @@ from hdd_ray.evaluation import (
     images_hash,
     lpips_backbone_path,
     reference_stats,
-    reference_stats_dir,
     train_reference_clip,
 )
 
@@ -141,7 +141,7 @@ def test_fid_falls_monotonically_as_samples_approach_the_reference(digits, clip_
 
 def test_reference_stats_are_cached_and_keyed_by_data_hash(tmp_path, digits, clip_extractor):
     real = digits["train"]
-    cache = reference_stats_dir(str(tmp_path))
+    cache = CampaignPaths(str(tmp_path)).reference_stats
     first = reference_stats(real, clip_extractor, "hash-a", cache_dir=cache)
     assert not first.loaded and first.path is not None and os.path.isfile(first.path)
     mtime = os.stat(first.path).st_mtime_ns

@@ -43,7 +43,7 @@ def _cfg(root: Path, *extra: str):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, ray_local):
     """A demo campaign with K = 3 clusters, prepared once for the module."""
-    from hdd_ray.clustering import prepare_corpus
+    from hdd_ray.prepare import prepare_corpus
 
     root = tmp_path_factory.mktemp("sweep") / "root"
     prepare_corpus(_cfg(root))

@@ -20,13 +20,9 @@ import pytest
 import torch
 
 from hdd_ray import storage
+from hdd_ray.campaign import EXPERT_JSON, WEIGHTS, load_expert
 from hdd_ray.config import load_config
-from hdd_ray.training.launcher import (
-    EXPERT_JSON,
-    WEIGHTS,
-    load_expert,
-    train_campaign,
-)
+from hdd_ray.training.launcher import train_campaign
 from hdd_ray.training.loop import STATE_FILE
 from hdd_ray.training.model import WeightsMismatch, load_weights
 
@@ -49,7 +45,7 @@ def _cfg(root: Path, *extra: str):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, ray_local):
     """A demo campaign with K = 3 clusters, prepared once for the module."""
-    from hdd_ray.clustering import prepare_corpus
+    from hdd_ray.prepare import prepare_corpus
 
     root = tmp_path_factory.mktemp("campaign") / "root"
     prepare_corpus(_cfg(root))
@@ -93,12 +89,11 @@ def trained(prepared, tmp_path_factory):
                # expert 2 runs DDP on two workers: its process group must hold only those two
                "experts.list=[{cluster: 2, resources: {num_workers: 2, cpus_per_worker: 0.25}}]")
     with tracking.run(cfg, "campaign-test") as parent:
-        statuses = train_campaign(cfg, parent_run_id=parent.info.run_id)
-    return root, cfg, statuses, parent.info.run_id
+        statuses = train_campaign(cfg, parent_run_id=parent.run_id)
+    return root, cfg, statuses, parent.run_id
 
 
 def test_campaign_trains_every_expert_and_router_then_reuses_them(trained):
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     from hdd_ray import tracking
@@ -128,7 +123,7 @@ def test_campaign_trains_every_expert_and_router_then_reuses_them(trained):
 
     # MLflow: one nested run per expert + router under the campaign run, with loss curves
     client = MlflowClient(tracking.tracking_uri(cfg))
-    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
     assert len(children) == 4
     for run in children:

@@ -16,7 +16,6 @@ from hdd_ray.evaluation.features import (
     build_extractor,
     clip_pixels,
     extract_features,
-    open_clip_arch,
     to_rgb,
 )
 from hdd_ray.evaluation.metrics import (
@@ -29,14 +28,12 @@ from hdd_ray.evaluation.metrics import (
     images_hash,
     lpips_backbone_path,
     reference_stats,
-    reference_stats_dir,
 )
 from hdd_ray.evaluation.reference_clip import (
     REFERENCE_CLIP_ARCH,
     REFERENCE_CLIP_CONFIG,
     digit_of_caption,
     get_reference_clip,
-    reference_clip_dir,
     register_reference_clip_config,
     retrieval_accuracy,
     train_reference_clip,
@@ -65,10 +62,7 @@ __all__ = [
     "get_reference_clip",
     "images_hash",
     "lpips_backbone_path",
-    "open_clip_arch",
-    "reference_clip_dir",
     "reference_stats",
-    "reference_stats_dir",
     "register_reference_clip_config",
     "retrieval_accuracy",
     "to_rgb",

@@ -47,16 +47,10 @@ __all__ = [
     "images_hash",
     "lpips_backbone_path",
     "reference_stats",
-    "reference_stats_dir",
 ]
 
 DIVERSITY_NAMES = ("lpips_diversity", "feature_diversity", "pixel_diversity")
 _LPIPS_MIN_SIZE = 64  # AlexNet's 11x11/4 stem and three poolings leave nothing of an 8 px image
-
-
-def reference_stats_dir(root: str) -> str:
-    """``<root>/evaluation/reference_stats``: where a campaign caches reference statistics."""
-    return storage.join(root, "evaluation", "reference_stats")
 
 
 def images_hash(images: Tensor) -> str:

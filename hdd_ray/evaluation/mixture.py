@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import io
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +25,16 @@ import torch
 from torch import Tensor
 
 from hdd_ray import storage
-from hdd_ray.storage import CampaignPaths
+from hdd_ray.campaign import (
+    CampaignPaths,
+    cluster_shards,
+    expert_id,
+    format_assignment,
+    heldout_shards,
+    load_manifest,
+    short_hash,
+    with_assignment,
+)
 
 METRICS_FILE = "metrics.json"
 GRID_FILE = "grid.png"
@@ -60,17 +67,16 @@ class MixtureSpec:
 
     def assignment(self, num_clusters: int) -> str:
         """Readable objective per cluster, e.g. ``D F F D F F F F``."""
-        return " ".join("D" if c in self.ddpm_clusters else "F" for c in range(num_clusters))
+        return format_assignment(self.ddpm_clusters, num_clusters)
 
 
 def mixture_id(cfg: Any, spec: MixtureSpec, expert_ids: list[str]) -> str:
     """Deterministic id of an evaluated mixture."""
-    blob = json.dumps({"spec": dataclasses.asdict(spec), "experts": expert_ids,
-                       "sampler": cfg.sampling.sampler, "shift": cfg.sampling.time_shift,
-                       "conversion": dataclasses.asdict(cfg.sampling.conversion),
-                       "extractor": cfg.evaluation.fid_extractor}, sort_keys=True)
-    n_ddpm = len(spec.ddpm_clusters)
-    return f"d{n_ddpm}-{spec.routing}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+    digest = short_hash({"spec": dataclasses.asdict(spec), "experts": expert_ids,
+                         "sampler": cfg.sampling.sampler, "shift": cfg.sampling.time_shift,
+                         "conversion": dataclasses.asdict(cfg.sampling.conversion),
+                         "extractor": cfg.evaluation.fid_extractor})
+    return f"d{len(spec.ddpm_clusters)}-{spec.routing}-{digest}"
 
 
 class Judge:
@@ -80,7 +86,6 @@ class Judge:
     def __init__(self, cfg: Any) -> None:
         from hdd_ray.evaluation import build_extractor, get_reference_clip, reference_stats
         from hdd_ray.training.data import read_cluster
-        from hdd_ray.training.launcher import cluster_shards, heldout_shards, load_manifest
 
         self.cfg = cfg
         manifest = load_manifest(cfg)
@@ -99,10 +104,11 @@ class Judge:
         ev = cfg.evaluation
         self.clip_info: dict[str, Any] = {}
         if ev.clip_arch:  # a real CLIP (local weights or a named tag)
-            import open_clip
+            from hdd_ray.towers import open_clip_model, open_clip_tokenizer
 
-            model = open_clip.create_model(ev.clip_arch, pretrained=ev.clip_weights).eval()
-            self.clip, self.tokenizer = model, open_clip.get_tokenizer(ev.clip_arch)
+            keys = {"arch_key": "evaluation.clip_arch", "weights_key": "evaluation.clip_weights"}
+            self.clip = open_clip_model(ev.clip_arch, ev.clip_weights, **keys).eval()
+            self.tokenizer = open_clip_tokenizer(ev.clip_arch, keys["arch_key"])
         else:  # the demo's own reference CLIP, trained once per campaign
             self.clip, self.tokenizer, self.clip_info = get_reference_clip(
                 cfg.root, lambda: train().images, lambda: train().captions, held.images,
@@ -111,9 +117,8 @@ class Judge:
         arch = ev.extractor_arch or (ev.clip_arch if ev.fid_extractor == "clip" else None)
         self.extractor = build_extractor(ev.fid_extractor, weights=ev.extractor_weights,
                                          arch=arch, clip_model=clip_model)
-        cache = storage.join(CampaignPaths(cfg.root).root, "evaluation", "reference_stats")
         self.reference = reference_stats(lambda: train().images, self.extractor, self.data_hash,
-                                         cache_dir=cache)
+                                         cache_dir=CampaignPaths(cfg.root).reference_stats)
         #: whether the training split had to be decoded (a cache missed)
         self.decoded_train = bool(decoded)
         self._floor: dict[int, float] = {}
@@ -200,13 +205,12 @@ def evaluate_mixture(
     """
     from hdd_ray.config import resolve_experts
     from hdd_ray.ensemble import load_mixture
-    from hdd_ray.training.launcher import expert_id, load_manifest, with_assignment
 
     manifest = load_manifest(cfg)
     variant = with_assignment(cfg, list(spec.ddpm_clusters))
     ids = [expert_id(variant, e, manifest) for e in resolve_experts(variant)]
     mid = mixture_id(cfg, spec, ids)
-    directory = storage.join(CampaignPaths(cfg.root).mixtures, mid)
+    directory = CampaignPaths(cfg.root).mixture_dir(mid)
     metrics_path = storage.join(directory, METRICS_FILE)
     if not force and storage.exists(metrics_path):
         return {**storage.read_json(metrics_path), "reused": True}
@@ -246,11 +250,6 @@ def evaluate_mixture(
 
 
 def _track(cfg: Any, r: dict[str, Any], grid_png: bytes, parent_run_id: str | None) -> None:
-    if not cfg.tracking.enabled:
-        return
-    import mlflow
-    from PIL import Image
-
     from hdd_ray import tracking
 
     tags = {"stage": "mixture", "extractor": r["extractor"], "num_samples": str(r["num_samples"]),
@@ -258,21 +257,19 @@ def _track(cfg: Any, r: dict[str, Any], grid_png: bytes, parent_run_id: str | No
             "steps": str(r["steps"]), "guidance": str(r["guidance"]),
             "diversity_metric": r["diversity_metric"], "mixture_id": r["mixture_id"]}
     name = f"mixture {r['assignment']} {r['routing']}"
-    tracking.setup(cfg)
-    with mlflow.start_run(run_name=name, tags={"campaign": cfg.name, **tags, **(
-            {"mlflow.parentRunId": parent_run_id} if parent_run_id else {})},
-            nested=mlflow.active_run() is not None):
-        mlflow.log_params({"assignment": r["assignment"], "num_ddpm": r["num_ddpm"],
-                           "routing": r["routing"], "k": r["k"], "threshold": r["threshold"],
-                           "guidance": r["guidance"], "steps": r["steps"],
-                           "num_samples": r["num_samples"], "seed": r["seed"]})
+    with tracking.run(cfg, name, tags, parent_run_id=parent_run_id) as run:
+        if run is None:
+            return
         metrics = {key: r[key] for key in ("fid", "fid_floor", "clip_score", "clip_score_real",
                                            "diversity", "images_per_second") if r.get(key) is not None}
         metrics.update({f"expert_share_{i}": v for i, v in enumerate(r["expert_share"])})
         if r.get("reference_clip_retrieval") is not None:
             metrics["reference_clip_retrieval"] = r["reference_clip_retrieval"]
-        mlflow.log_metrics(metrics)
-        mlflow.log_image(Image.open(io.BytesIO(grid_png)), key="samples")
+        run.log(metrics, params={
+            "assignment": r["assignment"], "num_ddpm": r["num_ddpm"], "routing": r["routing"],
+            "k": r["k"], "threshold": r["threshold"], "guidance": r["guidance"],
+            "steps": r["steps"], "num_samples": r["num_samples"], "seed": r["seed"]})
+        run.log_image(grid_png, key="samples")
 
 
 COMPARISON_COLUMNS = ("assignment", "num_ddpm", "routing", "k", "guidance", "steps",

@@ -34,6 +34,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from hdd_ray import storage
+from hdd_ray.campaign import CampaignPaths
 from hdd_ray.evaluation.features import clip_pixels
 from hdd_ray.models.text import TINY_OPEN_CLIP_CONFIG
 
@@ -42,7 +43,6 @@ __all__ = [
     "REFERENCE_CLIP_CONFIG",
     "digit_of_caption",
     "get_reference_clip",
-    "reference_clip_dir",
     "register_reference_clip_config",
     "retrieval_accuracy",
     "train_reference_clip",
@@ -68,11 +68,6 @@ WEIGHTS_FILE = "weights.safetensors"
 INFO_FILE = "reference_clip.json"
 _DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 _DIGIT_RE = re.compile(r"\b(\d|" + "|".join(_DIGIT_WORDS) + r")\b")
-
-
-def reference_clip_dir(root: str) -> str:
-    """``<root>/evaluation/reference_clip``."""
-    return storage.join(root, "evaluation", "reference_clip")
 
 
 def digit_of_caption(caption: str) -> str:
@@ -305,7 +300,7 @@ def get_reference_clip(
     The model is frozen, in eval mode, and carries ``eval_label = "reference"`` so CLIP-FID
     extractors built from it are named ``clip:reference-<fingerprint>``.
     """
-    directory = reference_clip_dir(root)
+    directory = CampaignPaths(root).reference_clip
     weights_path = storage.join(directory, WEIGHTS_FILE)
     info_path = storage.join(directory, INFO_FILE)
     settings = _settings(steps, batch_size, lr, seed, data_hash)

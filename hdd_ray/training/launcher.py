@@ -4,14 +4,14 @@ Each expert is its own ``TorchTrainer`` with its own ``RunConfig`` (name = exper
 under ``<root>/experts``), ``FailureConfig`` and ``ScalingConfig`` (CPUs, GPUs, accelerator
 type, custom resources, labels). All start at once, each ``fit()`` in its own thread (on a
 local Ray instance, as many at once as its resources can place: the rest queue); one
-expert's failure never stops another. The expert cache (DESIGN §3): a finished expert (valid
+expert's failure never stops another. The expert cache (ARCHITECTURE.md): a finished expert (valid
 ``weights.safetensors`` + ``expert.json``) is reused, a partial one resumed, a missing one trained.
+What a run is (paths, ids, identities) comes from :mod:`hdd_ray.campaign`; this module keeps only
+the Ray Train plumbing.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import threading
 import time
@@ -24,21 +24,26 @@ from typing import Any
 import torch
 
 from hdd_ray import storage
-from hdd_ray.config import CampaignConfig, ResolvedExpert, resolve_experts, to_dict
-from hdd_ray.errors import CampaignError, ExpertRejected
-from hdd_ray.storage import CampaignPaths
-from hdd_ray.training.loop import STATE_FILE, train_loop
-from hdd_ray.training.model import (
-    ExpertModel,
-    RouterModel,
-    WeightsMismatch,
-    load_weights,
-    save_weights,
+from hdd_ray.campaign import (
+    EXPERT_JSON,
+    ROUTER_JSON,
+    WEIGHTS,
+    CampaignPaths,
+    campaign_assignments,
+    check_existing,
+    cluster_info,
+    cluster_shards,
+    expert_id,
+    expert_identity,
+    load_manifest,
+    router_id,
+    router_identity,
+    with_assignment,
 )
-
-WEIGHTS = "weights.safetensors"
-EXPERT_JSON = "expert.json"
-ROUTER_JSON = "router.json"
+from hdd_ray.config import CampaignConfig, ResolvedExpert, resolve_experts, to_dict
+from hdd_ray.errors import ExpertRejected
+from hdd_ray.training.loop import STATE_FILE, train_loop
+from hdd_ray.training.model import ExpertModel, RouterModel, save_weights
 
 
 @dataclass
@@ -62,91 +67,6 @@ class RunStatus:
     def ok(self) -> bool:
         """Whether the run ended with usable weights."""
         return self.status in ("trained", "reused", "resumed")
-
-
-# ------------------------------------------------------------------------------------- planning
-
-
-def load_manifest(cfg: CampaignConfig) -> dict[str, Any]:
-    """The clustering manifest; one line naming the fix when the corpus was not prepared."""
-    paths = CampaignPaths(cfg.root)
-    if not storage.exists(paths.manifest):
-        raise CampaignError(
-            f"no clusters at {paths.clusters}: run `python jobs/prepare_corpus.py root={cfg.root}` first"
-        )
-    manifest = storage.read_json(paths.manifest)
-    if int(manifest.get("k", -1)) != cfg.clustering.k:
-        raise CampaignError(
-            f"clustering.k={cfg.clustering.k} but {paths.manifest} has k={manifest.get('k')}: "
-            "re-run prepare_corpus with --force or fix clustering.k"
-        )
-    return manifest
-
-
-def cluster_info(manifest: dict[str, Any], cluster: int) -> dict[str, Any]:
-    """The manifest's entry of one cluster: ``count``, ``hash`` (of its data), ``shards``."""
-    for entry in manifest.get("clusters", []):
-        if int(entry["cluster"]) == cluster:
-            return entry
-    return {"cluster": cluster, "count": 0, "hash": "", "shards": []}
-
-
-def cluster_shards(cfg: CampaignConfig, manifest: dict[str, Any], cluster: int) -> list[str]:
-    """Full paths of a cluster's training shards."""
-    clusters_dir = CampaignPaths(cfg.root).clusters
-    return [storage.join(clusters_dir, s) for s in cluster_info(manifest, cluster)["shards"]]
-
-
-def heldout_shards(cfg: CampaignConfig, manifest: dict[str, Any] | None = None) -> list[str]:
-    """Full paths of the held-out evaluation split's shards."""
-    manifest = manifest or load_manifest(cfg)
-    clusters_dir = CampaignPaths(cfg.root).clusters
-    return [storage.join(clusters_dir, s) for s in manifest.get("heldout", {}).get("shards", [])]
-
-
-def expert_identity(cfg: CampaignConfig, expert: ResolvedExpert, manifest: dict[str, Any]) -> dict[str, Any]:
-    """What determines the expert's weights (DESIGN §3); the data hash is its own cluster's,
-    so re-clustering that leaves a cluster unchanged keeps its expert."""
-    data_hash = str(cluster_info(manifest, expert.cluster)["hash"])
-    return expert.identity(data_hash, cfg.corpus.image_size, cfg.corpus.channels)
-
-
-def expert_id(cfg: CampaignConfig, expert: ResolvedExpert, manifest: dict[str, Any]) -> str:
-    """Deterministic id of an expert in this campaign."""
-    data_hash = str(cluster_info(manifest, expert.cluster)["hash"])
-    return expert.expert_id(data_hash, cfg.corpus.image_size, cfg.corpus.channels)
-
-
-def router_identity(cfg: CampaignConfig, manifest: dict[str, Any]) -> dict[str, Any]:
-    """What determines the router's weights."""
-    train = {k: v for k, v in to_dict(cfg.router.train).items() if k not in ("checkpoint_every", "compile")}
-    return {"model": cfg.router.model, "train": train, "k": cfg.clustering.k,
-            "data_hash": str(manifest["data_hash"]), "image_size": cfg.corpus.image_size,
-            "channels": cfg.corpus.channels}
-
-
-def router_id(cfg: CampaignConfig, manifest: dict[str, Any]) -> str:
-    """Deterministic id of the campaign's router."""
-    blob = json.dumps(router_identity(cfg, manifest), sort_keys=True)
-    return "router-" + hashlib.sha256(blob.encode()).hexdigest()[:10]
-
-
-def check_existing(directory: str, identity: dict[str, Any], json_name: str) -> str:
-    """``"finished"``, ``"partial"`` (checkpoints only) or ``"missing"``.
-
-    Raises :class:`ExpertRejected` when ``json_name`` describes a different model.
-    """
-    desc_path = storage.join(directory, json_name)
-    if storage.exists(desc_path) and storage.exists(storage.join(directory, WEIGHTS)):
-        desc = storage.read_json(desc_path)
-        diffs = [f"{k}: {desc.get('identity', {}).get(k)!r} here vs {v!r} in the campaign"
-                 for k, v in identity.items() if desc.get("identity", {}).get(k) != v]
-        if diffs:
-            raise ExpertRejected(f"{directory} does not match the campaign ({'; '.join(diffs[:3])})")
-        return "finished"
-    if any(n.startswith("checkpoint_") for n in storage.listdir(directory)):
-        return "partial"
-    return "missing"
 
 
 # ------------------------------------------------------------------------------------- running
@@ -216,68 +136,45 @@ def _one_line(exc: BaseException) -> str:
 
 
 class _Mlflow:
-    """Thread-safe MLflow bookkeeping of the launcher (client API: no fluent run stack)."""
+    """The launcher's MLflow bookkeeping: one run per expert / router, created from threads."""
 
     def __init__(self, cfg: CampaignConfig, parent_run_id: str | None) -> None:
-        self.enabled = cfg.tracking.enabled
+        from hdd_ray import tracking
+
+        self.exp = tracking.connect(cfg)
         self.parent = parent_run_id
-        self.uri = None
-        if self.enabled:
-            from mlflow.tracking import MlflowClient
-
-            from hdd_ray import tracking
-
-            self.exp_id = tracking.setup(cfg)
-            self.uri = tracking.tracking_uri(cfg)
-            self.client = MlflowClient(self.uri)
-            self.campaign = cfg.name
+        self.uri = self.exp.uri if self.exp is not None else None
 
     def run_for(self, name: str, tags: dict[str, str]) -> str | None:
         """The run of this expert/router: reused if one exists (resume continues its curve)."""
-        if not self.enabled:
+        if self.exp is None:
             return None
-        found = self.client.search_runs([self.exp_id], f"tags.run_key = '{name}'", max_results=1)
-        if found:
-            return found[0].info.run_id
-        all_tags = {"run_key": name, "campaign": self.campaign, **tags}
-        if self.parent:
-            all_tags["mlflow.parentRunId"] = self.parent
-        return self.client.create_run(self.exp_id, run_name=name, tags=all_tags).info.run_id
+        return self.exp.find_or_create(name, {"run_key": name, **tags}, key=("run_key",),
+                                       parent=self.parent).run_id
 
     def log_curve(self, run_id: str | None, curve: dict[str, float] | None) -> None:
         """The router's top-1 accuracy against t (step = 100 t)."""
-        if not self.enabled or run_id is None or not curve:
+        if self.exp is None or run_id is None or not curve:
             return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[
-            Metric("top1_accuracy_by_t", acc, now, int(round(float(t) * 100)))
-            for t, acc in curve.items()])
+        self.exp.run(run_id).log_curve("top1_accuracy_by_t", [
+            (int(round(float(t) * 100)), acc) for t, acc in curve.items()])
 
     def finish(self, run_id: str | None, status: RunStatus, params: dict[str, Any]) -> None:
-        if not self.enabled or run_id is None:
+        if self.exp is None or run_id is None:
             return
-        from mlflow.entities import Metric, Param, RunTag
+        from hdd_ray.tracking import flatten, warn_on_failure
 
-        from hdd_ray.tracking import flatten
-
-        now = int(time.time() * 1000)
-        metrics = [Metric("steps", status.steps, now, 0)]
+        metrics = {"steps": status.steps}
         if status.final_loss is not None:
-            metrics.append(Metric("final_loss", float(status.final_loss), now, 0))
+            metrics["final_loss"] = float(status.final_loss)
         if status.wall_time_s is not None:
-            metrics.append(Metric("wall_time_s", float(status.wall_time_s), now, 0))
-        existing = self.client.get_run(run_id).data.params
-        new_params = [Param(k, v) for k, v in flatten(params).items() if k not in existing]
-        tags = [RunTag("status", status.status), RunTag("node", status.node or "")]
+            metrics["wall_time_s"] = float(status.wall_time_s)
+        tags = {"status": status.status, "node": status.node or ""}
         if status.reason:
-            tags.append(RunTag("reason", status.reason[:500]))
-        try:
-            self.client.log_batch(run_id, metrics=metrics, params=new_params[:100], tags=tags)
-            self.client.set_terminated(run_id, "FINISHED" if status.ok else "FAILED")
-        except Exception as exc:
-            print(f"warning: MLflow logging failed: {_one_line(exc)}")
+            tags["reason"] = status.reason[:500]
+        run = self.exp.run(run_id)
+        warn_on_failure(run.log, metrics=metrics, params=flatten(params), tags=tags)
+        warn_on_failure(run.finish, ok=status.ok)
 
 
 def _base_loop_config(cfg: CampaignConfig, train: dict[str, Any], resources: dict[str, Any]) -> dict[str, Any]:
@@ -341,6 +238,8 @@ def _expert_job(cfg: CampaignConfig, expert: ResolvedExpert, manifest: dict[str,
 
 
 def _router_job(cfg: CampaignConfig, manifest: dict[str, Any]) -> _Job:
+    from hdd_ray.evaluation.router import router_accuracy_by_t
+
     train, resources = to_dict(cfg.router.train), to_dict(cfg.router.resources)
     size, ch, k = cfg.corpus.image_size, cfg.corpus.channels, cfg.clustering.k
     return _Job(
@@ -506,45 +405,6 @@ def _train(job: _Job, mlf: _Mlflow, status: RunStatus) -> RunStatus:
     return status
 
 
-@torch.no_grad()
-def router_accuracy_by_t(model: RouterModel, cfg: CampaignConfig, bins: int = 10) -> dict[str, float]:
-    """Top-1 accuracy of the router on the held-out split at ``t`` in the middle of each bin."""
-    from hdd_ray.diffusion import FM_TIME_SCALE
-    from hdd_ray.training.data import read_cluster
-
-    shards = heldout_shards(cfg)
-    if not shards:
-        return {}
-    data = read_cluster(shards, cfg.corpus.image_size, cfg.corpus.channels, label=None)
-    g = torch.Generator().manual_seed(0)
-    model.eval()
-    out = {}
-    for i in range(bins):
-        t = torch.full((len(data),), (i + 0.5) / bins)
-        eps = torch.randn(data.images.shape, generator=g)
-        tb = t.view(-1, 1, 1, 1)
-        logits = model((1 - tb) * data.images + tb * eps, t * FM_TIME_SCALE)
-        out[f"{(i + 0.5) / bins:.2f}"] = float((logits.argmax(1) == data.labels).float().mean())
-    return out
-
-
-def campaign_assignments(cfg: CampaignConfig) -> list[list[int]]:
-    """The objective assignments the campaign needs: its own, plus the evaluation baseline."""
-    out = [sorted(cfg.experts.ddpm_clusters)]
-    base = cfg.evaluation.baseline_ddpm_clusters
-    if cfg.evaluation.enabled and base is not None and sorted(base) not in out:
-        out.append(sorted(base))
-    return out
-
-
-def with_assignment(cfg: CampaignConfig, ddpm_clusters: list[int]) -> CampaignConfig:
-    """The same campaign with another objective assignment."""
-    import dataclasses
-
-    return dataclasses.replace(
-        cfg, experts=dataclasses.replace(cfg.experts, ddpm_clusters=list(ddpm_clusters)))
-
-
 def train_campaign(
     cfg: CampaignConfig,
     only: list[int] | None = None,
@@ -580,26 +440,6 @@ def train_campaign(
         return list(pool.map(lambda job: _execute(job, mlf, gate), jobs))
 
 
-def load_expert(directory: str) -> tuple[ExpertModel, dict[str, Any]]:
-    """An exported expert (safetensors + expert.json), checked against its description."""
-    desc = storage.read_json(storage.join(directory, EXPERT_JSON))
-    model = ExpertModel(desc["architecture"], desc["text"], desc["image_size"], desc["channels"])
-    load_weights(model, storage.join(directory, WEIGHTS), f"expert {desc['expert_id']}")
-    return model.eval(), desc
-
-
-def load_router(cfg: CampaignConfig, manifest: dict[str, Any] | None = None) -> RouterModel:
-    """The campaign's trained router (one line naming the fix when it is missing)."""
-    manifest = manifest or load_manifest(cfg)
-    rid = router_id(cfg, manifest)
-    directory = storage.join(CampaignPaths(cfg.root).router, rid)
-    if not storage.exists(storage.join(directory, ROUTER_JSON)):
-        raise CampaignError(f"router {rid} not trained yet: run `python jobs/train_all_experts.py root={cfg.root}`")
-    model = RouterModel(cfg.router.model, cfg.corpus.image_size, cfg.corpus.channels, cfg.clustering.k)
-    load_weights(model, storage.join(directory, WEIGHTS), f"router {rid}")
-    return model.eval()
-
-
 def format_table(statuses: list[RunStatus]) -> str:
     """The per-run status table printed at the end of the job."""
     head = f"{'run':<24} {'cluster':>7} {'objective':<16} {'status':<9} {'steps':>6} {'loss':>8} {'wall s':>7} {'node':<14} reason"
@@ -613,7 +453,4 @@ def format_table(statuses: list[RunStatus]) -> str:
     return "\n".join(lines)
 
 
-__all__ = [
-    "CampaignError", "ExpertRejected", "RunStatus", "WeightsMismatch", "check_existing",
-    "expert_id", "format_table", "load_expert", "load_manifest", "router_id", "train_campaign",
-]
+__all__ = ["RunStatus", "format_table", "train_campaign"]

@@ -1,0 +1,38 @@
+"""How well the router recognises each sample's cluster along the noise path."""
+
+from __future__ import annotations
+
+import torch
+
+from hdd_ray.campaign import heldout_shards
+from hdd_ray.config import CampaignConfig
+from hdd_ray.training.model import RouterModel
+
+
+@torch.no_grad()
+def router_accuracy_by_t(model: RouterModel, cfg: CampaignConfig, bins: int = 10) -> dict[str, float]:
+    """Top-1 accuracy of the router on the held-out split at ``t`` in the middle of each bin.
+
+    The router sees ``x_t = (1 - t) x_0 + t eps`` (the flow-matching path, fixed noise seed) and
+    must name the held-out sample's cluster; keys are the bins' mid-points (``"0.05"``, ...).
+    """
+    from hdd_ray.diffusion import FM_TIME_SCALE
+    from hdd_ray.training.data import read_cluster
+
+    shards = heldout_shards(cfg)
+    if not shards:
+        return {}
+    data = read_cluster(shards, cfg.corpus.image_size, cfg.corpus.channels, label=None)
+    g = torch.Generator().manual_seed(0)
+    model.eval()
+    out = {}
+    for i in range(bins):
+        t = torch.full((len(data),), (i + 0.5) / bins)
+        eps = torch.randn(data.images.shape, generator=g)
+        tb = t.view(-1, 1, 1, 1)
+        logits = model((1 - tb) * data.images + tb * eps, t * FM_TIME_SCALE)
+        out[f"{(i + 0.5) / bins:.2f}"] = float((logits.argmax(1) == data.labels).float().mean())
+    return out
+
+
+__all__ = ["router_accuracy_by_t"]
