@@ -174,6 +174,15 @@ def test_mixture_of_ddpm_and_fm_experts_is_evaluated_and_tracked(trained):
     assert any("images" in a or "samples" in a for a in artifacts), artifacts
     # the same mixture again is reused, not re-sampled
     assert evaluate_mixture(cfg, spec)["reused"]
+    # FID and its floor at one n, with intervals; per-sample data kept for paired comparisons
+    assert result["fid_n"] == 48 and result["fid_low"] <= result["fid"] <= result["fid_high"]
+    assert (directory / "per_sample.safetensors").exists()
+    # a mixture cached by an evaluation without intervals is evaluated again, not mixed in
+    stale = json.loads((directory / "metrics.json").read_text())
+    del stale["evaluation_version"]
+    (directory / "metrics.json").write_text(json.dumps(stale))
+    again = evaluate_mixture(cfg, spec)
+    assert not again["reused"] and again["fid"] == pytest.approx(result["fid"])
     # a later judge of the campaign loads the cached reference CLIP and statistics without
     # decoding the training split
     from hdd_ray.evaluation.mixture import Judge
@@ -272,9 +281,9 @@ def test_expert_without_usable_data_fails_alone(prepared, tmp_path):
 
 
 def test_local_instance_queues_runs_that_do_not_fit_together():
-    from hdd_ray.training.launcher import _ResourceGate
+    from hdd_ray.placement import ResourceGate
 
-    gate = _ResourceGate({"CPU": 2.0, "GPU": 1.0})
+    gate = ResourceGate({"CPU": 2.0, "GPU": 1.0})
     big = {"num_workers": 1, "cpus_per_worker": 1.5, "gpus_per_worker": 0.0, "custom": {}}
     gpu = {"num_workers": 2, "cpus_per_worker": 0.25, "gpus_per_worker": 0.5, "custom": {}}
     assert gate.need(gpu) == {"CPU": 0.5, "GPU": 1.0}

@@ -80,10 +80,10 @@ class EmbedBatch:
     """
 
     def __init__(self, embedder: dict[str, Any], channels: int, image_size: int) -> None:
-        import torch
+        from hdd_ray.devices import pick_device
 
         spec = dict(embedder)
-        device = "cuda" if spec.pop("use_gpu") and torch.cuda.is_available() else "cpu"
+        device = str(pick_device(spec.pop("use_gpu")))  # the actor's GPU when it was given one
         self.embedder = build_embedder(channels=channels, device=device, **spec)
         self.channels, self.image_size = channels, image_size
 

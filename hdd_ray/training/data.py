@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hdd_ray import devices
 from hdd_ray.corpus import decode_image, iter_samples, prepare_image
 from hdd_ray.errors import NoUsableData
 
@@ -32,7 +33,7 @@ class ClusterData:
 
     def batch(self, n: int, generator: torch.Generator) -> tuple[Tensor, list[str], Tensor]:
         """``n`` samples drawn with replacement."""
-        idx = torch.randint(0, len(self), (n,), generator=generator)
+        idx = devices.randint(len(self), n, generator)  # on the CPU, where the images are
         return self.images[idx], [self.captions[i] for i in idx.tolist()], self.labels[idx]
 
 

@@ -13,11 +13,9 @@ the Ray Train plumbing.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -42,6 +40,7 @@ from hdd_ray.campaign import (
 )
 from hdd_ray.config import CampaignConfig, ResolvedExpert, resolve_experts, to_dict
 from hdd_ray.errors import ExpertRejected
+from hdd_ray.placement import ResourceGate, local_gate
 from hdd_ray.training.loop import STATE_FILE, train_loop
 from hdd_ray.training.model import ExpertModel, RouterModel, save_weights
 
@@ -257,85 +256,14 @@ def _router_job(cfg: CampaignConfig, manifest: dict[str, Any]) -> _Job:
     )
 
 
-class _ResourceGate:
-    """Holds runs back until their Ray request fits what a fixed Ray instance has free.
-
-    A local instance never grows, and Ray Train counts a worker group that waits too long for
-    resources (``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``) as a failed attempt: with more
-    experts than the instance can place at once, the extra ones would burn their
-    ``max_failures`` waiting. Queued here instead, each starts when one before it finished.
-    On a cluster that autoscales no gate is used: pending requests are what makes it grow.
-    """
-
-    def __init__(self, capacity: dict[str, float]) -> None:
-        self.capacity = dict(capacity)
-        self.free = dict(capacity)
-        self._cond = threading.Condition()
-
-    @staticmethod
-    def need(resources: dict[str, Any]) -> dict[str, float]:
-        """The resources one run's worker group asks for, all workers together."""
-        n = int(resources.get("num_workers", 1))
-        need = {"CPU": n * float(resources.get("cpus_per_worker", 1.0)),
-                "GPU": n * float(resources.get("gpus_per_worker", 0.0))}
-        need.update({k: n * float(v) for k, v in (resources.get("custom") or {}).items()})
-        if resources.get("accelerator_type"):  # how Ray Train asks for it: a tiny resource
-            need[f"accelerator_type:{resources['accelerator_type']}"] = n * 0.001
-        return {k: v for k, v in need.items() if v > 0}
-
-    def unfit(self, resources: dict[str, Any]) -> str:
-        """Why the run can never start on this instance ('' when it can)."""
-        for key, amount in self.need(resources).items():
-            have = self.capacity.get(key, 0.0)
-            if amount <= have + 1e-9:
-                continue
-            if key.startswith("accelerator_type:"):
-                return (f"asks for accelerator_type {key.split(':', 1)[1]} but the local Ray "
-                        "instance has no such accelerator: drop experts.resources.accelerator_type "
-                        "or run on a cluster that has it")
-            return (f"asks for {amount:g} {key} in all ({resources.get('num_workers', 1)} "
-                    f"workers) but the local Ray instance has {have:g}: lower the run's "
-                    "resources or start Ray with more (ray.num_cpus)")
-        return ""
-
-    @contextmanager
-    def hold(self, resources: dict[str, Any]):
-        """Wait until the run's resources are free, keep them while the block runs."""
-        need = self.need(resources)
-
-        def fits() -> bool:
-            return all(self.free.get(k, 0.0) + 1e-9 >= v for k, v in need.items())
-
-        with self._cond:
-            self._cond.wait_for(fits)
-            for k, v in need.items():
-                self.free[k] -= v
-        try:
-            yield
-        finally:
-            with self._cond:
-                for k, v in need.items():
-                    self.free[k] += v
-                self._cond.notify_all()
-
-
-def _local_gate(cfg: CampaignConfig) -> _ResourceGate | None:
-    """A gate over the local instance's resources; None when joined to a cluster.
-
-    The capacity is the instance's total (``cluster_resources``), not a snapshot of what is free
-    now: actors of an earlier stage still shutting down must not shrink it for the whole campaign.
-    """
-    import ray
-
+def _local_gate(cfg: CampaignConfig) -> ResourceGate | None:
+    """The gate over the local instance's nodes (:mod:`hdd_ray.placement`); None on a cluster."""
     from hdd_ray.cli import cluster_address
 
-    if cluster_address(cfg) or not ray.is_initialized():
-        return None
-    return _ResourceGate({k: float(v) for k, v in ray.cluster_resources().items()
-                          if not k.startswith("node:") and k not in ("memory", "object_store_memory")})
+    return local_gate(cluster_address(cfg))
 
 
-def _execute(job: _Job, mlf: _Mlflow, gate: _ResourceGate | None = None) -> RunStatus:
+def _execute(job: _Job, mlf: _Mlflow, gate: ResourceGate | None = None) -> RunStatus:
     """Reuse, resume or train one run; export its EMA weights + JSON. Never raises."""
     status = RunStatus(job.name, job.kind, job.cluster, job.objective, "failed")
     try:
@@ -354,7 +282,8 @@ def _execute(job: _Job, mlf: _Mlflow, gate: _ResourceGate | None = None) -> RunS
         return status
     if gate is None:
         return _train(job, mlf, status)
-    status.reason = gate.unfit(job.resources)
+    key = "experts.resources" if job.kind == "expert" else "router.resources"
+    status.reason = gate.unfit(job.resources, key)
     if status.reason:
         return status
     with gate.hold(job.resources):

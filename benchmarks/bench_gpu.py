@@ -1,0 +1,442 @@
+"""GPU benchmark: a tiny campaign end to end on the GPU, and a throughput table.
+
+    python benchmarks/bench_gpu.py                        # a CUDA machine: everything
+    python benchmarks/bench_gpu.py --peak-tflops 400      # a GPU not in the peak table
+    python benchmarks/bench_gpu.py --device cpu           # CI smoke: tiny sizes, no Ray campaign
+
+1. **Campaign** (``--campaign``; on by default on CUDA): prepare (the embedding actor asks for a
+   GPU), one ``ddpm_eps`` and one ``fm_velocity`` expert and the router under Ray Train with one
+   GPU each, then the mixture's evaluation as the job runs it (a Ray task with one GPU). Records
+   each stage's wall time and the device every stage ran on.
+2. **Training throughput and MFU**: the training loop's step (the objective's loss under bf16
+   autocast, backward, grad clip, AdamW, EMA) for DiT-B/2 and DiT-XL/2 on 32x32x4 inputs at the
+   largest batch that fits (doubling until out of memory), steps/s, and MFU = model FLOPs per
+   step (:func:`dit_forward_flops`, x3 for forward + backward) / step time / the GPU's dense bf16
+   peak (:data:`PEAK_TFLOPS`, or ``--peak-tflops``); with the time split into forward+backward,
+   optimizer and EMA.
+3. **Ray Train versus the bare loop**: the same ``run_loop`` (``RayTrainHooks`` in a one-worker
+   ``TorchTrainer`` versus ``LocalHooks`` in this process) on a synthetic 32x32 RGB cluster;
+   steps/s measured inside the loop (target >= 0.97).
+4. **Sampling**: images/s of a K = 4 mixture (random weights, half ``ddpm_eps``) for top-1,
+   top-2 and full routing, through ``Mixture.sample`` (target: top-2 <= 2.1x top-1's time).
+
+Results: ``benchmarks/out/bench_gpu.json`` (keys documented in ``benchmarks/README.md``).
+``--device cpu`` runs DiT-T/2, a few steps and batches of at most 4, skipping the campaign and
+the Ray comparison unless ``--campaign`` / ``--ray`` are given: it keeps the script alive in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+#: dense bf16 tensor-core peak, TFLOP/s (no sparsity), matched against the CUDA device name
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "RTX 4090": 165.0, r"\bL4\b": 121.0}
+OUT = Path(__file__).resolve().parent / "out" / "bench_gpu.json"
+TEXT_LEN = 16  # caption tokens the expert's learned text encoder produces (config text.max_len)
+
+
+# ------------------------------------------------------------------------------------ FLOPs
+
+
+def dit_forward_flops(size: str, input_size: int, in_channels: int, text_dim: int,
+                      text_len: int) -> int:
+    """Matmul FLOPs (2 per multiply-add) of one DiT forward pass on one sample.
+
+    With ``N = (input_size / p)^2`` image tokens of width ``C``, ``L`` caption tokens of width
+    ``D`` and the MLP at ``4C``, each block costs: self-attention ``qkv 6NC^2 + scores and
+    values 4N^2C + proj 2NC^2``; cross-attention ``q 2NC^2 + kv 4LC^2 + scores and values 4NLC +
+    proj 2NC^2``; MLP ``16NC^2``. Outside the blocks: the patch embedding ``2N(p^2 c_in)C``, the
+    timestep MLP ``2(256C + C^2)``, the shared ``t_block`` ``12C^2``, the caption projection
+    ``2L(DC + C^2)`` and the final layer ``2NC(p^2 c_in)``. Elementwise work is not counted.
+    """
+    from hdd_ray.models.dit import DIT_SIZES
+
+    spec = DIT_SIZES[size]
+    c, depth, p = spec["hidden_size"], spec["depth"], spec["patch_size"]
+    n, ll, patch = (input_size // p) ** 2, text_len, p * p * in_channels
+    block = (28 * n * c * c + 4 * ll * c * c + 4 * n * n * c + 4 * n * ll * c)
+    outside = (2 * n * patch * c + 2 * (256 * c + c * c) + 12 * c * c
+               + 2 * ll * (text_dim * c + c * c) + 2 * n * c * patch)
+    return depth * block + outside
+
+
+def peak_tflops(name: str | None, override: float | None) -> float | None:
+    """The GPU's dense bf16 peak from :data:`PEAK_TFLOPS` (``override`` wins)."""
+    if override:
+        return float(override)
+    for pattern, peak in PEAK_TFLOPS.items():
+        if name and re.search(pattern, name):
+            return peak
+    return None
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def _expert_parts(size: str, channels: int, image_size: int, device: torch.device):
+    from hdd_ray.config import load_config, resolve_experts
+    from hdd_ray.diffusion import get_objective
+    from hdd_ray.training.model import ExpertModel
+
+    expert = resolve_experts(load_config())[0]
+    text = dict(expert.text, max_len=TEXT_LEN)
+    model = ExpertModel(size, text, image_size, channels).to(device)
+    return model, get_objective("fm_velocity"), text
+
+
+def _text_dim() -> int:
+    from hdd_ray.config import load_config, resolve_experts
+
+    return int(resolve_experts(load_config())[0].text["dim"])
+
+
+def _timed_steps(size: str, batch: int, steps: int, device: torch.device, compile_: bool,
+                 phases: bool = False) -> dict[str, Any]:
+    """The loop's step on synthetic 32x32x4 latents: steps/s (and ms per phase if asked)."""
+    from hdd_ray import devices
+    from hdd_ray.training.loop import EMA
+
+    model, objective, _ = _expert_parts(size, 4, 32, device)
+    ema = EMA(model, 0.999)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    net = torch.compile(model) if compile_ else model
+    rng = devices.TrainingStreams(0, 0, device)
+    x0 = devices.randn((batch, 4, 32, 32), rng.noise, device)
+    cond = model.tokenize(["a photo of a cat"] * batch, device)
+    autocast = devices.autocast(device, "bf16")
+    spent = {"forward_backward": 0.0, "optimizer": 0.0, "ema": 0.0}
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def step() -> None:
+        t = time.perf_counter()
+        with autocast:
+            loss = objective.loss(net, x0, cond, 0.1, rng.noise)
+        loss.backward()
+        if phases:
+            sync()
+            spent["forward_backward"] += time.perf_counter() - t
+            t = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if phases:
+            sync()
+            spent["optimizer"] += time.perf_counter() - t
+            t = time.perf_counter()
+        ema.update(model)
+        float(loss.detach())  # the loop reads the loss back every micro-step
+        if phases:
+            spent["ema"] += time.perf_counter() - t
+
+    for _ in range(2):  # warm-up (kernels, allocator, compile)
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    wall = time.perf_counter() - start
+    out: dict[str, Any] = {"steps_per_s": steps / wall}
+    if phases:
+        out["phases_ms"] = {k: 1000 * v / steps for k, v in spent.items()}
+    return out
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc)
+
+
+def largest_batch(size: str, device: torch.device, start: int, limit: int) -> int:
+    """The largest power-of-two batch (from ``start``, at most ``limit``) whose step fits."""
+    best, batch = 0, start
+    while batch <= limit:
+        try:
+            _timed_steps(size, batch, 1, device, False)
+            best, batch = batch, batch * 2
+        except RuntimeError as exc:
+            if not _is_oom(exc):
+                raise
+            break
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if best == 0:
+        raise SystemExit(f"{size}: not even a batch of {start} fits on {device}")
+    return best
+
+
+def training_table(args: argparse.Namespace, device: torch.device, peak: float | None) -> list:
+    """Steps/s and MFU per model at its largest batch."""
+    rows = []
+    for size in args.models:
+        batch = largest_batch(size, device, args.min_batch, args.max_batch)
+        timed = _timed_steps(size, batch, args.steps, device, args.compile, phases=False)
+        split = _timed_steps(size, batch, max(2, args.steps // 4), device, args.compile,
+                             phases=True)
+        flops = 3 * batch * dit_forward_flops(size, 32, 4, _text_dim(), TEXT_LEN)
+        achieved = flops * timed["steps_per_s"] / 1e12
+        rows.append({"model": size, "input": [4, 32, 32], "batch": batch,
+                     "compile": bool(args.compile), "steps_per_s": timed["steps_per_s"],
+                     "samples_per_s": timed["steps_per_s"] * batch,
+                     "model_tflop_per_step": flops / 1e12, "achieved_tflops": achieved,
+                     "mfu": achieved / peak if peak else None,
+                     "phases_ms": split["phases_ms"]})
+        print(f"  {size} batch {batch}: {timed['steps_per_s']:.2f} steps/s, "
+              f"{achieved:.2f} TFLOP/s" + (f", MFU {achieved / peak:.1%}" if peak else ""),
+              flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------ Ray vs bare
+
+
+def _synthetic_shard(directory: str, n: int = 64, size: int = 32) -> str:
+    """A WebDataset shard of ``n`` random RGB PNGs with captions (the loop's real data path)."""
+    import numpy as np
+    from PIL import Image
+
+    from hdd_ray.corpus import write_tar
+
+    rs = np.random.RandomState(0)
+    samples = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rs.randint(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+        samples.append({"__key__": f"s{i:05d}", "png": buf.getvalue(),
+                        "txt": f"a random picture number {i % 7}".encode(),
+                        "json": json.dumps({"cluster": 0}).encode()})
+    path = str(Path(directory) / "shard-000000.tar")
+    write_tar(path, samples)
+    return path
+
+
+def ray_vs_bare(args: argparse.Namespace, device: torch.device, tmp: str) -> dict[str, Any]:
+    """Steps/s of ``run_loop`` bare (``LocalHooks``) and in a one-worker ``TorchTrainer``."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from hdd_ray.config import load_config, resolve_experts
+    from hdd_ray.training.loop import LocalHooks, run_loop, train_loop
+
+    cuda = device.type == "cuda"
+    expert = resolve_experts(load_config(overrides=["experts.ddpm_clusters=[]"]))[0]
+    expert = dataclasses.replace(expert, model=args.ray_model)
+    train = dict(expert.train, steps=args.ray_steps, checkpoint_every=args.ray_steps,
+                 batch_size=args.ray_batch, mixed_precision="bf16")
+    conf = {"kind": "expert", "expert": dataclasses.asdict(expert), "train": train,
+            "image_size": 32, "channels": 3, "shards": [_synthetic_shard(tmp)],
+            "torch_threads": args.threads, "use_gpu": cuda}
+    bare = run_loop(conf, LocalHooks(str(Path(tmp) / "bare")))
+    if not ray.is_initialized():
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    workers = {"CPU": float(args.threads), **({"GPU": 1.0} if cuda else {})}
+    result = TorchTrainer(
+        train_loop, train_loop_config=conf,
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=cuda, resources_per_worker=workers),
+        run_config=RunConfig(name="bench-gpu-ray", storage_path=str(Path(tmp) / "ray")),
+    ).fit()
+    if result.error is not None:
+        raise result.error
+    ray_sps = float(result.metrics["steps_per_s"])
+    return {"model": args.ray_model, "input": [3, 32, 32], "batch": args.ray_batch,
+            "steps": args.ray_steps, "bare_steps_per_s": bare["steps_per_s"],
+            "ray_steps_per_s": ray_sps, "ratio": ray_sps / bare["steps_per_s"]}
+
+
+# ------------------------------------------------------------------------------------ sampling
+
+
+def sampling_table(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Images/s of a K = 4 mixture (random weights) per routing, via ``Mixture.sample``."""
+    from hdd_ray.config import load_config
+    from hdd_ray.ensemble import Mixture
+    from hdd_ray.training.model import RouterModel
+
+    k = 4
+    cfg = load_config(overrides=[f"clustering.k={k}", f"sampling.steps={args.sample_steps}",
+                                 f"sampling.batch_size={args.sample_batch}", "sampling.k=2",
+                                 "sampling.guidance_scale=2.0", "sampling.sampler=euler",
+                                 "sampling.mixed_precision=bf16"])
+    cfg = dataclasses.replace(cfg, corpus=dataclasses.replace(cfg.corpus, channels=4,
+                                                              image_size=32))
+    experts = []
+    for i in range(k):
+        model = _expert_parts(args.sample_model, 4, 32, device)[0].eval()
+        objective = "ddpm_eps" if i % 2 == 0 else "fm_velocity"
+        experts.append((model, {"objective": objective,
+                                "schedule": "linear" if objective == "ddpm_eps" else None}))
+    router = RouterModel(args.router_model, 32, 4, k).to(device).eval()
+    mixture = Mixture(experts, router, cfg, device)
+    prompts = [f"a photo of thing {i % 8}" for i in range(args.sample_images)]
+    mixture.sample(prompts[: args.sample_batch], strategy="top1", steps=1)  # warm-up
+    rows = []
+    for routing in ("top1", "topk", "full"):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        mixture.sample(prompts, strategy=routing, k=2)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - start
+        rows.append({"routing": "top2" if routing == "topk" else routing, "seconds": wall,
+                     "images_per_s": len(prompts) / wall,
+                     "expert_evaluations": sum(mixture.last_evaluations)})
+        print(f"  sampling {rows[-1]['routing']}: {len(prompts) / wall:.2f} images/s", flush=True)
+    by = {r["routing"]: r for r in rows}
+    return {"model": args.sample_model, "router": args.router_model, "k": k,
+            "images": len(prompts), "steps": args.sample_steps, "guidance": 2.0,
+            "batch": args.sample_batch, "rows": rows,
+            "top2_over_top1_time": by["top2"]["seconds"] / by["top1"]["seconds"]}
+
+
+# ------------------------------------------------------------------------------------ campaign
+
+
+def campaign(args: argparse.Namespace, device: torch.device, tmp: str) -> dict[str, Any]:
+    """Prepare, two experts (ddpm_eps + fm_velocity), the router and the evaluation task, each
+    asking Ray for a GPU when ``device`` is CUDA; wall time and device per stage."""
+    import ray
+
+    from hdd_ray.campaign import EXPERT_JSON, ROUTER_JSON, CampaignPaths
+    from hdd_ray.cli import init_ray
+    from hdd_ray.config import load_config
+    from hdd_ray.evaluation.mixture import MixtureSpec
+    from hdd_ray.evaluation.remote import evaluate_on_ray
+    from hdd_ray.prepare import prepare_corpus
+    from hdd_ray.storage import read_json
+    from hdd_ray.training.launcher import train_campaign
+
+    gpu = 1 if device.type == "cuda" else 0
+    cfg = load_config(overrides=[
+        f"root={tmp}/campaign", "clustering.k=2", "clustering.fine_centroids=8",
+        f"clustering.gpus_per_actor={gpu}", "clustering.num_actors=1",
+        "experts.ddpm_clusters=[0]", "evaluation.baseline_ddpm_clusters=null", "sampling.k=2", f"sampling.steps={args.campaign_steps}",
+        f"experts.train.steps={args.campaign_train_steps}",
+        f"experts.train.checkpoint_every={args.campaign_train_steps}",
+        f"router.train.steps={args.campaign_train_steps}",
+        f"router.train.checkpoint_every={args.campaign_train_steps}",
+        f"experts.resources.gpus_per_worker={gpu}", f"router.resources.gpus_per_worker={gpu}",
+        "experts.resources.cpus_per_worker=1", "router.resources.cpus_per_worker=1",
+        f"evaluation.resources.num_gpus={gpu}", f"evaluation.num_samples={args.campaign_samples}",
+        "ray.max_concurrent_experts=0", "tracking.enabled=false"])
+    stages: dict[str, float] = {}
+    t = time.perf_counter()
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(cfg)
+    prepare_corpus(cfg, force=True)
+    stages["prepare_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    statuses = train_campaign(cfg)
+    stages["train_s"] = time.perf_counter() - t
+    failed = [f"{s.name}: {s.reason}" for s in statuses if not s.ok]
+    if failed:
+        raise SystemExit("campaign training failed: " + "; ".join(failed))
+    paths = CampaignPaths(cfg.root)
+    ran_on = {}
+    for s in statuses:
+        where = (f"{paths.expert_dir(s.name)}/{EXPERT_JSON}" if s.kind == "expert"
+                 else f"{paths.router}/{s.name}/{ROUTER_JSON}")
+        ran_on[s.name] = read_json(where)["node"].get("device")
+    t = time.perf_counter()
+    results = evaluate_on_ray(cfg, [MixtureSpec.from_config(cfg)])
+    stages["evaluate_s"] = time.perf_counter() - t
+    return {**stages, "runs": [{"name": s.name, "kind": s.kind, "status": s.status,
+                                "steps": s.steps, "device": ran_on.get(s.name)}
+                               for s in statuses],
+            "evaluation_device": results[0].get("device"), "fid": results[0].get("fid"),
+            "clip_score": results[0].get("clip_score"),
+            "images_per_second": results[0].get("images_per_second")}
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when present)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="dense bf16 peak of a GPU missing from the table")
+    p.add_argument("--out", default=str(OUT))
+    p.add_argument("--compile", action="store_true", help="torch.compile the timed model")
+    p.add_argument("--campaign", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the tiny campaign (default: on CUDA only)")
+    p.add_argument("--ray", action=argparse.BooleanOptionalAction, default=None,
+                   help="Ray Train versus the bare loop (default: on CUDA only)")
+    p.add_argument("--steps", type=int, default=None, help="timed training steps")
+    args = p.parse_args(argv)
+    from hdd_ray.devices import resolve_device
+
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    tiny = {"models": ["DiT-T/2"], "min_batch": 2, "max_batch": 4, "steps": 3,
+            "ray_model": "DiT-T/2", "ray_steps": 20, "ray_batch": 4, "threads": 1,
+            "sample_model": "DiT-T/2", "router_model": "router-T", "sample_images": 8,
+            "sample_batch": 8, "sample_steps": 2, "campaign_steps": 2,
+            "campaign_train_steps": 20, "campaign_samples": 16}
+    full = {"models": ["DiT-B/2", "DiT-XL/2"], "min_batch": 8, "max_batch": 2048, "steps": 20,
+            "ray_model": "DiT-B/2", "ray_steps": 300, "ray_batch": 128, "threads": 4,
+            "sample_model": "DiT-B/2", "router_model": "router-S", "sample_images": 512,
+            "sample_batch": 128, "sample_steps": 16, "campaign_steps": 8,
+            "campaign_train_steps": 200, "campaign_samples": 128}
+    for key, value in (full if cuda else tiny).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.campaign = cuda if args.campaign is None else args.campaign
+    args.ray = cuda if args.ray is None else args.ray
+    args.device = device
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, write the JSON, return it."""
+    args = _arguments(argv)
+    device: torch.device = args.device
+    if device.type == "cpu":  # more threads than free cores spin against each other
+        torch.set_num_threads(args.threads)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    peak = peak_tflops(name, args.peak_tflops)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    out: dict[str, Any] = {"device": str(device), "gpu_name": name, "peak_tflops": peak,
+                           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                           "targets": {"mfu": 0.40, "ray_over_bare": 0.97,
+                                       "top2_over_top1_time": 2.1}}
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
+        started = time.perf_counter()
+        print(f"bench_gpu on {device} ({name or 'cpu'}), peak {peak} TFLOP/s", flush=True)
+        out["campaign"] = campaign(args, device, tmp) if args.campaign else {
+            "skipped": "off (--campaign to run it)"}
+        out["training"] = training_table(args, device, peak)
+        out["ray_vs_bare"] = ray_vs_bare(args, device, tmp) if args.ray else {
+            "skipped": "off (--ray to run it)"}
+        out["sampling"] = sampling_table(args, device)
+        out["wall_s"] = time.perf_counter() - started
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.out} ({out['wall_s']:.0f} s)")
+    return out
+
+
+if __name__ == "__main__":
+    main()
