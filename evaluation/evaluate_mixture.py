@@ -8,9 +8,11 @@
     python evaluation/evaluate_mixture.py --config jobs/configs/<campaign>.yaml root=s3://bucket/c
     ray job submit --working-dir . -- python evaluation/evaluate_mixture.py --ddpm-clusters 0,3
 
-Writes ``<root>/mixtures/<id>/metrics.json`` + ``grid.png`` and an MLflow run (metrics ``fid``,
-``fid_floor``, ``clip_score``, ``diversity``, per-expert routing shares; the sample grid; the
-evaluation settings as tags). Every expert of the assignment must already be trained.
+Writes ``<root>/mixtures/<id>/metrics.json`` + ``grid.png`` + ``per_sample.safetensors`` and an
+MLflow run (metrics ``fid``, ``fid_floor`` (both at n = ``fid_n``), ``clip_score``, ``diversity``,
+each with ``_low``/``_high`` 95 % bounds, per-expert routing shares; the sample grid; the
+evaluation settings as tags), and prints them with their intervals. Every expert of the
+assignment must already be trained.
 """
 
 from __future__ import annotations
@@ -47,10 +49,13 @@ def main(argv: list[str] | None = None) -> int:
         ("--guidance", {"type": float, "default": None}),
         ("--steps", {"type": int, "default": None}),
         ("--num-samples", {"type": int, "default": None}),
+        ("--device", {"default": "auto", "help": "where to sample and score: cpu, cuda, "
+                      "cuda:<i>, or auto (cuda when this machine has one)"}),
     ])
+    from hdd_ray.devices import resolve_device
     from hdd_ray.ensemble import MixtureError
-    from hdd_ray.errors import CampaignError
-    from hdd_ray.evaluation.mixture import MixtureSpec, evaluate_mixture
+    from hdd_ray.errors import CampaignError, ConfigError
+    from hdd_ray.evaluation.mixture import MixtureSpec, evaluate_mixture, summary
 
     ddpm = _clusters(args.ddpm_clusters)
     for c in ddpm or []:
@@ -84,13 +89,17 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --routing threshold needs --threshold", file=sys.stderr)
         return 2
     try:
-        result = evaluate_mixture(cfg, spec, force=args.force)
-    except (MixtureError, CampaignError) as exc:
+        device = resolve_device(args.device)
+        result = evaluate_mixture(cfg, spec, force=args.force, device=device)
+    except (MixtureError, CampaignError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    keys = ("mixture_id", "assignment", "routing", "k", "fid", "fid_floor", "clip_score",
-            "diversity", "diversity_metric", "reused")
+    keys = ("mixture_id", "assignment", "routing", "k", "num_samples", "fid_n", "fid",
+            "fid_low", "fid_high", "fid_floor", "fid_floor_low", "fid_floor_high", "fid_full_n",
+            "clip_score", "clip_score_low", "clip_score_high", "diversity", "diversity_low",
+            "diversity_high", "diversity_metric", "reused")
     print(json.dumps({key: result.get(key) for key in keys}, indent=2))
+    print(summary(result))
     return 0
 
 

@@ -105,6 +105,11 @@ class CampaignPaths:
         return storage.join(self.mixtures, mixture_id)
 
     @property
+    def velocity_error(self) -> str:
+        """Per-t velocity-error curves of the experts (``evaluation/velocity_error.py``)."""
+        return storage.join(self.mixtures, "velocity_error")
+
+    @property
     def sweeps(self) -> str:
         """Sweeps of objective assignments (the Ray Tune storage path)."""
         return storage.join(self.root, "sweeps")

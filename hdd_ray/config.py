@@ -112,7 +112,7 @@ class TrainConfig:
     """Optimisation settings shared by experts and the router."""
 
     steps: int = 400
-    batch_size: int = 64
+    batch_size: int = 64  # global: one micro-step's samples summed over the run's workers
     lr: float = 3e-4
     weight_decay: float = 0.0
     grad_accum: int = 1
@@ -229,7 +229,7 @@ class ExpertsConfig:
 
     objective: str = "fm_velocity"
     ddpm_clusters: List[int] = field(default_factory=list)
-    schedule: str = "linear"  # VP schedule of ddpm_eps experts
+    schedule: str = "cosine"  # VP schedule of ddpm_eps experts (the paper's; evaluation/README.md)
     model: str = "DiT-T/2"
     text: TextConfig = field(default_factory=TextConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -280,14 +280,19 @@ class RouterConfig:
 
 @dataclass
 class ConversionConfig:
-    """Safeguards of the DDPM -> velocity conversion near t = 1 (see ``diffusion.convert``)."""
+    """The DDPM -> velocity conversion near t = 1: the fields of ``diffusion.Safeguards``
+    (documented there, formulas in ``diffusion.convert``); the defaults are the library's."""
 
-    clamp_tau: bool = True  # clamp tau* to the schedule's [0, T]
-    min_one_minus_t: float = 1e-3  # bound 1 - t away from 0 in v = (eps - x_t) / (1 - t)
+    clamp_tau: bool = True  # keep tau inside the schedule's [0, T] (its end is an edge)
+    min_one_minus_t: float = 5e-2  # eps experts' edge: never divide by 1 - t below this
     x0_clamp: Optional[float] = None  # clamp x0_hat to [-c, c] (data range), None = off
+    beyond_edge: str = "shrink"  # shrink (to the expert's data mean) | divide (the old scheme)
 
     def validate(self) -> None:
         """One-line :class:`ConfigError` on the first bad value of ``sampling.conversion``."""
+        from hdd_ray.diffusion import BEYOND_EDGE
+
+        _choice("sampling.conversion.beyond_edge", self.beyond_edge, BEYOND_EDGE)
         if not 0 < self.min_one_minus_t < 1:
             raise ConfigError(f"sampling.conversion.min_one_minus_t={self.min_one_minus_t!r}: "
                               "must be in (0, 1)")
@@ -308,6 +313,7 @@ class SamplingConfig:
     threshold: Optional[float] = None
     batch_size: int = 64
     seed: int = 0
+    mixed_precision: str = "bf16"  # bf16 autocast of the network calls on GPU; ignored on CPU
     conversion: ConversionConfig = field(default_factory=ConversionConfig)
 
     def validate(self, k: int) -> None:
@@ -322,6 +328,7 @@ class SamplingConfig:
         _positive("sampling.guidance_scale", self.guidance_scale, strict=False)
         _choice("sampling.routing", self.routing, STRATEGIES)
         _positive("sampling.batch_size", self.batch_size)
+        _choice("sampling.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         if not 1 <= self.k <= k:
             raise ConfigError(f"sampling.k={self.k}: top-k must be in 1..{k} (clustering.k={k})")
         if self.threshold is not None:
@@ -330,6 +337,24 @@ class SamplingConfig:
             raise ConfigError(
                 "sampling.threshold=None: required when sampling.routing='threshold'")
         self.conversion.validate()
+
+
+@dataclass
+class EvaluationResources:
+    """What the main job's evaluation task asks Ray for (it runs on the GPU when given one)."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    accelerator_type: Optional[str] = None
+    custom: Dict[str, float] = field(default_factory=dict)
+    label_selector: Dict[str, str] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """One-line :class:`ConfigError` on a bad ``evaluation.resources`` value."""
+        _positive("evaluation.resources.num_cpus", self.num_cpus, strict=False)
+        _positive("evaluation.resources.num_gpus", self.num_gpus, strict=False)
+        for name, amount in self.custom.items():
+            _positive(f"evaluation.resources.custom.{name}", amount, strict=False)
 
 
 @dataclass
@@ -344,6 +369,7 @@ class EvaluationConfig:
     clip_weights: Optional[str] = None
     baseline_ddpm_clusters: Optional[List[int]] = None  # evaluate this mixture too
     enabled: bool = True
+    resources: EvaluationResources = field(default_factory=EvaluationResources)
 
     def validate(self, k: int) -> None:
         """One-line :class:`ConfigError` on the first bad value of ``evaluation``; cluster ids
@@ -352,6 +378,7 @@ class EvaluationConfig:
 
         _positive("evaluation.num_samples", self.num_samples)
         _choice("evaluation.fid_extractor", self.fid_extractor, EXTRACTOR_KINDS)
+        self.resources.validate()
         for i, cid in enumerate(self.baseline_ddpm_clusters or []):
             if not 0 <= cid < k:
                 raise ConfigError(f"evaluation.baseline_ddpm_clusters[{i}]={cid}: cluster id "
@@ -430,6 +457,7 @@ class SweepConfig:
     schedule: Optional[List[str]] = None  # VP schedule of the ddpm_eps experts
     max_concurrent_trials: int = 2
     cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0  # > 0: each trial samples and scores its mixture on its GPU
     asha: AshaConfig = field(default_factory=AshaConfig)
     seed: int = 0
 
@@ -471,6 +499,7 @@ class SweepConfig:
             _choice(f"sweep.schedule[{i}]", sc, tuple(SCHEDULES))
         _positive("sweep.max_concurrent_trials", self.max_concurrent_trials)
         _positive("sweep.cpus_per_trial", self.cpus_per_trial, strict=False)
+        _positive("sweep.gpus_per_trial", self.gpus_per_trial, strict=False)
         self.asha.validate()
 
 
@@ -699,11 +728,24 @@ def validate(cfg: CampaignConfig) -> None:
     cfg.clustering.validate()
     cfg.experts.validate(k)
     cfg.router.validate()
+    for e in resolve_experts(cfg):
+        check_global_batch(f"experts (cluster {e.cluster})", e.train["batch_size"],
+                      e.resources["num_workers"])
+    check_global_batch("router", cfg.router.train.batch_size, cfg.router.resources.num_workers)
     cfg.sampling.validate(k)
     cfg.evaluation.validate(k)
     cfg.tracking.validate()
     cfg.ray.validate()
     validate_sweep(cfg)
+
+
+def check_global_batch(what: str, batch_size: int, num_workers: int) -> None:
+    """``train.batch_size`` is global (summed over a run's workers): it must split evenly over
+    them. One-line :class:`ConfigError` naming ``what`` (an expert, the router) otherwise."""
+    if num_workers > 1 and batch_size % num_workers:
+        raise ConfigError(
+            f"{what}: train.batch_size={batch_size} is the global batch and must split evenly "
+            f"over resources.num_workers={num_workers}: make it a multiple of {num_workers}")
 
 
 def validate_sweep(cfg: CampaignConfig) -> None:

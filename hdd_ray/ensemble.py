@@ -8,12 +8,14 @@ exact per-cluster velocities this is the exact velocity of the whole data distri
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from hdd_ray import devices
 from hdd_ray.diffusion.convert import VelocityField
 from hdd_ray.errors import MixtureError
 
@@ -66,6 +68,20 @@ def blend(velocities: Tensor | Sequence[Tensor], weights: Tensor) -> Tensor:
     v = torch.stack(list(velocities)) if not isinstance(velocities, Tensor) else velocities
     w = weights.transpose(0, 1).reshape(*weights.shape[::-1], *([1] * (v.dim() - 2)))
     return (w.to(v.dtype) * v).sum(dim=0)
+
+
+def network_call(net: Callable[..., Tensor], device: str | torch.device,
+                 mixed_precision: str) -> Callable[..., Tensor]:
+    """``net(x, time, cond)`` under bf16 autocast on a GPU (``mixed_precision="bf16"``), its
+    output cast back to ``x``'s dtype: only the network runs in bf16, while the conversion to a
+    velocity, the blending and the ODE steps around it keep float32/float64."""
+
+    def call(x: Tensor, time: Tensor, cond: Any = None) -> Tensor:
+        with devices.autocast(device, mixed_precision):
+            out = net(x, time, cond)
+        return out.to(x.dtype)
+
+    return call
 
 
 def _index_cond(cond: Any, idx: Tensor) -> Any:
@@ -125,10 +141,14 @@ class Mixture:
     into the batch's prompts, so sparse routing can hand each expert just its samples.
     """
 
-    def __init__(self, experts: list[tuple[Any, dict]], router: Any, cfg: Any) -> None:
+    def __init__(self, experts: list[tuple[Any, dict]], router: Any, cfg: Any,
+                 device: str | torch.device = "cpu") -> None:
         self.experts = experts  # (ExpertModel, expert.json) per cluster, in cluster order
         self.router = router
         self.cfg = cfg
+        self.device = torch.device(device)  # where the networks are (load_mixture puts them)
+        #: bf16 autocast of every network call on a GPU (``sampling.mixed_precision``)
+        self.mixed_precision = getattr(cfg.sampling, "mixed_precision", "no")
         self.last_evaluations: list[int] = [0] * len(experts)
 
     @property
@@ -140,15 +160,15 @@ class Mixture:
         """Each expert as a guided flow-matching velocity field over ``cond = {"index": [B]}``."""
         from hdd_ray.diffusion import Safeguards, get_objective, guided
 
-        conv = self.cfg.sampling.conversion
-        safeguards = Safeguards(conv.clamp_tau, conv.min_one_minus_t, conv.x0_clamp)
+        safeguards = Safeguards(**dataclasses.asdict(self.cfg.sampling.conversion))
         out = []
         for model, desc in self.experts:
             objective = get_objective(desc["objective"], desc["schedule"])
             tok = model.tokenize(prompts, device)
             # the captions' token features do not change over the ODE steps: encode them once
             tokens = model.encode_text(tok["ids"], tok["mask"])
-            field = guided(objective.velocity_field(model, safeguards), guidance)
+            net = network_call(model, device, self.mixed_precision)
+            field = guided(objective.velocity_field(net, safeguards, model.prior_mean()), guidance)
 
             def expert_field(x, t, cond, _f=field, _tokens=tokens, _mask=tok["mask"]):
                 idx = cond["index"]
@@ -161,7 +181,9 @@ class Mixture:
         """``p(k | x_t, t)`` from the router (flow-matching t in [0, 1])."""
         from hdd_ray.diffusion import FM_TIME_SCALE
 
-        return torch.softmax(self.router(x_t, t * FM_TIME_SCALE).float(), dim=1).to(x_t.dtype)
+        with devices.autocast(x_t.device, self.mixed_precision):
+            logits = self.router(x_t, t * FM_TIME_SCALE)
+        return torch.softmax(logits.float(), dim=1).to(x_t.dtype)
 
     @torch.no_grad()
     def sample(
@@ -173,9 +195,13 @@ class Mixture:
         threshold: float | None = None,
         guidance: float | None = None,
         steps: int | None = None,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
     ) -> Tensor:
-        """One image per prompt, ``[N, C, H, W]`` in [-1, 1]; seeded per batch, so reproducible."""
+        """One image per prompt, ``[N, C, H, W]`` in [-1, 1]; seeded per batch, so reproducible.
+
+        Runs on ``device`` (default: where :func:`load_mixture` put the networks). The starting
+        noise is drawn on the CPU and moved, so a seed starts from the same noise on every device.
+        """
         from hdd_ray.diffusion import sample_ode
 
         s = self.cfg.sampling
@@ -184,14 +210,15 @@ class Mixture:
         threshold = threshold if threshold is not None else s.threshold
         guidance = guidance if guidance is not None else s.guidance_scale
         steps = steps or s.steps
+        device = self.device if device is None else torch.device(device)
         c, size = self.cfg.corpus.channels, self.cfg.corpus.image_size
         mix = MixtureField(self.fields(prompts, guidance, device), self.router_probs,
                            strategy=strategy, k=k, threshold=threshold)
         out = []
         for start in range(0, len(prompts), s.batch_size):
             n = min(s.batch_size, len(prompts) - start)
-            g = torch.Generator().manual_seed(seed * 1_000_003 + start)
-            noise = torch.randn(n, c, size, size, generator=g).to(device)
+            g = devices.generator(seed * 1_000_003 + start)  # CPU: the same noise everywhere
+            noise = devices.randn((n, c, size, size), g, device)
             cond = {"index": torch.arange(start, start + n, device=device)}
             out.append(sample_ode(mix, noise, cond, steps=steps, sampler=s.sampler,
                                   shift=s.time_shift).clamp(-1, 1).cpu())
@@ -199,8 +226,9 @@ class Mixture:
         return torch.cat(out)
 
 
-def load_mixture(cfg: Any, ddpm_clusters: Sequence[int] | None = None, device="cpu") -> Mixture:
-    """Assemble a mixture from the campaign's expert cache and router.
+def load_mixture(cfg: Any, ddpm_clusters: Sequence[int] | None = None,
+                 device: str | torch.device = "cpu") -> Mixture:
+    """Assemble a mixture from the campaign's expert cache and router, its networks on ``device``.
 
     ``ddpm_clusters`` picks the objective assignment (default: the config's). Every expert it
     needs must already be trained; otherwise one line names the missing ones and the fix.
@@ -234,4 +262,4 @@ def load_mixture(cfg: Any, ddpm_clusters: Sequence[int] | None = None, device="c
         model, desc = load_expert(paths.expert_dir(eid))
         experts.append((model.to(device), desc))
     router = load_router(cfg, manifest).to(device)
-    return Mixture(experts, router, cfg)
+    return Mixture(experts, router, cfg, device)

@@ -42,8 +42,8 @@ from hdd_ray.errors import SweepError
 BEST_FILE = "best_mixture.json"
 SPEC_FILE = "sweep_spec.json"
 RANKING_COLUMNS = ("rank", "assignment", "num_ddpm", "schedule", "routing", "k", "guidance",
-                   "steps", "num_samples", "fid", "fid_floor", "clip_score", "diversity",
-                   "stopped_early", "trial_id")
+                   "steps", "num_samples", "fid_n", "fid", "fid_floor", "fid_vs_best",
+                   "tied_with_best", "clip_score", "diversity", "stopped_early", "trial_id")
 
 
 # --------------------------------------------------------------------------- search space
@@ -132,7 +132,7 @@ def describe(cfg: CampaignConfig) -> dict[str, Any]:
     from hdd_ray.config import to_dict
 
     return {"sweep": {k: v for k, v in to_dict(cfg.sweep).items()
-                      if k not in ("max_concurrent_trials", "cpus_per_trial")},
+                      if k not in ("max_concurrent_trials", "cpus_per_trial", "gpus_per_trial")},
             "num_samples": cfg.evaluation.num_samples, "k": cfg.clustering.k}
 
 
@@ -162,9 +162,11 @@ def sweep_trial(config: dict[str, Any], cfg: CampaignConfig,
     import torch
     from ray import tune
 
+    from hdd_ray.devices import pick_device
     from hdd_ray.evaluation.mixture import GRID_FILE, Judge, MixtureSpec, evaluate_mixture
 
     torch.set_num_threads(max(1, int(round(cfg.sweep.cpus_per_trial))))
+    device = pick_device(cfg.sweep.gpus_per_trial > 0)  # Tune gave the trial its GPU(s)
     k = cfg.clustering.k
     ddpm = trial_assignment(config, k)
     var = with_assignment(cfg, ddpm, config["schedule"])
@@ -175,7 +177,7 @@ def sweep_trial(config: dict[str, Any], cfg: CampaignConfig,
               "guidance": config["guidance"], "steps": config["steps"], "trial_id": trial_id}
     run = _trial_run(cfg, parent_run_id, trial_id,
                      f"trial {params['assignment']} {config['routing']}", params)
-    judge = Judge(quiet)
+    judge = Judge(quiet, device)
     result: dict[str, Any] = {}
     for n in rungs(cfg):
         spec = MixtureSpec.from_config(var, ddpm, routing=config["routing"], k=config["k"],
@@ -280,7 +282,7 @@ def run_sweep(cfg: CampaignConfig, force: bool = False, verbose: int = 1) -> Swe
 
     trainable = tune.with_resources(tune.with_parameters(sweep_trial, cfg=cfg,
                                                          parent_run_id=parent),
-                                    {"cpu": sw.cpus_per_trial})
+                                    {"cpu": sw.cpus_per_trial, "gpu": sw.gpus_per_trial})
     restored = tune.Tuner.can_restore(directory)
     if restored:
         tuner = tune.Tuner.restore(directory, trainable=trainable, resume_errored=True)
@@ -351,16 +353,52 @@ def rank(grid: Any, cfg: CampaignConfig) -> list[dict[str, Any]]:
     rows.sort(key=lambda r: (r["stopped_early"], r["fid"]))
     for i, r in enumerate(rows):
         r["rank"] = i + 1
+    _compare_with_best(rows, CampaignPaths(storage.absolute(cfg.root)).mixtures)
     return rows
 
 
+def _compare_with_best(rows: list[dict[str, Any]], mixtures_dir: str) -> None:
+    """Add each row's 95 % intervals (from its mixture's ``metrics.json``) and its paired FID
+    difference from the best full-N trial: every trial samples the same prompts from the same
+    noise, so trial and best are resampled with the same indices. ``tied_with_best`` is
+    ``"yes"`` when that interval contains 0 (the two ranks are indistinguishable at this N),
+    ``"no"`` when it excludes 0, ``"best"`` for the best and empty for early-stopped trials."""
+    from hdd_ray.evaluation.mixture import METRICS_FILE, paired_difference
+    from hdd_ray.evaluation.statistics import INTERVAL_KEYS, interval_columns
+
+    keys = [*interval_columns(INTERVAL_KEYS), "fid_n"]
+    for r in rows:
+        path = storage.join(mixtures_dir, str(r.get("mixture_id")), METRICS_FILE)
+        if r.get("mixture_id") and storage.exists(path):
+            saved = storage.read_json(path)
+            r.update({k: saved[k] for k in keys if k in saved})
+    best = next((r for r in rows if not r["stopped_early"]), None)
+    for r in rows:
+        r["fid_vs_best"], r["tied_with_best"] = "", ""
+        if best is None or r["stopped_early"]:
+            continue
+        if r is best:
+            r["tied_with_best"] = "best"
+            continue
+        diff = paired_difference(r, best, mixtures_dir)
+        if diff is None:
+            r["fid_vs_best"] = "not paired"
+            continue
+        r["fid_vs_best"] = diff["fid"].text(3, signed=True)
+        r["tied_with_best"] = "no" if diff["fid"].significant else "yes"
+
+
 def ranking_markdown(rows: list[dict[str, Any]]) -> str:
-    """The ranked table as markdown."""
-    def fmt(v: Any) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
+    """The ranked table as markdown: metrics as estimate ± half their 95 % interval, and which
+    trials are indistinguishable from the best (paired FID difference, ``tied_with_best``)."""
+    from hdd_ray.evaluation.statistics import cell
 
     lines = ["| " + " | ".join(RANKING_COLUMNS) + " |", "|" + "---|" * len(RANKING_COLUMNS)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in RANKING_COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r, c) for c in RANKING_COLUMNS) + " |" for r in rows]
+    lines += ["", "± = half the 95 % bootstrap interval; fid_vs_best = paired FID difference "
+              "from the best full-N trial (same prompts and noise); tied_with_best = yes when its "
+              "interval contains 0. No correction for comparing many trials with the one that "
+              "looked best: read 'no' as evidence, 'yes' as 'not separable at this N'."]
     return "\n".join(lines)
 
 
@@ -403,12 +441,15 @@ def write_outputs(cfg: CampaignConfig, rows: list[dict[str, Any]], parent: str |
     """Ranking CSV + markdown, the plot and ``best_mixture.json``; artifacts of the sweep run."""
     import csv
 
+    from hdd_ray.evaluation.statistics import interval_columns
+
     directory = CampaignPaths(storage.absolute(cfg.root)).sweep_dir(cfg.sweep.name)
+    columns = interval_columns(RANKING_COLUMNS)
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(RANKING_COLUMNS)
+    writer.writerow(columns)
     for r in rows:
-        writer.writerow([r.get(c) for c in RANKING_COLUMNS])
+        writer.writerow([r.get(c) for c in columns])
     md = ranking_markdown(rows)
     files = {"ranking.csv": buf.getvalue().encode(), "ranking.md": (md + "\n").encode(),
              "fid_clip_vs_num_ddpm.png": plot(rows, cfg.clustering.k)}
@@ -443,7 +484,10 @@ def best_spec(cfg: CampaignConfig, row: dict[str, Any]) -> dict[str, Any]:
                  "threshold": cfg.sampling.threshold if row["routing"] == "threshold" else None,
                  "guidance": float(row["guidance"]), "steps": int(row["steps"]),
                  "num_samples": int(row["num_samples"]), "seed": cfg.sampling.seed},
-        "metrics": {key: row.get(key) for key in ("fid", "fid_floor", "clip_score", "diversity")},
+        "metrics": {key: row.get(key) for key in ("fid_n", "fid", "fid_low", "fid_high",
+                                                  "fid_floor", "clip_score", "clip_score_low",
+                                                  "clip_score_high", "diversity", "diversity_low",
+                                                  "diversity_high")},
         "mixture_id": row.get("mixture_id"), "trial_id": row.get("trial_id"),
     }
 

@@ -54,28 +54,34 @@ def main(argv: list[str] | None = None) -> int:
         if failed:
             return 1
         if cfg.evaluation.enabled and not args.skip_router:
-            evaluate(cfg, campaign_assignments(cfg), parent.run_id if parent else None)
+            try:
+                evaluate(cfg, campaign_assignments(cfg), parent.run_id if parent else None)
+            except CampaignError as exc:  # e.g. evaluation.resources no local node can host
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
     print(f"done in {time.time() - started:.0f} s")
     return 0
 
 
 def evaluate(cfg, assignments: list[list[int]], parent_run_id: str | None) -> None:
-    """Evaluate the campaign's mixture (and its baseline) and print the comparison table."""
+    """Evaluate the campaign's mixture (and its baseline) in a Ray task shaped by
+    ``evaluation.resources`` (on its GPU when it has one) and print the comparison table."""
     from hdd_ray import storage
     from hdd_ray.campaign import CampaignPaths
-    from hdd_ray.evaluation.mixture import Judge, MixtureSpec, comparison_table, evaluate_mixture
+    from hdd_ray.evaluation.mixture import MixtureSpec, comparison_table
+    from hdd_ray.evaluation.remote import evaluate_on_ray
 
-    judge = Judge(cfg)
-    results = []
-    for ddpm in assignments:
-        spec = MixtureSpec.from_config(cfg, ddpm)
+    specs = [MixtureSpec.from_config(cfg, ddpm) for ddpm in assignments]
+    for spec in specs:
         print(f"evaluating mixture {spec.assignment(cfg.clustering.k)} ({spec.routing}, "
               f"N={spec.num_samples}) ...", flush=True)
-        results.append(evaluate_mixture(cfg, spec, judge, parent_run_id))
+    res = cfg.evaluation.resources
+    print(f"  (one Ray task: {res.num_cpus:g} CPU, {res.num_gpus:g} GPU)", flush=True)
+    results = evaluate_on_ray(cfg, specs, parent_run_id)
     table = comparison_table(results, CampaignPaths(cfg.root).mixtures)
     print()
     print(table)
-    retrieval = judge.clip_info.get("retrieval_top1")
+    retrieval = results[0].get("reference_clip_retrieval") if results else None
     shown = f"{retrieval:.3f} top-1" if isinstance(retrieval, float) else "n/a"
     print(f"\n(reference CLIP held-out retrieval: {shown}; tables in "
           f"{storage.join(CampaignPaths(cfg.root).mixtures, 'comparison.md')})")

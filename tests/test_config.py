@@ -24,6 +24,16 @@ def test_demo_config_loads_as_typed_dataclasses():
     assert cfg.sampling.conversion.x0_clamp == 1.0
 
 
+def test_conversion_config_defaults_are_the_librarys_and_cover_every_safeguard():
+    """A campaign gets as_velocity's defaults, and every Safeguards field is a config key."""
+    import dataclasses
+
+    from hdd_ray.config import ConversionConfig
+    from hdd_ray.diffusion import Safeguards
+
+    assert dataclasses.asdict(ConversionConfig()) == dataclasses.asdict(Safeguards())
+
+
 def test_paper_mix_is_one_override():
     cfg = load_config(overrides=["experts.ddpm_clusters=[1,5]", "experts.schedule=cosine"])
     experts = resolve_experts(cfg)
@@ -104,6 +114,8 @@ BAD = [
     ("clustering.embedder=resnet", r"^clustering\.embedder='resnet': unknown value, allowed: pixels, dinov2, open_clip"),
     ("experts.train.caption_dropout=1.5", r"^experts\.train\.caption_dropout=1\.5: must be in \[0, 1\)"),
     ("sampling.conversion.min_one_minus_t=0", r"^sampling\.conversion\.min_one_minus_t=0\.0: must be in \(0, 1\)"),
+    ("sampling.conversion.beyond_edge=clip",
+     r"^sampling\.conversion\.beyond_edge='clip': unknown value, allowed: shrink, divide"),
     ("corpus.channels=2", r"^corpus\.channels=2: allowed: 1, 3"),
     ("experts.list=[{cluster: 1, resources: {gpus: 1}}]",
      r"^experts\.list\[0\]\.resources\.gpus: unknown key, allowed: num_workers, cpus_per_worker"),

@@ -5,6 +5,7 @@ Oracle tests run in float64 with analytic optimal predictors (no training).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -16,6 +17,7 @@ from hdd_ray.diffusion import (
     Safeguards,
     as_velocity,
     drop_captions,
+    edge_snr,
     get_objective,
     get_schedule,
     guided,
@@ -114,12 +116,13 @@ def test_optimal_vp_predictor_converted_equals_optimal_fm_velocity(schedule_name
 
 
 def test_conversion_inside_schedule_range_is_exact_with_default_safeguards():
-    """Default safeguards change nothing where t is inside the schedule's SNR range."""
+    """Default safeguards change nothing where t is inside the expert's edge."""
     gm, sched = mixture(), get_schedule("linear")
     field = as_velocity(gm.vp_predictor(sched, "eps"), "eps", sched)  # defaults
+    t_edge = 1 / (1 + edge_snr("eps", sched, Safeguards()))
     g = torch.Generator().manual_seed(1)
     x0, _ = gm.sample(512, g)
-    t = torch.rand(512, dtype=F64, generator=g) * 0.98 + 0.005
+    t = torch.rand(512, dtype=F64, generator=g) * (t_edge - 0.006) + 0.005
     x_t = (1 - t[:, None]) * x0 + t[:, None] * torch.randn(x0.shape, dtype=F64, generator=g)
     assert rel_err(field(x_t, t), gm.fm_velocity()(x_t, t)) <= 1e-8
 
@@ -156,10 +159,111 @@ def test_unknown_parameterization_and_missing_schedule_fail_clearly():
         as_velocity(lambda x, t, c: x, "eps")
 
 
+# ----------------------------------------------------------------------------- near t = 1
+
+
+@pytest.fixture(scope="module")
+def trajectories():
+    """The mixture's FM trajectories from one noise: Heun at 32 and 100 steps and a reference."""
+    gm = mixture()
+    # 1000 draws: the ratio is a norm over samples, and a few hundred leave it noisy
+    noise = torch.randn(1000, 3, dtype=F64, generator=torch.Generator().manual_seed(10))
+    fm = gm.fm_velocity()
+    ref = sample_ode(fm, noise, steps=640, sampler="heun")  # Heun's error ~1/N^2: 40x below 100's
+    runs = {n: sample_ode(fm, noise, steps=n, sampler="heun") for n in (32, 100)}
+    return gm, noise, ref, runs
+
+
+def _deviation_ratio(trajectories, field, steps: int) -> float:
+    """Deviation from the FM trajectory of the same noise, in units of the sampler's own error."""
+    _, noise, ref, runs = trajectories
+    converted = sample_ode(field, noise, steps=steps, sampler="heun")
+    return float((converted - runs[steps]).norm() / (runs[steps] - ref).norm())
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
+@pytest.mark.parametrize("parameterization,steps", [("eps", 32), ("x0", 32), ("v", 32), ("eps", 100)])
+def test_converted_ddpm_trajectory_stays_within_twice_the_sampler_error_of_fm(
+        trajectories, schedule_name, parameterization, steps):
+    """Issue 13's target: exact oracles, Heun, the defaults of as_velocity and sample_ode, the
+    prior mean an expert carries (its data's mean): converted DDPM ~ FM from the same noise."""
+    gm = trajectories[0]
+    sched = get_schedule(schedule_name)
+    field = as_velocity(gm.vp_predictor(sched, parameterization), parameterization, sched,
+                        prior_mean=gm.mean())
+    ratio = _deviation_ratio(trajectories, field, steps)
+    print(f"{schedule_name}/{parameterization}/{steps} steps: {ratio:.2e} x the sampler's error")
+    assert ratio <= 2.0
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
+def test_the_earlier_division_scheme_misses_the_target(trajectories, schedule_name):
+    """What beyond_edge="shrink" changes: dividing by max(1 - t, 1e-3) at t = 1 (the earlier
+    default) puts the converted trajectory many sampler errors away from FM's."""
+    gm = trajectories[0]
+    sched = get_schedule(schedule_name)
+    field = as_velocity(gm.vp_predictor(sched, "eps"), "eps", sched,
+                        Safeguards(beyond_edge="divide", min_one_minus_t=1e-3))
+    ratio = _deviation_ratio(trajectories, field, 32)
+    print(f"{schedule_name}/eps, divide: {ratio:.1f} x the sampler's error")
+    assert ratio > 10.0
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
+@pytest.mark.parametrize("parameterization", ["eps", "x0", "v"])
+def test_at_t_equal_1_the_velocity_is_the_exact_limit_x_minus_the_prior_mean(
+        schedule_name, parameterization):
+    gm, sched = mixture(), get_schedule(schedule_name)
+    field = as_velocity(gm.vp_predictor(sched, parameterization), parameterization, sched,
+                        prior_mean=gm.mean())
+    x = torch.randn(64, 3, dtype=F64, generator=torch.Generator().manual_seed(11))
+    t = torch.ones(64, dtype=F64)
+    assert torch.allclose(field(x, t), x - gm.mean(), rtol=0, atol=1e-12)
+    # ... which is the exact FM velocity there (the oracle's float32-given weights: ~6e-9)
+    assert torch.allclose(gm.fm_velocity()(x, t), x - gm.mean(), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("schedule_name,parameterization",
+                         [("linear", "eps"), ("linear", "x0"), ("linear", "v"), ("cosine", "eps")])
+def test_the_conversion_is_continuous_across_the_edge(schedule_name, parameterization):
+    """At r(t) = r_e the edge formula equals the inside one, for any predictor (not only exact
+    ones): here a made-up one whose output depends on x_in and tau. (Cosine x0 / v experts
+    have their edge at t = 1 itself: abar(T) = 0.)"""
+    sched = get_schedule(schedule_name)
+    r_e = edge_snr(parameterization, sched, Safeguards())
+    assert r_e > 1e-3
+    t_edge = 1 / (1 + r_e)
+
+    def predict(x_in, tau, cond):
+        return 0.7 * x_in + 0.3 * torch.sin(x_in) + 1e-3 * tau[:, None]
+
+    field = as_velocity(predict, parameterization, sched, prior_mean=torch.tensor([0.2, -0.1, 0.4]))
+    x = torch.randn(16, 3, dtype=F64, generator=torch.Generator().manual_seed(12))
+    below, above = (torch.full((16,), t_edge + d, dtype=F64) for d in (-1e-10, 1e-10))
+    jump = (field(x, below) - field(x, above)).abs().max()
+    assert float(jump) < 1e-5 * float(field(x, below).abs().max())
+
+
+def test_beyond_the_edge_without_a_prior_mean_the_edge_estimate_is_held():
+    gm, sched = mixture(), get_schedule("cosine")
+    m = 1e-2
+    field = as_velocity(gm.vp_predictor(sched, "eps"), "eps", sched, Safeguards(min_one_minus_t=m))
+    x = torch.randn(32, 3, dtype=F64, generator=torch.Generator().manual_seed(13))
+    r_e = m / (1 - m)
+    abar_e = torch.full((32,), r_e**2 / (1 + r_e**2), dtype=F64)
+    for t_value in (0.995, 0.999, 1.0):
+        t = torch.full((32,), t_value, dtype=F64)
+        s = math.sqrt((1 - t_value) ** 2 + t_value**2)
+        # E[x0 | x_in] as the expert sees it at the edge's SNR
+        x0_held = gm.expectations(x / s, abar_e.sqrt(), (1 - abar_e).sqrt())[1]
+        assert torch.allclose(x - t[:, None] * field(x, t), x0_held, rtol=0, atol=1e-9)
+
+
 # ----------------------------------------------------------------------------- safeguards
 
 
-def test_safeguard_clamp_tau_keeps_tau_inside_the_schedule():
+@pytest.mark.parametrize("parameterization", ["eps", "x0"])
+def test_safeguard_clamp_tau_keeps_tau_inside_the_schedule(parameterization):
     sched = get_schedule("linear")  # abar(T) ~ 4e-5 > 0: t near 1 asks for more noise than T
     taus = {}
 
@@ -167,48 +271,87 @@ def test_safeguard_clamp_tau_keeps_tau_inside_the_schedule():
         taus["tau"] = tau
         return torch.zeros_like(x_in)
 
-    x = torch.randn(2, 3, dtype=F64)
-    t = torch.tensor([0.999, 0.5], dtype=F64)
-    as_velocity(predict, "eps", sched, Safeguards(clamp_tau=True))(x, t)
+    x = torch.randn(3, 3, dtype=F64)
+    t = torch.tensor([1.0, 0.999, 0.5], dtype=F64)
+    safe = Safeguards(clamp_tau=True, min_one_minus_t=1e-4)
+    as_velocity(predict, parameterization, sched, safe)(x, t)
     clamped = taus["tau"].clone()
-    as_velocity(predict, "eps", sched, Safeguards(clamp_tau=False))(x, t)
-    assert float(clamped[0]) == 1000.0 and float(taus["tau"][0]) > 1000.0
-    assert float(clamped[1]) == pytest.approx(float(taus["tau"][1]), abs=1e-9)  # inside: unchanged
+    as_velocity(predict, parameterization, sched, Safeguards(clamp_tau=False, min_one_minus_t=1e-4))(x, t)
+    # beyond the schedule's end the expert is queried at its end (shrink) or past it (no clamp)
+    assert torch.allclose(clamped[:2], torch.full((2,), 1000.0, dtype=F64), rtol=0, atol=1e-6)
+    assert float(clamped.max()) <= 1000.0 and float(taus["tau"][1]) > 1000.0
+    assert float(clamped[2]) == pytest.approx(float(taus["tau"][2]), abs=1e-9)  # inside: unchanged
+    # the earlier scheme clamps too
+    as_velocity(predict, parameterization, sched, dataclasses.replace(safe, beyond_edge="divide"))(x, t)
+    assert float(taus["tau"][1]) == 1000.0
 
 
-def test_safeguard_min_one_minus_t_bounds_the_division_at_t_equal_1():
+def test_safeguard_min_one_minus_t_is_the_eps_experts_edge():
+    """With shrink it sets where an eps expert stops being divided by 1 - t: beyond t = 1 - m
+    it is queried at the edge's tau; with divide it bounds the divisor."""
     sched = get_schedule("cosine")
-    residual = 0.01  # a predictor whose eps is off by 0.01 at pure noise
+    taus = {}
+    residual = 0.01  # a predictor whose eps is off by 0.01
 
     def predict(x_in, tau, cond):
+        taus["tau"] = tau
         return x_in + residual
 
     x = torch.randn(3, 2, dtype=F64)
+    t = torch.full((3,), 0.995, dtype=F64)
+    as_velocity(predict, "eps", sched, Safeguards(min_one_minus_t=1e-2))(x, t)
+    r_e = 1e-2 / (1 - 1e-2)
+    edge_tau = sched.tau_of_alpha_bar(torch.tensor([r_e**2 / (1 + r_e**2)], dtype=F64))
+    assert torch.allclose(taus["tau"], edge_tau.expand(3), rtol=1e-12)
+    as_velocity(predict, "eps", sched, Safeguards(min_one_minus_t=1e-3))(x, t)  # inside: SNR match
+    s = math.sqrt(0.005**2 + 0.995**2)
+    assert torch.allclose(sched.alpha_bar(taus["tau"]), torch.full((3,), (0.005 / s) ** 2, dtype=F64))
+
     t = torch.ones(3, dtype=F64)
-    v3 = as_velocity(predict, "eps", sched, Safeguards(min_one_minus_t=1e-3))(x, t)
-    v1 = as_velocity(predict, "eps", sched, Safeguards(min_one_minus_t=1e-1))(x, t)
+    v3 = as_velocity(predict, "eps", sched, Safeguards(beyond_edge="divide", min_one_minus_t=1e-3))(x, t)
+    v1 = as_velocity(predict, "eps", sched, Safeguards(beyond_edge="divide", min_one_minus_t=1e-1))(x, t)
     assert torch.isfinite(v3).all()
     assert torch.allclose(v3, torch.full_like(x, residual / 1e-3))
     assert torch.allclose(v1, torch.full_like(x, residual / 1e-1))
+
+
+def test_safeguard_beyond_edge_shrink_is_bounded_where_divide_amplifies_the_error():
+    """An eps expert that is slightly off at pure noise: dividing amplifies its error by
+    1 / min_one_minus_t at t = 1, the edge scheme returns x - E[x0] whatever it predicts."""
+    sched = get_schedule("linear")
+    mean = torch.tensor([0.3, -0.2])
+
+    def predict(x_in, tau, cond):
+        return x_in + 0.05
+
+    x = torch.randn(8, 2, dtype=F64)
+    t = torch.ones(8, dtype=F64)
+    shrink = as_velocity(predict, "eps", sched, prior_mean=mean)(x, t)
+    divide = as_velocity(predict, "eps", sched, Safeguards(beyond_edge="divide", min_one_minus_t=1e-3),
+                         prior_mean=mean)(x, t)
+    assert torch.allclose(shrink, x - mean.to(F64), rtol=0, atol=1e-12)
+    assert torch.allclose(divide, torch.full_like(x, 0.05 / 1e-3))  # the error, times 1000
+    with pytest.raises(ValueError, match="unknown beyond_edge 'clip'"):
+        as_velocity(predict, "eps", sched, Safeguards(beyond_edge="clip"))
 
 
 def test_safeguard_x0_clamp_keeps_the_implied_clean_image_in_range():
     sched = get_schedule("cosine")
 
     def predict(x_in, tau, cond):
-        return x_in + 0.05
+        return 1.3 * x_in  # off: x0_hat = (x_t - t eps_hat) / (1 - t) amplifies it near t = 1
 
     g = torch.Generator().manual_seed(2)
     x = torch.randn(64, 4, dtype=F64, generator=g)
-    t = torch.full((64,), 0.995, dtype=F64)
+    t = torch.full((64,), 0.9, dtype=F64)
     raw = as_velocity(predict, "eps", sched)(x, t)
     safe = as_velocity(predict, "eps", sched, Safeguards(x0_clamp=1.0))(x, t)
     x0_raw = x - t[:, None] * raw
     x0_safe = x - t[:, None] * safe
-    assert float(x0_raw.abs().max()) > 5  # without it, x0_hat explodes near t = 1
+    assert float(x0_raw.abs().max()) > 3  # without it, x0_hat leaves the data range
     assert float(x0_safe.abs().max()) <= 1.0 + 1e-9
     inside = x0_raw.abs() <= 1.0
-    assert torch.equal(safe[inside], raw[inside])  # in range: unchanged
+    assert inside.any() and torch.equal(safe[inside], raw[inside])  # in range: unchanged
 
 
 # ----------------------------------------------------------------------------- DDM identity
@@ -226,7 +369,7 @@ def test_posterior_weighted_expert_velocities_equal_the_mixture_velocity(schedul
     ]
     g = torch.Generator().manual_seed(3)
     x0, _ = gm.sample(400, g)
-    t = torch.rand(400, dtype=F64, generator=g) * 0.97 + 0.01
+    t = torch.rand(400, dtype=F64, generator=g) * 0.93 + 0.01  # inside the eps expert's edge
     x_t = (1 - t[:, None]) * x0 + t[:, None] * torch.randn(x0.shape, dtype=F64, generator=g)
     w = route(gm.fm_posterior(x_t, t), "full")
     mixed = blend([f(x_t, t) for f in experts], w)
@@ -255,7 +398,7 @@ def test_integrating_the_oracle_field_reproduces_the_target_mean_and_covariance(
 
 def test_converted_ddpm_oracle_samples_the_target_too():
     gm, sched = gaussian(), get_schedule("cosine")
-    field = as_velocity(gm.vp_predictor(sched, "eps"), "eps", sched)
+    field = as_velocity(gm.vp_predictor(sched, "eps"), "eps", sched, prior_mean=gm.mean())
     noise = torch.randn(20000, 3, dtype=F64, generator=torch.Generator().manual_seed(5))
     x = sample_ode(field, noise, steps=60, sampler="heun", shift=1.0)
     assert float((x.mean(0) - gm.mean()).abs().max()) < 0.05

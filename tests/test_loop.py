@@ -69,3 +69,45 @@ def test_loop_reports_at_every_checkpoint_and_a_finished_run_does_no_more_work(s
     assert [r["step"] for r in hooks.reports] == [25]
     after = hooks.load_state()
     assert all(torch.equal(before["ema"][k], after["ema"][k]) for k in before["ema"])
+
+
+def test_an_expert_carries_its_data_mean_through_training_export_and_loading(shard, tmp_path, caplog):
+    """The conversion's prior near t = 1: the cluster's mean image, set by the training task,
+    kept by the EMA, exported with the weights; files exported before it still load."""
+    import logging
+
+    from hdd_ray.diffusion import get_objective
+    from hdd_ray.training.data import read_cluster
+    from hdd_ray.training.model import ExpertModel, load_weights, save_weights
+
+    config = _config(shard, "ddpm_eps", 10)
+    hooks = LocalHooks(str(tmp_path / "run"))
+    run_loop(config, hooks)
+    mean = read_cluster([shard], 8, 1).images.mean(0)
+    ema = hooks.load_state()["ema"]
+    assert torch.equal(ema["data_mean"], mean)
+
+    def build() -> ExpertModel:
+        return ExpertModel(config["expert"]["model"], config["expert"]["text"], 8, 1)
+
+    assert build().prior_mean() is None  # unknown until set or loaded
+    trained = build()
+    trained.load_state_dict(ema)  # what the launcher exports
+    save_weights(str(tmp_path / "w.safetensors"), trained.exported_state())
+    loaded = build()
+    load_weights(loaded, str(tmp_path / "w.safetensors"), "expert c0")
+    assert torch.equal(loaded.prior_mean(), mean)
+    # read through the conversion: at pure noise the velocity is x - E[x0]
+    field = get_objective("ddpm_eps", "cosine").velocity_field(loaded, None, loaded.prior_mean())
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        v = field(x, torch.ones(4), loaded.tokenize(["a digit"] * 4))
+    assert torch.allclose(v, x - mean, atol=1e-5)
+
+    old = {k: v for k, v in trained.exported_state().items() if k != "data_mean"}
+    save_weights(str(tmp_path / "old.safetensors"), old)  # exported before experts had a mean
+    older = build()
+    with caplog.at_level(logging.WARNING, logger="hdd_ray.training.model"):
+        load_weights(older, str(tmp_path / "old.safetensors"), "expert old")
+    assert older.prior_mean() is None and "carry no data_mean" in caplog.text
+    assert all(torch.equal(older.state_dict()[k], old[k]) for k in old)

@@ -1,5 +1,6 @@
-"""Metrics: FID through torchmetrics (cached reference statistics, floor), CLIP score judged by the
-demo's reference CLIP, intra-prompt diversity, and extractors loading real weights from local files.
+"""Metrics: FID (checked against scipy; cached reference statistics, floor), CLIP score judged by
+the demo's reference CLIP, intra-prompt diversity, and extractors loading real weights from local
+files.
 
 Everything runs offline on sklearn's digits (the demo corpus) with weights the tests make.
 """

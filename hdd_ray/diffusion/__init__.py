@@ -4,9 +4,11 @@ Pure torch; nothing here knows about Ray.
 """
 
 from hdd_ray.diffusion.convert import (
+    BEYOND_EDGE,
     PARAMETERIZATIONS,
     Safeguards,
     as_velocity,
+    edge_snr,
     vp_query,
 )
 from hdd_ray.diffusion.objectives import (
@@ -31,6 +33,7 @@ from hdd_ray.diffusion.schedules import (
 )
 
 __all__ = [
+    "BEYOND_EDGE",
     "FM_TIME_SCALE",
     "OBJECTIVES",
     "PARAMETERIZATIONS",
@@ -46,6 +49,7 @@ __all__ = [
     "VPSchedule",
     "as_velocity",
     "drop_captions",
+    "edge_snr",
     "get_objective",
     "get_schedule",
     "guided",

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hdd_ray import devices
 from hdd_ray.diffusion.convert import Predictor, Safeguards, VelocityField, as_velocity
 from hdd_ray.diffusion.schedules import VPSchedule, get_schedule, per_sample
 
@@ -36,9 +37,9 @@ def sample_unit_time(
 ) -> Tensor:
     """``n`` times in (0, 1): ``uniform`` or ``logit_normal`` (SD3's, mean 0, std 1)."""
     if method == "uniform":
-        return torch.rand(n, device=device, generator=generator)
+        return devices.rand(n, generator, device)
     if method == "logit_normal":
-        return torch.sigmoid(torch.randn(n, device=device, generator=generator))
+        return torch.sigmoid(devices.randn(n, generator, device))
     raise ValueError(
         f"unknown timestep sampling {method!r}, allowed: {', '.join(TIMESTEP_SAMPLING)}")
 
@@ -48,7 +49,7 @@ def drop_captions(cond: dict[str, Tensor] | None, p: float, generator=None) -> d
     if cond is None or p <= 0:
         return cond
     ref = next(iter(cond.values()))
-    drop = torch.rand(ref.shape[0], device=ref.device, generator=generator) < p
+    drop = devices.rand(ref.shape[0], generator, ref.device) < p
     if "drop" in cond:
         drop = drop | cond["drop"]
     return {**cond, "drop": drop}
@@ -89,7 +90,7 @@ class Objective:
     ) -> Tensor:
         """Mean squared error of the network's prediction on a freshly noised batch."""
         time = self.sample_time(x0.shape[0], x0.device, generator)
-        eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        eps = devices.randn(x0.shape, generator, x0.device, x0.dtype)
         x = self.noise(x0, eps, time)
         cond = drop_captions(cond, caption_dropout, generator)
         pred = net(x, self.network_time(time), cond)
@@ -99,8 +100,11 @@ class Objective:
         """``net`` as a native predictor ``predict(x_in, native_time, cond)``."""
         return lambda x, time, cond: net(x, self.network_time(time), cond)
 
-    def velocity_field(self, net: Network, safeguards: Safeguards | None = None) -> VelocityField:
-        """``net`` read in flow-matching coordinates (the conversion: ARCHITECTURE.md, "Conversion")."""
+    def velocity_field(self, net: Network, safeguards: Safeguards | None = None,
+                       prior_mean: Tensor | None = None) -> VelocityField:
+        """``net`` read in flow-matching coordinates (the conversion: ARCHITECTURE.md,
+        "Conversion"); ``prior_mean`` is the expert's ``E[x0]`` (its training data's mean),
+        used by VP objectives near t = 1 and ignored by flow matching."""
         return as_velocity(self.predictor(net), self.parameterization, None, safeguards)
 
 
@@ -124,8 +128,9 @@ class DDPMEps(Objective):
     def target(self, x0: Tensor, eps: Tensor, time: Tensor) -> Tensor:
         return eps
 
-    def velocity_field(self, net: Network, safeguards: Safeguards | None = None) -> VelocityField:
-        return as_velocity(self.predictor(net), "eps", self.schedule, safeguards)
+    def velocity_field(self, net: Network, safeguards: Safeguards | None = None,
+                       prior_mean: Tensor | None = None) -> VelocityField:
+        return as_velocity(self.predictor(net), "eps", self.schedule, safeguards, prior_mean)
 
 
 class FMVelocity(Objective):

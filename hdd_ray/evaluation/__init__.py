@@ -1,5 +1,7 @@
 """Evaluation: feature extractors, FID (with cached reference statistics and its floor), CLIP
-score, intra-prompt diversity, and the demo's reference CLIP. Protocols: ``evaluation/README.md``.
+score, intra-prompt diversity, their bootstrap intervals and paired differences
+(:mod:`hdd_ray.evaluation.statistics`), and the demo's reference CLIP. Protocols:
+``evaluation/README.md``.
 
 Importing this package loads neither open_clip, timm nor torchmetrics' image metrics; each is
 imported by the function that needs it.
@@ -22,9 +24,11 @@ from hdd_ray.evaluation.metrics import (
     DIVERSITY_NAMES,
     ReferenceStats,
     clip_score,
+    clip_scores,
     diversity,
     fid,
     fid_floor,
+    group_diversities,
     images_hash,
     lpips_backbone_path,
     reference_stats,
@@ -54,12 +58,14 @@ __all__ = [
     "build_extractor",
     "clip_pixels",
     "clip_score",
+    "clip_scores",
     "digit_of_caption",
     "diversity",
     "extract_features",
     "fid",
     "fid_floor",
     "get_reference_clip",
+    "group_diversities",
     "images_hash",
     "lpips_backbone_path",
     "reference_stats",

@@ -3,16 +3,20 @@
 All images are ``[N, C, H, W]`` float tensors in [-1, 1] (``C`` 1 or 3), as the samplers and
 :func:`hdd_ray.training.data.read_cluster` produce them.
 
-* FID is torchmetrics' :class:`~torchmetrics.image.fid.FrechetInceptionDistance` with the chosen
-  extractor (:func:`hdd_ray.evaluation.features.build_extractor`) as its feature network, so
-  Inception-FID, CLIP-FID and FD-DINOv2 share one implementation. Statistics of a reference set
-  are cached (:class:`ReferenceStats`), and every FID is reported beside its floor
-  (:func:`fid_floor`: held-out real images against the training split).
+* FID is the Fréchet distance of the chosen extractor's features
+  (:func:`hdd_ray.evaluation.features.build_extractor`; float64, unbiased covariances as in
+  torchmetrics), computed by :func:`hdd_ray.evaluation.statistics.frechet_distance`, so
+  Inception-FID, CLIP-FID and FD-DINOv2 and their bootstrap replicates share one
+  implementation. Statistics of a reference set are cached (:class:`ReferenceStats`), and every
+  FID is reported beside its floor (:func:`fid_floor`: held-out real images against the
+  training split) at the same n.
 * CLIP score is torchmetrics' definition, ``100 * mean(max(cos(img, txt), 0))``, for any
-  open_clip-style model (torchmetrics' own ``CLIPScore`` only takes Hugging Face models).
+  open_clip-style model (torchmetrics' own ``CLIPScore`` only takes Hugging Face models);
+  :func:`clip_scores` gives the per-sample terms.
 * Diversity is the mean pairwise distance among samples of one prompt, averaged over prompts:
   LPIPS when its backbone weights are on disk, otherwise distances between normalized extractor
-  features (or pixels); the returned name says which.
+  features (or pixels); the returned name says which. :func:`group_diversities` gives the
+  per-prompt values.
 """
 
 from __future__ import annotations
@@ -36,14 +40,17 @@ from torch import Tensor, nn
 
 from hdd_ray import storage
 from hdd_ray.evaluation.features import clip_pixels, extract_features, to_rgb
+from hdd_ray.evaluation.statistics import FrechetReference, fid_at_n
 
 __all__ = [
     "DIVERSITY_NAMES",
     "ReferenceStats",
     "clip_score",
+    "clip_scores",
     "diversity",
     "fid",
     "fid_floor",
+    "group_diversities",
     "images_hash",
     "lpips_backbone_path",
     "reference_stats",
@@ -67,38 +74,16 @@ def images_hash(images: Tensor) -> str:
 # --------------------------------------------------------------------------------------- FID
 
 
-class _FIDFeatures(nn.Module):
-    """The extractor as torchmetrics' feature network: float64 features.
-
-    torchmetrics accumulates its sums in float64 and advises computing FID in float64; returning
-    float64 features gives that without ``set_dtype``, which would also cast the extractor's
-    weights (and its forward pass) to float64.
-    """
-
-    def __init__(self, extractor: nn.Module) -> None:
-        super().__init__()
-        self.extractor = extractor
-        self.num_features = int(extractor.num_features)
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.extractor(images).double()
-
-
-def _fid_metric(extractor: nn.Module) -> Any:
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    # A custom feature network receives the images unchanged (torchmetrics' ``normalize`` only
-    # rescales for its built-in Inception): the extractor takes [-1, 1] images as they are.
-    metric = FrechetInceptionDistance(feature=_FIDFeatures(extractor), reset_real_features=False)
-    device = next(extractor.parameters(), torch.zeros(0)).device
-    return metric.to(device)
-
-
-def _update(metric: Any, images: Tensor, real: bool, batch_size: int) -> None:
-    """Feed a set to the metric in batches (the extractor runs on ``batch_size`` images at once)."""
+def _feature_sums(images: Tensor, extractor: nn.Module, batch_size: int) -> tuple[Tensor, Tensor]:
+    """Sum of float64 features ``[D]`` and of their outer products ``[D, D]``, batch by batch."""
+    total = torch.zeros(int(extractor.num_features), dtype=torch.float64)
+    outer = torch.zeros(total.numel(), total.numel(), dtype=torch.float64)
     with torch.no_grad():
         for i in range(0, images.shape[0], batch_size):
-            metric.update(images[i : i + batch_size].to(metric.device), real=real)
+            f = extract_features(extractor, images[i : i + batch_size], batch_size).double()
+            total += f.sum(0)
+            outer += f.T @ f
+    return total, outer
 
 
 @dataclass
@@ -129,6 +114,10 @@ class ReferenceStats:
         """Unbiased feature covariance ``[D, D]`` (as torchmetrics computes it)."""
         mu = self.mean[None]
         return (self.features_cov_sum - self.num_samples * mu.t() @ mu) / (self.num_samples - 1)
+
+    def frechet(self) -> FrechetReference:
+        """The reference Gaussian FIDs are computed against."""
+        return FrechetReference.from_moments(self.mean, self.cov)
 
     def to_bytes(self) -> bytes:
         """safetensors bytes: the two sums, with extractor, data hash and count as metadata."""
@@ -192,19 +181,24 @@ def reference_stats(
         if stats.extractor == name and stats.data_hash == data_hash:
             return stats
     imgs = images() if callable(images) else images
-    metric = _fid_metric(extractor)
-    _update(metric, imgs, real=True, batch_size=batch_size)
-    stats = ReferenceStats(
-        extractor=name,
-        data_hash=data_hash,
-        num_samples=int(metric.real_features_num_samples),
-        features_sum=metric.real_features_sum.detach().cpu(),
-        features_cov_sum=metric.real_features_cov_sum.detach().cpu(),
-        path=path,
-    )
+    total, outer = _feature_sums(imgs, extractor, batch_size)
+    stats = ReferenceStats(extractor=name, data_hash=data_hash, num_samples=int(imgs.shape[0]),
+                           features_sum=total, features_cov_sum=outer, path=path)
     if path is not None:
         storage.write_bytes(path, stats.to_bytes())
     return stats
+
+
+def _reference(reference: ReferenceStats | Tensor, extractor: nn.Module,
+               batch_size: int) -> FrechetReference:
+    if isinstance(reference, ReferenceStats):
+        if reference.extractor != extractor.name:
+            raise ValueError(
+                f"reference statistics were computed with {reference.extractor!r}, "
+                f"not {extractor.name!r}"
+            )
+        return reference.frechet()
+    return reference_stats(reference, extractor, data_hash="", batch_size=batch_size).frechet()
 
 
 def fid(
@@ -215,25 +209,14 @@ def fid(
 ) -> float:
     """Frechet distance between ``fake_images`` and a reference, in ``extractor``'s feature space.
 
-    ``FID = |mu_r - mu_f|^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2))`` (torchmetrics, float64).
-    ``reference`` is cached :class:`ReferenceStats` (which must come from the same extractor) or
-    an image tensor. FID is biased upward at small N: compare values only at equal N, and beside
-    :func:`fid_floor` computed at that N.
+    ``FID = |mu_r - mu_f|^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2))`` (float64, unbiased
+    covariances). ``reference`` is cached :class:`ReferenceStats` (which must come from the same
+    extractor) or an image tensor. FID is biased upward at small N: compare values only at equal
+    N, and beside :func:`fid_floor` computed at that N.
     """
-    metric = _fid_metric(extractor)
-    if isinstance(reference, ReferenceStats):
-        if reference.extractor != extractor.name:
-            raise ValueError(
-                f"reference statistics were computed with {reference.extractor!r}, "
-                f"not {extractor.name!r}"
-            )
-        metric.real_features_sum = reference.features_sum.to(metric.device, torch.float64)
-        metric.real_features_cov_sum = reference.features_cov_sum.to(metric.device, torch.float64)
-        metric.real_features_num_samples = torch.tensor(reference.num_samples, device=metric.device)
-    else:
-        _update(metric, reference, real=True, batch_size=batch_size)
-    _update(metric, fake_images, real=False, batch_size=batch_size)
-    return float(metric.compute())
+    ref = _reference(reference, extractor, batch_size)
+    features = extract_features(extractor, fake_images, batch_size)
+    return float(fid_at_n(features, ref, int(features.shape[0])))
 
 
 def fid_floor(
@@ -247,22 +230,25 @@ def fid_floor(
     """FID of real held-out images against the training split: the floor beside every FID.
 
     A mixture's samples are compared with the training split; real images the experts never saw,
-    compared the same way, show how low that FID can go at this N with this extractor (finite-N
+    compared the same way, show how low that FID can go at this n with this extractor (finite-n
     bias plus the true gap between the splits). ``train_images`` may be the training split's
-    cached :class:`ReferenceStats`. ``num_samples`` draws that many held-out images
-    (seeded) so the floor is taken at the same N as the samples it accompanies.
+    cached :class:`ReferenceStats`. ``num_samples`` (default: all held-out images) is the n the
+    floor is taken at, which must be the n of the FID it accompanies: below the held-out count
+    it is the mean over seeded random subsets of that size
+    (:func:`~hdd_ray.evaluation.statistics.fid_at_n`); above it, a ValueError (take the FID at
+    the smaller n instead, :func:`~hdd_ray.evaluation.statistics.comparable_n`).
     """
-    if num_samples is not None and num_samples < heldout_images.shape[0]:
-        generator = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(heldout_images.shape[0], generator=generator)[:num_samples]
-        heldout_images = heldout_images[idx]
-    return fid(heldout_images, train_images, extractor, batch_size=batch_size)
+    n = heldout_images.shape[0] if num_samples is None else num_samples
+    if n > heldout_images.shape[0]:
+        raise ValueError(f"fid_floor at n={n} needs {n} held-out images, got "
+                         f"{heldout_images.shape[0]}: compare FIDs at n <= the held-out count")
+    ref = _reference(train_images, extractor, batch_size)
+    return fid_at_n(extract_features(extractor, heldout_images, batch_size), ref, n, seed=seed)
 
 
 # --------------------------------------------------------------------------------- CLIP score
 
 
-@torch.no_grad()
 def clip_score(
     images: Tensor,
     captions: Sequence[str],
@@ -275,6 +261,19 @@ def clip_score(
     ``model`` is open_clip-style (``encode_image``, ``encode_text``; images preprocessed by
     :func:`~hdd_ray.evaluation.features.clip_pixels`), ``tokenizer`` maps captions to token ids.
     """
+    return float(clip_scores(images, captions, model, tokenizer, batch_size).mean())
+
+
+@torch.no_grad()
+def clip_scores(
+    images: Tensor,
+    captions: Sequence[str],
+    model: nn.Module,
+    tokenizer: Callable[[list[str]], Tensor],
+    batch_size: int = 256,
+) -> Tensor:
+    """The per-sample terms of :func:`clip_score`: ``100 * max(cos(E_img(x_i), E_txt(c_i)), 0)``
+    -> ``[N]`` float32 on the CPU."""
     if images.shape[0] != len(captions) or not captions:
         raise ValueError(
             f"clip_score needs one caption per image, got {images.shape[0]} images and "
@@ -286,8 +285,8 @@ def clip_score(
         img = model.encode_image(clip_pixels(images[i : i + batch_size].to(device), model))
         txt = model.encode_text(tokenizer(list(captions[i : i + batch_size])).to(device))
         cos = F.cosine_similarity(img.float(), txt.float(), dim=-1)
-        scores.append(100.0 * cos.clamp(min=0.0))
-    return float(torch.cat(scores).mean())
+        scores.append(100.0 * cos.clamp(min=0.0).cpu())
+    return torch.cat(scores)
 
 
 # --------------------------------------------------------------------------------- diversity
@@ -346,7 +345,6 @@ def _pairs(n: int) -> tuple[Tensor, Tensor]:
     return i, j
 
 
-@torch.no_grad()
 def diversity(
     groups: Sequence[Tensor],
     extractor: nn.Module | None = None,
@@ -363,6 +361,19 @@ def diversity(
 
     Identical samples give 0 under all three.
     """
+    name, values = group_diversities(groups, extractor, lpips_weights, batch_size)
+    return name, float(values.mean())
+
+
+@torch.no_grad()
+def group_diversities(
+    groups: Sequence[Tensor],
+    extractor: nn.Module | None = None,
+    lpips_weights: str | None = None,
+    batch_size: int = 256,
+) -> tuple[str, Tensor]:
+    """The per-group terms of :func:`diversity` -> ``(name, [G] float64)``, one value per group
+    of two or more samples, in the order given."""
     usable = [g for g in groups if g.shape[0] >= 2]
     if not usable:
         raise ValueError("diversity needs at least one group with two or more samples")
@@ -379,7 +390,7 @@ def diversity(
             for k in range(0, i.numel(), batch_size):
                 metric.update(x[i[k : k + batch_size]], x[j[k : k + batch_size]])
             values.append(float(metric.compute()))
-        return "lpips_diversity", sum(values) / len(values)
+        return "lpips_diversity", torch.tensor(values, dtype=torch.float64)
     values = []
     for group in usable:
         if extractor is not None:
@@ -388,4 +399,4 @@ def diversity(
             z = group.double().flatten(1) / group[0].numel() ** 0.5
         values.append(float(torch.pdist(z).mean()))
     name = "feature_diversity" if extractor is not None else "pixel_diversity"
-    return name, sum(values) / len(values)
+    return name, torch.tensor(values, dtype=torch.float64)

@@ -5,9 +5,11 @@ guidance + sampling steps + N samples. Its id hashes all of that plus the ids of
 uses, so the same mixture is evaluated once (``mixtures/<id>/metrics.json`` is reused).
 
 Protocol (``evaluation/README.md``): prompts are the held-out split's captions, cycled to N;
-FID compares the N samples with the training split's cached reference statistics, and the floor
-is the FID of real held-out images (never trained on) against the same statistics at the same N
-(what a perfect generator of new images would score). The demo uses its own reference CLIP for
+FID compares the samples with the training split's cached reference statistics, and the floor
+is the FID of real held-out images (never trained on) against the same statistics (what a perfect
+generator of new images would score), both at ``n = min(N, held-out)``; every metric carries a
+95 % bootstrap interval, and the per-sample data (``per_sample.safetensors``) lets two mixtures
+sampled from the same prompts be compared pairwise (:mod:`hdd_ray.evaluation.statistics`). The demo uses its own reference CLIP for
 CLIP score and CLIP-FID; real campaigns point ``evaluation.clip_arch``/``clip_weights`` and
 ``evaluation.fid_extractor``/``extractor_weights`` at local weights.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -35,9 +38,17 @@ from hdd_ray.campaign import (
     short_hash,
     with_assignment,
 )
+from hdd_ray.evaluation import statistics
+from hdd_ray.evaluation.statistics import Interval
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 GRID_FILE = "grid.png"
+SAMPLES_FILE = "per_sample.safetensors"
+#: bumped when what ``metrics.json`` holds changes: a cached mixture of another version is
+#: evaluated again (2: intervals, FID and floor at one n, per-sample data)
+EVALUATION_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -81,13 +92,16 @@ def mixture_id(cfg: Any, spec: MixtureSpec, expert_ids: list[str]) -> str:
 
 class Judge:
     """Everything that scores mixtures of one campaign, built once and shared by evaluations:
-    held-out/train images, the CLIP model, the FID extractor and the cached reference stats."""
+    held-out/train images, the CLIP model, the FID extractor and the cached reference stats.
 
-    def __init__(self, cfg: Any) -> None:
+    Its networks run on ``device`` (the mixtures it evaluates are sampled there too)."""
+
+    def __init__(self, cfg: Any, device: str | torch.device = "cpu") -> None:
         from hdd_ray.evaluation import build_extractor, get_reference_clip, reference_stats
         from hdd_ray.training.data import read_cluster
 
         self.cfg = cfg
+        self.device = torch.device(device)
         manifest = load_manifest(cfg)
         size, ch = cfg.corpus.image_size, cfg.corpus.channels
         held = read_cluster(heldout_shards(cfg, manifest), size, ch, label=None)
@@ -107,21 +121,23 @@ class Judge:
             from hdd_ray.towers import open_clip_model, open_clip_tokenizer
 
             keys = {"arch_key": "evaluation.clip_arch", "weights_key": "evaluation.clip_weights"}
-            self.clip = open_clip_model(ev.clip_arch, ev.clip_weights, **keys).eval()
+            self.clip = open_clip_model(ev.clip_arch, ev.clip_weights, **keys).eval().to(device)
             self.tokenizer = open_clip_tokenizer(ev.clip_arch, keys["arch_key"])
         else:  # the demo's own reference CLIP, trained once per campaign
             self.clip, self.tokenizer, self.clip_info = get_reference_clip(
                 cfg.root, lambda: train().images, lambda: train().captions, held.images,
-                held.captions, data_hash=self.data_hash)
+                held.captions, data_hash=self.data_hash, device=self.device)
         clip_model = self.clip if ev.fid_extractor == "clip" and not ev.extractor_weights else None
         arch = ev.extractor_arch or (ev.clip_arch if ev.fid_extractor == "clip" else None)
         self.extractor = build_extractor(ev.fid_extractor, weights=ev.extractor_weights,
-                                         arch=arch, clip_model=clip_model)
+                                         arch=arch, clip_model=clip_model).to(self.device)
         self.reference = reference_stats(lambda: train().images, self.extractor, self.data_hash,
                                          cache_dir=CampaignPaths(cfg.root).reference_stats)
         #: whether the training split had to be decoded (a cache missed)
         self.decoded_train = bool(decoded)
-        self._floor: dict[int, float] = {}
+        self.frechet = self.reference.frechet()
+        self._floor: dict[int, Interval] = {}
+        self._heldout_features: Tensor | None = None
 
     def prompts(self, n: int, per_prompt: int = 4) -> list[str]:
         """``n`` prompts from the held-out captions' distinct texts, each used at least
@@ -131,31 +147,62 @@ class Judge:
         chosen = [distinct[round(i * len(distinct) / m)] for i in range(m)]  # spread evenly
         return [chosen[i % m] for i in range(n)]
 
-    def floor(self, n: int) -> float:
-        """FID of real held-out images (at most ``n``) against the training reference."""
-        from hdd_ray.evaluation import fid_floor
+    def floor(self, n: int) -> Interval:
+        """FID of real held-out images against the training reference at ``n`` (at most the
+        held-out count), with its bootstrap interval (:func:`statistics.fid_interval`)."""
+        from hdd_ray.evaluation import extract_features
 
+        if self._heldout_features is None:
+            self._heldout_features = extract_features(self.extractor, self.heldout.images)
         if n not in self._floor:
-            self._floor[n] = fid_floor(self.heldout.images, self.reference, self.extractor,
-                                       num_samples=min(n, len(self.heldout)))
+            self._floor[n] = statistics.fid_interval(self._heldout_features, self.frechet, n,
+                                                     device=self.device)[0]
         return self._floor[n]
 
-    def score(self, samples: Tensor, prompts: list[str]) -> dict[str, Any]:
-        """FID, its floor, CLIP score and diversity of ``samples`` made from ``prompts``."""
-        from hdd_ray.evaluation import clip_score, diversity, fid
+    def sample_scores(self, samples: Tensor, prompts: list[str]) -> statistics.SampleScores:
+        """The per-sample data of ``samples`` made from ``prompts`` (features, CLIP scores,
+        per-prompt diversities): every statistic and interval is computed from it."""
+        from hdd_ray.evaluation import clip_scores, extract_features, group_diversities
 
-        groups: dict[str, list[int]] = {}
-        for i, p in enumerate(prompts):
-            groups.setdefault(p, []).append(i)
-        div_name, div = diversity([samples[idx] for idx in groups.values()], self.extractor)
-        return {
-            "fid": fid(samples, self.reference, self.extractor),
-            "fid_floor": self.floor(len(samples)),
-            "clip_score": clip_score(samples, prompts, self.clip, self.tokenizer),
+        group, _ = statistics.prompt_groups(prompts)
+        members = [torch.nonzero(group == g).flatten() for g in range(int(group.max()) + 1)]
+        div_name, div = group_diversities([samples[idx] for idx in members], self.extractor)
+        return statistics.SampleScores(
+            features=extract_features(self.extractor, samples),
+            clip=clip_scores(samples, prompts, self.clip, self.tokenizer),
+            group_diversity=div, prompts_hash=statistics.prompts_hash(prompts),
+            diversity_metric=div_name)
+
+    def summarize(self, scores: statistics.SampleScores) -> tuple[dict[str, Any],
+                                                                   dict[str, Tensor],
+                                                                   statistics.BootstrapPlan]:
+        """Metrics with their 95 % intervals -> ``(metrics, bootstrap replicates, plan)``.
+
+        FID and its floor are both taken at ``fid_n = min(N, held-out)``
+        (``fid_full_n``: the FID of all N samples, not comparable with the floor when larger).
+        """
+        n = statistics.comparable_n(scores.num_samples, len(self.heldout))
+        intervals, replicates, plan = statistics.bootstrap(scores, self.frechet, n,
+                                                           device=self.device)
+        metrics = {
+            **intervals["fid"].as_dict("fid"), "fid_n": n,
+            **self.floor(n).as_dict("fid_floor"),
+            "fid_full_n": statistics.fid_at_n(scores.features, self.frechet, scores.num_samples,
+                                              device=self.device),
+            **intervals["clip_score"].as_dict("clip_score"),
             "clip_score_real": self._real_clip_score(),
-            "diversity": div,
-            "diversity_metric": div_name,
+            **intervals["diversity"].as_dict("diversity"),
+            "diversity_metric": scores.diversity_metric,
+            "bootstrap": {"replicates": plan.replicates, "seed": plan.seed,
+                          "subsets": plan.subsets, "confidence": statistics.CONFIDENCE},
+            "evaluation_version": EVALUATION_VERSION,
         }
+        return metrics, replicates, plan
+
+    def score(self, samples: Tensor, prompts: list[str]) -> dict[str, Any]:
+        """FID and its floor (same n), CLIP score and diversity of ``samples`` made from
+        ``prompts``, each with its 95 % interval (:meth:`summarize`)."""
+        return self.summarize(self.sample_scores(samples, prompts))[0]
 
     def _real_clip_score(self) -> float:
         from hdd_ray.evaluation import clip_score
@@ -198,8 +245,11 @@ def evaluate_mixture(
     judge: Judge | None = None,
     parent_run_id: str | None = None,
     force: bool = False,
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """Sample and score one mixture; writes ``mixtures/<id>/`` and an MLflow run.
+
+    Everything runs on the ``judge``'s device (a new judge is built on ``device``).
 
     Returns the metrics dict (also ``mixtures/<id>/metrics.json``); reuses it unless ``force``.
     """
@@ -213,16 +263,25 @@ def evaluate_mixture(
     directory = CampaignPaths(cfg.root).mixture_dir(mid)
     metrics_path = storage.join(directory, METRICS_FILE)
     if not force and storage.exists(metrics_path):
-        return {**storage.read_json(metrics_path), "reused": True}
+        cached = storage.read_json(metrics_path)
+        # a mixture evaluated by an older version lacks intervals and per-sample data: redo it
+        if (cached.get("evaluation_version") == EVALUATION_VERSION
+                and storage.exists(storage.join(directory, SAMPLES_FILE))):
+            return {**cached, "reused": True}
+        log.info("mixture %s: cached metrics are of evaluation version %s, not %s; "
+                    "evaluating again", mid, cached.get("evaluation_version"), EVALUATION_VERSION)
 
-    judge = judge or Judge(cfg)
-    mixture = load_mixture(cfg, spec.ddpm_clusters)
+    judge = judge or Judge(cfg, device)
+    mixture = load_mixture(cfg, spec.ddpm_clusters, judge.device)
     prompts = judge.prompts(spec.num_samples)
     started = time.time()
     samples = mixture.sample(prompts, seed=spec.seed, strategy=spec.routing, k=spec.k,
                              threshold=spec.threshold, guidance=spec.guidance, steps=spec.steps)
     sample_s = time.time() - started
-    scores = judge.score(samples, prompts)
+    per_sample = judge.sample_scores(samples, prompts)
+    started = time.time()
+    scores, replicates, plan = judge.summarize(per_sample)
+    scores["statistics_seconds"] = time.time() - started
     evals = mixture.last_evaluations
     total = max(1, sum(evals))
     k = cfg.clustering.k
@@ -244,6 +303,7 @@ def evaluate_mixture(
         "reference_clip_retrieval": judge.clip_info.get("retrieval_top1"),
     }
     grid = save_grid(storage.join(directory, GRID_FILE), samples, prompts)
+    storage.write_bytes(storage.join(directory, SAMPLES_FILE), per_sample.to_bytes(replicates, plan))
     storage.write_json(storage.join(directory, METRICS_FILE), result)
     _track(cfg, result, grid, parent_run_id)
     return {**result, "reused": False}
@@ -260,8 +320,9 @@ def _track(cfg: Any, r: dict[str, Any], grid_png: bytes, parent_run_id: str | No
     with tracking.run(cfg, name, tags, parent_run_id=parent_run_id) as run:
         if run is None:
             return
-        metrics = {key: r[key] for key in ("fid", "fid_floor", "clip_score", "clip_score_real",
-                                           "diversity", "images_per_second") if r.get(key) is not None}
+        keys = statistics.interval_columns(("fid", "fid_floor", "clip_score", "diversity"))
+        metrics = {key: r[key] for key in (*keys, "fid_n", "fid_full_n", "clip_score_real",
+                                           "images_per_second") if r.get(key) is not None}
         metrics.update({f"expert_share_{i}": v for i, v in enumerate(r["expert_share"])})
         if r.get("reference_clip_retrieval") is not None:
             metrics["reference_clip_retrieval"] = r["reference_clip_retrieval"]
@@ -273,25 +334,79 @@ def _track(cfg: Any, r: dict[str, Any], grid_png: bytes, parent_run_id: str | No
 
 
 COMPARISON_COLUMNS = ("assignment", "num_ddpm", "routing", "k", "guidance", "steps",
-                      "num_samples", "fid", "fid_floor", "clip_score", "diversity")
+                      "num_samples", "fid_n", "fid", "fid_floor", "clip_score", "diversity")
+_NAMES = {"fid": "FID", "clip_score": "CLIP score", "diversity": "diversity"}
+
+
+def load_per_sample(mixtures_dir: str, mixture_id: str) -> tuple[
+        statistics.SampleScores, dict[str, Tensor], statistics.BootstrapPlan | None] | None:
+    """A mixture's per-sample data, replicates and bootstrap plan, or ``None`` if not saved."""
+    path = storage.join(mixtures_dir, mixture_id, SAMPLES_FILE)
+    if not storage.exists(path):
+        return None
+    return statistics.SampleScores.from_bytes(storage.read_bytes(path))
+
+
+def paired_difference(a: dict[str, Any], b: dict[str, Any],
+                      mixtures_dir: str) -> dict[str, Interval] | None:
+    """``a - b`` (metrics rows of two evaluated mixtures) per metric with its paired 95 %
+    interval, or ``None`` when they do not pair: per-sample data missing, other prompts, or
+    another bootstrap plan (N, n, replicates, seed)."""
+    la, lb = (load_per_sample(mixtures_dir, r["mixture_id"]) for r in (a, b))
+    if la is None or lb is None:
+        return None
+    (sa, ra, pa), (sb, rb, pb) = la, lb
+    if pa is None or pa != pb or sa.prompts_hash != sb.prompts_hash:
+        return None
+    keys = statistics.METRICS
+    return statistics.paired_differences({k: a[k] for k in keys}, ra, {k: b[k] for k in keys}, rb)
+
+
+def difference_line(a: dict[str, Any], b: dict[str, Any], mixtures_dir: str) -> str:
+    """One line: ``a - b`` per metric with its interval and whether it is significant."""
+    head = f"paired difference {a['assignment']} minus {b['assignment']}"
+    diff = paired_difference(a, b, mixtures_dir)
+    if diff is None:
+        return f"{head}: not paired (different prompts, N or bootstrap plan, or no per-sample data)"
+    noise = "same prompts and noise" if a.get("seed") == b.get("seed") else "same prompts"
+    parts = [f"{_NAMES[k]} {iv.text(3, signed=True)} "
+             f"({'significant' if iv.significant else 'not significant'})"
+             for k, iv in diff.items()]
+    return f"{head} ({noise}, FID at n={a.get('fid_n')}): " + ", ".join(parts)
 
 
 def comparison_table(results: list[dict[str, Any]], directory: str) -> str:
-    """The mixtures side by side: writes ``comparison.csv`` and ``comparison.md``; returns the
-    markdown (the job prints it)."""
+    """The mixtures side by side, each metric as estimate ± half its 95 % interval, then a
+    paired difference of each mixture minus the baseline (the all-FM mixture, else the last);
+    writes ``comparison.csv`` (with the interval bounds) and ``comparison.md``; returns the
+    markdown (the job prints it). ``directory`` holds the mixtures (``mixtures/``)."""
+    columns = statistics.interval_columns(COMPARISON_COLUMNS)
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(COMPARISON_COLUMNS)
+    writer.writerow(columns)
     for r in results:
-        writer.writerow([r.get(c) for c in COMPARISON_COLUMNS])
+        writer.writerow([r.get(c) for c in columns])
     storage.write_bytes(storage.join(directory, "comparison.csv"), buf.getvalue().encode())
-
-    def fmt(v: Any) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
 
     lines = ["| " + " | ".join(COMPARISON_COLUMNS) + " |",
              "|" + "---|" * len(COMPARISON_COLUMNS)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in COMPARISON_COLUMNS) + " |" for r in results]
+    lines += ["| " + " | ".join(statistics.cell(r, c) for c in COMPARISON_COLUMNS) + " |"
+              for r in results]
+    lines.append("")
+    lines.append("± = half the 95 % bootstrap interval; FID and its floor at n = fid_n "
+                 "(evaluation/README.md, Statistics).")
+    if len(results) > 1:
+        base = next((r for r in results if r.get("num_ddpm") == 0), results[-1])
+        lines += ["", *(difference_line(r, base, directory) for r in results if r is not base)]
     md = "\n".join(lines)
     storage.write_bytes(storage.join(directory, "comparison.md"), (md + "\n").encode())
     return md
+
+
+def summary(result: dict[str, Any]) -> str:
+    """One line of a mixture's metrics with their intervals (what the evaluation job prints)."""
+    return (f"FID {statistics.cell(result, 'fid')} (floor {statistics.cell(result, 'fid_floor')}"
+            f", both at n = {result.get('fid_n')}; all N = {result.get('num_samples')}: "
+            f"{statistics.cell(result, 'fid_full_n')}), CLIP score "
+            f"{statistics.cell(result, 'clip_score')}, {result.get('diversity_metric')} "
+            f"{statistics.cell(result, 'diversity')} (± = half the 95 % interval)")

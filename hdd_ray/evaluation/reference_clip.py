@@ -33,7 +33,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
-from hdd_ray import storage
+from hdd_ray import devices, storage
 from hdd_ray.campaign import CampaignPaths
 from hdd_ray.evaluation.features import clip_pixels
 from hdd_ray.models.text import TINY_OPEN_CLIP_CONFIG
@@ -144,8 +144,12 @@ def train_reference_clip(
     batch_size: int = 256,
     lr: float = 2e-3,
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, Any, list[float]]:
     """Train the reference CLIP on image/caption pairs -> ``(model, tokenizer, loss history)``.
+
+    Trains on ``device``; the batches' indices are drawn on the CPU (:mod:`hdd_ray.devices`),
+    so the batches of a seed are the same on every device (the weights differ in float noise).
 
     AdamW with a linear warm-up over the first 5% of steps and cosine decay; batches drawn with
     replacement from a generator seeded by ``seed``, so a seed gives the same weights (on the same
@@ -158,7 +162,7 @@ def train_reference_clip(
             f"and {len(captions)} captions"
         )
     with _one_thread():
-        return _train(images, captions, steps, batch_size, lr, seed)
+        return _train(images, captions, steps, batch_size, lr, seed, torch.device(device))
 
 
 @contextlib.contextmanager
@@ -178,15 +182,18 @@ def _one_thread():
 
 
 def _train(
-    images: Tensor, captions: Sequence[str], steps: int, batch_size: int, lr: float, seed: int
+    images: Tensor, captions: Sequence[str], steps: int, batch_size: int, lr: float, seed: int,
+    device: torch.device,
 ) -> tuple[nn.Module, Any, list[float]]:
     model, tokenizer = _build(seed)
-    pixels = clip_pixels(images, model)  # once: the tower's input never changes between steps
+    model.to(device)
+    # once: the tower's input never changes between steps
+    pixels = clip_pixels(images.to(device), model)
     texts = sorted(set(captions))
     row = {t: i for i, t in enumerate(texts)}
-    tokens = tokenizer(texts)
-    caption_idx = torch.tensor([row[c] for c in captions], dtype=torch.long)
-    generator = torch.Generator().manual_seed(seed)
+    tokens = tokenizer(texts).to(device)
+    caption_idx = torch.tensor([row[c] for c in captions], dtype=torch.long, device=device)
+    generator = devices.generator(seed)
     # The token table has 49408 rows, of which the corpus uses a few dozen: a dense AdamW update of
     # it cost more than the forward and backward passes together, so it gets sparse gradients and
     # SparseAdam (which touches only the rows a batch used); everything else uses AdamW.
@@ -208,7 +215,7 @@ def _train(
     model.train()
     history = []
     for _ in range(steps):
-        idx = torch.randint(0, pixels.shape[0], (batch_size,), generator=generator)
+        idx = devices.randint(pixels.shape[0], batch_size, generator, device)
         unique, caption_ids = torch.unique(caption_idx[idx], return_inverse=True)
         img = model.encode_image(pixels[idx], normalize=True)
         txt = model.encode_text(tokens[unique], normalize=True)
@@ -243,10 +250,12 @@ def retrieval_accuracy(
     """
     texts = sorted(set(captions))
     meanings = [caption_meaning(t) for t in texts]
-    txt = model.encode_text(tokenizer(texts), normalize=True)
+    device = next(model.parameters()).device
+    txt = model.encode_text(tokenizer(texts).to(device), normalize=True)
     img = torch.cat(
         [
-            model.encode_image(clip_pixels(images[i : i + batch_size], model), normalize=True)
+            model.encode_image(clip_pixels(images[i : i + batch_size].to(device), model),
+                               normalize=True)
             for i in range(0, images.shape[0], batch_size)
         ]
     )
@@ -287,8 +296,10 @@ def get_reference_clip(
     batch_size: int = 256,
     lr: float = 2e-3,
     caption_meaning: Callable[[str], str] = digit_of_caption,
+    device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """Load the campaign's reference CLIP, or train and cache it -> ``(model, tokenizer, info)``.
+    """Load the campaign's reference CLIP, or train and cache it -> ``(model, tokenizer, info)``,
+    the model on ``device`` (trained there when the cache misses).
 
     The cache under ``<root>/evaluation/reference_clip/`` is reused when its settings (architecture
     config, steps, batch size, lr, seed, ``data_hash`` of the training split) match; otherwise the
@@ -309,6 +320,7 @@ def get_reference_clip(
         if {k: info.get(k) for k in settings} == settings:
             model, tokenizer = _build(seed)
             model.load_state_dict(load_safetensors(storage.read_bytes(weights_path)))
+            model.to(device)
             model.requires_grad_(False)
             model.eval()
             model.eval_label = "reference"
@@ -320,10 +332,10 @@ def get_reference_clip(
         train_captions = train_captions()
     start = time.perf_counter()
     model, tokenizer, history = train_reference_clip(
-        train_images, train_captions, steps=steps, batch_size=batch_size, lr=lr, seed=seed
-    )
+        train_images, train_captions, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+        device=device)
     train_seconds = time.perf_counter() - start
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     blob = save_safetensors(state, metadata={"arch": REFERENCE_CLIP_ARCH, "data_hash": data_hash})
     info = {
         **settings,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from hdd_ray import devices
 from hdd_ray.campaign import heldout_shards
 from hdd_ray.config import CampaignConfig
 from hdd_ray.training.model import RouterModel
@@ -23,15 +24,17 @@ def router_accuracy_by_t(model: RouterModel, cfg: CampaignConfig, bins: int = 10
     if not shards:
         return {}
     data = read_cluster(shards, cfg.corpus.image_size, cfg.corpus.channels, label=None)
-    g = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    images, labels = data.images.to(device), data.labels.to(device)
+    g = devices.generator(0)  # CPU: the same noise whatever the router's device
     model.eval()
     out = {}
     for i in range(bins):
-        t = torch.full((len(data),), (i + 0.5) / bins)
-        eps = torch.randn(data.images.shape, generator=g)
+        t = torch.full((len(data),), (i + 0.5) / bins, device=device)
+        eps = devices.randn(images.shape, g, device)
         tb = t.view(-1, 1, 1, 1)
-        logits = model((1 - tb) * data.images + tb * eps, t * FM_TIME_SCALE)
-        out[f"{(i + 0.5) / bins:.2f}"] = float((logits.argmax(1) == data.labels).float().mean())
+        logits = model((1 - tb) * images + tb * eps, t * FM_TIME_SCALE)
+        out[f"{(i + 0.5) / bins:.2f}"] = float((logits.argmax(1) == labels).float().mean())
     return out
 
 

@@ -6,7 +6,9 @@ needs: resume from ``ray.train.get_checkpoint()`` (model, EMA, optimizer, step, 
 a checkpoint every ``checkpoint_every`` steps and at once when Ray reports a drain of the node
 (``ray.train.get_preemption_info()``), gradient accumulation, bf16 autocast and DDP on GPUs,
 and metrics to MLflow (:class:`hdd_ray.tracking.MetricBuffer`, with the tracking URI passed in:
-workers do not inherit the driver's).
+workers do not inherit the driver's). ``train.batch_size`` is the global batch of a micro-step,
+split evenly over the run's workers (:func:`rank_batch_size`); every random draw goes through
+:mod:`hdd_ray.devices` (generators on the device of the tensors they feed).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hdd_ray import tracking
+from hdd_ray import devices, tracking
+from hdd_ray.config import check_global_batch
+from hdd_ray.devices import TrainingStreams
 from hdd_ray.diffusion import FM_TIME_SCALE, get_objective, per_sample
 from hdd_ray.training.data import ClusterData, read_cluster
 from hdd_ray.training.model import ExpertModel, RouterModel
@@ -49,12 +53,15 @@ class ExpertTask:
         self.model = ExpertModel(spec["model"], spec["text"], config["image_size"], config["channels"])
         self.data = read_cluster(config["shards"], config["image_size"], config["channels"],
                                  label=spec["cluster"])
+        # exported with the weights: the conversion's prior E[x0] near t = 1
+        self.model.set_data_mean(self.data.images)
 
-    def loss(self, model: nn.Module, batch_size: int, g: torch.Generator, device) -> Tensor:
-        x0, captions, _ = self.data.batch(batch_size, g)
+    def loss(self, model: nn.Module, batch_size: int, rng: TrainingStreams, device) -> Tensor:
+        x0, captions, _ = self.data.batch(batch_size, rng.data)
         inner = model.module if hasattr(model, "module") else model
         cond = inner.tokenize(captions, device)
-        return self.objective.loss(model, x0.to(device), cond, self.train["caption_dropout"], g)
+        return self.objective.loss(model, x0.to(device), cond, self.train["caption_dropout"],
+                                   rng.noise)
 
 
 class RouterTask:
@@ -71,11 +78,11 @@ class RouterTask:
                                 [c for p in parts for c in p.captions],
                                 torch.cat([p.labels for p in parts]))
 
-    def loss(self, model: nn.Module, batch_size: int, g: torch.Generator, device) -> Tensor:
-        x0, _, labels = self.data.batch(batch_size, g)
+    def loss(self, model: nn.Module, batch_size: int, rng: TrainingStreams, device) -> Tensor:
+        x0, _, labels = self.data.batch(batch_size, rng.data)
         x0, labels = x0.to(device), labels.to(device)
-        t = torch.rand(batch_size, generator=g).to(device)
-        eps = torch.randn(x0.shape, generator=g).to(device)
+        t = devices.rand(batch_size, rng.noise, device)
+        eps = devices.randn(x0.shape, rng.noise, device)
         tb = per_sample(t, x0)
         logits = model((1 - tb) * x0 + tb * eps, t * FM_TIME_SCALE)
         return nn.functional.cross_entropy(logits.float(), labels)
@@ -227,7 +234,8 @@ def run_loop(config: dict[str, Any], hooks: RayTrainHooks | LocalHooks) -> dict[
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=tr["lr"], weight_decay=tr["weight_decay"])
     ema = EMA(model, tr["ema_decay"])
-    gen = torch.Generator().manual_seed(tr["seed"] * 100_003 + rank)
+    rng = TrainingStreams(tr["seed"], rank, device)
+    batch = rank_batch_size(tr["batch_size"], world)
     start_step, history, wall_before = 0, [], 0.0
 
     state = hooks.load_state()
@@ -238,17 +246,16 @@ def run_loop(config: dict[str, Any], hooks: RayTrainHooks | LocalHooks) -> dict[
         start_step, history = int(state["step"]), list(state["history"])
         wall_before = float(state["wall_time"])
         if rank == 0:
-            gen.set_state(state["rng"])
-        else:  # only rank 0's generator is checkpointed; other ranks reseed by step
-            gen.manual_seed(tr["seed"] * 100_003 + rank + start_step)
+            rng.load(state)
+        else:  # only rank 0's generators are checkpointed; other ranks reseed by step
+            rng.reseed(start_step)
         torch.set_rng_state(state["torch_rng"])
     history.append({"start_step": start_step, "time": time.time(), **_node_info(device)})
 
     model = hooks.wrap(model)
     if tr.get("compile") and use_cuda:
         model = torch.compile(model)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                if use_cuda and tr["mixed_precision"] == "bf16" else contextlib.nullcontext())
+    autocast = devices.autocast(device, tr["mixed_precision"])
 
     tracker = tracking.MetricBuffer(config.get("tracking") if rank == 0 else None)
     steps, accum, every = tr["steps"], tr["grad_accum"], tr["checkpoint_every"]
@@ -269,7 +276,7 @@ def run_loop(config: dict[str, Any], hooks: RayTrainHooks | LocalHooks) -> dict[
         hooks.report(metrics, {
             "model": _unwrap(model).state_dict(), "ema": ema.model.state_dict(),
             "optimizer": opt.state_dict(), "step": step, "history": history,
-            "rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
+            **rng.state(), "torch_rng": torch.get_rng_state(),
             "wall_time": wall_before + elapsed})
 
     if start_step >= steps:  # a finished run re-run: re-report its state so it has a result
@@ -282,7 +289,7 @@ def run_loop(config: dict[str, Any], hooks: RayTrainHooks | LocalHooks) -> dict[
             sync = contextlib.nullcontext() if (world == 1 or micro == accum - 1) else model.no_sync()
             with sync:
                 with autocast:
-                    loss = task.loss(model, tr["batch_size"], gen, device) / accum
+                    loss = task.loss(model, batch, rng, device) / accum
                 loss.backward()
             total += float(loss.detach())
         if tr["grad_clip"] > 0:
@@ -304,6 +311,18 @@ def run_loop(config: dict[str, Any], hooks: RayTrainHooks | LocalHooks) -> dict[
         if done % every == 0 or done == steps or drain:
             report(done, smoothed, final=done == steps)
     return last
+
+
+def rank_batch_size(batch_size: int, world: int) -> int:
+    """Samples each of ``world`` ranks draws per micro-step: ``train.batch_size`` is **global**.
+
+    ``batch_size`` counts the samples of one micro-step summed over a run's workers, so an
+    optimizer step sees ``batch_size * grad_accum`` samples on one worker and on many (DDP
+    averages the ranks' equal-sized mean losses: the global mean). Each rank draws its share
+    with its own generators, seeded by ``(seed, rank)`` (:func:`hdd_ray.devices.stream_seed`).
+    """
+    check_global_batch("this run", batch_size, world)
+    return batch_size // max(1, world)
 
 
 def _quiet_report_log() -> None:

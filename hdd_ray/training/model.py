@@ -6,6 +6,7 @@ architecture from the JSON and refuses weights whose names or shapes do not matc
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -16,6 +17,8 @@ from torch import Tensor, nn
 from hdd_ray import storage
 from hdd_ray.errors import WeightsMismatch
 from hdd_ray.models import build_dit, build_router, build_text_encoder
+
+log = logging.getLogger(__name__)
 
 
 class ExpertModel(nn.Module):
@@ -37,6 +40,32 @@ class ExpertModel(nn.Module):
             self.text = build_text_encoder("open_clip", arch=text["arch"], pretrained=text["pretrained"])
         self.text_frozen = kind != "learned"
         self.net = build_dit(model, input_size=image_size, in_channels=channels, text_dim=self.text.dim)
+        # E[x0] of the cluster's training data: the conversion's prior near t = 1
+        self.register_buffer("data_mean", torch.zeros(channels, image_size, image_size))
+        self.has_data_mean = False
+
+    def set_data_mean(self, images: Tensor) -> None:
+        """Record the mean image of the training data ``[N, C, H, W]`` (exported with the weights)."""
+        self.data_mean.copy_(images.mean(0))
+        self.has_data_mean = True
+
+    def prior_mean(self) -> Tensor | None:
+        """The training data's mean ``[C, H, W]``, or ``None`` when unknown (weights exported
+        before experts carried it): the conversion then holds its edge estimate near t = 1."""
+        return self.data_mean if self.has_data_mean else None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        # the one optional key: files and checkpoints from before experts carried their data
+        # mean load without it (the mean stays as it is: unknown, or set by the training task)
+        key = prefix + "data_mean"
+        present = key in state_dict
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if present:
+            self.has_data_mean = True
+        elif key in missing_keys:
+            missing_keys.remove(key)
 
     def tokenize(self, captions: list[str], device: torch.device | str | None = None) -> dict[str, Tensor]:
         """Captions -> ``{"ids", "mask"}`` for :meth:`forward`."""
@@ -90,6 +119,19 @@ class RouterModel(nn.Module):
         return self.state_dict()
 
 
+#: weights an older file may lack (exported before experts carried their data mean)
+OPTIONAL_KEYS = ("data_mean",)
+_warned: set[str] = set()
+
+
+def _warn_no_data_mean(what: str) -> None:
+    if what not in _warned:
+        _warned.add(what)
+        log.warning("%s: its weights carry no data_mean (exported before experts recorded "
+                    "their data's mean); the conversion holds its edge estimate near t = 1",
+                    what)
+
+
 def save_weights(path: str, state: dict[str, Tensor]) -> None:
     """Write a state dict as safetensors (local path or URI; atomic on local disks)."""
     data = save_safetensors({k: v.detach().cpu().contiguous() for k, v in state.items()})
@@ -103,7 +145,9 @@ def load_weights(module: nn.Module, path: str, what: str) -> None:
     except Exception as exc:  # truncated / not safetensors
         raise WeightsMismatch(f"{what}: cannot read weights {path}: {str(exc).splitlines()[0]}") from None
     expected = module.exported_state() if hasattr(module, "exported_state") else module.state_dict()
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(set(expected) - set(state) - set(OPTIONAL_KEYS))
+    if "data_mean" in expected and "data_mean" not in state:
+        _warn_no_data_mean(what)
     extra = sorted(set(state) - set(expected))
     if missing or extra:
         raise WeightsMismatch(
