@@ -27,10 +27,29 @@ standard library). The cluster YAMLs start it on every worker right after ``ray 
 (harmless on on-demand nodes: no notice ever comes). Optional: without it a preempted node
 simply dies and its experts resume from their last periodic checkpoint; with it Ray Train
 checkpoints first and the retry counts as a preemption (``max_preemption_failures``), not a
-failure. Tested against a fake metadata server (``tests/test_clusters.py``).
+failure.
+
+It is a service that does not die on surprises:
+
+* every poll failure (refused or dropped connections, timeouts, malformed HTTP such as
+  ``http.client.BadStatusLine`` / ``IncompleteRead``, error statuses, garbage bodies, anything)
+  is logged and polling goes on, with exponential backoff (capped by ``--max-backoff``) while
+  failures last;
+* a refused drain is retried with backoff until the notice's deadline has passed;
+* it waits for the raylet of its machine with backoff and never gives up (each look is a short
+  driver in a subprocess with a timeout, so a hanging or crashing ``ray.init`` cannot take the
+  watcher with it);
+* ``--supervise`` runs it under a restart loop (:func:`supervise`): the watcher runs as a child
+  process and is restarted with backoff whenever it exits with anything but 0 (0 = drain
+  accepted: the node is going away). The cluster YAMLs start it that way, with a pid file so
+  ``worker_start_ray_commands`` can stop exactly this supervisor before starting a new one.
+
+Tested against a metadata server on 127.0.0.1 that answers errors and garbage and drops
+connections, and end to end with a real Ray node it drains (``tests/test_clusters.py``).
 
     python clusters/spot_watcher.py --cloud aws --address $RAY_HEAD_IP:6379
-    python clusters/spot_watcher.py --cloud gcp --address $RAY_HEAD_IP:6379
+    python clusters/spot_watcher.py --supervise --pidfile /tmp/spot_watcher.pid --cloud gcp \
+        --address $RAY_HEAD_IP:6379
     python clusters/spot_watcher.py --cloud gcp --node-id <hex> --metadata-url http://127.0.0.1:8080
 """
 
@@ -39,7 +58,11 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import os
+import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -47,7 +70,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 AWS_METADATA_URL = "http://169.254.169.254"
@@ -55,8 +78,36 @@ GCP_METADATA_URL = "http://metadata.google.internal"
 AWS_TOKEN_TTL_S = 21600
 GCP_SPOT_NOTICE_S = 30  # Spot / preemptible VMs are stopped about 30 s after the notice
 DRAIN_REASON = "DRAIN_NODE_REASON_PREEMPTION"
+NODE_ID_PATTERN = re.compile(r"[0-9a-f]{56}")  # a Ray node id: 28 bytes, hex
 
 log = logging.getLogger("spot_watcher")
+
+
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` of ``exc``, for one-line log entries."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff: ``first_s``, twice that, ... capped at ``cap_s``; :meth:`reset`
+    starts over (after a success)."""
+
+    first_s: float = 0.5
+    cap_s: float = 5.0
+    _next: float | None = field(default=None, repr=False)
+
+    def next(self) -> float:
+        """The next delay in seconds (and double the one after it, up to ``cap_s``)."""
+        delay = self.first_s if self._next is None else self._next
+        delay = min(delay, self.cap_s)
+        self._next = min(self.cap_s, max(delay, 1e-3) * 2)
+        return delay
+
+    def reset(self) -> None:
+        """Start over at ``first_s``."""
+        self._next = None
 
 
 class MetadataError(RuntimeError):
@@ -131,9 +182,10 @@ class AwsSpotNotices:
         status, body = _request(
             f"{self.base_url}/latest/api/token", "PUT",
             {"X-aws-ec2-metadata-token-ttl-seconds": str(self.token_ttl_s)}, self.timeout)
-        if status != 200 or not body.strip():
+        token = body.strip()
+        if status != 200 or not re.fullmatch(r"[\x21-\x7e]{1,4096}", token):
             raise MetadataError(f"IMDSv2 token request answered {status}: {body[:200]!r}")
-        self._token = body.strip()
+        self._token = token
         # renew well before the TTL runs out
         self._token_expires = self.clock() + 0.9 * self.token_ttl_s
         return self._token
@@ -144,7 +196,16 @@ class AwsSpotNotices:
         return self._token
 
     def poll(self) -> Notice | None:
-        """The scheduled interruption (``spot/instance-action``), or ``None`` (HTTP 404)."""
+        """The scheduled interruption (``spot/instance-action``), or ``None`` (HTTP 404).
+
+        Any failure forgets the session token, so a bad one never outlives one poll."""
+        try:
+            return self._poll()
+        except Exception:
+            self._token = None
+            raise
+
+    def _poll(self) -> Notice | None:
         url = f"{self.base_url}/latest/meta-data/spot/instance-action"
         status, body = _request(url, headers={"X-aws-ec2-metadata-token": self._token_now()},
                                 timeout=self.timeout)
@@ -189,22 +250,30 @@ class GcpPreemptionNotices:
         raise MetadataError(f"instance/preempted: unexpected answer {body[:200]!r}")
 
 
-def notice_source(cloud: str, base_url: str | None = None) -> NoticeSource:
-    """The notice source of ``cloud`` (``aws`` | ``gcp``), optionally at another ``base_url``."""
+def notice_source(cloud: str, base_url: str | None = None, timeout: float = 2.0) -> NoticeSource:
+    """The notice source of ``cloud`` (``aws`` | ``gcp``), optionally at another ``base_url``;
+    ``timeout``: seconds one metadata request may take."""
     if cloud == "aws":
-        return AwsSpotNotices(base_url or AWS_METADATA_URL)
+        return AwsSpotNotices(base_url or AWS_METADATA_URL, timeout=timeout)
     if cloud == "gcp":
-        return GcpPreemptionNotices(base_url or GCP_METADATA_URL)
+        return GcpPreemptionNotices(base_url or GCP_METADATA_URL, timeout=timeout)
     raise ValueError(f"cloud={cloud!r}: allowed: aws, gcp")
 
 
 # ------------------------------------------------------------------------------------- drain
 
 
+def _ray_executable() -> str:
+    """The ``ray`` CLI of this interpreter (an unactivated virtualenv's ``bin/`` is not on PATH),
+    else the one on PATH."""
+    here = os.path.join(os.path.dirname(sys.executable), "ray")
+    return here if os.access(here, os.X_OK) else (shutil.which("ray") or "ray")
+
+
 def drain_command(node_id: str, deadline_remaining_s: int, reason_message: str,
                   address: str | None = None, ray_executable: str | None = None) -> list[str]:
     """The ``ray drain-node`` command line that drains ``node_id`` for a preemption."""
-    ray = ray_executable or shutil.which("ray") or "ray"
+    ray = ray_executable or _ray_executable()
     cmd = [ray, "drain-node"]
     if address:
         cmd += ["--address", address]
@@ -228,27 +297,67 @@ def drain_with_ray_cli(node_id: str, deadline_remaining_s: int, reason_message: 
                          f"{text[-1] if text else 'no output'}")
 
 
-def local_node_id(address: str | None = None, attempts: int = 30, wait_s: float = 2.0) -> str:
-    """The Ray node id of this machine's raylet (connects a short-lived driver to it).
+_NODE_ID_PROBE = (
+    "import sys, ray\n"
+    "ray.init(address=sys.argv[1], log_to_driver=False, logging_level='ERROR')\n"
+    "print('node_id=' + ray.get_runtime_context().get_node_id())\n"
+    "ray.shutdown()\n"
+)
+
+
+def _gcs_listening(address: str | None, timeout_s: float = 2.0) -> None:
+    """Raise ``ConnectionError`` unless ``host:port`` accepts TCP connections (no-op for
+    ``auto``/``None``): a driver pointed at a GCS that is not up blocks for minutes."""
+    if not address or address == "auto" or ":" not in address or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=timeout_s):
+        pass
+
+
+def probe_node_id(address: str | None = None, timeout_s: float = 120.0) -> str:
+    """One look for this machine's Ray node: a short driver in a subprocess (bounded by
+    ``timeout_s``) prints its node id. Raises when there is no reachable GCS or raylet yet."""
+    _gcs_listening(address)
+    out = subprocess.run([sys.executable, "-c", _NODE_ID_PROBE, address or "auto"],
+                         capture_output=True, text=True, timeout=timeout_s)
+    found = re.findall(r"^node_id=([0-9a-f]+)$", out.stdout, flags=re.MULTILINE)
+    if out.returncode != 0 or not found or not NODE_ID_PATTERN.fullmatch(found[-1]):
+        lines = [ln for ln in (out.stderr or out.stdout).strip().splitlines() if ln.strip()]
+        raise RuntimeError(f"driver exited with {out.returncode}: "
+                           f"{lines[-1][:300] if lines else 'no output'}")
+    return found[-1]
+
+
+def local_node_id(
+    address: str | None = None,
+    attempts: int | None = None,
+    backoff: Backoff | None = None,
+    probe: Callable[[str | None], str] = probe_node_id,
+    sleep: Callable[[float], None] = time.sleep,
+) -> str:
+    """The Ray node id of this machine's raylet; waits for it with backoff.
 
     Assumes one Ray node per machine, as on cloud VMs and Kubernetes pods; where several nodes
-    share a machine (tests), pass the node id explicitly. Retries while the raylet is still
-    starting (``ray start`` just ran).
+    share a machine (tests), pass the node id explicitly. ``ray start`` may have just run, the
+    raylet may still be registering or the head may be restarting: every failed look is logged
+    and retried after a delay that doubles up to ``backoff.cap_s`` (default 1 s .. 30 s), with no
+    limit unless ``attempts`` is given (then ``RuntimeError`` after that many).
     """
-    import ray
-
-    last: Exception | None = None
-    for _ in range(attempts):
+    backoff = backoff or Backoff(first_s=1.0, cap_s=30.0)
+    tried = 0
+    while True:
+        tried += 1
         try:
-            ray.init(address=address or "auto", log_to_driver=False, logging_level="ERROR")
-            try:
-                return ray.get_runtime_context().get_node_id()
-            finally:
-                ray.shutdown()
-        except Exception as exc:  # raylet not up yet, GCS unreachable for a moment, ...
-            last = exc
-            time.sleep(wait_s)
-    raise RuntimeError(f"no local Ray node found at address={address or 'auto'}: {last}")
+            return probe(address)
+        except Exception as exc:  # GCS not up, raylet not registered, a hung or crashed driver
+            if attempts is not None and tried >= attempts:
+                raise RuntimeError(f"no local Ray node found at address={address or 'auto'} "
+                                   f"after {tried} attempts: {_first_line(exc)}") from None
+            delay = backoff.next()
+            log.warning("no Ray node on this machine yet (address=%s, attempt %d: %s); "
+                        "retrying in %.1f s", address or "auto", tried, _first_line(exc), delay)
+            sleep(delay)
 
 
 # ------------------------------------------------------------------------------------- watch
@@ -262,46 +371,142 @@ def watch(
     max_polls: int | None = None,
     drain_attempts: int = 3,
     sleep: Callable[[float], None] = time.sleep,
+    max_backoff_s: float = 5.0,
+    clock: Callable[[], float] = time.time,
 ) -> Notice | None:
     """Poll ``source`` every ``interval_s`` until a notice arrives, then ``drain`` it once.
 
-    Metadata errors (server briefly unreachable, odd answers) are logged and polling goes on.
-    A failed drain is retried ``drain_attempts`` times. Returns the notice, or ``None`` when
-    ``stop`` is set or ``max_polls`` polls found nothing (a notice whose drain kept failing is
-    returned too: the node goes away regardless, and its runs fall back to their last periodic
-    checkpoint).
+    Any poll failure (unreachable or misbehaving metadata server, malformed HTTP, odd answers,
+    any exception) is logged and polling goes on; while failures last the delay doubles from
+    ``interval_s`` up to ``max_backoff_s`` (``max(interval_s, max_backoff_s)``), and it returns to
+    ``interval_s`` after a good poll. A failed drain is retried with backoff at least
+    ``drain_attempts`` times and until the notice's deadline has passed. Returns the notice, or
+    ``None`` when ``stop`` is set or ``max_polls`` polls found nothing (a notice whose drain kept
+    failing is returned too: the node goes away regardless, and its runs fall back to their last
+    periodic checkpoint).
     """
+
+    def wait(seconds: float) -> bool:  # True when asked to stop
+        if stop is not None:
+            return stop.wait(seconds)
+        sleep(seconds)
+        return False
+
+    errors = Backoff(first_s=interval_s, cap_s=max(interval_s, max_backoff_s))
     polls = 0
     while (stop is None or not stop.is_set()) and (max_polls is None or polls < max_polls):
         polls += 1
         try:
             notice = source.poll()
-        except (MetadataError, OSError) as exc:  # URLError, timeouts and refusals are OSErrors
-            log.warning("%s metadata poll failed: %s", source.cloud, exc)
-            notice = None
-        if notice is not None:
-            log.warning("%s interruption notice (%s, %d s left): draining this Ray node",
-                        notice.cloud, notice.action, notice.remaining_s())
-            for attempt in range(1, drain_attempts + 1):
-                try:
-                    drain(notice)
-                    log.warning("drain accepted")
-                    return notice
-                except Exception as exc:
-                    log.error("drain attempt %d failed: %s", attempt, exc)
-                    if attempt < drain_attempts:
-                        sleep(1.0)
-            return notice
-        if stop is not None:
-            if stop.wait(interval_s):
+        except Exception as exc:  # never die: HTTPException, URLError, timeouts, garbage, bugs
+            delay = errors.next()
+            log.warning("%s metadata poll failed (%s); next poll in %.1f s",
+                        source.cloud, _first_line(exc), delay)
+            if wait(delay):
                 break
-        else:
-            sleep(interval_s)
+            continue
+        errors.reset()
+        if notice is not None:
+            return _drain_notice(notice, drain, drain_attempts, wait, clock, max_backoff_s)
+        if wait(interval_s):
+            break
     return None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line of ``clusters/spot_watcher.py``; returns the exit status."""
+def _drain_notice(notice: Notice, drain: Callable[[Notice], None], attempts: int,
+                  wait: Callable[[float], bool], clock: Callable[[], float],
+                  max_backoff_s: float) -> Notice:
+    """Call ``drain`` until it is accepted, or ``attempts`` failed and the deadline passed."""
+    log.warning("%s interruption notice (%s, %d s left): draining this Ray node",
+                notice.cloud, notice.action, notice.remaining_s(clock()))
+    retry = Backoff(first_s=0.5, cap_s=max(0.5, max_backoff_s))
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            drain(notice)
+            log.warning("drain accepted")
+            return notice
+        except Exception as exc:
+            log.error("drain attempt %d failed: %s", attempt, _first_line(exc))
+        if attempt >= attempts and notice.remaining_s(clock()) <= 0:
+            log.error("giving up on the drain: the notice's deadline has passed")
+            return notice
+        if wait(retry.next()):
+            return notice
+
+
+# ------------------------------------------------------------------------------------- service
+
+
+def supervise(
+    child_argv: Sequence[str],
+    pidfile: str | None = None,
+    backoff: Backoff | None = None,
+    stable_s: float = 60.0,
+) -> int:
+    """Run ``spot_watcher.py child_argv`` as a child process and restart it whenever it exits
+    with anything but 0, after a delay that doubles (``backoff``, default 1 s .. 60 s) and starts
+    over once a child has run ``stable_s``. Returns 0 when a child exits 0 (its drain was
+    accepted) and on SIGTERM / SIGINT (the child is terminated first). ``pidfile`` holds this
+    supervisor's pid while it runs, for ``kill $(cat PIDFILE)``.
+    """
+    backoff = backoff or Backoff(first_s=1.0, cap_s=60.0)
+    child: subprocess.Popen[bytes] | None = None
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stopping.set()
+        log.warning("supervisor: signal %d, stopping the watcher", signum)
+        if child is not None and child.poll() is None:
+            child.terminate()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    if pidfile:
+        with open(pidfile, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    try:
+        while not stopping.is_set():
+            started = time.monotonic()
+            try:
+                child = subprocess.Popen([sys.executable, os.path.abspath(__file__), *child_argv])
+                log.info("supervisor: started watcher pid %d", child.pid)
+                rc: int | None = child.wait()
+            except Exception as exc:  # could not even start it: keep trying
+                log.error("supervisor: watcher did not start: %s", _first_line(exc))
+                rc = None
+            if stopping.is_set():
+                break
+            if rc == 0:
+                log.warning("supervisor: watcher finished (drain accepted); not restarting")
+                return 0
+            if time.monotonic() - started >= stable_s:
+                backoff.reset()
+            delay = backoff.next()
+            log.error("supervisor: watcher exited with %s; restarting in %.1f s", rc, delay)
+            if stopping.wait(delay):
+                break
+        return 0
+    finally:
+        if child is not None and child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if pidfile:
+            try:
+                with open(pidfile) as f:
+                    mine = f.read().strip() == str(os.getpid())
+                if mine:
+                    os.remove(pidfile)
+            except OSError:
+                pass
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _parser() -> Any:
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -315,14 +520,43 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="Ray node id to drain (default: the raylet on this machine)")
     parser.add_argument("--interval", type=float, default=None,
                         help="seconds between polls (default: 5 on aws, 1 on gcp)")
+    parser.add_argument("--max-backoff", type=float, default=None,
+                        help="longest delay between polls while they fail, in seconds "
+                             "(default: 15 on aws, 5 on gcp: well inside the notice)")
+    parser.add_argument("--timeout", type=float, default=2.0,
+                        help="seconds one metadata request may take (default: 2)")
+    parser.add_argument("--raylet-max-backoff", type=float, default=30.0,
+                        help="longest delay between looks for the local raylet (default: 30)")
     parser.add_argument("--metadata-url", default=None,
                         help="metadata server base URL (default: the cloud's link-local one)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s spot_watcher %(levelname)s %(message)s")
-    source = notice_source(args.cloud, args.metadata_url)
-    node_id = args.node_id or local_node_id(args.address)
+    parser.add_argument("--supervise", action="store_true",
+                        help="run the watcher as a child process and restart it with backoff "
+                             "whenever it exits with anything but 0 (0: drain accepted)")
+    parser.add_argument("--pidfile", default=None,
+                        help="with --supervise: write the supervisor's pid here")
+    return parser
+
+
+def _child_argv(args: Any) -> list[str]:
+    """The watcher's own command line, without the supervisor's options."""
+    argv = ["--cloud", args.cloud, "--timeout", str(args.timeout),
+            "--raylet-max-backoff", str(args.raylet_max_backoff)]
+    for flag, value in (("--address", args.address), ("--node-id", args.node_id),
+                        ("--interval", args.interval), ("--max-backoff", args.max_backoff),
+                        ("--metadata-url", args.metadata_url)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _run(args: Any) -> int:
+    """The watcher itself: find the node, poll, drain; 0 when a drain was accepted."""
+    source = notice_source(args.cloud, args.metadata_url, args.timeout)
+    node_id = args.node_id or local_node_id(
+        args.address, backoff=Backoff(first_s=1.0, cap_s=args.raylet_max_backoff))
     interval = args.interval if args.interval is not None else (5.0 if args.cloud == "aws" else 1.0)
+    max_backoff = (args.max_backoff if args.max_backoff is not None
+                   else (15.0 if args.cloud == "aws" else 5.0))
     log.info("watching %s interruption notices for Ray node %s every %g s",
              args.cloud, node_id, interval)
 
@@ -333,14 +567,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                            f"{notice.cloud} spot interruption: {notice.action}", args.address)
         drained.append(notice)
 
-    watch(source, drain, interval)
+    watch(source, drain, interval, max_backoff_s=max_backoff)
     return 0 if drained else 1
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line of ``clusters/spot_watcher.py``; returns the exit status (0: drain accepted,
+    1: a notice whose drain Ray kept refusing, 2: the watcher itself failed)."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s spot_watcher[%(process)d] %(levelname)s %(message)s")
+    if args.supervise:
+        return supervise(_child_argv(args), args.pidfile)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # the supervisor restarts it; say why in one line
+        log.error("watcher failed: %s", _first_line(exc))
+        return 2
+
+
 __all__ = [
-    "AwsSpotNotices", "DrainError", "GcpPreemptionNotices", "MetadataError", "Notice",
+    "AwsSpotNotices", "Backoff", "DrainError", "GcpPreemptionNotices", "MetadataError", "Notice",
     "NoticeSource", "drain_command", "drain_with_ray_cli", "local_node_id", "main",
-    "notice_source", "watch",
+    "notice_source", "probe_node_id", "supervise", "watch",
 ]
 
 

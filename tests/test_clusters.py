@@ -17,11 +17,17 @@ Fast and offline: nothing here reaches a cloud or a Kubernetes API.
 from __future__ import annotations
 
 import copy
+import http.client
 import json
+import logging
+import os
 import re
 import shlex
+import signal
+import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
@@ -284,8 +290,10 @@ def test_paper_campaign_resolves_to_the_papers_experts_on_the_node_types():
     for e in experts:  # one expert = one GPU, and it fits every GPU node type of the YAMLs
         assert e.resources["num_workers"] == 1 and e.resources["gpus_per_worker"] == 1
         assert e.resources["cpus_per_worker"] <= 10
+    # the paper's model: DiT-XL/2 on SD-VAE latents (256 px -> 32x32x4), nothing in pixel space
+    assert cfg.latents.vae and cfg.latents.vae.endswith("sd-vae-ft-mse")
     header = CAMPAIGNS[0].read_text().split("\nname:")[0]
-    assert "VAE latents" in header and "pixel space" in header
+    assert "32x32x4" in header and "fit the node's RAM" not in header
 
 
 def test_single_gpu_campaign_runs_one_expert_at_a_time_on_the_gpu():
@@ -295,7 +303,8 @@ def test_single_gpu_campaign_runs_one_expert_at_a_time_on_the_gpu():
     assert cfg.ray.max_concurrent_experts == 1
     assert all(e.resources["gpus_per_worker"] == 1 and not e.resources["custom"] for e in experts)
     assert cfg.router.resources.gpus_per_worker == 1
-    assert "VAE latents" in CAMPAIGNS[1].read_text().split("\nname:")[0]
+    assert cfg.latents.vae and cfg.latents.vae.endswith("sd-vae-ft-mse")
+    assert {e.model for e in experts} == {"DiT-B/2"}  # DiT-XL/2 does not train on 24 GB
 
 
 def test_paper_campaign_takes_the_mlflow_server_from_the_environment(monkeypatch):
@@ -308,19 +317,32 @@ def test_paper_campaign_takes_the_mlflow_server_from_the_environment(monkeypatch
 # ------------------------------------------------------------------------------------- spot watcher
 
 
+#: misbehaviours of a metadata server, one per request while ``FakeMetadataServer.faults`` lasts
+FAULTS = ("status-500", "garbage", "drop", "bad-status-line", "truncated", "too-many-headers",
+          "slow")
+
+
 class FakeMetadataServer:
     """AWS IMDSv2 and GCP metadata endpoints on 127.0.0.1 (a random port), in a thread.
 
     Set ``aws_action`` (a dict) or ``gcp_preempted`` (bool) to announce an interruption;
     ``expire_tokens()`` makes every issued IMDSv2 token stale (the next use answers 401).
-    ``requests`` records ``(method, path, headers with lower-case names)``.
+    ``requests`` records ``(method, path, headers with lower-case names)``. ``faults`` is a list
+    of :data:`FAULTS`: each request takes the first one and answers with it instead (an error
+    status, a garbage body, a dropped connection, a malformed status line, a body shorter than
+    its Content-Length, 101 headers, or an answer after ``slow_s`` seconds); ``served_faults``
+    records what was served.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, slow_s: float = 1.0) -> None:
         self.aws_action: dict[str, str] | None = None
         self.gcp_preempted = False
         self.tokens: set[str] = set()
         self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.faults: list[str] = []
+        self.served_faults: list[str] = []
+        self.slow_s = slow_s
+        self.lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -337,8 +359,36 @@ class FakeMetadataServer:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _fault(self) -> bool:
+                """Serve the next queued fault instead of an answer; False when none is left."""
+                with server.lock:
+                    if not server.faults:
+                        return False
+                    fault = server.faults.pop(0)
+                    server.served_faults.append(fault)
+                self.close_connection = True
+                if fault == "status-500":
+                    self._send(500, "Internal Server Error")
+                elif fault == "garbage":
+                    self._send(200, "\x00\ufffd<html>{not json")
+                elif fault == "bad-status-line":
+                    self.wfile.write(b"GARBAGE\r\n\r\n")
+                elif fault == "truncated":
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 64\r\n\r\nFAL")
+                elif fault == "too-many-headers":
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\n"
+                                     + b"".join(b"X-H%d: v\r\n" % i for i in range(101))
+                                     + b"Content-Length: 0\r\n\r\n")
+                elif fault == "slow":
+                    time.sleep(server.slow_s)
+                    self._send(200, "FALSE")
+                # "drop": nothing at all, the connection just closes
+                return True
+
             def do_PUT(self) -> None:
                 server.requests.append(("PUT", self.path, self._headers()))
+                if self._fault():
+                    return
                 if self.path != "/latest/api/token":
                     return self._send(404)
                 if not self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
@@ -349,6 +399,8 @@ class FakeMetadataServer:
 
             def do_GET(self) -> None:
                 server.requests.append(("GET", self.path, self._headers()))
+                if self._fault():
+                    return
                 if self.path.startswith("/latest/"):
                     if self.headers.get("X-aws-ec2-metadata-token") not in server.tokens:
                         return self._send(401)
@@ -529,6 +581,477 @@ def test_watcher_script_fails_when_ray_refuses_the_drain(metadata, monkeypatch):
         raise spot.DrainError("The drain request is not accepted")
 
     monkeypatch.setattr(spot, "drain_with_ray_cli", refuse)
-    metadata.aws_action = {"action": "terminate", "time": "2030-01-01T00:02:00Z"}
+    # a notice whose deadline has passed: the drain is retried 3 times, then given up
+    metadata.aws_action = {"action": "terminate", "time": "2020-01-01T00:02:00Z"}
     assert spot.main(["--cloud", "aws", "--metadata-url", metadata.url,
-                      "--node-id", "ef" * 28, "--interval", "0"]) == 1
+                      "--node-id", "ef" * 28, "--interval", "0", "--max-backoff", "0.1"]) == 1
+
+
+# ------------------------------------------------------------------------------------- spot watcher:
+# a service that survives a misbehaving metadata server, a missing raylet and its own crash
+
+
+def _fresh_poll_error(source: Any) -> BaseException:
+    try:
+        source.poll()
+    except BaseException as exc:  # noqa: BLE001 - we want to see exactly what escapes
+        return exc
+    raise AssertionError("the fault did not make the poll fail")
+
+
+@pytest.mark.parametrize("cloud", ["aws", "gcp"])
+def test_metadata_faults_raise_more_than_oserror_from_a_bare_poll(metadata, cloud):
+    source = spot.notice_source(cloud, metadata.url, timeout=0.3)
+    metadata.slow_s = 0.8
+    escaped = {}
+    for fault in FAULTS:
+        metadata.faults = [fault]
+        escaped[fault] = _fresh_poll_error(source)
+        assert metadata.served_faults[-1] == fault
+    # malformed HTTP is not an OSError: the watcher used to die on exactly these
+    assert isinstance(escaped["bad-status-line"], http.client.HTTPException)
+    assert not isinstance(escaped["bad-status-line"], OSError)
+    assert isinstance(escaped["truncated"], http.client.IncompleteRead)
+    assert isinstance(escaped["too-many-headers"], http.client.HTTPException)
+    assert isinstance(escaped["slow"], (TimeoutError, OSError))
+    assert isinstance(escaped["status-500"], spot.MetadataError)
+
+
+@pytest.mark.parametrize("cloud", ["aws", "gcp"])
+def test_watcher_survives_every_metadata_fault_then_drains_a_real_notice(metadata, cloud, caplog):
+    metadata.slow_s = 0.8
+    metadata.faults = list(FAULTS) * 2
+    source = spot.notice_source(cloud, metadata.url, timeout=0.3)
+    drain = Recorder()
+    sleeps: list[float] = []
+    with caplog.at_level(logging.WARNING, logger="spot_watcher"):
+        # nothing announced yet: every fault is survived, then polling goes on normally
+        assert spot.watch(source, drain, interval_s=0.01, max_polls=len(FAULTS) * 2 + 3,
+                          sleep=sleeps.append) is None
+        assert metadata.faults == [] and drain.notices == []
+        assert sorted(set(metadata.served_faults)) == sorted(FAULTS)
+        if cloud == "aws":
+            metadata.aws_action = {"action": "terminate", "time": "2030-01-01T00:02:00Z"}
+        else:
+            metadata.gcp_preempted = True
+        metadata.faults = ["drop", "bad-status-line"]
+        notice = spot.watch(source, drain, interval_s=0.01, max_polls=5, sleep=sleeps.append)
+    assert notice is not None and notice.cloud == cloud and drain.notices == [notice]
+    failures = [r.getMessage() for r in caplog.records if "poll failed" in r.getMessage()]
+    assert len(failures) == len(FAULTS) * 2 + 2, failures
+    assert any("BadStatusLine" in m for m in failures)
+    assert any("IncompleteRead" in m for m in failures)
+
+
+def test_watcher_backs_off_while_polls_fail_and_resets_after_a_good_one(metadata):
+    metadata.faults = ["drop"] * 7
+    source = spot.GcpPreemptionNotices(metadata.url, timeout=0.3)
+    sleeps: list[float] = []
+    spot.watch(source, Recorder(), interval_s=1.0, max_polls=9, max_backoff_s=5.0,
+               sleep=sleeps.append)
+    # 7 failures: 1, 2, 4, 5, 5, 5, 5 s; then two good polls at the normal interval
+    assert sleeps == [1.0, 2.0, 4.0, 5.0, 5.0, 5.0, 5.0, 1.0, 1.0]
+
+
+def test_watcher_survives_any_exception_a_source_raises():
+    class Buggy:
+        cloud = "aws"
+
+        def __init__(self) -> None:
+            self.errors = [KeyError("x"), ZeroDivisionError("y"), RuntimeError("z"),
+                           http.client.LineTooLong("header line")]
+
+        def poll(self) -> spot.Notice | None:
+            if self.errors:
+                raise self.errors.pop(0)
+            return spot.Notice("aws", "terminate", time.time() + 120)
+
+    drain = Recorder()
+    notice = spot.watch(Buggy(), drain, interval_s=0, max_polls=10, sleep=lambda s: None)
+    assert notice is not None and drain.notices == [notice]
+
+
+def test_refused_drain_is_retried_until_accepted_or_past_the_deadline():
+    now = [1000.0]
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    class Once:
+        cloud = "gcp"
+
+        def __init__(self, deadline: float) -> None:
+            self.deadline = deadline
+
+        def poll(self) -> spot.Notice | None:
+            return spot.Notice("gcp", "preempted", self.deadline)
+
+    drain = Recorder(fail=5)  # refused 5 times, then accepted: well inside a 30 s notice
+    spot.watch(Once(1030.0), drain, interval_s=1, sleep=sleep, clock=lambda: now[0])
+    assert len(drain.notices) == 6 and sleeps == [0.5, 1.0, 2.0, 4.0, 5.0]
+    never = Recorder(fail=10**6)  # always refused: given up once the deadline has passed
+    now[0] = 1000.0
+    sleeps.clear()
+    spot.watch(Once(1010.0), never, interval_s=1, sleep=sleep, clock=lambda: now[0])
+    assert now[0] >= 1010.0 and len(never.notices) == len(sleeps) + 1 >= 3
+
+
+def test_local_node_id_waits_for_the_raylet_with_backoff_and_never_gives_up():
+    looks: list[str | None] = []
+    sleeps: list[float] = []
+
+    def probe(address: str | None) -> str:
+        looks.append(address)
+        if len(looks) <= 12:  # 12 looks without a raylet: far past the old 60 s give-up
+            raise ConnectionRefusedError("GCS not up")
+        return "ab" * 28
+
+    node = spot.local_node_id("10.0.0.1:6379", probe=probe, sleep=sleeps.append)
+    assert node == "ab" * 28 and len(looks) == 13
+    assert sleeps == [1.0, 2.0, 4.0, 8.0, 16.0] + [30.0] * 7
+    assert sum(sleeps) > 60
+
+    def refused(address: str | None) -> str:
+        raise ConnectionRefusedError("GCS not up")
+
+    with pytest.raises(RuntimeError, match="after 3 attempts: ConnectionRefusedError"):
+        spot.local_node_id("10.0.0.1:6379", attempts=3, probe=refused, sleep=lambda s: None)
+
+
+def test_probe_refuses_quickly_when_no_gcs_listens():
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(OSError):
+        spot.probe_node_id(f"127.0.0.1:{port}")
+    assert time.monotonic() - t0 < 5, "no driver is started while nothing listens"
+
+
+class _WatcherLog:
+    """The log of a watcher subprocess, and waiting on it (fails with its tail)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.proc: Any = None
+
+    def text(self) -> str:
+        return self.path.read_text(errors="replace") if self.path.exists() else ""
+
+    def wait_until(self, predicate: Any, timeout: float, what: str) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if predicate():
+                return
+            if self.proc is not None and self.proc.poll() is not None:
+                pytest.fail(f"the supervisor exited ({self.proc.returncode}) before {what}:\n"
+                            f"{self.text()[-4000:]}")
+            time.sleep(0.2)
+        pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}:\n{self.text()[-4000:]}")
+
+
+def test_supervisor_restarts_a_killed_watcher_and_stops_on_sigterm(metadata, tmp_path):
+    """``--supervise`` as the cluster YAMLs use it: the watcher runs as a child; SIGKILLed, it
+    is restarted and polls on; SIGTERM to the supervisor (``kill $(cat PIDFILE)`` in the
+    YAMLs) stops both and removes the pid file."""
+    log, pidfile = _WatcherLog(tmp_path / "watcher.log"), tmp_path / "watcher.pid"
+    metadata.faults = ["drop", "bad-status-line", "truncated"]
+    with open(log.path, "w") as out:
+        log.proc = subprocess.Popen([
+            sys.executable, str(CLUSTERS / "spot_watcher.py"), "--supervise", "--pidfile",
+            str(pidfile), "--cloud", "gcp", "--metadata-url", metadata.url, "--node-id", "ab" * 28,
+            "--interval", "0.1", "--max-backoff", "0.3"], stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    try:
+        log.wait_until(lambda: not metadata.faults and len(metadata.requests) > 6, 30,
+                       "polls through the faults")
+        assert pidfile.read_text().strip() == str(log.proc.pid)
+        (first,) = re.findall(r"started watcher pid (\d+)", log.text())
+        os.kill(int(first), signal.SIGKILL)
+        log.wait_until(lambda: len(re.findall(r"started watcher pid (\d+)", log.text())) == 2, 30,
+                       "the restart")
+        assert "watcher exited with -9; restarting in" in log.text()
+        second = re.findall(r"started watcher pid (\d+)", log.text())[-1]
+        polls = len(metadata.requests)
+        log.wait_until(lambda: len(metadata.requests) > polls + 3, 30, "the new watcher's polls")
+        os.kill(log.proc.pid, signal.SIGTERM)
+        assert log.proc.wait(timeout=30) == 0
+        assert not pidfile.exists()
+        assert not os.path.exists(f"/proc/{second}") or "zombie" in Path(
+            f"/proc/{second}/status").read_text().lower(), "the watcher outlived its supervisor"
+    finally:
+        if log.proc.poll() is None:
+            os.killpg(log.proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_supervised_watcher_waits_for_its_raylet_survives_faults_then_drains_it():
+    """The real script, as the cluster YAMLs start it (``--supervise --pidfile``), against a
+    real Ray head started in a private session (``tests/test_multinode.py``'s ``ray start``
+    machinery: own ports, temp dir and token):
+
+    1. started before Ray: it keeps looking for its raylet with backoff (no give-up);
+    2. Ray comes up: it finds the node, then survives a metadata server answering errors,
+       garbage, malformed HTTP and dropped connections;
+    3. a real GCP preemption notice: ``ray drain-node`` drains the node, the watcher exits 0,
+       the supervisor stops and removes its pid file, and Ray takes the node out.
+    """
+    from test_multinode import LocalRayCluster
+
+    cluster = LocalRayCluster()
+    t0 = time.time()
+
+    def say(msg: str) -> None:
+        print(f"[{time.time() - t0:.0f} s] {msg}")
+
+    log, pidfile = _WatcherLog(Path(cluster.base, "watcher.log")), Path(cluster.base, "watcher.pid")
+    try:
+        with FakeMetadataServer() as metadata:
+            metadata.faults = [f for f in FAULTS if f != "slow"]
+            log.proc = cluster.popen([
+                sys.executable, str(CLUSTERS / "spot_watcher.py"), "--supervise",
+                "--pidfile", str(pidfile), "--cloud", "gcp", "--metadata-url", metadata.url,
+                "--address", cluster.gcs_address, "--interval", "0.2", "--max-backoff", "0.4",
+                "--raylet-max-backoff", "1"], log.path)
+            # 1. no Ray yet
+            log.wait_until(lambda: log.text().count("no Ray node on this machine yet") >= 3, 60,
+                           "three looks for the raylet")
+            say("the watcher is waiting for its raylet; starting the Ray head")
+            cluster.start_head({"train_driver": 1})
+            log.wait_until(lambda: len(cluster.alive_nodes()) == 1, 60, "the head node")
+            (head,) = cluster.alive_nodes()
+            # 2. found, and every fault survived
+            log.wait_until(lambda: "for Ray node" in log.text(), 120, "the watcher to find its node")
+            assert re.findall(r"for Ray node ([0-9a-f]{56})", log.text()) == [head["node_id"]]
+            say("the watcher found its node")
+            log.wait_until(lambda: not metadata.faults, 60, "the faults to be served")
+            assert log.text().count("metadata poll failed") >= len(FAULTS) - 1
+            # 3. a real notice
+            say("faults survived; preemption notice")
+            metadata.gcp_preempted = True
+            rc = log.proc.wait(timeout=120)
+        out = log.text()
+        say(f"the supervisor exited with {rc}")
+        assert rc == 0, out[-4000:]
+        assert "drain accepted" in out and "watcher finished (drain accepted)" in out
+        assert "restarting in" not in out, "the watcher itself never failed"
+        assert not pidfile.exists()
+        log.proc = None
+        log.wait_until(lambda: not cluster.alive_nodes(), 60, "Ray to take the drained node out")
+    finally:
+        if log.proc is not None and log.proc.poll() is None:
+            os.killpg(log.proc.pid, signal.SIGKILL)
+        cluster.shutdown()
+
+
+# ------------------------------------------------------------------------------------- security
+
+
+def _dry_run(script: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(CLUSTERS / "security" / script)], capture_output=True,
+                          text=True, env={**os.environ, "DRY_RUN": "1", **env}, timeout=60)
+
+
+def _commands(out: str) -> list[list[str]]:
+    return [shlex.split(line) for line in out.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("path", LAUNCHER_YAMLS, ids=lambda p: p.name)
+def test_launcher_yamls_supervise_the_watcher_and_put_mlflow_behind_a_password(path):
+    config = _load(path)
+    workers = " ".join(config["worker_start_ray_commands"])
+    assert "spot_watcher.py --supervise --pidfile /tmp/spot_watcher.pid" in workers
+    assert "kill $(cat /tmp/spot_watcher.pid" in workers and "pkill" not in workers
+    mlflow = next(c for c in _all_commands(config) if "nohup mlflow server" in c)
+    assert "--app-name basic-auth" in mlflow
+    ini = re.search(r"MLFLOW_AUTH_CONFIG_PATH=/home/ray/hdd_ray/(\S+)", mlflow).group(1)
+    assert (ROOT / ini).is_file() and "MLFLOW_AUTH_ADMIN_PASSWORD=$(cat" in mlflow
+    assert "MLFLOW_FLASK_SERVER_SECRET_KEY=$(" in mlflow  # the auth app refuses to start without
+    creds = "MLFLOW_TRACKING_USERNAME=hdd-ray MLFLOW_TRACKING_PASSWORD=$(cat"
+    assert creds in " ".join(config["head_start_ray_commands"]) and creds in workers
+    assert "/home/ray/.hdd_ray/mlflow_password" in config["file_mounts"]
+    assert any('"mlflow[auth]"' in c for c in config["setup_commands"])
+
+
+def test_aws_yaml_uses_the_closed_group_and_bucket_scoped_workers():
+    config = _load(CLUSTERS / "aws.yaml")
+    assert "security_group" not in config["provider"], "Ray's default group admits SSH from anywhere"
+    for name, t in config["available_node_types"].items():
+        node = t["node_config"]
+        assert node["SecurityGroupIds"] == ["REPLACE_ME_AWS_SECURITY_GROUP_ID"], name
+        if name != config["head_node_type"]:
+            assert node["IamInstanceProfile"]["Arn"].endswith(":instance-profile/hdd-ray-worker")
+    for policy in ("aws-worker-policy.json", "aws-head-policy.json"):
+        doc = json.loads((CLUSTERS / "security" / policy).read_text())
+        for st in doc["Statement"]:
+            actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+            assert not any(a.endswith("*") for a in actions), (policy, actions)
+            assert st["Resource"] in ("arn:aws:s3:::REPLACE_ME_BUCKET", "arn:aws:s3:::REPLACE_ME_BUCKET/*",
+                                      "arn:aws:iam::REPLACE_ME_AWS_ACCOUNT_ID:role/hdd-ray-worker")
+    out = _dry_run("aws.sh", BUCKET="campaigns", SSH_SOURCE_RANGE="203.0.113.7/32")
+    assert out.returncode == 0, out.stderr
+    cmds = _commands(out.stdout)
+    ingress = [c for c in cmds if c[:3] == ["aws", "ec2", "authorize-security-group-ingress"]]
+    assert len(ingress) == 2
+    assert "IpProtocol=-1,UserIdGroupPairs=[{GroupId=sg-dryrun}]" in ingress[0]
+    assert ingress[1][-2:] == ["--cidr", "203.0.113.7/32"] and "22" in ingress[1]
+    attached = [c[-1] for c in cmds if c[:3] == ["aws", "iam", "attach-role-policy"]]
+    assert attached == ["arn:aws:iam::aws:policy/AmazonEC2FullAccess"], "head only; no S3FullAccess"
+    refused = _dry_run("aws.sh", BUCKET="b", SSH_SOURCE_RANGE="0.0.0.0/0")
+    assert refused.returncode == 2 and "ALLOW_SSH_FROM_ANYWHERE" in refused.stderr
+
+
+def test_gcp_yaml_sits_on_its_own_network_with_explicit_firewall_rules():
+    config = _load(CLUSTERS / "gcp.yaml")
+    for name, t in config["available_node_types"].items():
+        node = t["node_config"]
+        (nic,) = node["networkInterfaces"]
+        assert nic["subnetwork"].endswith("/regions/us-central1/subnetworks/hdd-ray"), name
+        assert node["tags"]["items"] == ["hdd-ray"], name
+        if name != config["head_node_type"]:
+            (sa,) = node["serviceAccounts"]
+            assert sa["email"].startswith("hdd-ray-worker@"), name
+            assert sa["scopes"] == ["https://www.googleapis.com/auth/devstorage.read_write"]
+    assert config["provider"]["region"] == "us-central1"
+    out = _dry_run("gcp.sh", PROJECT="p", BUCKET="campaigns", SSH_SOURCE_RANGE="203.0.113.7/32")
+    assert out.returncode == 0, out.stderr
+    cmds = _commands(out.stdout)
+    assert "--subnet-mode=custom" in next(c for c in cmds if c[:4] == ["gcloud", "compute", "networks", "create"])
+    rules = {c[4]: c[5:] for c in cmds if c[:4] == ["gcloud", "compute", "firewall-rules", "create"]}
+    assert set(rules) == {"hdd-ray-internal", "hdd-ray-ssh"}
+    internal, ssh = rules["hdd-ray-internal"], rules["hdd-ray-ssh"]
+    assert {"--network=hdd-ray", "--source-tags=hdd-ray", "--target-tags=hdd-ray"} <= set(internal)
+    assert not any(a.startswith("--source-ranges") for a in internal)
+    assert {"--rules=tcp:22", "--source-ranges=203.0.113.7/32", "--target-tags=hdd-ray"} <= set(ssh)
+    (binding,) = [c for c in cmds if "add-iam-policy-binding" in c]
+    assert binding[4] == "gs://campaigns" and "--role=roles/storage.objectAdmin" in binding
+    assert "serviceAccount:hdd-ray-worker@p.iam.gserviceaccount.com" in binding[5]
+    assert not [c for c in cmds if "projects" in c and "add-iam-policy-binding" in c]
+    assert "compute.admin" not in out.stdout + (CLUSTERS / "gcp.yaml").read_text()
+    refused = _dry_run("gcp.sh", PROJECT="p", BUCKET="b", SSH_SOURCE_RANGE="0.0.0.0/0")
+    assert refused.returncode == 2
+
+
+def test_kuberay_network_policies_admit_only_the_clusters_pods():
+    docs = _kuberay_docs()
+    cluster_label = {"ray.io/cluster": _raycluster()["metadata"]["name"]}
+    policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+    mlflow_deploy = next(d for d in docs if d["kind"] == "Deployment")
+    ray_policy, mlflow_policy = policies["hdd-ray-cluster"], policies["hdd-ray-mlflow"]
+    assert ray_policy["podSelector"]["matchLabels"] == cluster_label
+    assert mlflow_policy["podSelector"]["matchLabels"] == mlflow_deploy["spec"]["template"]["metadata"]["labels"]
+    for spec in policies.values():
+        assert spec["policyTypes"] == ["Ingress"]
+        for rule in spec["ingress"]:
+            for peer in rule["from"]:
+                assert "ipBlock" not in peer
+                if "podSelector" in peer:
+                    assert peer["podSelector"]["matchLabels"] == cluster_label
+                else:  # the KubeRay operator: the head's job API and GCS only
+                    assert set(peer) == {"namespaceSelector"}
+                    assert {p["port"] for p in rule["ports"]} <= {8265, 6379}
+    ((rule,),) = [mlflow_policy["ingress"]]
+    assert [p["port"] for p in rule["ports"]] == [5000]
+    job = next(d for d in docs if d["kind"] == "RayJob")
+    assert job["spec"]["submissionMode"] == "HTTPMode", "no submitter pod outside the policy"
+
+
+def test_kuberay_mlflow_requires_the_secrets_password_and_ray_pods_carry_it():
+    docs = _kuberay_docs()
+    container = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert "--app-name=basic-auth" in container["args"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "hdd-ray-mlflow-auth"
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "hdd-ray-mlflow-auth"
+    ini = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["basic_auth.ini"]
+    assert "admin_username = hdd-ray" in ini and "default_permission = NO_PERMISSIONS" in ini
+    spec = _raycluster()["spec"]
+    pods = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
+    for group in pods:
+        for c in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e for e in c.get("env", [])}
+            if "MLFLOW_TRACKING_URI" in env:
+                for key, field_ in (("MLFLOW_TRACKING_USERNAME", "username"),
+                                    ("MLFLOW_TRACKING_PASSWORD", "password")):
+                    ref = env[key]["valueFrom"]["secretKeyRef"]
+                    assert ref == {"name": "hdd-ray-mlflow-auth", "key": field_}
+
+
+def test_dockerignore_keeps_runs_stores_weights_and_caches_out_of_images():
+    lines = {ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")}
+    for needed in (".git", "runs/", "mlruns/", "mlflow.db", "*.safetensors", "checkpoints/",
+                   "data/", ".venv/", "venv/", "**/__pycache__/", ".pytest_cache/", "*.pth"):
+        assert needed in lines, needed
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # an MLflow server start with two fresh stores: 30-90 s on a loaded 2-core box
+@pytest.mark.timeout(240)
+def test_mlflow_basic_auth_settings_refuse_requests_without_the_password(tmp_path):
+    """The cluster's MLflow settings (clusters/mlflow_basic_auth.ini, the admin password from the
+    environment) on a real ``mlflow server --app-name basic-auth`` on 127.0.0.1."""
+    pytest.importorskip("flask_wtf", reason="mlflow[auth] is not installed")
+    import base64
+    import urllib.error
+    import urllib.request
+
+    ini = (CLUSTERS / "mlflow_basic_auth.ini").read_text().replace(
+        "sqlite:////home/ray/mlflow/basic_auth.db", f"sqlite:///{tmp_path}/basic_auth.db")
+    assert f"{tmp_path}/basic_auth.db" in ini
+    (tmp_path / "auth.ini").write_text(ini)
+    port, password = _free_port(), "s3cret-" + os.urandom(6).hex()
+    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth.ini"),
+           "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": "k" * 64}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with open(tmp_path / "server.log", "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host",
+             "127.0.0.1", "--port", str(port), "--workers", "1", "--backend-store-uri",
+             f"sqlite:///{tmp_path}/mlflow.db"], env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
+
+    def status(user: str | None, pw: str | None) -> int:
+        req = urllib.request.Request(url)
+        if user:
+            req.add_header("Authorization",
+                           "Basic " + base64.b64encode(f"{user}:{pw}".encode()).decode())
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                first = status(None, None)
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    pytest.fail((tmp_path / "server.log").read_text()[-3000:])
+                time.sleep(0.5)
+        assert first == 401
+        assert status("hdd-ray", "wrong") == 401
+        assert status("hdd-ray", password) == 200
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)

@@ -257,6 +257,57 @@ def test_diversity_uses_lpips_with_a_local_backbone_file(digits, tmp_path):
         diversity(same, lpips_weights=str(tmp_path / "missing.pth"))
 
 
+class _Payload:
+    """A pickled object whose unpickling creates a file: what a hostile .pth could run."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_lpips_backbone_loads_weights_only_from_pth_or_safetensors(digits, tmp_path, monkeypatch):
+    import torchvision
+    import torchvision.models._api as tv_api
+
+    from hdd_ray.errors import WeightsMismatch
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("torch hub (download, weights_only=False) must not be used")
+
+    monkeypatch.setattr(tv_api, "load_state_dict_from_url", no_hub)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_hub)
+    varied = [digits["train"][:3], digits["train"][3:6]]
+    states = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        states.append(torchvision.models.alexnet(weights=None).state_dict())
+    torch.save(states[0], tmp_path / "a.pth")
+    save_file({k: v.contiguous() for k, v in states[0].items()}, tmp_path / "a.safetensors")
+    torch.save(states[1], tmp_path / "b.pth")
+    value_pth = diversity(varied, lpips_weights=str(tmp_path / "a.pth"))[1]
+    value_st = diversity(varied, lpips_weights=str(tmp_path / "a.safetensors"))[1]
+    value_other = diversity(varied, lpips_weights=str(tmp_path / "b.pth"))[1]
+    assert value_pth == pytest.approx(value_st, rel=1e-6)  # the file's weights, either format
+    assert abs(value_pth - value_other) > 1e-4  # ... and not a random initialisation
+
+    marker = tmp_path / "payload-ran"
+    hostile = tmp_path / "hostile.pth"
+    torch.save({**states[0], "extra": _Payload(str(marker))}, hostile)
+    with open(hostile, "rb") as f:  # the payload is real: a plain unpickle runs it
+        torch.load(f, weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(WeightsMismatch, match="not a plain tensor file, refused") as info:
+        diversity(varied, lpips_weights=str(hostile))
+    assert "\n" not in str(info.value) and not marker.exists()
+
+    torch.save({"features.0.weight": torch.zeros(3, 3)}, tmp_path / "not-alexnet.pth")
+    with pytest.raises(WeightsMismatch, match="not AlexNet weights"):
+        diversity(varied, lpips_weights=str(tmp_path / "not-alexnet.pth"))
+
+
 # ------------------------------------------------------------------------------ extractors
 
 

@@ -42,7 +42,9 @@ from typing import Any
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RAY = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
+# the `ray` of the interpreter running the tests (an unactivated virtualenv's bin/ is not on PATH)
+_VENV_RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+RAY = _VENV_RAY if os.access(_VENV_RAY, os.X_OK) else (shutil.which("ray") or "ray")
 
 STEPS = 180
 # periodic checkpoints every 33 steps never land on a multiple of 10 (below 330), where the loop
@@ -412,7 +414,9 @@ def test_campaign_places_experts_by_node_type_and_survives_losing_nodes(cluster)
             # resolved by the driver on the head from the head's environment, the way the
             # cluster YAMLs hand MLFLOW_TRACKING_URI to jobs (`ray job submit` quotes every
             # argument, so a shell `$VAR` would reach the job unexpanded)
-            "python", "jobs/train_all_experts.py", "root=${oc.env:HDD_TEST_CAMPAIGN_ROOT}",
+            # the interpreter running the tests, not whatever `python` PATH finds first (an
+            # unactivated virtualenv would give a python without the project's dependencies)
+            sys.executable, "jobs/train_all_experts.py", "root=${oc.env:HDD_TEST_CAMPAIGN_ROOT}",
             "clustering.k=2", "clustering.fine_centroids=8", "sampling.k=1",
             "experts.ddpm_clusters=[0]",
             f"experts.train.steps={STEPS}", f"experts.train.checkpoint_every={CHECKPOINT_EVERY}",

@@ -27,7 +27,6 @@ import json
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +38,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from hdd_ray import storage
+from hdd_ray.errors import WeightsMismatch
 from hdd_ray.evaluation.features import clip_pixels, extract_features, to_rgb
 from hdd_ray.evaluation.statistics import FrechetReference, fid_at_n
 
@@ -314,29 +314,67 @@ def _alexnet_file_name() -> str:
     return os.path.basename(AlexNet_Weights.DEFAULT.url)
 
 
-@contextlib.contextmanager
-def _hub_dir_with(backbone: str) -> Iterator[None]:
-    """Point torch hub at a temporary cache holding ``backbone`` under torchvision's file name.
+def _alexnet_state(backbone: str) -> dict[str, Tensor]:
+    """The tensors of the AlexNet file ``backbone``, read without unpickling arbitrary objects.
 
-    torchmetrics builds LPIPS's AlexNet through torchvision, which reads only the hub cache; a
-    symlink there makes it load the given file instead of downloading. (torch hub's directory is
-    process-global: don't build LPIPS from several threads at once.)
+    A ``.safetensors`` file is read with safetensors; anything else (torchvision's
+    ``alexnet-owt-7be5be79.pth``) with ``torch.load(weights_only=True)``, which admits tensors and
+    plain containers only. A file holding anything else raises :class:`WeightsMismatch` (one line).
     """
-    before = torch.hub.get_dir()
-    with tempfile.TemporaryDirectory(prefix="hdd_ray_hub_") as tmp:
-        os.makedirs(os.path.join(tmp, "checkpoints"))
-        os.symlink(os.path.abspath(backbone), os.path.join(tmp, "checkpoints", _alexnet_file_name()))
-        torch.hub.set_dir(tmp)
+    try:
+        if backbone.endswith(".safetensors"):
+            with open(backbone, "rb") as f:
+                state: Any = load_safetensors(f.read())
+        else:
+            state = torch.load(backbone, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for objects, RuntimeError for a truncated file
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise WeightsMismatch(f"lpips backbone {backbone!r}: not a plain tensor file, refused "
+                              f"(weights only): {reason}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise WeightsMismatch(f"lpips backbone {backbone!r}: not a state dict of tensors")
+    return state
+
+
+@contextlib.contextmanager
+def _backbone_from(state: dict[str, Tensor]) -> Iterator[None]:
+    """While open, torchmetrics' LPIPS builds its AlexNet from ``state`` (its ``features.*``).
+
+    torchmetrics would build the backbone through torchvision's pretrained weights, which go
+    through ``torch.hub.load_state_dict_from_url`` (a download, and ``weights_only=False``).
+    Here the backbone is built randomly initialised (no file, no network) and loaded from the
+    tensors given, strictly: a file that is not an AlexNet raises :class:`WeightsMismatch`. The
+    hook is process-global: don't build LPIPS from several threads at once.
+    """
+    from torchmetrics.functional.image import lpips as tm_lpips
+
+    build = tm_lpips._get_tv_model_features
+    features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+
+    def local_features(net: str, pretrained: bool = False) -> nn.Sequential:
+        if net != "alexnet":
+            raise WeightsMismatch(f"lpips backbone: only alexnet is supported, not {net!r}")
+        module = build(net, pretrained=False)
         try:
-            yield
-        finally:
-            torch.hub.set_dir(before)
+            module.load_state_dict(features, strict=True)
+        except RuntimeError as exc:
+            raise WeightsMismatch(f"lpips backbone: not AlexNet weights "
+                                  f"({str(exc).splitlines()[0][:200]})") from None
+        return module
+
+    tm_lpips._get_tv_model_features = local_features
+    try:
+        yield
+    finally:
+        tm_lpips._get_tv_model_features = build
 
 
 def _lpips_metric(backbone: str) -> Any:
+    """torchmetrics' LPIPS (AlexNet) with its backbone read from the local file ``backbone``."""
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
-    with _hub_dir_with(backbone):
+    state = _alexnet_state(backbone)
+    with _backbone_from(state):
         return LearnedPerceptualImagePatchSimilarity(net_type="alex", reduction="mean")
 
 
