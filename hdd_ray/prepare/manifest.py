@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import time
 from typing import Any
 
@@ -23,6 +24,7 @@ __all__ = [
     "MANIFEST_VERSION",
     "OUTPUT_FILES",
     "build_manifest",
+    "content_listing",
     "format_summary",
     "reasons_line",
     "write_cluster_arrays",
@@ -37,8 +39,49 @@ OUTPUT_FILES = {"centroids": "centroids.npy", "fine_centroids": "fine_centroids.
                 "assignments": "assignments.parquet", "montage": "montage.png"}
 
 
-def cluster_entries(plan: Any, k: int, image_size: int, channels: int) -> list[dict]:
-    """The manifest's per-cluster records: train count, held-out count, shards, content hash."""
+#: corpora up to this size (all shards together) are fingerprinted by their full content;
+#: larger ones by size, mtime and the first and last block of every shard
+FULL_HASH_LIMIT = 256 << 20
+FINGERPRINT_BLOCK = 1 << 20
+
+
+def content_listing(shards: list[str]) -> list[tuple[str, int, str]]:
+    """``(path, size, content digest)`` of each input shard: the prepare stage's fingerprint.
+
+    A corpus of at most :data:`FULL_HASH_LIMIT` bytes is hashed in full, so a rewrite that
+    keeps every size and mtime (``cp -p``, ``rsync -a``) still changes it. A larger corpus
+    hashes each shard's first and last :data:`FINGERPRINT_BLOCK` bytes (the first tar headers
+    and the end of the archive) with its size and mtime: cheap on object stores, and any
+    change of length, of the first or last samples, or of the mtime shows.
+    """
+    infos = []
+    for path in shards:
+        fs, inner = storage.resolve(path)
+        info = fs.get_file_info(inner)
+        infos.append((path, fs, inner, int(info.size or 0), int(info.mtime_ns or 0)))
+    full = sum(size for *_, size, _ in infos) <= FULL_HASH_LIMIT
+    out = []
+    for path, fs, inner, size, mtime in infos:
+        h = hashlib.sha256()
+        if full:
+            with fs.open_input_stream(inner) as f:
+                while block := f.read(8 << 20):
+                    h.update(block)
+        else:
+            h.update(f"mtime_ns={mtime}\n".encode())
+            with fs.open_input_file(inner) as f:
+                h.update(f.read(FINGERPRINT_BLOCK))
+                if size > FINGERPRINT_BLOCK:
+                    f.seek(max(FINGERPRINT_BLOCK, size - FINGERPRINT_BLOCK))
+                    h.update(f.read(FINGERPRINT_BLOCK))
+        out.append((path, size, ("sha256:" if full else "blocks:") + h.hexdigest()))
+    return out
+
+
+def cluster_entries(plan: Any, k: int, image_size: int, channels: int,
+                    latents: dict[str, Any] | None = None) -> list[dict]:
+    """The manifest's per-cluster records: train count, held-out count, shards, content hash
+    (of the latents of ``latents``'s VAE in latent space)."""
     out = []
     for c in range(k):
         members = plan[(plan["cluster"] == c) & (plan["split"] == "train")]
@@ -48,14 +91,20 @@ def cluster_entries(plan: Any, k: int, image_size: int, channels: int) -> list[d
             "heldout": int(((plan["cluster"] == c) & (plan["split"] == HELDOUT)).sum()),
             "shards": sorted(set(members["shard_path"])),
             "hash": _cluster_hash(members["key"].tolist(), members["sha"].tolist(),
-                                  image_size, channels),
+                                  image_size, channels, latents),
         })
     return out
 
 
-def _cluster_hash(keys: list[str], shas: list[str], image_size: int, channels: int) -> str:
-    """sha256 over sorted (key, sample sha) plus the output image size and channels."""
+def _cluster_hash(keys: list[str], shas: list[str], image_size: int, channels: int,
+                  latents: dict[str, Any] | None = None) -> str:
+    """sha256 over sorted (key, sample sha) plus the output image size and channels (and, in
+    latent space only, the VAE's identity, the latent shape and the scaling)."""
     h = hashlib.sha256(f"image_size={image_size};channels={channels}\n".encode())
+    if latents:
+        from hdd_ray.latents import identity_of
+
+        h.update(f"latents={json.dumps(identity_of(latents), sort_keys=True)}\n".encode())
     for key, sha in sorted(zip(keys, shas, strict=True)):
         h.update(f"{key}\t{sha}\n".encode())
     return h.hexdigest()
@@ -84,11 +133,13 @@ def build_manifest(
     skipped: dict[str, Any],
     clusters: list[dict],
     started: float,
+    latents: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest of a finished prepare run (everything but ``mlflow_run_id``).
 
     ``plan`` is the driver's per-sample plan, ``clusters`` its :func:`cluster_entries`,
-    ``skipped`` the skip reasons and examples, ``started`` the stage's start time.
+    ``skipped`` the skip reasons and examples, ``started`` the stage's start time, ``latents``
+    the VAE record in latent space (:func:`hdd_ray.latents.latent_record`; None = pixels).
     """
     cl, corpus = cfg.clustering, cfg.corpus
     heldout = plan[plan["split"] == HELDOUT]
@@ -120,7 +171,8 @@ def build_manifest(
         "heldout": {"count": len(heldout), "shards": sorted(set(heldout["shard_path"]))},
         "skipped": {"count": int(sum(skipped["reasons"].values())), **skipped},
         "data_hash": _cluster_hash(plan["key"].tolist(), plan["sha"].tolist(),
-                                   corpus.image_size, corpus.channels),
+                                   corpus.image_size, corpus.channels, latents),
+        "latents": latents,
         "ari_vs_labels": _ari(plan),
         "files": {**OUTPUT_FILES, "embeddings": "embeddings"},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -128,10 +180,22 @@ def build_manifest(
     }
 
 
-def _first_images(clusters_dir: str, rel_shards: list[str]) -> list[np.ndarray]:
-    """The first few images of a cluster (read back from its written shard) for the montage."""
+def _first_images(clusters_dir: str, rel_shards: list[str],
+                  decode: Any = None) -> list[np.ndarray]:
+    """The first few images of a cluster (read back from its written shard) for the montage;
+    with ``decode`` (latents ``[B, C, h, w]`` -> ``uint8 [B, H, W, C]``) from their latents."""
+    from hdd_ray.latents import LATENT_MEMBER, decode_member
+
+    paths = [storage.join(clusters_dir, r) for r in rel_shards]
+    if decode is not None:
+        latents = []
+        for sample in iter_samples(paths, (LATENT_MEMBER,)):
+            latents.append(decode_member(sample[LATENT_MEMBER]))
+            if len(latents) >= MONTAGE_PER_CLUSTER:
+                break
+        return list(decode(np.stack(latents))) if latents else []
     out = []
-    for sample in iter_samples([storage.join(clusters_dir, r) for r in rel_shards], ("png",)):
+    for sample in iter_samples(paths, ("png",)):
         arr = np.asarray(decode_image(sample["png"]))
         out.append(arr[:, :, None] if arr.ndim == 2 else arr)
         if len(out) >= MONTAGE_PER_CLUSTER:
@@ -161,9 +225,11 @@ def write_cluster_arrays(clusters_dir: str, km: dict[str, np.ndarray], plan: Any
                 lambda buf: pq.write_table(table, buf))
 
 
-def write_montage(clusters_dir: str, clusters: list[dict]) -> Any:
-    """``montage.png``: the first images of each cluster's first shard; returns the image."""
-    montage = _montage([_first_images(clusters_dir, c["shards"][:1]) for c in clusters])
+def write_montage(clusters_dir: str, clusters: list[dict], decode: Any = None) -> Any:
+    """``montage.png``: the first images of each cluster's first shard; returns the image.
+
+    ``decode`` (latent space): latents ``[B, C, h, w]`` -> ``uint8 [B, H, W, C]`` images."""
+    montage = _montage([_first_images(clusters_dir, c["shards"][:1], decode) for c in clusters])
     _save_bytes(storage.join(clusters_dir, OUTPUT_FILES["montage"]),
                 lambda buf: montage.save(buf, format="PNG"))
     return montage
@@ -207,4 +273,9 @@ def format_summary(manifest: dict[str, Any]) -> str:
         lines.append(f"ARI vs labels: {ari:.3f}")
     lines.append(f"embedder: {manifest['embedder']['name']} (dim {manifest['embedder']['dim']}), "
                  f"data hash {manifest['data_hash'][:12]}")
+    if manifest.get("latents"):
+        lat = manifest["latents"]
+        lines.append(f"latents: VAE {lat['identity']} ({lat['vae']}), shape "
+                     f"{'x'.join(str(d) for d in lat['shape'])}, scaling {lat['scaling_factor']:g}"
+                     f", shift {lat['shift_factor']:g}, {lat['dtype']}")
     return "\n".join(lines)

@@ -4,9 +4,12 @@
    ``map_batches`` of an actor pool (GPU when configured), keep it as a PNG converted to
    ``corpus.channels`` and resized to ``corpus.image_size``, embed it, and write everything to
    ``clusters/embeddings/`` (parquet). Damaged samples become rows with a ``skip`` reason.
+   In latent space (``latents.vae``) the same actors encode the same decoded image, in batches,
+   through the VAE (:mod:`hdd_ray.latents`): each image is decoded once for both.
 2. **assign** -- every sample's squared distance to each coarse centroid.
 3. **write** -- group samples by the shard the driver's plan sends them to and write
-   ``clusters/<k>/shard-000000.tar`` and ``clusters/heldout/shard-*.tar``, each once.
+   ``clusters/<k>/shard-000000.tar`` and ``clusters/heldout/shard-*.tar``, each once. A sample
+   holds ``png`` (pixel space) or ``latent.npy`` (latent space), ``txt`` and ``json``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from hdd_ray.corpus import (
     sample_digest,
     write_tar,
 )
+from hdd_ray.latents import LATENT_MEMBER, encode_member, load_vae
 from hdd_ray.prepare.embedders import build_embedder
 
 __all__ = ["AttachPlan", "EmbedBatch", "assign_pass", "embed_pass", "read_parquet_columns",
@@ -79,13 +83,16 @@ class EmbedBatch:
     Every failure is per sample: the row stays, with a ``skip`` reason and a zero embedding.
     """
 
-    def __init__(self, embedder: dict[str, Any], channels: int, image_size: int) -> None:
+    def __init__(self, embedder: dict[str, Any], channels: int, image_size: int,
+                 latents: Any = None) -> None:
         from hdd_ray.devices import pick_device
 
         spec = dict(embedder)
         device = str(pick_device(spec.pop("use_gpu")))  # the actor's GPU when it was given one
         self.embedder = build_embedder(channels=channels, device=device, **spec)
         self.channels, self.image_size = channels, image_size
+        #: the VAE (``latents``: a :class:`hdd_ray.latents.VaeInfo`) on the same device
+        self.vae = load_vae(latents, device) if latents is not None else None
 
     def _one(self, batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
         if batch["error"][i]:
@@ -119,6 +126,7 @@ class EmbedBatch:
             "meta": json.dumps(meta, sort_keys=True),
             "label": int(label) if isinstance(label, (int, np.integer)) else -1,
             "sha": sample_digest(bytes(image), bytes(caption)), "features": features,
+            "pixels": pixels,
         }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -129,6 +137,7 @@ class EmbedBatch:
         good = [i for i, r in enumerate(rows) if not r["skip"]]
         if good:
             emb[good] = self.embedder.embed(np.stack([rows[i]["features"] for i in good]))
+        latents = self._encode(rows, good) if self.vae is not None else None
         keys = [str(k) for k in batch["key"]]
         return pa.table({
             "key": pa.array(keys, pa.string()),
@@ -143,7 +152,22 @@ class EmbedBatch:
             "embedding": pa.FixedSizeListArray.from_arrays(
                 pa.array(emb.reshape(-1), pa.float32()), self.embedder.dim
             ),
+            **({"latent": pa.array(latents, pa.binary())} if latents is not None else {}),
         })
+
+    def _encode(self, rows: list[dict[str, Any]], good: list[int]) -> list[bytes | None]:
+        """The good rows' images through the VAE in one batch -> ``latent.npy`` bytes."""
+        import torch
+
+        out: list[bytes | None] = [None] * len(rows)
+        if not good:
+            return out
+        pixels = np.stack([rows[i]["pixels"] for i in good]).transpose(0, 3, 1, 2)
+        x = torch.from_numpy(pixels.astype(np.float32) / 127.5 - 1.0)
+        z = self.vae.encode(x).cpu().numpy()
+        for j, i in enumerate(good):
+            out[i] = encode_member(z[j], self.vae.info.dtype)
+        return out
 
 
 def _embedding_matrix(column: Any) -> np.ndarray:
@@ -183,8 +207,10 @@ class AttachPlan:
             .append_column("cluster", pa.array([hits[i][2] for i in keep], pa.int64()))
 
 
-def _write_shard_group(batch: dict[str, np.ndarray], clusters_dir: str) -> dict[str, list]:
-    """Write pass: one group = one output shard, samples in key order."""
+def _write_shard_group(batch: dict[str, np.ndarray], clusters_dir: str,
+                       latent: bool = False) -> dict[str, list]:
+    """Write pass: one group = one output shard, samples in key order; ``latent``: samples
+    hold the ``latent.npy`` member instead of the image."""
     dest, shard = str(batch["dest"][0]), int(batch["shard"][0])
     order = np.argsort(batch["key"], kind="stable")
     samples, seen = [], set()
@@ -194,10 +220,13 @@ def _write_shard_group(batch: dict[str, np.ndarray], clusters_dir: str) -> dict[
         seen.add(batch["key"][i])
         meta = json.loads(batch["meta"][i])
         meta["cluster"] = int(batch["cluster"][i])
-        samples.append({
-            "__key__": str(batch["key"][i]), "png": bytes(batch["png"][i]),
-            "txt": str(batch["caption"][i]), "json": json.dumps(meta, sort_keys=True),
-        })
+        sample = {"__key__": str(batch["key"][i]), "txt": str(batch["caption"][i]),
+                  "json": json.dumps(meta, sort_keys=True)}
+        if latent:
+            sample[LATENT_MEMBER] = bytes(batch["latent"][i])
+        else:
+            sample["png"] = bytes(batch["png"][i])
+        samples.append(sample)
     path = storage.join(clusters_dir, dest, f"shard-{shard:06d}.tar")
     size = write_tar(path, samples)
     return {"dest": [dest], "shard": [shard], "count": [len(samples)], "bytes": [size]}
@@ -213,8 +242,12 @@ def read_parquet_columns(path: str, columns: list[str], filter: Any = None) -> p
     )
 
 
-def embed_pass(cfg: Any, shards: list[str], embed_dir: str, marker: str, fp: str) -> int:
-    """Pass 1: read + decode + embed every sample into ``embed_dir``; returns the dimension."""
+def embed_pass(cfg: Any, shards: list[str], embed_dir: str, marker: str, fp: str,
+               latents: Any = None) -> int:
+    """Pass 1: read + decode + embed every sample into ``embed_dir``; returns the dimension.
+
+    ``latents`` (a :class:`hdd_ray.latents.VaeInfo`, or None in pixel space): the same actors
+    also encode each decoded image through that VAE (column ``latent``)."""
     import ray
 
     cl, corpus = cfg.clustering, cfg.corpus
@@ -234,7 +267,7 @@ def embed_pass(cfg: Any, shards: list[str], embed_dir: str, marker: str, fp: str
     ds = ds.map_batches(
         EmbedBatch,
         fn_constructor_kwargs={"embedder": spec, "channels": corpus.channels,
-                               "image_size": corpus.image_size},
+                               "image_size": corpus.image_size, "latents": latents},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cl.num_actors),
         num_gpus=cl.gpus_per_actor,
         batch_size=cl.batch_size,
@@ -262,8 +295,10 @@ def assign_pass(embed_dir: str, ok: Any, centroids: np.ndarray) -> np.ndarray:
     return np.stack(dist["dists"].to_numpy()).astype(np.float32)
 
 
-def write_pass(cfg: Any, embed_dir: str, clusters_dir: str, plan_df: Any) -> None:
-    """Pass 3: group samples by (destination, shard) and write each shard once."""
+def write_pass(cfg: Any, embed_dir: str, clusters_dir: str, plan_df: Any,
+               latent: bool = False) -> None:
+    """Pass 3: group samples by (destination, shard) and write each shard once (``latent``:
+    the samples hold their ``latent.npy`` instead of the image)."""
     import ray
     from ray.data.expressions import col
 
@@ -282,7 +317,7 @@ def write_pass(cfg: Any, embed_dir: str, clusters_dir: str, plan_df: Any) -> Non
     ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     try:
         ds = ray.data.read_parquet(embed_dir).select_columns(
-            ["key", "url", "png", "caption", "meta", "skip"]
+            ["key", "url", "latent" if latent else "png", "caption", "meta", "skip"]
         )
         ds = ds.filter(expr=col("skip") == "").map_batches(
             AttachPlan, fn_constructor_kwargs={"plan": plan},
@@ -290,7 +325,8 @@ def write_pass(cfg: Any, embed_dir: str, clusters_dir: str, plan_df: Any) -> Non
             batch_format="pyarrow",
         )
         ds = ds.groupby(["dest", "shard"], num_partitions=max(1, min(n_shards, 64))).map_groups(
-            _write_shard_group, fn_kwargs={"clusters_dir": clusters_dir}, batch_format="numpy"
+            _write_shard_group, fn_kwargs={"clusters_dir": clusters_dir, "latent": latent},
+            batch_format="numpy"
         )
         results = ds.take_all()
     finally:

@@ -34,8 +34,16 @@ from hdd_ray import storage, towers
 from hdd_ray.campaign import CampaignPaths, short_hash
 from hdd_ray.clustering import assign_clusters, fit_hierarchical_kmeans, heldout_mask
 from hdd_ray.config import to_dict
-from hdd_ray.corpus import first_sample, list_shards, shard_listing, write_demo_corpus
+from hdd_ray.corpus import first_sample, list_shards, write_demo_corpus
 from hdd_ray.errors import PrepareError
+from hdd_ray.latents import (
+    describe_vae,
+    identity_of,
+    latent_record,
+    load_vae,
+    settings_of,
+    vae_info,
+)
 from hdd_ray.prepare.embedders import check_embedder
 from hdd_ray.prepare.manifest import (
     HELDOUT,
@@ -43,6 +51,7 @@ from hdd_ray.prepare.manifest import (
     OUTPUT_FILES,
     build_manifest,
     cluster_entries,
+    content_listing,
     reasons_line,
     write_cluster_arrays,
     write_montage,
@@ -79,22 +88,25 @@ def prepare_corpus(cfg: Any, force: bool = False, ray_address: str | None = None
     (reason, "" = ok), embedding (float32[D]).
     """
     started = time.time()
-    root = cfg.root if storage.is_uri(cfg.root) else os.path.abspath(cfg.root)
+    root = storage.absolute(cfg.root)  # URIs (file:// too) as given: storage resolves them
     paths = CampaignPaths(root)
+    vae = _vae(cfg)  # latent space: the VAE checked (one line) before anything else
     inputs = _inputs(cfg, paths)
     if not force and (old := _reusable_manifest(paths, inputs.fingerprint)) is not None:
         return {**old, "reused": True}
+    if not force:
+        _refuse_latents_change(cfg, paths, vae)
     _check_before_ray(cfg, inputs)
     storage.remove(paths.manifest)  # from here on the old result is no longer complete
     _start_ray(cfg, ray_address)
 
-    embed_dir, dim = _embed(cfg, paths, inputs, force)
+    embed_dir, dim = _embed(cfg, paths, inputs, force, vae)
     ok, skipped = _decodable_rows(embed_dir, cfg.clustering.k, inputs.uri)
     km, n_fit = _fit(embed_dir, ok, cfg.clustering, dim)
     plan = _assign(embed_dir, ok, km["coarse"], cfg)
-    _write(cfg, paths.clusters, embed_dir, plan, km)
+    _write(cfg, paths.clusters, embed_dir, plan, km, latent=vae is not None)
     return _write_manifest(cfg, paths, inputs, dim=dim, km=km, n_fit=n_fit, plan=plan,
-                           skipped=skipped, started=started)
+                           skipped=skipped, started=started, vae=vae)
 
 
 # --------------------------------------------------------------------------- reuse check
@@ -103,7 +115,7 @@ def prepare_corpus(cfg: Any, force: bool = False, ray_address: str | None = None
 def _inputs(cfg: Any, paths: CampaignPaths) -> _Inputs:
     """The input shards and the fingerprints of this run's settings and inputs."""
     shards, uri = _input_shards(cfg, paths)
-    listing = shard_listing(shards)
+    listing = content_listing(shards)  # content, not mtimes: `cp -p` of new data re-prepares
     embed_fp = short_hash({"v": MANIFEST_VERSION, "inputs": listing, **_embed_settings(cfg)}, n=64)
     fingerprint = short_hash({"embed": embed_fp, **_kmeans_settings(cfg)}, n=64)
     return _Inputs(shards, uri, embed_fp, fingerprint)
@@ -125,7 +137,12 @@ def _reusable_manifest(paths: CampaignPaths, fingerprint: str) -> dict | None:
         return None
     try:
         old = storage.read_json(paths.manifest)
-    except ValueError:
+    except (ValueError, OSError) as exc:
+        log.warning("prepare: %s is corrupt (%s): preparing the corpus again", paths.manifest,
+                    str(exc).splitlines()[0][:120])
+        return None
+    if not isinstance(old, dict) or not isinstance(old.get("clusters"), list):
+        log.warning("prepare: %s is not a manifest: preparing the corpus again", paths.manifest)
         return None
     if old.get("fingerprint") != fingerprint:
         return None
@@ -135,6 +152,41 @@ def _reusable_manifest(paths: CampaignPaths, fingerprint: str) -> dict | None:
 
 
 # --------------------------------------------------------------------------- checks
+
+
+def _vae(cfg: Any) -> Any:
+    """The campaign's VAE (:class:`hdd_ray.latents.VaeInfo`), None in pixel space; a missing
+    folder, a non-``AutoencoderKL``, wrong channels or an image size its downsampling factor
+    does not divide fail in one line."""
+    if not cfg.latents.vae:
+        return None
+    from hdd_ray.errors import ConfigError
+
+    try:
+        return vae_info(cfg.latents, cfg.corpus.image_size, cfg.corpus.channels)
+    except ConfigError as exc:
+        raise PrepareError(str(exc)) from None
+
+
+def _refuse_latents_change(cfg: Any, paths: CampaignPaths, vae: Any) -> None:
+    """A prepared corpus of other ``latents`` settings is never mixed with: refuse unless
+    ``--force`` (which prepares the corpus again)."""
+    if not storage.exists(paths.manifest):
+        return
+    try:
+        old = storage.read_json(paths.manifest)
+    except (ValueError, OSError):
+        return  # unreadable: prepared again anyway
+    if not isinstance(old, dict):
+        return
+    have = old.get("latents") or None
+    want = latent_record(vae, cfg.corpus.image_size) if vae is not None else None
+    if (identity_of(have), settings_of(have)) != (identity_of(want), settings_of(want)):
+        raise PrepareError(
+            f"latents: the corpus at {paths.clusters} was prepared in {describe_vae(have)}, "
+            f"the config asks for {describe_vae(want)}"
+            f"{' with other settings' if have and want else ''}: re-run with --force to "
+            "prepare it again (its experts will not be reused), or set latents back")
 
 
 def _check_first_sample(shards: list[str], uri: str, image_key: str, caption_key: str) -> None:
@@ -177,7 +229,8 @@ def _start_ray(cfg: Any, ray_address: str | None) -> None:
 # --------------------------------------------------------------------------- embed
 
 
-def _embed(cfg: Any, paths: CampaignPaths, inputs: _Inputs, force: bool) -> tuple[str, int]:
+def _embed(cfg: Any, paths: CampaignPaths, inputs: _Inputs, force: bool,
+           vae: Any = None) -> tuple[str, int]:
     """The embeddings directory and dimension: reused when the embed fingerprint matches."""
     embed_dir = storage.join(paths.clusters, "embeddings")
     embed_marker = storage.join(paths.clusters, "embeddings.json")
@@ -185,7 +238,8 @@ def _embed(cfg: Any, paths: CampaignPaths, inputs: _Inputs, force: bool) -> tupl
     if not force and marker.get("fingerprint") == inputs.embed_fp:
         log.info("prepare: reusing embeddings in %s", embed_dir)
         return embed_dir, int(marker["dim"])
-    return embed_dir, embed_pass(cfg, inputs.shards, embed_dir, embed_marker, inputs.embed_fp)
+    return embed_dir, embed_pass(cfg, inputs.shards, embed_dir, embed_marker, inputs.embed_fp,
+                                 latents=vae)
 
 
 def _decodable_rows(embed_dir: str, k: int, uri: str) -> tuple[Any, dict[str, Any]]:
@@ -279,13 +333,13 @@ def _plan(ok: Any, dists: np.ndarray, cl: Any, shard_size: int) -> Any:
 
 
 def _write(cfg: Any, clusters_dir: str, embed_dir: str, plan: Any,
-           km: dict[str, np.ndarray]) -> None:
+           km: dict[str, np.ndarray], latent: bool = False) -> None:
     """Replace the old outputs by the shards of ``plan``, the centroids and the assignments."""
     # Old outputs go first, so a K that shrank leaves no stale cluster folders behind.
     for name in storage.listdir(clusters_dir):
         if name.isdigit() or name == HELDOUT or name in OUTPUT_FILES.values():
             storage.remove(storage.join(clusters_dir, name))
-    write_pass(cfg, embed_dir, clusters_dir, plan)
+    write_pass(cfg, embed_dir, clusters_dir, plan, latent=latent)
     write_cluster_arrays(clusters_dir, km, plan)
 
 
@@ -294,21 +348,46 @@ def _write(cfg: Any, clusters_dir: str, embed_dir: str, plan: Any,
 
 def _write_manifest(
     cfg: Any, paths: CampaignPaths, inputs: _Inputs, *, dim: int, km: dict[str, np.ndarray],
-    n_fit: int, plan: Any, skipped: dict[str, Any], started: float,
+    n_fit: int, plan: Any, skipped: dict[str, Any], started: float, vae: Any = None,
 ) -> dict:
     """Montage, manifest, MLflow run; the manifest is written last (the stage is complete)."""
     corpus = cfg.corpus
-    clusters = cluster_entries(plan, cfg.clustering.k, corpus.image_size, corpus.channels)
-    montage = write_montage(paths.clusters, clusters)
+    record = latent_record(vae, corpus.image_size) if vae is not None else None
+    clusters = cluster_entries(plan, cfg.clustering.k, corpus.image_size, corpus.channels,
+                               latents=record)
+    decode = None
+    if vae is not None:  # the montage shows decoded images
+        def decode(z: np.ndarray) -> np.ndarray:
+            import torch
+
+            x = load_vae(vae).decode(torch.from_numpy(z.astype(np.float32)))
+            return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8) \
+                .permute(0, 2, 3, 1).numpy()
+    montage = write_montage(paths.clusters, clusters, decode=decode)
     manifest = build_manifest(
         cfg, fingerprint=inputs.fingerprint, uri=inputs.uri, num_shards=len(inputs.shards),
         dim=dim, km=km, n_fit=n_fit, plan=plan, skipped=skipped, clusters=clusters,
-        started=started,
+        started=started, latents=record,
     )
-    manifest["mlflow_run_id"] = _track(cfg, manifest, montage)
+    manifest["mlflow_run_id"] = None
     storage.write_json(paths.manifest, manifest)  # last: marks the stage complete
     log.info("prepare: wrote %s in %.1f s", paths.manifest, manifest["wall_s"])
+    # MLflow after the manifest: an outage costs the run, never the prepared corpus
+    run_id = _track_safely(cfg, manifest, montage)
+    if run_id is not None:
+        manifest["mlflow_run_id"] = run_id
+        storage.write_json(paths.manifest, manifest)
     return {**manifest, "reused": False}
+
+
+def _track_safely(cfg: Any, manifest: dict[str, Any], montage: Any) -> str | None:
+    """:func:`_track`, with a failure (MLflow unreachable) logged as one warning line."""
+    try:
+        return _track(cfg, manifest, montage)
+    except Exception as exc:
+        log.warning("prepare: MLflow logging failed (%s); the manifest is written",
+                    str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
+        return None
 
 
 def _track(cfg: Any, manifest: dict[str, Any], montage: Any) -> str | None:
@@ -346,6 +425,7 @@ def _embed_settings(cfg: Any) -> dict[str, Any]:
     if arch and str(arch).endswith(".json") and os.path.isfile(arch):
         with open(arch, "rb") as f:
             arch = [arch, hashlib.sha256(f.read()).hexdigest()]
+    vae = _vae(cfg)
     settings = {
         "image_key": cfg.corpus.image_key, "caption_key": cfg.corpus.caption_key,
         "image_size": cfg.corpus.image_size, "channels": cfg.corpus.channels,
@@ -357,6 +437,8 @@ def _embed_settings(cfg: Any) -> dict[str, Any]:
             towers.needs_quick_gelu(str(cl.embedder_arch), str(cl.embedder_weights)):
         # Embeddings of OpenAI weights made before towers applied QuickGELU are not reused.
         settings["quick_gelu"] = True
+    if vae is not None:  # latent space only: pixel-space fingerprints stay what they were
+        settings["latents"] = identity_of(latent_record(vae, cfg.corpus.image_size))
     return settings
 
 
