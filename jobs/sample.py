@@ -1,0 +1,182 @@
+r"""Your prompts to images: sample a trained campaign's mixture and write a PNG grid.
+
+    python jobs/sample.py --prompt "a handwritten digit seven" --out seven.png
+    python jobs/sample.py --prompt "a handwritten digit seven" --prompt "the number 3, handwritten" \
+        --num 8 --seed 1 --routing top1 --guidance 3 --steps 32 --out sevens_and_threes.png
+    python jobs/sample.py --prompts my_prompts.txt --assignment "D F F D F F F F" --out grid.png
+    python jobs/sample.py --prompt "a handwritten 4" --mixture objectives   # a sweep's best
+    python jobs/sample.py --config jobs/configs/<campaign>.yaml root=s3://bucket/c --prompt "..."
+    ray job submit --working-dir . -- python jobs/sample.py root=/abs/path/runs/demo \
+        --prompt "a handwritten digit seven" --out /abs/path/seven.png
+
+The mixture is the campaign's own (``experts.ddpm_clusters`` of the config), another objective
+assignment (``--assignment "D F F D ..."``: one letter per cluster, D = ddpm_eps, F =
+fm_velocity), or a sweep's best (``--mixture NAME``: ``<root>/sweeps/NAME/best_mixture.json``,
+whose routing, k, guidance and steps are the defaults; the flags override them). Every expert
+it needs must be trained (``python jobs/train_all_experts.py``).
+
+Prints, for each image, the experts it used with their routing weights: the blend weights of
+the routing strategy (``--routing``, ``--k``), **averaged over the sampling trajectory** (every
+ODE evaluation from t = 1 to t = 0, in equal parts), so the weights of an image sum to 1 and an
+expert that top-k routing never picked for it is absent. Writes the grid to ``--out`` (default
+``<root>/samples/<first prompt>.png``; one row per prompt, ``--num`` images each) and runs in
+this process (``--device``, default auto: a GPU when this machine has one); no Ray cluster is
+needed, and under ``ray job submit`` it runs in the job's driver.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hdd_ray.cli import parse_job_args  # noqa: E402
+
+
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise SystemExit(f"error: --prompts {args.prompts}: no such file")
+        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and not line.lstrip().startswith("#")]
+    return prompts
+
+
+def _default_out(root: str, prompt: str) -> str:
+    from hdd_ray import storage
+
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "sample"
+    return storage.join(root, "samples", f"{slug}.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Sample the mixture for the prompts; returns the process exit status."""
+    cfg, args = parse_job_args(__doc__, argv, extra=[
+        ("--prompt", {"action": "append", "default": None, "metavar": "TEXT",
+                      "help": "a prompt (repeat for several)"}),
+        ("--prompts", {"default": None, "metavar": "FILE",
+                       "help": "a text file, one prompt per line (# comments skipped)"}),
+        ("--num", {"type": int, "default": 4, "help": "images per prompt (default 4)"}),
+        ("--seed", {"type": int, "default": None, "help": "noise seed (default sampling.seed)"}),
+        ("--assignment", {"default": None, "metavar": "'D F F D ...'",
+                          "help": "objective per cluster (default: experts.ddpm_clusters)"}),
+        ("--mixture", {"default": None, "metavar": "NAME",
+                       "help": "a sweep's best mixture (sweep name or best_mixture.json path)"}),
+        ("--routing", {"default": None, "choices": ["full", "top1", "topk", "threshold"]}),
+        ("--k", {"type": int, "default": None, "help": "experts per sample for topk"}),
+        ("--threshold", {"type": float, "default": None}),
+        ("--guidance", {"type": float, "default": None, "help": "classifier-free guidance"}),
+        ("--steps", {"type": int, "default": None, "help": "ODE steps"}),
+        ("--out", {"default": None, "metavar": "PATH", "help": "the PNG grid to write"}),
+        ("--device", {"default": "auto", "help": "cpu, cuda, cuda:<i>, or auto"}),
+    ])
+    from hdd_ray.errors import CampaignError, ConfigError, MixtureError, SweepError
+
+    prompts = _read_prompts(args)
+    if not prompts:
+        print("error: no prompt: give --prompt TEXT (repeatable) or --prompts FILE",
+              file=sys.stderr)
+        return 2
+    if args.num < 1:
+        print(f"error: --num {args.num}: must be >= 1", file=sys.stderr)
+        return 2
+    if args.steps is not None and args.steps < 1:
+        print(f"error: --steps {args.steps}: must be >= 1", file=sys.stderr)
+        return 2
+    k_clusters = cfg.clustering.k
+    if args.k is not None and not 1 <= args.k <= k_clusters:
+        print(f"error: --k {args.k}: top-k must be in 1..{k_clusters}", file=sys.stderr)
+        return 2
+    try:
+        from hdd_ray.campaign import parse_assignment
+
+        ddpm = sorted(cfg.experts.ddpm_clusters)
+        settings = {"routing": cfg.sampling.routing, "k": cfg.sampling.k,
+                    "threshold": cfg.sampling.threshold,
+                    "guidance": cfg.sampling.guidance_scale, "steps": cfg.sampling.steps}
+        if args.mixture:
+            from hdd_ray.sweep import load_mixture_spec
+
+            cfg, spec = load_mixture_spec(cfg, args.mixture)
+            ddpm = sorted(spec.ddpm_clusters)
+            settings.update(routing=spec.routing, k=spec.k, threshold=spec.threshold,
+                            guidance=spec.guidance, steps=spec.steps)
+        if args.assignment:
+            ddpm = parse_assignment(args.assignment, k_clusters, "--assignment")
+        for key in settings:
+            if getattr(args, key) is not None:
+                settings[key] = getattr(args, key)
+        if settings["routing"] == "threshold" and settings["threshold"] is None:
+            raise ConfigError("--routing threshold needs --threshold")
+        return _sample(cfg, args, prompts, ddpm, settings)
+    except (CampaignError, ConfigError, MixtureError, SweepError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _sample(cfg, args, prompts: list[str], ddpm: list[int], settings: dict) -> int:
+    import dataclasses
+
+    import torch
+
+    from hdd_ray import storage
+    from hdd_ray.campaign import format_assignment
+    from hdd_ray.devices import resolve_device
+    from hdd_ray.ensemble import load_mixture, route
+    from hdd_ray.evaluation.mixture import save_grid
+    from hdd_ray.progress import Progress
+
+    device = resolve_device(args.device)
+    images_prompts = [p for p in prompts for _ in range(args.num)]
+    n = len(images_prompts)
+    # one batch: every router call sees every image, so the weights average per image
+    cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(
+        cfg.sampling, batch_size=max(cfg.sampling.batch_size, n)))
+    mixture = load_mixture(cfg, ddpm, device)
+    seed = args.seed if args.seed is not None else cfg.sampling.seed
+    k_clusters = cfg.clustering.k
+    print(f"mixture {format_assignment(ddpm, k_clusters)} ({settings['routing']}"
+          + (f", k={settings['k']}" if settings["routing"] == "topk" else "")
+          + f", guidance {settings['guidance']:g}, {settings['steps']} {cfg.sampling.sampler} "
+          f"steps, seed {seed}) on {device}: {n} images", flush=True)
+
+    calls = 2 * settings["steps"] - 1 if cfg.sampling.sampler == "heun" else settings["steps"]
+    weights_sum = torch.zeros(n, k_clusters, dtype=torch.float64)
+    counted = [0]
+    router = mixture.router_probs
+
+    with Progress(calls, "sampling", unit="evals") as bar:
+        def recording_router(x_t, t):
+            probs = router(x_t, t)
+            w = route(probs.float(), settings["routing"], settings["k"], settings["threshold"])
+            weights_sum[: w.shape[0]] += w.double().cpu()
+            counted[0] += 1
+            bar.update()
+            return probs
+
+        mixture.router_probs = recording_router  # MixtureField asks the router through this
+        images = mixture.sample(images_prompts, seed=seed, strategy=settings["routing"],
+                                k=settings["k"], threshold=settings["threshold"],
+                                guidance=settings["guidance"], steps=settings["steps"])
+    weights = weights_sum / max(1, counted[0])
+    out = args.out or _default_out(cfg.root, prompts[0])
+    if not storage.is_uri(out):
+        Path(out).resolve().parent.mkdir(parents=True, exist_ok=True)
+    save_grid(out, images, images_prompts, per_row=args.num)
+    names = [d.get("expert_id", f"cluster {c}") for c, (_, d) in enumerate(mixture.experts)]
+    print("experts used per image (routing weights averaged over the trajectory):")
+    for i, prompt in enumerate(images_prompts):
+        used = [(w, c) for c, w in enumerate(weights[i].tolist()) if w > 1e-4]
+        used.sort(reverse=True)
+        text = ", ".join(f"{names[c]} {w:.2f}" for w, c in used)
+        print(f"  [{i}] {prompt!r}: {text}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
