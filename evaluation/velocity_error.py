@@ -60,8 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     except CampaignError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    held = read_cluster(campaign.heldout_shards(cfg, manifest), cfg.corpus.image_size,
-                        cfg.corpus.channels)
+    if manifest.get("latents"):  # latent space: the experts' velocities are over latents
+        from hdd_ray.latents import read_latents
+
+        held = read_latents(campaign.heldout_shards(cfg, manifest))
+    else:
+        held = read_cluster(campaign.heldout_shards(cfg, manifest), cfg.corpus.image_size,
+                            cfg.corpus.channels)
     keep = (held.labels == k).nonzero().flatten().tolist()
     if not keep:
         print(f"error: no held-out images of cluster {k}", file=sys.stderr)

@@ -15,6 +15,7 @@ that names the key path, the bad value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional  # noqa: UP035 - OmegaConf needs typing generics
@@ -36,6 +37,8 @@ EMBEDDERS = ("pixels", "dinov2", "open_clip")
 CORPUS_SOURCES = ("demo", "webdataset")
 MIXED_PRECISION = ("no", "bf16")
 SWEEP_MODES = ("grid", "n_ddpm", "list", "random", "optuna")
+LATENT_DTYPES = ("float16", "bfloat16")
+DATA_MODES = ("auto", "memory", "stream")
 
 
 # --------------------------------------------------------------------------- sections
@@ -62,6 +65,36 @@ class CorpusConfig:
         if self.channels not in (1, 3):
             raise ConfigError(f"corpus.channels={self.channels!r}: allowed: 1, 3")
         _positive("corpus.shard_size", self.shard_size)
+
+
+@dataclass
+class LatentsConfig:
+    """Latent space: experts and the router train on VAE latents (``vae=None``: pixel space).
+
+    ``vae`` is a local folder of a diffusers ``AutoencoderKL`` (nothing is downloaded);
+    ``scaling_factor`` / ``shift_factor`` None = read from the VAE's config (hdd_ray.latents).
+    """
+
+    vae: Optional[str] = None  # local AutoencoderKL folder; None = pixel space
+    subfolder: Optional[str] = None  # e.g. "vae" inside a pipeline folder
+    scaling_factor: Optional[float] = None  # None = the VAE config's (0.18215 if absent)
+    shift_factor: Optional[float] = None  # None = the VAE config's (0 if absent)
+    dtype: str = "float16"  # storage of the latents in the shards: float16 | bfloat16
+
+    def validate(self) -> None:
+        """One-line :class:`ConfigError` on the first bad value of ``latents``."""
+        _choice("latents.dtype", self.dtype, LATENT_DTYPES)
+        if self.vae is not None and not str(self.vae).strip():
+            raise ConfigError("latents.vae='': a local AutoencoderKL folder, or null for pixels")
+        if self.vae is None:
+            for key in ("subfolder", "scaling_factor", "shift_factor"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"latents.{key}={getattr(self, key)!r}: only used with "
+                                      "latents.vae (a local AutoencoderKL folder)")
+        if self.scaling_factor is not None:
+            _positive("latents.scaling_factor", self.scaling_factor)
+        if self.shift_factor is not None and self.shift_factor != self.shift_factor:
+            raise ConfigError("latents.shift_factor=nan: must be a number")
 
 
 @dataclass
@@ -154,13 +187,40 @@ class ResourcesConfig:
 
     def validate(self, prefix: str) -> None:
         """One-line :class:`ConfigError` naming ``prefix`` (``experts.resources``, ...)."""
-        _positive(f"{prefix}.num_workers", self.num_workers, strict=False)
+        # a run needs at least one worker: 0 would start a Ray Train run with nobody to train
+        if not _is_int(self.num_workers) or self.num_workers < 1:
+            raise ConfigError(f"{prefix}.num_workers={self.num_workers!r}: must be an integer >= 1")
         _positive(f"{prefix}.cpus_per_worker", self.cpus_per_worker, strict=False)
         _positive(f"{prefix}.gpus_per_worker", self.gpus_per_worker, strict=False)
         for name, amount in self.custom.items():
             _positive(f"{prefix}.custom.{name}", amount, strict=False)
-        if self.max_failures < -1:
-            raise ConfigError(f"{prefix}.max_failures={self.max_failures}: must be >= -1")
+        for key in ("max_failures", "max_preemption_failures"):  # Ray Train: -1 = unlimited
+            value = getattr(self, key)
+            if not _is_int(value) or value < -1:
+                raise ConfigError(f"{prefix}.{key}={value!r}: must be an integer >= -1 "
+                                  "(-1 = unlimited)")
+
+
+@dataclass
+class DataConfig:
+    """How a run reads its training data (``experts.data``, ``router.data``); the pipeline is
+    described in ``hdd_ray/training/data.py``. Not part of a run's identity (like resources)."""
+
+    mode: str = "auto"  # auto (by size) | memory (decode all once) | stream (bounded memory)
+    in_memory_max_mb: float = 1024.0  # auto: keep data up to this decoded size in memory
+    shuffle_buffer: int = 4096  # samples per shuffled block of the stream (undecoded bytes)
+    open_shards: int = 8  # shards read at once, round-robin, into each block
+    prefetch_batches: int = 4  # batches decoded ahead in the background
+    decode_workers: int = 2  # threads decoding images
+
+    def validate(self, prefix: str) -> None:
+        """One-line :class:`ConfigError` naming ``prefix`` (``experts.data``, ``router.data``)."""
+        _choice(f"{prefix}.mode", self.mode, DATA_MODES)
+        _positive(f"{prefix}.in_memory_max_mb", self.in_memory_max_mb, strict=False)
+        for key in ("shuffle_buffer", "open_shards", "prefetch_batches", "decode_workers"):
+            value = getattr(self, key)
+            if not _is_int(value) or value < 1:
+                raise ConfigError(f"{prefix}.{key}={value!r}: must be an integer >= 1")
 
 
 @dataclass
@@ -234,6 +294,7 @@ class ExpertsConfig:
     text: TextConfig = field(default_factory=TextConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     list: List[ExpertSpec] = field(default_factory=list)
 
     def validate(self, k: int) -> None:
@@ -252,6 +313,7 @@ class ExpertsConfig:
         self.text.validate()
         self.train.validate("experts.train")
         self.resources.validate("experts.resources")
+        self.data.validate("experts.data")
         seen: set[int] = set()
         for i, spec in enumerate(self.list):
             p = f"experts.list[{i}]"
@@ -268,6 +330,7 @@ class RouterConfig:
     model: str = "router-T"
     train: TrainConfig = field(default_factory=lambda: TrainConfig(caption_dropout=0.0))
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def validate(self) -> None:
         """One-line :class:`ConfigError` on the first bad value of ``router``."""
@@ -276,6 +339,7 @@ class RouterConfig:
         _choice("router.model", self.model, tuple(ROUTER_SIZES))
         self.train.validate("router.train")
         self.resources.validate("router.resources")
+        self.data.validate("router.data")
 
 
 @dataclass
@@ -395,8 +459,7 @@ class TrackingConfig:
 
     def validate(self) -> None:
         """One-line :class:`ConfigError` on a bad ``tracking`` value."""
-        if not self.experiment:
-            raise ConfigError("tracking.experiment='': must be a non-empty name")
+        check_safe_name("tracking.experiment", self.experiment)
 
 
 @dataclass
@@ -468,8 +531,7 @@ class SweepConfig:
         from hdd_ray.diffusion import SCHEDULES
         from hdd_ray.ensemble import STRATEGIES
 
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"sweep.name={self.name!r}: must be a non-empty name without '/'")
+        check_safe_name("sweep.name", self.name)
         _choice("sweep.mode", self.mode, SWEEP_MODES)
         if self.mode == "n_ddpm" and not self.n_ddpm:
             raise ConfigError(
@@ -512,6 +574,7 @@ class CampaignConfig:
     seed: int = 0
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
+    latents: LatentsConfig = field(default_factory=LatentsConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -680,6 +743,29 @@ def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}={value!r}: unknown value, allowed: {', '.join(allowed)}")
 
 
+#: a name that becomes one path segment (sweep, campaign, MLflow experiment): letters, digits,
+#: ``.``, ``_``, ``-``, not starting with ``.`` (so never ``.``, ``..`` or a hidden file)
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def check_safe_name(key: str, value: Any) -> None:
+    """One-line :class:`ConfigError` unless ``value`` is a single safe path segment.
+
+    Names that become paths or MLflow filter values (``sweep.name``, ``name``,
+    ``tracking.experiment``) may hold only letters, digits, ``.``, ``_`` and ``-``, must not
+    start with ``.`` and must not be empty: no ``/``, ``\\``, ``..``, quotes or control
+    characters, so ``<root>/sweeps/<name>`` can never point outside ``<root>/sweeps``.
+    """
+    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value) or len(value) > 128:
+        raise ConfigError(f"{key}={value!r}: must be a single safe name (letters, digits, '.', "
+                          "'_', '-'; not starting with '.'; at most 128 characters)")
+
+
+def _is_int(value: Any) -> bool:
+    """``value`` is an integer (``bool`` is not, though Python calls it one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _positive(key: str, value: Any, strict: bool = True) -> None:
     if value is None or (value <= 0 if strict else value < 0):
         want = "> 0" if strict else ">= 0"
@@ -723,9 +809,11 @@ def validate(cfg: CampaignConfig) -> None:
     """
     if not str(cfg.root).strip():
         raise ConfigError("root='': must be a local path or a s3:// / gs:// URI")
+    check_safe_name("name", cfg.name)
     k = cfg.clustering.k
     cfg.corpus.validate()
     cfg.clustering.validate()
+    cfg.latents.validate()
     cfg.experts.validate(k)
     cfg.router.validate()
     for e in resolve_experts(cfg):
@@ -749,8 +837,18 @@ def check_global_batch(what: str, batch_size: int, num_workers: int) -> None:
 
 
 def validate_sweep(cfg: CampaignConfig) -> None:
-    """Check the sweep's search space (one-line :class:`ConfigError` on the first problem)."""
+    """Check the sweep's search space (one-line :class:`ConfigError` on the first problem).
+
+    ``sweep.mode=optuna`` needs the ``optuna`` package (a main dependency; an environment built
+    without it fails here, before any training, naming the install command).
+    """
     cfg.sweep.validate(cfg.clustering.k)
+    if cfg.sweep.mode == "optuna":
+        import importlib.util
+
+        if importlib.util.find_spec("optuna") is None:
+            raise ConfigError("sweep.mode=optuna needs the optuna package: "
+                              "pip install 'optuna>=3.6' (or pip install -e .)")
     if "threshold" in (cfg.sweep.routing or []) and cfg.sampling.threshold is None:
         raise ConfigError("sampling.threshold=None: required when sweep.routing has 'threshold'")
 

@@ -199,6 +199,10 @@ class Mixture:
     ) -> Tensor:
         """One image per prompt, ``[N, C, H, W]`` in [-1, 1]; seeded per batch, so reproducible.
 
+        In latent space the experts sample latents, which are decoded through the campaign's
+        VAE batch by batch on ``device`` (:func:`hdd_ray.latents.to_pixels`): the result is
+        always images at the corpus's size.
+
         Runs on ``device`` (default: where :func:`load_mixture` put the networks). The starting
         noise is drawn on the CPU and moved, so a seed starts from the same noise on every device.
         """
@@ -211,7 +215,13 @@ class Mixture:
         guidance = guidance if guidance is not None else s.guidance_scale
         steps = steps or s.steps
         device = self.device if device is None else torch.device(device)
-        c, size = self.cfg.corpus.channels, self.cfg.corpus.image_size
+        from hdd_ray.latents import to_pixels
+
+        # the experts' input shape: the latent shape in latent space (expert.json)
+        desc = self.experts[0][1] if self.experts else {}
+        c = int(desc.get("channels", self.cfg.corpus.channels))
+        size = int(desc.get("image_size", self.cfg.corpus.image_size))
+        latent = bool(desc.get("latents"))
         mix = MixtureField(self.fields(prompts, guidance, device), self.router_probs,
                            strategy=strategy, k=k, threshold=threshold)
         out = []
@@ -220,10 +230,22 @@ class Mixture:
             g = devices.generator(seed * 1_000_003 + start)  # CPU: the same noise everywhere
             noise = devices.randn((n, c, size, size), g, device)
             cond = {"index": torch.arange(start, start + n, device=device)}
-            out.append(sample_ode(mix, noise, cond, steps=steps, sampler=s.sampler,
-                                  shift=s.time_shift).clamp(-1, 1).cpu())
+            x = sample_ode(mix, noise, cond, steps=steps, sampler=s.sampler, shift=s.time_shift)
+            # pixels are clamped to the data range; latents are decoded (and clamped) instead
+            out.append((to_pixels(self.cfg, x) if latent else x.clamp(-1, 1)).cpu())
         self.last_evaluations = list(mix.evaluations)
         return torch.cat(out)
+
+
+def _check_one_vae(cfg: Any, manifest: dict, experts: list[tuple[Any, dict]],
+                   wanted: list[tuple[Any, str]]) -> None:
+    """Refuse (one line) a mixture whose experts were trained against different VAEs (or
+    against another VAE than the campaign's prepared corpus)."""
+    from hdd_ray.latents import check_same_vae
+
+    named = [(f"expert {eid}", desc.get("latents"))
+             for (_, desc), (_, eid) in zip(experts, wanted, strict=True)]
+    check_same_vae([*named, ("the prepared corpus", manifest.get("latents"))])
 
 
 def load_mixture(cfg: Any, ddpm_clusters: Sequence[int] | None = None,
@@ -262,4 +284,5 @@ def load_mixture(cfg: Any, ddpm_clusters: Sequence[int] | None = None,
         model, desc = load_expert(paths.expert_dir(eid))
         experts.append((model.to(device), desc))
     router = load_router(cfg, manifest).to(device)
+    _check_one_vae(cfg, manifest, experts, wanted)
     return Mixture(experts, router, cfg, device)

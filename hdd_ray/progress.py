@@ -57,9 +57,13 @@ def is_tty() -> bool:
         return False
 
 
-def configure_logging(level: int = logging.INFO) -> None:
+def configure_logging(level: int = logging.INFO, propagate: bool = True) -> None:
     """hdd_ray's log lines on stdout as ``HH:MM:SS message`` (``WARNING: ...`` for warnings);
-    third-party set-up chatter at WARNING. Idempotent; what a job calls before anything else."""
+    third-party set-up chatter at WARNING. Idempotent; what a job calls before anything else.
+
+    ``propagate=False`` in a Ray worker process, whose root logger has Ray's own console handler:
+    otherwise every line would reach the driver twice.
+    """
     global _configured
     # MLflow sets its own logger's level when imported, from this variable (INFO otherwise)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
@@ -73,6 +77,7 @@ def configure_logging(level: int = logging.INFO) -> None:
     pkg = logging.getLogger("hdd_ray")
     pkg.addHandler(handler)
     pkg.setLevel(level)
+    pkg.propagate = propagate
     # records still propagate (pytest's caplog sees them); the root logger has no console
     # handler of ours, so nothing is printed twice
 

@@ -31,6 +31,7 @@ import dataclasses
 import io
 import itertools
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,12 +129,76 @@ def rungs(cfg: CampaignConfig) -> list[int]:
 
 
 def describe(cfg: CampaignConfig) -> dict[str, Any]:
-    """What defines the sweep's search (stored beside it; a restore must match it)."""
-    from hdd_ray.config import to_dict
+    """What defines the sweep's results (stored beside it; a restore must match it).
 
-    return {"sweep": {k: v for k, v in to_dict(cfg.sweep).items()
-                      if k not in ("max_concurrent_trials", "cpus_per_trial", "gpus_per_trial")},
-            "num_samples": cfg.evaluation.num_samples, "k": cfg.clustering.k}
+    The search space, and everything else a trial's numbers depend on: the corpus and
+    clustering settings, the experts (objective, schedule, model, text encoder, training), the
+    router, the sampling and evaluation settings, the latent space (the VAE's content, scaling,
+    shift and dtype: not where it lies), the prepared corpus's ``data_hash`` (None before it is
+    prepared), and where precision changes results (bf16 applies only on GPUs: the experts',
+    the router's and the trials'). Only how fast things run is left out (resources other than
+    GPUs, data loading: ``experts.data`` / ``router.data``, concurrency, CPUs per trial). The
+    tracking and Ray sections and the campaign's name and root change no number.
+    """
+    from hdd_ray.config import to_dict
+    from hdd_ray.latents import config_settings
+
+    def without(d: dict[str, Any], *keys: str) -> dict[str, Any]:
+        return {k: v for k, v in d.items() if k not in keys}
+
+    experts = without(to_dict(cfg.experts), "resources", "list", "data")
+    experts["list"] = [without(e, "resources", "data")
+                       for e in to_dict(cfg.experts).get("list", [])]
+    return {"sweep": without(to_dict(cfg.sweep), "max_concurrent_trials", "cpus_per_trial",
+                             "gpus_per_trial"),
+            "latents": config_settings(cfg), "data_hash": _data_hash(cfg),
+            "num_samples": cfg.evaluation.num_samples, "k": cfg.clustering.k,
+            "corpus": to_dict(cfg.corpus), "clustering": without(to_dict(cfg.clustering),
+                                                                 "num_actors", "gpus_per_actor"),
+            "experts": experts,
+            "router": without(to_dict(cfg.router), "resources", "data"),
+            "sampling": to_dict(cfg.sampling),
+            "evaluation": without(to_dict(cfg.evaluation), "resources", "enabled"),
+            "gpus": {"experts": _uses_gpus(cfg.experts.resources, cfg.experts.list),
+                     "router": cfg.router.resources.gpus_per_worker > 0,
+                     "trials": cfg.sweep.gpus_per_trial > 0}}
+
+
+def _data_hash(cfg: CampaignConfig) -> str | None:
+    """The prepared corpus's ``data_hash`` (None when it is not prepared or unreadable)."""
+    path = CampaignPaths(cfg.root).manifest
+    try:
+        manifest = storage.read_json(path) if storage.exists(path) else None
+    except (OSError, ValueError):
+        return None
+    return manifest.get("data_hash") if isinstance(manifest, dict) else None
+
+
+def _uses_gpus(resources: Any, overrides: Any) -> list[bool]:
+    """Whether the default expert resources and each ``experts.list`` override ask for GPUs."""
+    out = [float(resources.gpus_per_worker) > 0]
+    for spec in overrides or []:
+        res = dict(spec.resources or {}) if not isinstance(spec, dict) else dict(spec.get("resources") or {})
+        if "gpus_per_worker" in res:
+            out.append(float(res["gpus_per_worker"]) > 0)
+    return out
+
+
+def _owned_sweep_dir(cfg: CampaignConfig) -> str:
+    """``<root>/sweeps/<sweep.name>``, refused in one line unless it is a direct child of
+    ``<root>/sweeps`` (``--force`` deletes it: it may never reach anything else)."""
+    from hdd_ray.config import check_safe_name
+
+    check_safe_name("sweep.name", cfg.sweep.name)
+    paths = CampaignPaths(cfg.root)
+    directory = paths.sweep_dir(cfg.sweep.name)
+    parent, base = (directory.rstrip("/").rsplit("/", 1) if storage.is_uri(directory)
+                    else os.path.split(os.path.normpath(directory)))
+    sweeps = paths.sweeps if storage.is_uri(paths.sweeps) else os.path.normpath(paths.sweeps)
+    if parent != sweeps or base != cfg.sweep.name or base in ("", ".", ".."):
+        raise SweepError(f"sweep.name={cfg.sweep.name!r}: {directory} is not a folder of "
+                         f"{paths.sweeps}; refusing to use (or --force delete) it")
+    return directory
 
 
 # --------------------------------------------------------------------------- the trial
@@ -225,11 +290,15 @@ def _sweep_parent(cfg: CampaignConfig) -> str | None:
     exp = tracking.connect(cfg)
     if exp is None:
         return None
+    from hdd_ray.config import to_yaml
+
     sw = cfg.sweep
-    return exp.find_or_create(f"sweep {sw.name}", {"stage": "sweep", "sweep": sw.name,
-                                                   "mode": sw.mode},
-                              key=("stage", "sweep"),
-                              params=tracking.flatten(describe(cfg))).run_id
+    run = exp.find_or_create(f"sweep {sw.name}", {"stage": "sweep", "sweep": sw.name,
+                                                  "mode": sw.mode},
+                             key=("stage", "sweep"),
+                             params=tracking.flatten(describe(cfg)))
+    tracking.warn_on_failure(run.log_text, to_yaml(cfg), "config.yaml")  # the resolved config
+    return run.run_id
 
 
 def train_needed_experts(cfg: CampaignConfig, parent_run_id: str | None = None) -> tuple[int, int]:
@@ -268,10 +337,10 @@ def run_sweep(cfg: CampaignConfig, force: bool = False, verbose: int = 1) -> Swe
     cfg = dataclasses.replace(cfg, root=storage.absolute(cfg.root))
     sw = cfg.sweep
     paths = CampaignPaths(cfg.root)
-    directory = paths.sweep_dir(sw.name)
+    directory = _owned_sweep_dir(cfg)
     spec_path = storage.join(directory, SPEC_FILE)
     if force and storage.exists(directory):
-        storage.remove(directory)
+        storage.remove(directory)  # only <root>/sweeps/<name> (checked above)
     if storage.exists(spec_path) and storage.read_json(spec_path) != describe(cfg):
         raise SweepError(f"sweep {sw.name!r} at {directory} was started with another search "
                          "space: pick another sweep.name, or pass --force to start it over")

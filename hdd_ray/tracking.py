@@ -12,7 +12,16 @@ else a sqlite file in the campaign root (``sqlite:///<root>/mlflow.db``).
   in the same thread, are its children unless given another parent.
 * :class:`TrackedRun`: log metrics / params / tags in one batch, images, PNG bytes, text and
   dict artifacts; finish.
-* :class:`MetricBuffer`: what a Ray Train worker logs (buffered, flushed at checkpoints).
+* :class:`MetricBuffer`: what a Ray Train worker logs (buffered, sent in the background at
+  checkpoints, never blocking one).
+
+**Outages.** MLflow is never on the critical path. HTTP calls fail fast
+(:data:`FAIL_FAST_ENV`, instead of MLflow's ~4 min of retries); :func:`connect` and :func:`run`
+give ``None`` (no tracking) when the server cannot be reached; a run's writes that fail
+(metrics, params, tags, its end) are kept in the campaign root's outbox
+(``<root>/mlflow_outbox/``, :class:`Outbox`) and delivered by :func:`sync_outbox`, which the
+launcher calls at its start and end and ``python jobs/sync_mlflow.py`` runs by hand. Only
+artifacts (images, tables) of a run written during an outage are lost, with a warning.
 """
 
 from __future__ import annotations
@@ -22,10 +31,13 @@ import contextvars
 import io
 import logging
 import os
+import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+from hdd_ray import storage
 from hdd_ray.storage import is_uri
 
 log = logging.getLogger(__name__)
@@ -34,6 +46,20 @@ log = logging.getLogger(__name__)
 _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 800, 100, 100
 _PARAM_CHARS = 500
 PARENT_TAG = "mlflow.parentRunId"
+
+#: MLflow HTTP settings that make a call to an unreachable server fail within seconds (its
+#: defaults retry for about 4 minutes): set unless the environment sets them already
+FAIL_FAST_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+#: the campaign root's folder of undelivered MLflow writes
+OUTBOX_DIR = "mlflow_outbox"
+
+
+def fail_fast() -> None:
+    """Apply :data:`FAIL_FAST_ENV` to this process (values already set are kept)."""
+    for key, value in FAIL_FAST_ENV.items():
+        os.environ.setdefault(key, value)
+
 
 # the run of the innermost open :func:`run` context in this thread (the default parent)
 _enclosing: contextvars.ContextVar[str | None] = contextvars.ContextVar("_enclosing", default=None)
@@ -47,7 +73,7 @@ def tracking_uri(cfg: Any) -> str:
         raise ValueError(
             f"tracking.uri=None: set it (e.g. http://127.0.0.1:5000) when root={cfg.root!r} is remote"
         )
-    root = os.path.abspath(cfg.root)
+    root = storage.resolve(cfg.root)[1]  # local: absolute, file:// stripped
     os.makedirs(root, exist_ok=True)
     return f"sqlite:///{os.path.join(root, 'mlflow.db')}"
 
@@ -64,6 +90,17 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def filter_literal(value: Any) -> str:
+    """``value`` as a string literal of an MLflow search filter (quoted so that a quote in it
+    cannot end the literal); one-line ``ValueError`` when it holds both kinds of quote."""
+    text = str(value)
+    if "'" not in text:
+        return f"'{text}'"
+    if '"' not in text:
+        return f'"{text}"'
+    raise ValueError(f"{text!r}: an MLflow tag value may not hold both ' and \"")
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -76,12 +113,20 @@ def _first_line(exc: BaseException) -> str:
 class TrackedRun:
     """One MLflow run, written through the client API (safe to use from several threads)."""
 
-    def __init__(self, client: Any, run_id: str, uri: str) -> None:
-        self.client, self.run_id, self.uri = client, run_id, uri
+    def __init__(self, client: Any, run_id: str, uri: str, outbox: Outbox | None = None) -> None:
+        self.client, self.run_id, self.uri, self.outbox = client, run_id, uri, outbox
 
-    def worker_target(self) -> dict[str, str]:
+    def worker_target(self) -> dict[str, Any]:
         """What a Ray worker needs to log to this run (plain data: it travels in a config)."""
-        return {"uri": self.uri, "run_id": self.run_id}
+        return {"uri": self.uri, "run_id": self.run_id,
+                "outbox": self.outbox.directory if self.outbox else None}
+
+    def _keep(self, exc: BaseException, **record: Any) -> None:
+        """A write that failed: into the outbox (delivered later), or raised without one."""
+        if self.outbox is None:
+            raise exc
+        path = self.outbox.put({"uri": self.uri, "run_id": self.run_id, **record})
+        log.warning("MLflow unreachable (%s): kept in %s", _first_line(exc)[:200], path)
 
     def log(self, metrics: dict[str, float] | None = None, params: dict[str, Any] | None = None,
             tags: dict[str, Any] | None = None, step: int = 0) -> None:
@@ -92,20 +137,29 @@ class TrackedRun:
 
         now = _now_ms()
         metric_list = [Metric(k, float(v), now, int(step)) for k, v in (metrics or {}).items()]
-        param_list: list[Any] = []
-        if params:
-            existing = self.client.get_run(self.run_id).data.params
-            param_list = [Param(k, str(v)[:_PARAM_CHARS]) for k, v in params.items()
-                          if k not in existing]
-        tag_list = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-        self._batch(metric_list, param_list, tag_list)
+        try:
+            param_list: list[Any] = []
+            if params:
+                existing = self.client.get_run(self.run_id).data.params
+                param_list = [Param(k, str(v)[:_PARAM_CHARS]) for k, v in params.items()
+                              if k not in existing]
+            tag_list = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+            self._batch(metric_list, param_list, tag_list)
+        except Exception as exc:
+            self._keep(exc, metrics=[[m.key, m.value, m.timestamp, m.step] for m in metric_list],
+                       params={k: str(v)[:_PARAM_CHARS] for k, v in (params or {}).items()},
+                       tags={k: str(v) for k, v in (tags or {}).items()})
 
     def log_curve(self, key: str, points: Iterable[tuple[int, float]]) -> None:
         """One metric at several steps (e.g. a curve against t)."""
         from mlflow.entities import Metric
 
         now = _now_ms()
-        self._batch([Metric(key, float(v), now, int(s)) for s, v in points], [], [])
+        metrics = [Metric(key, float(v), now, int(s)) for s, v in points]
+        try:
+            self._batch(metrics, [], [])
+        except Exception as exc:
+            self._keep(exc, metrics=[[m.key, m.value, m.timestamp, m.step] for m in metrics])
 
     def _batch(self, metrics: list[Any], params: list[Any], tags: list[Any]) -> None:
         while metrics or params or tags:
@@ -122,19 +176,35 @@ class TrackedRun:
             from PIL import Image
 
             image = Image.open(io.BytesIO(image))
-        self.client.log_image(self.run_id, image, key=key, artifact_file=artifact_file)
+        self._artifact(self.client.log_image, self.run_id, image, key=key,
+                       artifact_file=artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """A text artifact."""
-        self.client.log_text(self.run_id, text, artifact_file)
+        self._artifact(self.client.log_text, self.run_id, text, artifact_file)
 
     def log_dict(self, d: dict[str, Any], artifact_file: str) -> None:
         """A JSON (or YAML, by suffix) artifact."""
-        self.client.log_dict(self.run_id, d, artifact_file)
+        self._artifact(self.client.log_dict, self.run_id, d, artifact_file)
+
+    def _artifact(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+        """An artifact write: with an outbox (an outage must not stop the stage), a failure
+        is one warning line and the artifact is not kept."""
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:
+            if self.outbox is None:
+                raise
+            log.warning("MLflow unreachable (%s): artifact of run %s not logged",
+                        _first_line(exc)[:200], self.run_id)
 
     def finish(self, ok: bool = True) -> None:
         """Mark the run FINISHED (or FAILED)."""
-        self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+        status = "FINISHED" if ok else "FAILED"
+        try:
+            self.client.set_terminated(self.run_id, status)
+        except Exception as exc:
+            self._keep(exc, status=status)
 
 
 class Experiment:
@@ -143,14 +213,17 @@ class Experiment:
     def __init__(self, cfg: Any) -> None:
         from mlflow.tracking import MlflowClient
 
+        fail_fast()
         self.uri = tracking_uri(cfg)
+        self.outbox = Outbox(cfg.root)
         self.client = MlflowClient(self.uri)
-        self.experiment_id = _experiment_id(self.client, cfg.tracking.experiment)
+        self.experiment_id = _experiment_id(self.client, cfg.tracking.experiment,
+                                            artifact_location(cfg))
         self.campaign = cfg.name
 
     def run(self, run_id: str) -> TrackedRun:
-        """An existing run of this store."""
-        return TrackedRun(self.client, run_id, self.uri)
+        """An existing run of this store (writes that fail go to the campaign's outbox)."""
+        return TrackedRun(self.client, run_id, self.uri, self.outbox)
 
     def create(self, name: str, tags: dict[str, str], parent: str | None = None,
                params: dict[str, Any] | None = None) -> TrackedRun:
@@ -171,21 +244,49 @@ class Experiment:
                        params: dict[str, Any] | None = None) -> TrackedRun:
         """The run whose ``key`` tags equal ``tags``'s (a resumed expert or a restarted trial
         continues it), else a new one as :meth:`create` makes it (params logged then only)."""
-        query = " and ".join(f"tags.{k} = '{tags[k]}'" for k in key)
+        query = " and ".join(f"tags.{k} = {filter_literal(tags[k])}" for k in key)
         found = self.client.search_runs([self.experiment_id], query, max_results=1)
         if found:
             return self.run(found[0].info.run_id)
         return self.create(name, tags, parent=parent, params=params)
 
 
-def _experiment_id(client: Any, name: str) -> str:
-    """The id of experiment ``name``, created if missing (safe when two processes race)."""
+def artifact_location(cfg: Any) -> str | None:
+    """Where a new experiment keeps its artifacts: ``<root>/mlartifacts`` (a file URI for a
+    local root), or ``None`` (the server's artifact store) when ``tracking.uri`` is a server.
+
+    MLflow's default for a new experiment on a sqlite store is ``./mlruns`` of whichever
+    process created it: outside the campaign.
+    """
+    uri = str(cfg.tracking.uri or "")
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None
+    if is_uri(cfg.root):
+        return cfg.root.rstrip("/") + "/mlartifacts"
+    from pathlib import Path
+
+    return Path(storage.resolve(cfg.root)[1], "mlartifacts").as_uri()  # file:// stripped
+
+
+_warned_locations: set[tuple[str, str]] = set()
+
+
+def _experiment_id(client: Any, name: str, location: str | None = None) -> str:
+    """The id of experiment ``name``, created if missing (safe when two processes race) with
+    its artifacts at ``location``. An existing experiment whose artifacts live elsewhere keeps
+    working; a warning says so once per process."""
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
+    if exp is not None and location and not _same_location(exp.artifact_location, location):
+        if (name, location) not in _warned_locations:
+            _warned_locations.add((name, location))
+            log.warning("MLflow experiment %r keeps its artifacts at %s, outside the campaign "
+                        "(%s): use a new tracking.experiment name to keep them with it",
+                        name, exp.artifact_location, location)
     if exp is None:
         try:
-            return client.create_experiment(name)
+            return client.create_experiment(name, artifact_location=location)
         except MlflowException:  # created meanwhile by another process
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -196,9 +297,40 @@ def _experiment_id(client: Any, name: str) -> str:
     return exp.experiment_id
 
 
+def _same_location(actual: str | None, wanted: str) -> bool:
+    def norm(u: str) -> str:
+        return u[len("file://"):] if u.startswith("file://") else u
+
+    return bool(actual) and norm(str(actual)).rstrip("/") == norm(wanted).rstrip("/")
+
+
+def log_config(run: TrackedRun | None, cfg: Any) -> None:
+    """The resolved config on ``run``: ``config.yaml`` as an artifact and flattened params."""
+    if run is None:
+        return
+    from hdd_ray.config import to_dict, to_yaml
+
+    warn_on_failure(run.log_text, to_yaml(cfg), "config.yaml")
+    warn_on_failure(run.log, params=flatten(to_dict(cfg)))
+
+
 def connect(cfg: Any) -> Experiment | None:
-    """The campaign's experiment, or ``None`` when ``tracking.enabled`` is false."""
-    return Experiment(cfg) if cfg.tracking.enabled else None
+    """The campaign's experiment, or ``None`` when ``tracking.enabled`` is false or the
+    tracking server cannot be reached (one warning line: an outage never stops a stage).
+
+    Configuration problems (a remote root without ``tracking.uri``, a deleted experiment)
+    still raise ``ValueError``.
+    """
+    if not cfg.tracking.enabled:
+        return None
+    try:
+        return Experiment(cfg)
+    except ValueError:
+        raise
+    except Exception as exc:
+        log.warning("MLflow unreachable at %s (%s): continuing without tracking",
+                    cfg.tracking.uri or "the campaign's sqlite store", _first_line(exc)[:200])
+        return None
 
 
 def setup(cfg: Any) -> str:
@@ -215,10 +347,16 @@ def run(cfg: Any, name: str, tags: dict[str, str] | None = None,
     the campaign run). It ends FINISHED, or FAILED when the block raises.
     """
     exp = connect(cfg)
-    if exp is None:
+    active = None
+    if exp is not None:
+        try:
+            active = exp.create(name, tags or {}, parent=parent_run_id)
+        except Exception as exc:
+            log.warning("MLflow unreachable (%s): run %r not tracked", _first_line(exc)[:200],
+                        name)
+    if active is None:
         yield None
         return
-    active = exp.create(name, tags or {}, parent=parent_run_id)
     token = _enclosing.set(active.run_id)
     try:
         yield active
@@ -231,35 +369,208 @@ def run(cfg: Any, name: str, tags: dict[str, str] | None = None,
 
 
 class MetricBuffer:
-    """Metrics of one run logged from a Ray worker, buffered (flushed at checkpoints, so a
-    sqlite store sees few writes). Logging never stops training: a failure is a warning.
+    """Metrics of one run logged from a Ray worker: buffered, and sent in a background thread
+    when :meth:`flush` is called (at checkpoints), so neither a checkpoint nor a drain ever
+    waits on MLflow. A batch that fails stays buffered and goes with the next flush;
+    :meth:`close` (the end of the loop) makes a last bounded attempt and keeps the rest in the
+    campaign's outbox (:func:`sync_outbox` delivers it). :meth:`persist` writes the buffer to
+    the outbox at once (a drain: the node may go away).
 
-    ``target`` is :meth:`TrackedRun.worker_target`'s dict, or ``None`` (nothing is logged).
+    ``target``: :meth:`TrackedRun.worker_target`'s dict, plus, for a run MLflow could not
+    create when the launcher asked, ``run_id=None`` with ``run_key`` / ``run_name`` /
+    ``tags`` / ``parent`` (the outbox then creates the run later). ``None``: nothing is logged.
     """
 
-    def __init__(self, target: dict[str, str] | None) -> None:
+    def __init__(self, target: dict[str, Any] | None) -> None:
         self.run: TrackedRun | None = None
         self.buffer: list[tuple[str, float, int, int]] = []
-        if target and target.get("run_id"):
+        self.target = dict(target or {})
+        self.outbox = Outbox.at(self.target["outbox"]) if self.target.get("outbox") else None
+        self.enabled = bool(self.target.get("run_id") or self.outbox)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._inflight: list[tuple[str, float, int, int]] = []  # the batch being sent
+        self.failures = 0
+        if self.target.get("run_id"):
             from mlflow.tracking import MlflowClient
 
-            self.run = TrackedRun(MlflowClient(tracking_uri=target["uri"]), target["run_id"],
-                                  target["uri"])
+            fail_fast()
+            self.run = TrackedRun(MlflowClient(tracking_uri=self.target["uri"]),
+                                  self.target["run_id"], self.target["uri"])
 
     def log(self, key: str, value: float, step: int) -> None:
         """Buffer ``key = value`` at ``step``."""
-        if self.run is not None:
-            self.buffer.append((key, float(value), _now_ms(), int(step)))
+        if self.enabled:
+            with self._lock:
+                self.buffer.append((key, float(value), _now_ms(), int(step)))
 
     def flush(self) -> None:
-        """Send what is buffered."""
-        if self.run is None or not self.buffer:
+        """Send what is buffered in the background; returns at once (a send still in flight:
+        the new points wait for the next flush)."""
+        if self.run is None or (self._thread is not None and self._thread.is_alive()):
             return
+        with self._lock:
+            batch, self.buffer = self.buffer, []
+            self._inflight = batch
+        if not batch:
+            return
+        self._thread = threading.Thread(target=self._send, args=(batch,), daemon=True,
+                                        name="mlflow-metrics")
+        self._thread.start()
+
+    def _send(self, batch: list[tuple[str, float, int, int]]) -> bool:
         from mlflow.entities import Metric
 
-        metrics = [Metric(k, v, ts, s) for k, v, ts, s in self.buffer]
-        self.buffer = []
-        warn_on_failure(self.run._batch, metrics, [], [])
+        try:
+            self.run._batch([Metric(k, v, ts, s) for k, v, ts, s in batch], [], [])
+            with self._lock:
+                self._inflight = []
+            return True
+        except Exception as exc:
+            with self._lock:  # kept, in order, for the next attempt
+                if self._inflight is batch:
+                    self.buffer[:0] = batch
+                self._inflight = []
+            self.failures += 1
+            if self.failures == 1:
+                log.warning("MLflow logging failed (%s): metrics stay buffered",
+                            _first_line(exc)[:200])
+            return False
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait (at most ``timeout`` s) for a send in flight."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def persist(self) -> str | None:
+        """Write what is buffered, and a batch still being sent, to the outbox now (path of the
+        record, None if nothing). At least once: a send that succeeds after this duplicates
+        its points in the outbox (MLflow keeps one of identical points)."""
+        if self.outbox is None:
+            return None
+        with self._lock:
+            batch, self.buffer = self._inflight + self.buffer, []
+            self._inflight = []  # the sender, should it fail now, keeps nothing twice
+        if not batch:
+            return None
+        record = {key: self.target.get(key) for key in ("uri", "run_id", "run_key", "run_name",
+                                                        "tags", "parent")}
+        return self.outbox.put({**record, "metrics": [list(m) for m in batch]})
+
+    def close(self, timeout: float = 5.0) -> None:
+        """The end of a run: wait for a send in flight, try once more, keep the rest in the
+        outbox (or drop it with a warning when there is none). Bounded by ``timeout`` plus
+        one fail-fast MLflow call."""
+        self.wait(timeout)
+        if self.run is not None and self.buffer and not (self._thread and self._thread.is_alive()):
+            with self._lock:
+                batch, self.buffer = self.buffer, []
+                self._inflight = batch
+            self._send(batch)  # a failure puts it back into the buffer
+        if self.buffer or self._inflight:
+            if self.outbox is not None:
+                n = len(self.buffer) + len(self._inflight)
+                log.warning("MLflow unreachable: %d metric points kept in %s", n, self.persist())
+            else:
+                log.warning("MLflow unreachable: %d metric points dropped", len(self.buffer))
+                self.buffer = []
+
+
+# ------------------------------------------------------------------------------------- outbox
+
+
+class Outbox:
+    """Undelivered MLflow writes of a campaign: one JSON record per failed write in
+    ``<root>/mlflow_outbox/`` (any storage: local disk or a bucket), delivered in order by
+    :func:`sync_outbox`.
+
+    A record names its run by ``run_id``, or, for a run MLflow could not create at the time,
+    by ``run_key`` (the launcher's key tag), ``run_name``, ``tags`` and ``parent``; it holds
+    ``metrics`` (``[key, value, timestamp_ms, step]``), ``params``, ``tags`` and/or the
+    run's final ``status``.
+    """
+
+    def __init__(self, root: str) -> None:
+        self.directory = storage.join(str(root), OUTBOX_DIR)
+
+    @classmethod
+    def at(cls, directory: str) -> Outbox:
+        """The outbox in ``directory`` itself."""
+        box = cls.__new__(cls)
+        box.directory = directory
+        return box
+
+    def put(self, record: dict[str, Any]) -> str:
+        """Keep one record; returns its path."""
+        name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
+        path = storage.join(self.directory, name)
+        storage.write_json(path, {"version": 1, **record})
+        return path
+
+    def records(self) -> list[str]:
+        """Paths of the kept records, oldest first."""
+        return [storage.join(self.directory, n) for n in storage.listdir(self.directory)
+                if n.endswith(".json")]
+
+
+def sync_outbox(cfg: Any) -> tuple[int, int]:
+    """Deliver the campaign's outbox to its MLflow store: ``(delivered, left)``.
+
+    Stops at the first record that fails (the server is still down); a delivered record is
+    deleted. A record without ``run_id`` finds or creates its run by ``run_key``. Never raises
+    for an outage; tracking disabled: ``(0, records)``.
+    """
+    box = Outbox(cfg.root)
+    paths = box.records()
+    if not paths or not cfg.tracking.enabled:
+        return 0, len(paths)
+    exp = connect(cfg)
+    if exp is None:
+        return 0, len(paths)
+    delivered = 0
+    for path in paths:
+        try:
+            record = storage.read_json(path)
+        except (ValueError, OSError) as exc:
+            log.warning("MLflow outbox: %s is unreadable (%s); skipped", path,
+                        _first_line(exc)[:120])
+            continue
+        try:
+            _deliver(exp, record)
+        except Exception as exc:
+            log.warning("MLflow outbox: delivery failed (%s); %d records left",
+                        _first_line(exc)[:200], len(paths) - delivered)
+            break
+        storage.remove(path)
+        delivered += 1
+    return delivered, len(paths) - delivered
+
+
+def _deliver(exp: Experiment, record: dict[str, Any]) -> None:
+    """Write one outbox record (raises when MLflow fails: the record is kept)."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    run_id = record.get("run_id")
+    if not run_id:
+        key = record.get("run_key")
+        if not key:
+            return
+        run_id = exp.find_or_create(record.get("run_name") or key,
+                                    {**(record.get("tags") or {}), "run_key": key},
+                                    key=("run_key",), parent=record.get("parent")).run_id
+    run = TrackedRun(exp.client, run_id, exp.uri)  # no outbox: a failure raises
+    params = record.get("params") or {}
+    if params:
+        existing = exp.client.get_run(run_id).data.params
+        params = {k: v for k, v in params.items() if k not in existing}
+    # the tags of a keyed record are the new run's; the tags to log are under "tags" only
+    # when it has a run_id (the launcher's status tags)
+    tags = (record.get("tags") or {}) if record.get("run_id") else (record.get("run_tags") or {})
+    run._batch([Metric(k, float(v), int(ts), int(st)) for k, v, ts, st in record.get("metrics") or []],
+               [Param(k, str(v)) for k, v in params.items()],
+               [RunTag(k, str(v)) for k, v in tags.items()])
+    if record.get("status"):
+        exp.client.set_terminated(run_id, record["status"])
 
 
 def warn_on_failure(fn: Any, *args: Any, **kwargs: Any) -> None:

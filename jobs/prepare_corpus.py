@@ -29,7 +29,6 @@ Exit status 2 with one line `error: ...` for bad options or bad input.
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -40,9 +39,8 @@ from hdd_ray.cli import parse_job_args  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     """Parse options, prepare the corpus, print a summary; returns the exit status."""
-    cfg, args = parse_job_args(__doc__, argv)  # bad options: one line, exit 2, before Ray
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU probe
+    # bad options: one line, exit 2, before Ray; logging configured (hdd_ray.progress)
+    cfg, args = parse_job_args(__doc__, argv)
     from hdd_ray.prepare import PrepareError, format_summary, prepare_corpus
 
     try:

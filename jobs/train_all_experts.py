@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.time()
     with tracking.run(cfg, "train_all_experts", tags={"stage": "campaign"}) as parent:
+        tracking.log_config(parent, cfg)  # config.yaml + flattened params
         try:
             # checks its inputs before it joins or starts Ray (bad input: one line, no cluster)
             prepare_corpus(cfg, force=args.force)

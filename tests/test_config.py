@@ -124,6 +124,19 @@ BAD = [
     ("experts.list=[{cluster: 1, resources: {num_workers: many}}]",
      r"^experts\.list\[0\]\.resources\.num_workers='many': Value 'many' of type 'str' could not"),
     ("not-an-override", r"^override 'not-an-override' is not of the form key=value"),
+    # resources: a run needs a worker; Ray Train's failure budgets are integers >= -1
+    ("experts.resources.num_workers=0",
+     r"^experts\.resources\.num_workers=0: must be an integer >= 1$"),
+    ("router.resources.num_workers=0", r"^router\.resources\.num_workers=0: must be an integer >= 1$"),
+    ("experts.list=[{cluster: 2, resources: {num_workers: 0}}]",
+     r"^experts\.list\[0\]\.resources\.num_workers=0: must be an integer >= 1$"),
+    ("experts.resources.max_preemption_failures=-2",
+     r"^experts\.resources\.max_preemption_failures=-2: must be an integer >= -1 \(-1 = unlimited\)$"),
+    ("experts.list=[{cluster: 2, resources: {max_preemption_failures: -7}}]",
+     r"^experts\.list\[0\]\.resources\.max_preemption_failures=-7: must be an integer >= -1"),
+    ("router.resources.max_preemption_failures=1.5",
+     r"^router\.resources\.max_preemption_failures=1\.5: wrong type, expected int"),
+    ("router.resources.max_failures=-3", r"^router\.resources\.max_failures=-3: must be an integer >= -1"),
 ]
 
 
@@ -132,6 +145,16 @@ def test_each_config_error_is_one_line_naming_key_value_and_allowed(override, pa
     with pytest.raises(ConfigError, match=pattern) as info:
         load_config(overrides=[override])
     assert "\n" not in str(info.value)
+
+
+def test_resource_boundaries_are_accepted():
+    cfg = load_config(overrides=[
+        "experts.resources.num_workers=1", "experts.resources.max_failures=-1",
+        "experts.resources.max_preemption_failures=0", "router.resources.max_preemption_failures=-1",
+        "experts.list=[{cluster: 1, resources: {num_workers: 2, max_preemption_failures: 5}}]"])
+    assert cfg.experts.resources.max_failures == -1
+    assert cfg.experts.resources.max_preemption_failures == 0
+    assert cfg.experts.list[0].resources["max_preemption_failures"] == 5
 
 
 def test_missing_and_broken_config_files(tmp_path):

@@ -232,6 +232,7 @@ def test_checkpoint_lines_while_a_run_trains(campaign, tmp_path, monkeypatch, ca
     job = SimpleNamespace(name="c9-fm-run", directory=str(tmp_path),
                           loop_config={"train": {"steps": 100}})
     with launcher._checkpoint_lines(job, CampaignProgress(1, 1)):
+        time.sleep(1.0)  # the watcher first notes the checkpoint already there (none yet)
         shutil.copy(snapshot, tmp_path / snapshot.name)  # a checkpoint lands while it trains
         deadline = time.time() + 20
         while "c9-fm-run: step" not in caplog.text and time.time() < deadline:

@@ -13,7 +13,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from hdd_ray.config import load_config, resolve_experts
-from hdd_ray.corpus import write_tar
+from hdd_ray.corpus import iter_samples, write_tar
 from hdd_ray.training.loop import LocalHooks, run_loop
 
 
@@ -83,7 +83,11 @@ def test_an_expert_carries_its_data_mean_through_training_export_and_loading(sha
     config = _config(shard, "ddpm_eps", 10)
     hooks = LocalHooks(str(tmp_path / "run"))
     run_loop(config, hooks)
-    mean = read_cluster([shard], 8, 1).images.mean(0)
+    # the exact mean of the cluster (uint8 sums in float64), not a float32 reduction
+    pixels = torch.from_numpy(np.stack([np.asarray(Image.open(io.BytesIO(s["png"])))
+                                        for s in iter_samples(shard)]))
+    mean = (pixels.to(torch.float64).mean(0) / 127.5 - 1.0).float()[None]
+    assert torch.allclose(mean, read_cluster([shard], 8, 1).images.mean(0), atol=1e-6)
     ema = hooks.load_state()["ema"]
     assert torch.equal(ema["data_mean"], mean)
 

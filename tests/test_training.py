@@ -267,6 +267,49 @@ def test_killed_worker_resumes_from_its_last_checkpoint(prepared, tmp_path):
     print(f"killed pid {pid} after step {state['step']}; resumed at step {starts[1]}")
 
 
+def test_killed_streaming_worker_resumes_its_data_stream_exactly(prepared, tmp_path):
+    """Streaming forced on: after a kill the step count is exact and the data stream continues
+    from its recorded position (the final position is the uninterrupted stream's)."""
+    from hdd_ray.campaign import cluster_shards, load_manifest
+    from hdd_ray.config import to_dict
+    from hdd_ray.training.data import Decoding, StreamSource, data_settings
+
+    root = _copy(prepared, tmp_path)
+    steps, every = 600, 50
+    cfg = _cfg(root, f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}",
+               "experts.data.mode=stream", "experts.data.shuffle_buffer=64",
+               "experts.data.open_shards=2", "tracking.enabled=false")
+    result = {}
+    runner = threading.Thread(
+        target=lambda: result.update(s=train_campaign(cfg, only=[1], include_router=False)))
+    runner.start()
+    while not (root / "experts").exists() or not _expert_dirs(root):
+        time.sleep(0.2)
+    d = _expert_dirs(root)[1]
+    state = _state_when_checkpointed(d)
+    assert state["step"] < steps - every, "the run got too far before the kill"
+    os.kill(state["history"][-1]["pid"], signal.SIGKILL)
+    runner.join(timeout=400)
+    assert result["s"][0].status == "trained", result["s"][0].reason
+    desc = json.loads((d / EXPERT_JSON).read_text())
+    starts = [a["start_step"] for a in desc["attempts"]]
+    assert desc["steps"] == steps and len(starts) == 2 and starts[1] > 0
+    assert desc["skipped_samples"] == 0
+    last = [c for c in _checkpoints(d) if (c / STATE_FILE).exists()][-1]
+    final = torch.load(last / STATE_FILE, weights_only=True)
+    (data,) = final["data"]
+    # the same stream, uninterrupted, in this process
+    reference = StreamSource([(p, 1) for p in cluster_shards(cfg, load_manifest(cfg), 1)],
+                             Decoding(8, 1), data_settings(to_dict(cfg.experts.data)),
+                             seed=cfg.experts.train.seed)
+    for _ in range(steps):
+        reference.next_batch(cfg.experts.train.batch_size)
+    reference.close()
+    assert data["source"]["count"] == reference.count == steps * cfg.experts.train.batch_size
+    assert data["source"]["position"] == reference.position
+    assert torch.equal(data["source"]["total"], reference.total)
+
+
 def test_expert_without_usable_data_fails_alone(prepared, tmp_path):
     root = _copy(prepared, tmp_path)
     for shard in (root / "clusters" / "1").glob("*.tar"):
@@ -328,12 +371,12 @@ def test_campaign_on_a_local_instance_runs_experts_that_fill_it_one_at_a_time(
     lock, running, peak = threading.Lock(), [0], [0]
     real_train = launcher._train
 
-    def counted(job, mlf, status):
+    def counted(job, mlf, status, *args, **kwargs):
         with lock:
             running[0] += 1
             peak[0] = max(peak[0], running[0])
         try:
-            return real_train(job, mlf, status)  # the real Ray Train run
+            return real_train(job, mlf, status, *args, **kwargs)  # the real Ray Train run
         finally:
             with lock:
                 running[0] -= 1

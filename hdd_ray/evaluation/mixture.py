@@ -35,11 +35,13 @@ from hdd_ray.campaign import (
     format_assignment,
     heldout_shards,
     load_manifest,
+    router_id,
     short_hash,
     with_assignment,
 )
 from hdd_ray.evaluation import statistics
 from hdd_ray.evaluation.statistics import Interval
+from hdd_ray.progress import Progress, sampling_progress
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +83,30 @@ class MixtureSpec:
         return format_assignment(self.ddpm_clusters, num_clusters)
 
 
-def mixture_id(cfg: Any, spec: MixtureSpec, expert_ids: list[str]) -> str:
-    """Deterministic id of an evaluated mixture."""
+def mixture_id(cfg: Any, spec: MixtureSpec, expert_ids: list[str], router: str | None = None,
+               device_type: str = "cpu") -> str:
+    """Deterministic id of an evaluated mixture: the cache key of ``mixtures/<id>/``.
+
+    It hashes everything its numbers depend on: the spec, the experts' ids, the router's id
+    (``router``: a retrained router is evaluated again), the sampler, the conversion, the FID
+    extractor and the CLIP model (architecture, and local weights by content: replaced weights
+    are evaluated again), bf16 sampling when it applies (``device_type`` ``cuda``), and
+    :data:`EVALUATION_VERSION`.
+    """
+    from hdd_ray.campaign import content_identity
+
+    ev = cfg.evaluation
+    bf16 = device_type == "cuda" and cfg.sampling.mixed_precision == "bf16"
     digest = short_hash({"spec": dataclasses.asdict(spec), "experts": expert_ids,
                          "sampler": cfg.sampling.sampler, "shift": cfg.sampling.time_shift,
                          "conversion": dataclasses.asdict(cfg.sampling.conversion),
-                         "extractor": cfg.evaluation.fid_extractor})
+                         "extractor": ev.fid_extractor, "router": router,
+                         "extractor_arch": content_identity(ev.extractor_arch),
+                         "extractor_weights": content_identity(ev.extractor_weights),
+                         "clip_arch": content_identity(ev.clip_arch),
+                         "clip_weights": content_identity(ev.clip_weights),
+                         "precision": "bf16" if bf16 else "fp32",
+                         "evaluation_version": EVALUATION_VERSION})
     return f"d{len(spec.ddpm_clusters)}-{spec.routing}-{digest}"
 
 
@@ -104,7 +124,17 @@ class Judge:
         self.device = torch.device(device)
         manifest = load_manifest(cfg)
         size, ch = cfg.corpus.image_size, cfg.corpus.channels
-        held = read_cluster(heldout_shards(cfg, manifest), size, ch, label=None)
+
+        def read_images(shards: list[str]) -> Any:
+            # latent space: the shards hold latents; FID, its floor and CLIP score compare
+            # decoded images (VAE reconstructions) with decoded samples
+            if manifest.get("latents"):
+                from hdd_ray.latents import read_decoded
+
+                return read_decoded(cfg, shards, self.device)
+            return read_cluster(shards, size, ch, label=None)
+
+        held = read_images(heldout_shards(cfg, manifest))
         train_shards = [s for c in range(cfg.clustering.k) for s in cluster_shards(cfg, manifest, c)]
         self.heldout = held
         self.data_hash = str(manifest["data_hash"])
@@ -112,7 +142,7 @@ class Judge:
 
         def train() -> Any:  # the training split is decoded only when a cache misses
             if not decoded:
-                decoded.append(read_cluster(train_shards, size, ch, label=None))
+                decoded.append(read_images(train_shards))
             return decoded[0]
 
         ev = cfg.evaluation
@@ -259,7 +289,8 @@ def evaluate_mixture(
     manifest = load_manifest(cfg)
     variant = with_assignment(cfg, list(spec.ddpm_clusters))
     ids = [expert_id(variant, e, manifest) for e in resolve_experts(variant)]
-    mid = mixture_id(cfg, spec, ids)
+    device_type = (judge.device if judge is not None else torch.device(device)).type
+    mid = mixture_id(cfg, spec, ids, router=router_id(cfg, manifest), device_type=device_type)
     directory = CampaignPaths(cfg.root).mixture_dir(mid)
     metrics_path = storage.join(directory, METRICS_FILE)
     if not force and storage.exists(metrics_path):
@@ -275,12 +306,20 @@ def evaluate_mixture(
     mixture = load_mixture(cfg, spec.ddpm_clusters, judge.device)
     prompts = judge.prompts(spec.num_samples)
     started = time.time()
-    samples = mixture.sample(prompts, seed=spec.seed, strategy=spec.routing, k=spec.k,
-                             threshold=spec.threshold, guidance=spec.guidance, steps=spec.steps)
+    steps = spec.steps or cfg.sampling.steps
+    with sampling_progress(mixture, len(prompts), steps, cfg.sampling.sampler,
+                           cfg.sampling.batch_size, f"sampling {spec.assignment(cfg.clustering.k)}"):
+        samples = mixture.sample(prompts, seed=spec.seed, strategy=spec.routing, k=spec.k,
+                                 threshold=spec.threshold, guidance=spec.guidance,
+                                 steps=spec.steps)
     sample_s = time.time() - started
-    per_sample = judge.sample_scores(samples, prompts)
-    started = time.time()
-    scores, replicates, plan = judge.summarize(per_sample)
+    with Progress(2, f"scoring {spec.assignment(cfg.clustering.k)}", unit="stages",
+                  interval_s=5.0) as scoring:
+        per_sample = judge.sample_scores(samples, prompts)  # features, CLIP, diversity
+        scoring.update()
+        started = time.time()
+        scores, replicates, plan = judge.summarize(per_sample)  # bootstrap intervals
+        scoring.update()
     scores["statistics_seconds"] = time.time() - started
     evals = mixture.last_evaluations
     total = max(1, sum(evals))

@@ -58,7 +58,11 @@ def evaluate_mixtures(cfg: Any, specs: list[Any], parent_run_id: str | None = No
 def _evaluation_task(cfg: Any, specs: list[Any], parent_run_id: str | None,
                      threads: int, use_gpu: bool) -> list[dict[str, Any]]:
     from hdd_ray.devices import pick_device
+    from hdd_ray.progress import configure_logging
 
+    # its sampling / scoring progress lines reach the driver's output (once: not via Ray's root
+    # handler too)
+    configure_logging(propagate=False)
     torch.set_num_threads(max(1, threads))
     device = pick_device(use_gpu)
     return [{**r, "device": str(device)}

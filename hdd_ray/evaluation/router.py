@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from hdd_ray import devices
-from hdd_ray.campaign import heldout_shards
+from hdd_ray.campaign import heldout_shards, load_manifest
 from hdd_ray.config import CampaignConfig
 from hdd_ray.training.model import RouterModel
 
@@ -20,10 +20,16 @@ def router_accuracy_by_t(model: RouterModel, cfg: CampaignConfig, bins: int = 10
     from hdd_ray.diffusion import FM_TIME_SCALE
     from hdd_ray.training.data import read_cluster
 
-    shards = heldout_shards(cfg)
+    manifest = load_manifest(cfg)
+    shards = heldout_shards(cfg, manifest)
     if not shards:
         return {}
-    data = read_cluster(shards, cfg.corpus.image_size, cfg.corpus.channels, label=None)
+    if manifest.get("latents"):  # latent space: the router sees latents, as in training
+        from hdd_ray.latents import read_latents
+
+        data = read_latents(shards)
+    else:
+        data = read_cluster(shards, cfg.corpus.image_size, cfg.corpus.channels, label=None)
     device = next(model.parameters()).device
     images, labels = data.images.to(device), data.labels.to(device)
     g = devices.generator(0)  # CPU: the same noise whatever the router's device

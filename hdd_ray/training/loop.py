@@ -8,7 +8,10 @@ a checkpoint every ``checkpoint_every`` steps and at once when Ray reports a dra
 and metrics to MLflow (:class:`hdd_ray.tracking.MetricBuffer`, with the tracking URI passed in:
 workers do not inherit the driver's). ``train.batch_size`` is the global batch of a micro-step,
 split evenly over the run's workers (:func:`rank_batch_size`); every random draw goes through
-:mod:`hdd_ray.devices` (generators on the device of the tensors they feed).
+:mod:`hdd_ray.devices` (generators on the device of the tensors they feed). Data comes from one
+:class:`hdd_ray.training.data.BatchSource` per rank (in memory or streamed); every rank's data
+position and generators are gathered into rank 0's checkpoint, and the samples skipped as
+damaged are reported as ``skipped``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,13 @@ from hdd_ray import devices, tracking
 from hdd_ray.config import check_global_batch
 from hdd_ray.devices import TrainingStreams
 from hdd_ray.diffusion import FM_TIME_SCALE, get_objective, per_sample
-from hdd_ray.training.data import ClusterData, read_cluster
+from hdd_ray.training.data import (
+    BatchSource,
+    Decoding,
+    StreamSource,
+    data_settings,
+    open_source,
+)
 from hdd_ray.training.model import ExpertModel, RouterModel
 
 log = logging.getLogger(__name__)
@@ -43,49 +52,123 @@ LOG_EVERY = 10
 # ------------------------------------------------------------------------------------- tasks
 
 
-class ExpertTask:
+class _DataTask:
+    """What experts and the router share: a :class:`BatchSource` over their shards."""
+
+    data: BatchSource
+
+    def _open(self, config: dict[str, Any], shards: list[tuple[str, int]],
+              num_samples: int | None, rank: int, world: int, pin_memory: bool) -> BatchSource:
+        latents = config.get("latents") or {}
+        how = Decoding(config["image_size"], config["channels"], bool(latents),
+                       latent_bytes=4 if latents.get("dtype") == "bfloat16" else 2)
+        return open_source(shards, how, data_settings(config.get("data")),
+                           int(config["train"]["seed"]), rank, world, num_samples, pin_memory)
+
+    def close(self) -> None:
+        """Stop the data source's background work."""
+        self.data.close()
+
+
+class ExpertTask(_DataTask):
     """An expert: its cluster's data and its own objective's loss."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], rank: int = 0, world: int = 1,
+                 pin_memory: bool = False) -> None:
         spec = config["expert"]
         self.train = config["train"]
         self.objective = get_objective(spec["objective"], spec["schedule"], self.train["timestep_sampling"])
         self.model = ExpertModel(spec["model"], spec["text"], config["image_size"], config["channels"])
-        self.data = read_cluster(config["shards"], config["image_size"], config["channels"],
-                                 label=spec["cluster"])
-        # exported with the weights: the conversion's prior E[x0] near t = 1
-        self.model.set_data_mean(self.data.images)
+        self.data = self._open(config, [(p, spec["cluster"]) for p in config["shards"]],
+                               config.get("num_samples"), rank, world, pin_memory)
+        # exported with the weights: the conversion's prior E[x0] near t = 1 (streaming: the
+        # running mean over the samples seen, set at every step; hdd_ray.training.data)
+        if not self.data.streaming:
+            self.model.set_data_mean(self.data.mean()[None])
 
     def loss(self, model: nn.Module, batch_size: int, rng: TrainingStreams, device) -> Tensor:
-        x0, captions, _ = self.data.batch(batch_size, rng.data)
-        inner = model.module if hasattr(model, "module") else model
+        x0, captions, _ = self.data.next_batch(batch_size, rng.data)
+        inner = _unwrap(model)
+        if self.data.streaming:
+            inner.set_data_mean(self.data.mean()[None])
         cond = inner.tokenize(captions, device)
-        return self.objective.loss(model, x0.to(device), cond, self.train["caption_dropout"],
-                                   rng.noise)
+        return self.objective.loss(model, x0.to(device, non_blocking=True), cond,
+                                   self.train["caption_dropout"], rng.noise)
 
 
-class RouterTask:
-    """The router: every cluster's data with its cluster id, noised on the flow-matching path."""
+class RouterTask(_DataTask):
+    """The router: every cluster's data with its cluster id, noised on the flow-matching path.
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    It reads all clusters as one pool at their natural frequencies (hdd_ray.training.data)."""
+
+    def __init__(self, config: dict[str, Any], rank: int = 0, world: int = 1,
+                 pin_memory: bool = False) -> None:
         self.train = config["train"]
         k = config["num_clusters"]
         self.model = RouterModel(config["model"], config["image_size"], config["channels"], k)
-        parts = [read_cluster(config["cluster_shards"][str(c)], config["image_size"],
-                              config["channels"], label=c) for c in range(k)
-                 if config["cluster_shards"].get(str(c))]
-        self.data = ClusterData(torch.cat([p.images for p in parts]),
-                                [c for p in parts for c in p.captions],
-                                torch.cat([p.labels for p in parts]))
+        shards = [(p, c) for c in range(k) for p in config["cluster_shards"].get(str(c)) or []]
+        counts = config.get("cluster_counts")
+        total = sum(int(n) for n in counts.values()) if counts else None
+        self.data = self._open(config, shards, total, rank, world, pin_memory)
 
     def loss(self, model: nn.Module, batch_size: int, rng: TrainingStreams, device) -> Tensor:
-        x0, _, labels = self.data.batch(batch_size, rng.data)
-        x0, labels = x0.to(device), labels.to(device)
+        x0, _, labels = self.data.next_batch(batch_size, rng.data)
+        x0, labels = x0.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         t = devices.rand(batch_size, rng.noise, device)
         eps = devices.randn(x0.shape, rng.noise, device)
         tb = per_sample(t, x0)
         logits = model((1 - tb) * x0 + tb * eps, t * FM_TIME_SCALE)
         return nn.functional.cross_entropy(logits.float(), labels)
+
+
+def _data_states(task: _DataTask, rng: TrainingStreams, world: int) -> list[dict[str, Any]]:
+    """Every rank's data position and generator states, gathered (a collective: every rank
+    calls it at the same steps, in ``report``) so that rank 0's checkpoint holds them all."""
+    import torch.distributed as dist
+
+    mine = {"source": task.data.state(), "rng": rng.state()}
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def _restore_data(task: _DataTask, rng: TrainingStreams, state: dict[str, Any], rank: int,
+                  world: int, start_step: int) -> None:
+    """Each rank continues its own data position and generators from the checkpoint.
+
+    A saved position is used only by the same kind of source: a stream's by a stream, the
+    in-memory path's by the in-memory path (``data.mode`` is not part of a run's identity, so a
+    run may resume under another mode). Another world size, another kind of source or a
+    checkpoint from before data states restarts the data instead: other ranks reseed by
+    ``(seed, rank, step)`` (with another world size); a stream starts the epoch after the
+    latest one recorded, or epoch 1 after the in-memory path (whose skip count already holds
+    all of the data's damage, which a stream counts on epoch 0 only). The skip count is kept:
+    rank 0 carries the checkpoint's total."""
+    ranks = state.get("data")
+    if rank == 0:
+        rng.load(state)
+    sources = [r["source"] for r in ranks or []]
+    same_kind = bool(sources) and all(("position" in s) == task.data.streaming for s in sources)
+    if ranks is not None and len(ranks) == world:
+        if rank != 0:
+            rng.load(ranks[rank]["rng"])
+        if same_kind:
+            task.data.load_state(sources[rank])
+            return
+    elif rank != 0:
+        rng.reseed(start_step)
+    if not sources:
+        return
+    saved_skips = sum(int(s.get("skipped", 0)) for s in sources) if rank == 0 else 0
+    if isinstance(task.data, StreamSource):
+        epochs = [int(s["position"]["block"]["epoch"]) for s in sources if "position" in s]
+        task.data.start_epoch(max(epochs) + 1 if epochs else 1, skipped=saved_skips)
+    else:  # the in-memory path read (and counted) every sample's damage itself, on rank 0
+        task.data.skipped = max(task.data.skipped, saved_skips)
+        if isinstance(task, ExpertTask):  # the exact mean, not a stream's running one
+            task.model.set_data_mean(task.data.mean()[None])
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -97,14 +180,33 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._params = list(self.model.parameters())
+        self._buffers = list(self.model.buffers())
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """``ema = decay * ema + (1 - decay) * param``."""
-        for e, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            e.lerp_(p.detach().to(e.dtype), 1 - self.decay)
-        for e, b in zip(self.model.buffers(), model.buffers(), strict=True):
+        """``ema = decay * ema + (1 - decay) * param``: one fused ``_foreach_lerp_`` over all
+        parameters (the same per-element lerp as a loop of ``lerp_``, without ~100 calls a step
+        on a tiny model); buffers are copied."""
+        params = [p.detach() for p in model.parameters()]
+        if len(params) != len(self._params):
+            raise ValueError(f"EMA: the model has {len(params)} parameters, the average "
+                             f"{len(self._params)}")
+        if any(p.dtype != e.dtype for p, e in zip(params, self._params, strict=True)):
+            params = [p.to(e.dtype) for p, e in zip(params, self._params, strict=True)]
+        torch._foreach_lerp_(self._params, params, 1 - self.decay)
+        for e, b in zip(self._buffers, model.buffers(), strict=True):
             e.copy_(b)
+
+
+def _adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with the fused kernel (one pass over all parameters; on the CPU since torch 2.4),
+    else the multi-tensor one. On the CPU the per-parameter default costs ~5 ms of a ~70 ms
+    DiT-T/2 demo step, fused ~1.6 ms (benchmarks/README.md, "Demo main job")."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except RuntimeError:  # fused AdamW not built for this device / torch version
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
 def _node_info(device: torch.device) -> dict[str, Any]:
@@ -229,10 +331,11 @@ def run_loop(config: dict[str, Any], hooks: RayTrainHooks | LocalHooks) -> dict[
     tr = config["train"]
     torch.manual_seed(tr["seed"] + rank)
 
-    task = ExpertTask(config) if config["kind"] == "expert" else RouterTask(config)
+    kind = ExpertTask if config["kind"] == "expert" else RouterTask
+    task = kind(config, rank, world, pin_memory=use_cuda)
     model = task.model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=tr["lr"], weight_decay=tr["weight_decay"])
+    opt = _adamw(trainable, tr["lr"], tr["weight_decay"])
     ema = EMA(model, tr["ema_decay"])
     rng = TrainingStreams(tr["seed"], rank, device)
     batch = rank_batch_size(tr["batch_size"], world)
@@ -245,10 +348,7 @@ def run_loop(config: dict[str, Any], hooks: RayTrainHooks | LocalHooks) -> dict[
         opt.load_state_dict(state["optimizer"])
         start_step, history = int(state["step"]), list(state["history"])
         wall_before = float(state["wall_time"])
-        if rank == 0:
-            rng.load(state)
-        else:  # only rank 0's generators are checkpointed; other ranks reseed by step
-            rng.reseed(start_step)
+        _restore_data(task, rng, state, rank, world, start_step)
         torch.set_rng_state(state["torch_rng"])
     history.append({"start_step": start_step, "time": time.time(), **_node_info(device)})
 
@@ -265,10 +365,11 @@ def run_loop(config: dict[str, Any], hooks: RayTrainHooks | LocalHooks) -> dict[
 
     def report(step: int, loss: float | None, final: bool = False) -> None:
         elapsed = time.time() - t0
+        data = _data_states(task, rng, world)  # every rank's position, for rank 0's checkpoint
         metrics = {"step": step, "loss": float("nan") if loss is None else loss,
                    "world_size": world, "final": final,
-                   "steps_per_s": (step - start_step) / elapsed if elapsed > 0 else 0.0, **group}
-        tracker.flush()
+                   "steps_per_s": (step - start_step) / elapsed if elapsed > 0 else 0.0,
+                   "skipped": sum(int(d["source"].get("skipped", 0)) for d in data), **group}
         last.update(metrics)
         if rank != 0:
             hooks.report(metrics, None)
@@ -276,11 +377,16 @@ def run_loop(config: dict[str, Any], hooks: RayTrainHooks | LocalHooks) -> dict[
         hooks.report(metrics, {
             "model": _unwrap(model).state_dict(), "ema": ema.model.state_dict(),
             "optimizer": opt.state_dict(), "step": step, "history": history,
-            **rng.state(), "torch_rng": torch.get_rng_state(),
+            **rng.state(), "torch_rng": torch.get_rng_state(), "data": data,
             "wall_time": wall_before + elapsed})
+        # metrics after the checkpoint, in the background: a checkpoint (a drain's included)
+        # never waits on MLflow; what fails stays buffered (hdd_ray.tracking.MetricBuffer)
+        tracker.flush()
 
     if start_step >= steps:  # a finished run re-run: re-report its state so it has a result
         report(start_step, None, final=True)
+        task.close()
+        tracker.close()
         return last
     for step in range(start_step, steps):
         model.train()
@@ -310,6 +416,10 @@ def run_loop(config: dict[str, Any], hooks: RayTrainHooks | LocalHooks) -> dict[
                 log.warning("drain notice at step %d: checkpointing now", done)
         if done % every == 0 or done == steps or drain:
             report(done, smoothed, final=done == steps)
+        if drain:  # the node may go away any time now: keep unsent metrics in the outbox
+            tracker.persist()
+    task.close()
+    tracker.close()  # after the last checkpoint: a bounded last try, the rest to the outbox
     return last
 
 

@@ -138,11 +138,20 @@ def save_weights(path: str, state: dict[str, Tensor]) -> None:
     storage.write_bytes(path, data)
 
 
-def load_weights(module: nn.Module, path: str, what: str) -> None:
-    """Load safetensors into ``module``, refusing any name or shape mismatch in one line."""
+def load_weights(module: nn.Module, path: str, what: str, sha256: str | None = None) -> None:
+    """Load safetensors into ``module``, refusing any name or shape mismatch in one line (and,
+    given ``sha256``, bytes whose SHA-256 differs: hashed from the bytes read, no second read)."""
     try:
-        state = load_safetensors(storage.read_bytes(path))
-    except Exception as exc:  # truncated / not safetensors
+        data = storage.read_bytes(path)
+        if sha256:
+            import hashlib
+
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != sha256:
+                raise ValueError(f"checksum mismatch (sha256 {actual[:12]}..., expected "
+                                 f"{sha256[:12]}...)")
+        state = load_safetensors(data)
+    except Exception as exc:  # truncated / not safetensors / damaged
         raise WeightsMismatch(f"{what}: cannot read weights {path}: {str(exc).splitlines()[0]}") from None
     expected = module.exported_state() if hasattr(module, "exported_state") else module.state_dict()
     missing = sorted(set(expected) - set(state) - set(OPTIONAL_KEYS))
