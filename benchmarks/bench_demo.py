@@ -25,6 +25,7 @@ the other, and re-measure the headline on a quiet machine.
     python benchmarks/bench_demo.py run --label before --tree /tmp/before
     python benchmarks/bench_demo.py compare before after                  # markdown tables
     python benchmarks/bench_demo.py step            # CPU ms of a training step's parts
+    python benchmarks/bench_demo.py executor        # a run's start-up: Ray Train vs a Ray task
 """
 
 from __future__ import annotations
@@ -289,6 +290,71 @@ def cmd_step(args: argparse.Namespace) -> None:
     _save(results)
 
 
+def _trivial_loop(config: dict[str, Any]) -> None:
+    import ray.train
+    import torch  # noqa: F401  (what a real run imports)
+
+    import hdd_ray.training.loop  # noqa: F401
+
+    ray.train.report({"step": 1})
+
+
+def _trivial_task() -> int:
+    import torch  # noqa: F401
+
+    import hdd_ray.training.loop  # noqa: F401
+
+    return 1
+
+
+def _machine_cpu_s() -> float:
+    """Busy CPU seconds of the whole machine so far (``/proc/stat``: every process counts)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def cmd_executor(args: argparse.Namespace) -> None:
+    """What starting a run costs under each executor: a Ray Train ``fit()`` of an empty loop
+    against a Ray task, on a local 2-CPU instance (wall s, and busy CPU-s of the machine)."""
+    import ray
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"  # as the launcher on one node
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    storage = tempfile.mkdtemp(prefix="bench-executor-")
+
+    def fit(i: int) -> None:
+        TorchTrainer(_trivial_loop,
+                     scaling_config=ScalingConfig(num_workers=1,
+                                                  resources_per_worker={"CPU": 0.25}),
+                     run_config=RunConfig(name=f"r{i}", storage_path=storage,
+                                          logging_config=LoggingConfig(log_level="WARNING"))
+                     ).fit()
+
+    task = ray.remote(num_cpus=0.25)(_trivial_task)
+    rows = {}
+    for name, once in (("Ray Train fit()", fit), ("Ray task", lambda i: ray.get(task.remote()))):
+        once(-1)  # warm-up: the first worker process of its kind imports torch
+        walls, cpus = [], []
+        for i in range(args.repeats):
+            wall, cpu = time.time(), _machine_cpu_s()
+            once(i)
+            walls.append(time.time() - wall)
+            cpus.append(_machine_cpu_s() - cpu)
+        rows[name] = {"wall_s": sum(walls) / len(walls), "machine_cpu_s": sum(cpus) / len(cpus)}
+    ray.shutdown()
+    print("| executor (empty run, after one warm-up) | wall s | busy CPU-s of the machine |")
+    print("|---|---|---|")
+    for name, row in rows.items():
+        print(f"| {name} | {row['wall_s']:.2f} | {row['machine_cpu_s']:.2f} |")
+    results = _load()
+    results["executor_start_cost"] = {"date": time.strftime("%Y-%m-%d %H:%M"),
+                                      "load": os.getloadavg(), **rows}
+    _save(results)
+
+
 def main() -> None:
     """``run`` runs and records the demo; ``record`` records a finished root; ``compare``
     prints two recorded runs side by side."""
@@ -309,11 +375,14 @@ def main() -> None:
     step = sub.add_parser("step", help="CPU ms of the parts of one demo training step")
     step.add_argument("--batch", type=int, default=64)
     step.add_argument("--steps", type=int, default=30)
+    ex = sub.add_parser("executor", help="start-up cost of a run: Ray Train fit() vs Ray task")
+    ex.add_argument("--repeats", type=int, default=3)
     cmp = sub.add_parser("compare", help="print two recorded runs side by side")
     cmp.add_argument("before")
     cmp.add_argument("after")
     args = parser.parse_args()
-    {"run": cmd_run, "record": cmd_record, "step": cmd_step, "compare": cmd_compare}[args.cmd](args)
+    {"run": cmd_run, "record": cmd_record, "step": cmd_step, "compare": cmd_compare,
+     "executor": cmd_executor}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -336,7 +336,8 @@ def campaign(args: argparse.Namespace, device: torch.device, tmp: str) -> dict[s
         f"experts.resources.gpus_per_worker={gpu}", f"router.resources.gpus_per_worker={gpu}",
         "experts.resources.cpus_per_worker=1", "router.resources.cpus_per_worker=1",
         f"evaluation.resources.num_gpus={gpu}", f"evaluation.num_samples={args.campaign_samples}",
-        "ray.max_concurrent_experts=0", "tracking.enabled=false"])
+        "ray.max_concurrent_experts=0", "tracking.enabled=false",
+        "ray.executor=train"])  # the GPU path under Ray Train (DDP, bf16 autocast on workers)
     stages: dict[str, float] = {}
     t = time.perf_counter()
     if ray.is_initialized():

@@ -54,7 +54,9 @@ def main() -> None:
                  f"experts.train.steps={args.steps}",
                  f"experts.train.checkpoint_every={args.checkpoint_every}",
                  f"experts.resources.cpus_per_worker={args.cpus_per_expert:g}",
-                 "tracking.enabled=false", "ray.max_concurrent_experts=0"]  # all at once
+                 "tracking.enabled=false", "ray.max_concurrent_experts=0",  # all at once
+                 # what this benchmark measures: Ray Train runs of the model its tables used
+                 "ray.executor=train", "experts.model=DiT-T/2"]
     cfg = load_config(overrides=overrides)
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False)
     prepare_corpus(cfg)

@@ -222,8 +222,21 @@ def short_hash(obj: Any, n: int = 10) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:n]
 
 
+#: train keys added after ids were first published: left out of an identity at these (default)
+#: values, so the ids of runs trained before the keys existed do not change
+LATER_TRAIN_DEFAULTS = {"lr_schedule": "constant", "warmup_steps": 0}
+
+
+def without_later_defaults(train: dict[str, Any]) -> dict[str, Any]:
+    """``train`` without the keys of :data:`LATER_TRAIN_DEFAULTS` left at those values: what a
+    recipe recorded before the keys existed (an id, a sweep's description) compares equal to."""
+    return {k: v for k, v in train.items()
+            if not (k in LATER_TRAIN_DEFAULTS and v == LATER_TRAIN_DEFAULTS[k])}
+
+
 def _identity_train(train: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in train.items() if k not in NON_IDENTITY_TRAIN_KEYS}
+    return {k: v for k, v in without_later_defaults(train).items()
+            if k not in NON_IDENTITY_TRAIN_KEYS}
 
 
 #: content hashes of local files, keyed by (absolute path, inode, size, mtime_ns, ctime_ns):
@@ -419,8 +432,9 @@ def existing_state(directory: str, identity: dict[str, Any], json_name: str) -> 
     ``finished``: the JSON parses, holds what reuse needs, describes this identity, and the
     weights match the JSON's ``weights_sha256`` (an older export without one: the safetensors
     file is whole). ``corrupt`` (``reason`` says why, in one line): the JSON or the weights are
-    damaged, but the directory holds a Ray Train run of its own (``checkpoint_*``): the
-    launcher trains it again (Ray Train resumes from the last checkpoint). ``partial``:
+    damaged, but the directory holds a run of its own (``checkpoint_*``: Ray Train's, or the
+    task executor's ``checkpoint_task``): the launcher trains it again (resuming from the last
+    checkpoint). ``partial``:
     checkpoints only; ``missing``: nothing usable.
 
     Raises :class:`ExpertRejected` (one line) when the JSON describes another identity, or

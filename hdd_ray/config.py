@@ -36,6 +36,9 @@ DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 EMBEDDERS = ("pixels", "dinov2", "open_clip")
 CORPUS_SOURCES = ("demo", "webdataset")
 MIXED_PRECISION = ("no", "bf16")
+LR_SCHEDULES = ("constant", "cosine")
+#: how a run executes (``ray.executor``): a Ray Train TorchTrainer, or one Ray task
+EXECUTORS = ("train", "task")
 SWEEP_MODES = ("grid", "n_ddpm", "list", "random", "optuna")
 LATENT_DTYPES = ("float16", "bfloat16")
 DATA_MODES = ("auto", "memory", "stream")
@@ -147,6 +150,10 @@ class TrainConfig:
     steps: int = 400
     batch_size: int = 64  # global: one micro-step's samples summed over the run's workers
     lr: float = 3e-4
+    # "constant", or "cosine": lr * (1 + cos(pi * step / steps)) / 2, after a linear warm-up of
+    # ``warmup_steps`` (both schedules)
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
     weight_decay: float = 0.0
     grad_accum: int = 1
     grad_clip: float = 1.0
@@ -165,6 +172,11 @@ class TrainConfig:
         for key in ("steps", "batch_size", "lr", "grad_accum", "checkpoint_every"):
             _positive(f"{prefix}.{key}", getattr(self, key))
         _positive(f"{prefix}.weight_decay", self.weight_decay, strict=False)
+        _positive(f"{prefix}.warmup_steps", self.warmup_steps, strict=False)
+        _choice(f"{prefix}.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if self.warmup_steps >= self.steps:
+            raise ConfigError(f"{prefix}.warmup_steps={self.warmup_steps}: must be below "
+                              f"{prefix}.steps={self.steps}")
         _positive(f"{prefix}.grad_clip", self.grad_clip, strict=False)
         _fraction(f"{prefix}.ema_decay", self.ema_decay)
         _fraction(f"{prefix}.caption_dropout", self.caption_dropout)
@@ -469,10 +481,14 @@ class RayConfig:
     address: Optional[str] = None
     num_cpus: Optional[int] = None
     max_concurrent_experts: int = 0  # 0 = all at once
+    # how each run executes: "train" = a Ray Train TorchTrainer (worker group, DDP, drain
+    # checkpoints); "task" = one Ray task on a reused worker process (runs of one worker only)
+    executor: str = "train"
 
     def validate(self) -> None:
         """One-line :class:`ConfigError` on a bad ``ray`` value."""
         _positive("ray.max_concurrent_experts", self.max_concurrent_experts, strict=False)
+        _choice("ray.executor", self.executor, EXECUTORS)
 
 
 @dataclass
@@ -819,11 +835,23 @@ def validate(cfg: CampaignConfig) -> None:
     for e in resolve_experts(cfg):
         check_global_batch(f"experts (cluster {e.cluster})", e.train["batch_size"],
                       e.resources["num_workers"])
+        if int(e.train.get("warmup_steps", 0)) >= int(e.train["steps"]):  # a per-expert steps
+            raise ConfigError(
+                f"experts (cluster {e.cluster}): train.warmup_steps={e.train['warmup_steps']} "
+                f"must be below its train.steps={e.train['steps']}")
     check_global_batch("router", cfg.router.train.batch_size, cfg.router.resources.num_workers)
     cfg.sampling.validate(k)
     cfg.evaluation.validate(k)
     cfg.tracking.validate()
     cfg.ray.validate()
+    if cfg.ray.executor == "task":
+        for key, workers in (("experts", max((e.resources["num_workers"]
+                                              for e in resolve_experts(cfg)), default=1)),
+                             ("router", cfg.router.resources.num_workers)):
+            if workers != 1:
+                raise ConfigError(
+                    f"{key}.resources.num_workers={workers}: ray.executor=task runs each run as "
+                    "one Ray task (one worker); use ray.executor=train for more")
     validate_sweep(cfg)
 
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["ResourceGate", "label_matches", "local_gate"]
+__all__ = ["ResourceGate", "label_matches", "local_gate", "task_function"]
 
 _EPS = 1e-9
 
@@ -163,3 +163,15 @@ def local_gate(address: str | None) -> ResourceGate | None:
                if not k.startswith("node:") and k not in ("memory", "object_store_memory")}
         nodes.append({"resources": res, "labels": node.get("Labels") or {}})
     return ResourceGate(nodes)
+
+
+def task_function(fn: Any, num_gpus: float) -> Any:
+    """``ray.remote(fn)`` for tasks that may ask for GPUs (then ``.options(...)`` them).
+
+    Ray reuses a worker process for the next task, but torch keeps the CUDA device (and its
+    cached memory) it first saw while Ray sets ``CUDA_VISIBLE_DEVICES`` per task: a GPU task
+    gets a fresh process (``max_calls=1``, which ``.options()`` cannot set), a CPU task a reused
+    one (its imports are already done)."""
+    import ray
+
+    return ray.remote(max_calls=1 if float(num_gpus) > 0 else 0)(fn)

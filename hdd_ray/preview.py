@@ -108,7 +108,7 @@ def expert_grid(cfg: Any, expert_dir: str, shards: list[str],
     gpus = float(resources.get("gpus_per_worker") or 0)
     if gpus <= 0:
         return expert_grid_png(cfg, expert_dir, prompts)
-    import ray
+    from hdd_ray.placement import task_function
 
     opts: dict[str, Any] = {"num_cpus": float(resources.get("cpus_per_worker") or 1),
                             "num_gpus": gpus, "max_retries": 0}
@@ -118,7 +118,7 @@ def expert_grid(cfg: Any, expert_dir: str, shards: list[str],
         opts["resources"] = {k: float(v) for k, v in resources["custom"].items()}
     if resources.get("label_selector"):
         opts["label_selector"] = dict(resources["label_selector"])
-    task = ray.remote(expert_grid_png).options(**opts)
+    task = task_function(expert_grid_png, gpus).options(**opts)  # a fresh process per GPU task
     return wait_or_cancel(task.remote(cfg, expert_dir, prompts, GRID_PER_PROMPT, True),
                           timeout_s, f"{expert_dir}: sample grid")
 

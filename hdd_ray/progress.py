@@ -69,28 +69,40 @@ def configure_logging(level: int = logging.INFO, propagate: bool = True) -> None
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    if not propagate:  # also when an earlier call (a reused worker process) configured it
+        logging.getLogger("hdd_ray").propagate = False
     if _configured:
         return
     _configured = True
-    handler = _StdoutHandler()
+    handler = _LiveStreamHandler("stdout")
     handler.setFormatter(_Formatter())
     pkg = logging.getLogger("hdd_ray")
     pkg.addHandler(handler)
     pkg.setLevel(level)
     pkg.propagate = propagate
-    # records still propagate (pytest's caplog sees them); the root logger has no console
-    # handler of ours, so nothing is printed twice
+    # records still propagate (pytest's caplog sees them). A library calling the module-level
+    # ``logging.info`` (open_clip does) would run ``basicConfig`` on an empty root logger and
+    # print every hdd_ray line a second time: the root gets a stderr handler first, for other
+    # loggers' warnings only (what ``logging.lastResort`` would have shown)
+    root = logging.getLogger()
+    if not root.handlers:
+        fallback = _LiveStreamHandler("stderr")
+        fallback.setLevel(logging.WARNING)
+        fallback.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        fallback.addFilter(lambda record: not record.name.startswith("hdd_ray"))
+        root.addHandler(fallback)
 
 
-class _StdoutHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stdout`` is at the time (a test's capture, a redirect)."""
+class _LiveStreamHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.<name>`` is at the time (a test's capture, a redirect)."""
 
-    def __init__(self) -> None:
-        super().__init__(sys.stdout)
+    def __init__(self, name: str = "stdout") -> None:
+        self._sys_attr = name
+        super().__init__(getattr(sys, name))
 
     @property  # type: ignore[override]
     def stream(self) -> Any:
-        return sys.stdout
+        return getattr(sys, self._sys_attr)
 
     @stream.setter
     def stream(self, value: Any) -> None:
@@ -368,7 +380,9 @@ class CampaignProgress:
             loss = f", loss {status.final_loss:.4f}" if status.final_loss is not None else ""
             wall = f" in {_duration(status.wall_time_s)}" if status.wall_time_s else ""
             if took is not None:
-                wall += f" ({_duration(took)} with Ray Train's start-up)"
+                start_up = ("the task's start-up" if status.extra.get("executor") == "task"
+                            else "Ray Train's start-up")
+                wall += f" ({_duration(took)} with {start_up})"
             self.log.info("%s: %s, %d steps%s%s%s", status.name, status.status, status.steps,
                           wall, rate, loss)
         else:

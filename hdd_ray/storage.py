@@ -58,7 +58,7 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
-def write_bytes(path: str, data: bytes) -> None:
+def write_bytes(path: str, data: bytes | bytearray | memoryview) -> None:
     """Write a whole file; atomic on local disks."""
     fs, p = resolve(path)
     parent = posixpath.dirname(p) if is_uri(path) else os.path.dirname(p)

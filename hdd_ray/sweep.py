@@ -36,7 +36,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from hdd_ray import storage
-from hdd_ray.campaign import CampaignPaths, format_assignment, parse_assignment, with_assignment
+from hdd_ray.campaign import (
+    CampaignPaths,
+    format_assignment,
+    parse_assignment,
+    with_assignment,
+    without_later_defaults,
+)
 from hdd_ray.config import CampaignConfig, ConfigError, validate_sweep
 from hdd_ray.errors import SweepError
 
@@ -147,8 +153,11 @@ def describe(cfg: CampaignConfig) -> dict[str, Any]:
         return {k: v for k, v in d.items() if k not in keys}
 
     experts = without(to_dict(cfg.experts), "resources", "list", "data")
+    experts["train"] = without_later_defaults(experts["train"])
     experts["list"] = [without(e, "resources", "data")
                        for e in to_dict(cfg.experts).get("list", [])]
+    router = without(to_dict(cfg.router), "resources", "data")
+    router["train"] = without_later_defaults(router["train"])
     return {"sweep": without(to_dict(cfg.sweep), "max_concurrent_trials", "cpus_per_trial",
                              "gpus_per_trial"),
             "latents": config_settings(cfg), "data_hash": _data_hash(cfg),
@@ -156,7 +165,7 @@ def describe(cfg: CampaignConfig) -> dict[str, Any]:
             "corpus": to_dict(cfg.corpus), "clustering": without(to_dict(cfg.clustering),
                                                                  "num_actors", "gpus_per_actor"),
             "experts": experts,
-            "router": without(to_dict(cfg.router), "resources", "data"),
+            "router": router,
             "sampling": to_dict(cfg.sampling),
             "evaluation": without(to_dict(cfg.evaluation), "resources", "enabled"),
             "gpus": {"experts": _uses_gpus(cfg.experts.resources, cfg.experts.list),

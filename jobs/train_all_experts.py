@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate(cfg, assignments: list[list[int]], parent_run_id: str | None) -> None:
-    """Evaluate the campaign's mixture (and its baseline) in a Ray task shaped by
-    ``evaluation.resources`` (on its GPU when it has one) and print the comparison table."""
+    """Evaluate the campaign's mixture (and its baseline) in Ray tasks shaped by
+    ``evaluation.resources`` (one per mixture, on its GPU when it has one) and print the
+    comparison table."""
     from hdd_ray import storage
     from hdd_ray.campaign import CampaignPaths
     from hdd_ray.evaluation.mixture import MixtureSpec, comparison_table
@@ -77,7 +78,9 @@ def evaluate(cfg, assignments: list[list[int]], parent_run_id: str | None) -> No
         print(f"evaluating mixture {spec.assignment(cfg.clustering.k)} ({spec.routing}, "
               f"N={spec.num_samples}) ...", flush=True)
     res = cfg.evaluation.resources
-    print(f"  (one Ray task: {res.num_cpus:g} CPU, {res.num_gpus:g} GPU)", flush=True)
+    tasks = ("one Ray task" if len(specs) == 1
+             else f"{len(specs)} Ray tasks, side by side where there is room, each")
+    print(f"  ({tasks}: {res.num_cpus:g} CPU, {res.num_gpus:g} GPU)", flush=True)
     results = evaluate_on_ray(cfg, specs, parent_run_id)
     table = comparison_table(results, CampaignPaths(cfg.root).mixtures)
     print()

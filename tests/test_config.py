@@ -86,6 +86,16 @@ def test_expert_id_depends_on_what_determines_the_weights_only():
     assert ident != id_of(["experts.train.steps=9"])
     assert ident != id_of([], "other-data")
     assert ident.startswith("c1-fm-")
+    # a learning-rate schedule determines the weights; at the defaults (constant, no warm-up)
+    # the keys are left out, so runs trained before they existed keep their ids
+    assert ident != id_of(["experts.train.lr_schedule=cosine"])
+    assert ident != id_of(["experts.train.warmup_steps=5"])
+    from hdd_ray.campaign import _identity_train
+
+    train = resolve_experts(load_config())[1].train
+    older = {k: v for k, v in train.items() if k not in ("lr_schedule", "warmup_steps")}
+    assert _identity_train({**older, "lr_schedule": "constant", "warmup_steps": 0}) == \
+        _identity_train(older)
 
 
 def test_yaml_roundtrip(tmp_path):
@@ -137,6 +147,17 @@ BAD = [
     ("router.resources.max_preemption_failures=1.5",
      r"^router\.resources\.max_preemption_failures=1\.5: wrong type, expected int"),
     ("router.resources.max_failures=-3", r"^router\.resources\.max_failures=-3: must be an integer >= -1"),
+    ("experts.train.lr_schedule=step",
+     r"^experts\.train\.lr_schedule='step': unknown value, allowed: constant, cosine$"),
+    ("router.train.warmup_steps=-1", r"^router\.train\.warmup_steps=-1: must be >= 0"),
+    ("experts.train.warmup_steps=5000",
+     r"^experts\.train\.warmup_steps=5000: must be below experts\.train\.steps="),
+    ("ray.executor=fork", r"^ray\.executor='fork': unknown value, allowed: train, task$"),
+    # the demo runs each run as a Ray task: one worker per run, DDP needs Ray Train
+    ("experts.resources.num_workers=2",
+     r"^experts\.resources\.num_workers=2: ray\.executor=task runs each run as one Ray task "
+     r"\(one worker\); use ray\.executor=train for more$"),
+    ("router.resources.num_workers=4", r"^router\.resources\.num_workers=4: ray\.executor=task"),
 ]
 
 
@@ -151,7 +172,8 @@ def test_resource_boundaries_are_accepted():
     cfg = load_config(overrides=[
         "experts.resources.num_workers=1", "experts.resources.max_failures=-1",
         "experts.resources.max_preemption_failures=0", "router.resources.max_preemption_failures=-1",
-        "experts.list=[{cluster: 1, resources: {num_workers: 2, max_preemption_failures: 5}}]"])
+        "experts.list=[{cluster: 1, resources: {num_workers: 2, max_preemption_failures: 5}}]",
+        "ray.executor=train"])  # two workers: DDP, Ray Train's
     assert cfg.experts.resources.max_failures == -1
     assert cfg.experts.resources.max_preemption_failures == 0
     assert cfg.experts.list[0].resources["max_preemption_failures"] == 5
@@ -204,3 +226,10 @@ def test_relative_root_is_resolved_from_the_start_directory_and_warned_inside_a_
     assert capsys.readouterr().err == ""
     cfg, _ = parse_job_args("", ["root=file:///data/campaign"])  # a file:// URI is absolute
     assert cfg.root == "file:///data/campaign" and capsys.readouterr().err == ""
+
+
+def test_a_per_expert_step_count_is_checked_against_the_warm_up():
+    with pytest.raises(ConfigError, match=r"^experts \(cluster 1\): train\.warmup_steps=100 must "
+                                          r"be below its train\.steps=50$"):
+        load_config(overrides=["experts.train.warmup_steps=100",
+                               "experts.list=[{cluster: 1, steps: 50}]"])

@@ -125,4 +125,4 @@ def test_batch_size_is_global_and_splits_evenly_over_workers():
     with pytest.raises(ConfigError, match=r"^experts \(cluster 0\): train.batch_size=64 is the "
                                           r"global batch"):
         load_config(overrides=["experts.resources.num_workers=3"])
-    load_config(overrides=["experts.resources.num_workers=4"])  # 64 = 4 x 16
+    load_config(overrides=["experts.resources.num_workers=4", "ray.executor=train"])  # 4 x 16

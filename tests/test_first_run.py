@@ -222,10 +222,13 @@ def test_checkpoint_lines_while_a_run_trains(campaign, tmp_path, monkeypatch, ca
     from types import SimpleNamespace
 
     from hdd_ray.training import launcher
+    from hdd_ray.training.loop import TASK_CHECKPOINT, TASK_METRICS
 
     root, _, _ = campaign
-    snapshot = next(root.glob("experts/*/checkpoint_manager_snapshot.json"))  # Ray Train's own
-    assert launcher.latest_checkpoint_step(str(snapshot.parent)) == 4
+    # the demo's runs are Ray tasks (ray.executor: task): their checkpoint metrics file
+    metrics = next(root.glob(f"experts/*/{TASK_CHECKPOINT}/{TASK_METRICS}"))
+    run_dir = metrics.parent.parent
+    assert launcher.latest_checkpoint_step(str(run_dir)) == 4
     assert launcher.latest_checkpoint_step(str(tmp_path)) is None
     caplog.set_level(logging.INFO, logger="hdd_ray")
     monkeypatch.setattr(launcher, "CHECKPOINT_LINE_EVERY_S", 0.02)
@@ -233,7 +236,8 @@ def test_checkpoint_lines_while_a_run_trains(campaign, tmp_path, monkeypatch, ca
                           loop_config={"train": {"steps": 100}})
     with launcher._checkpoint_lines(job, CampaignProgress(1, 1)):
         time.sleep(1.0)  # the watcher first notes the checkpoint already there (none yet)
-        shutil.copy(snapshot, tmp_path / snapshot.name)  # a checkpoint lands while it trains
+        (tmp_path / TASK_CHECKPOINT).mkdir()  # a checkpoint lands while it trains
+        shutil.copy(metrics, tmp_path / TASK_CHECKPOINT / TASK_METRICS)
         deadline = time.time() + 20
         while "c9-fm-run: step" not in caplog.text and time.time() < deadline:
             time.sleep(0.05)
@@ -259,3 +263,53 @@ def test_a_grid_that_cannot_be_placed_is_cancelled_not_waited_for(tmp_path, ray_
                           {"gpus_per_worker": 1, "cpus_per_worker": 1}, timeout_s=2.0)
     assert png is None and time.time() - started < 20
     assert "sample grid: not done within 2 s" in caplog.text and "cancelled" in caplog.text
+
+
+def test_each_progress_line_is_printed_once_even_when_a_library_logs_on_the_root_logger():
+    """open_clip calls the module-level ``logging.info``, which runs ``basicConfig`` on an empty
+    root logger: hdd_ray's lines must not then be printed a second time (``INFO:hdd_ray...``),
+    and other loggers' warnings must still show."""
+    code = (
+        "import logging\n"
+        "from hdd_ray.progress import configure_logging\n"
+        "configure_logging()\n"
+        "logging.info('a library speaks on the root logger')\n"
+        "logging.getLogger('hdd_ray.progress').info('sampling: 5/10 evals')\n"
+        "logging.getLogger('hdd_ray.launcher').warning('c1-fm: failed: why')\n"
+        "logging.getLogger('some.library').warning('a real warning')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    both = out.stdout + out.stderr
+    assert both.count("sampling: 5/10 evals") == 1, both
+    assert both.count("c1-fm: failed: why") == 1, both
+    assert "a real warning" in out.stderr
+    assert "a library speaks" not in both  # INFO of other loggers stays quiet
+
+
+@pytest.mark.ray
+def test_mixtures_are_evaluated_in_parallel_tasks_with_the_metrics_of_one_task(campaign, tmp_path):
+    """Two mixtures: a first task builds the judge's caches, then one task per mixture; each
+    mixture's metrics equal those of the same mixture evaluated alone (seeded per mixture)."""
+    import shutil
+
+    from hdd_ray.evaluation.mixture import MixtureSpec
+    from hdd_ray.evaluation.remote import evaluate_on_ray
+
+    root, _, _ = campaign
+    keys = ("fid", "fid_floor", "clip_score", "diversity", "mixture_id", "routing")
+    results = {}
+    # the campaign trained the D F assignment's experts: two mixtures of them, by routing
+    for label, routings in (("alone", ["topk"]), ("both", ["top1", "topk"])):
+        copy = tmp_path / label
+        shutil.copytree(root, copy, ignore=shutil.ignore_patterns("mixtures", "evaluation"))
+        cfg = load_config(overrides=[f"root={copy}", *TINY, "evaluation.num_samples=32",
+                                     "tracking.enabled=false"])
+        specs = [MixtureSpec.from_config(cfg, [0], routing=r) for r in routings]
+        out = evaluate_on_ray(cfg, specs)
+        assert [r["routing"] for r in out] == routings  # in the order asked
+        for r in out:
+            assert (copy / "mixtures" / r["mixture_id"] / "metrics.json").exists()
+        assert (copy / "evaluation" / "reference_clip").is_dir()  # built once, then loaded
+        results[label] = {r["routing"]: {k: r[k] for k in keys} for r in out}
+    assert results["both"]["topk"] == results["alone"]["topk"]
+    assert results["both"]["top1"]["mixture_id"] != results["both"]["topk"]["mixture_id"]

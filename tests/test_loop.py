@@ -115,3 +115,75 @@ def test_an_expert_carries_its_data_mean_through_training_export_and_loading(sha
         load_weights(older, str(tmp_path / "old.safetensors"), "expert old")
     assert older.prior_mean() is None and "carry no data_mean" in caplog.text
     assert all(torch.equal(older.state_dict()[k], old[k]) for k in old)
+
+
+def test_task_hooks_resume_exactly_and_take_the_newest_checkpoint_of_either_executor(
+        shard, tmp_path):
+    """``ray.executor=task``'s hooks: checkpoints in ``<run>/checkpoint_task/`` resume exactly;
+    a Ray Train checkpoint of the same run that is further along wins over the task's."""
+    from hdd_ray.training.loop import (
+        RAY_TRAIN_SNAPSHOT,
+        STATE_FILE,
+        TASK_CHECKPOINT,
+        TaskHooks,
+        newest_state,
+        task_checkpoint_metrics,
+    )
+
+    straight = LocalHooks(str(tmp_path / "straight"))
+    run_loop(_config(shard, "fm_velocity", 30), straight)
+    run = tmp_path / "run"
+    run_loop(_config(shard, "fm_velocity", 20), TaskHooks(str(run)))  # "killed" after step 20
+    assert task_checkpoint_metrics(str(run))["step"] == 20
+    last = run_loop(_config(shard, "fm_velocity", 30), TaskHooks(str(run)))
+    a, b = straight.load_state(), TaskHooks(str(run)).load_state()
+    assert last["step"] == b["step"] == 30 and [h["start_step"] for h in b["history"]] == [0, 20]
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    # a Ray Train checkpoint registered in the same directory at step 40 is newer: it wins
+    ckpt = run / "checkpoint_2026-01-01_00-00-00.000000"
+    ckpt.mkdir()
+    torch.save({**b, "step": 40}, ckpt / STATE_FILE)
+    (run / RAY_TRAIN_SNAPSHOT).write_text(json.dumps({"latest_checkpoint_result": {
+        "checkpoint_dir_name": ckpt.name, "metrics": {"step": 40}}}))
+    assert TaskHooks(str(run)).load_state()["step"] == 40
+    assert (run / TASK_CHECKPOINT / STATE_FILE).exists()
+    assert newest_state(None, None) is None
+    assert newest_state({"step": 3}, None, {"step": 7})["step"] == 7
+
+
+def test_learning_rate_schedules_warm_up_and_decay_by_step_alone(shard, tmp_path):
+    from hdd_ray.training.loop import learning_rate
+
+    tr = {"lr": 1e-3, "steps": 100, "warmup_steps": 10, "lr_schedule": "cosine"}
+    lrs = [learning_rate(tr, s) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warm-up
+    assert lrs[50] == pytest.approx(5e-4) and 0 < lrs[99] < 1e-6  # cosine to ~0
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert learning_rate({"lr": 3e-4, "steps": 100}, 77) == 3e-4  # constant, the old default
+    # resume under a schedule is exact: the rate is a function of the step
+    cfg = _config(shard, "fm_velocity", 30)
+    cfg["train"].update(lr_schedule="cosine", warmup_steps=5)
+    from hdd_ray.training.loop import TaskHooks
+
+    straight = TaskHooks(str(tmp_path / "straight"))  # (its metrics are written as JSON)
+    run_loop(cfg, straight)
+
+    class Killed(Exception):
+        pass
+
+    class KilledAfterStep10(LocalHooks):
+        def report(self, metrics, state):
+            super().report(metrics, state)
+            if metrics["step"] == 10:
+                raise Killed
+
+    with pytest.raises(Killed):
+        run_loop(cfg, KilledAfterStep10(str(tmp_path / "split")))
+    split = LocalHooks(str(tmp_path / "split"))
+    run_loop(cfg, split)
+    a, b = straight.load_state(), split.load_state()
+    assert [h["start_step"] for h in b["history"]] == [0, 10]
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    plain = LocalHooks(str(tmp_path / "plain"))  # no schedule: other weights
+    run_loop(_config(shard, "fm_velocity", 30), plain)
+    assert not all(torch.equal(a["ema"][k], plain.load_state()["ema"][k]) for k in a["ema"])

@@ -84,6 +84,23 @@ def test_unpatchify_inverts_patch_layout():
     torch.testing.assert_close(model.unpatchify(p), x, rtol=0, atol=0)
 
 
+def test_final_conv_starts_as_the_identity_and_learns_a_3x3_filter():
+    """The demo's ``DiT-T/4``: U-ViT's 3x3 convolution after unpatchify, the identity at init
+    (the model then computes exactly the plain DiT), a real filter once trained."""
+    assert DIT_SIZES["DiT-T/4"]["final_conv"] and "final_conv" not in DIT_SIZES["DiT-T/2"]
+    torch.manual_seed(0)
+    plain = DiT(8, 1, 4, 96, 4, 4, 64)
+    conv = build_dit("DiT-T/4", 8, 1, 64)
+    _perturb(plain)
+    missing = conv.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["final_conv.bias", "final_conv.weight"]
+    x, t, cond = torch.randn(3, 1, 8, 8), torch.rand(3) * 1000, _cond(3, 8, 64)
+    assert torch.allclose(conv(x, t, cond), plain(x, t, cond), atol=1e-6)
+    with torch.no_grad():
+        conv.final_conv.weight.add_(0.1 * torch.randn_like(conv.final_conv.weight))
+    assert not torch.allclose(conv(x, t, cond), plain(x, t, cond), atol=1e-3)
+
+
 def test_parameter_counts():
     tiny = _tiny()
     print(f"DiT-T/2 (8x8x1, text_dim 64): {count_parameters(tiny):,}")
@@ -271,3 +288,22 @@ def test_open_clip_missing_checkpoint_is_a_one_line_error(tmp_path):
     with pytest.raises(ValueError, match="pretrained tag") as err:
         OpenCLIPTextEncoder(arch, pretrained="laion2b_nonexistent")
     assert "\n" not in str(err.value)
+
+
+def test_registering_the_tiny_open_clip_configs_leaves_no_temporary_folder(tmp_path):
+    """open_clip reads a config JSON from a folder; the folder is removed once it is read, so
+    a job writes nothing outside its campaign root (a fresh process, TMPDIR = ``tmp_path``)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import open_clip\n"
+            "from hdd_ray.models.text import register_tiny_open_clip_config\n"
+            "from hdd_ray.evaluation.reference_clip import register_reference_clip_config\n"
+            "names = [register_tiny_open_clip_config(), register_reference_clip_config()]\n"
+            "open_clip.add_model_config('/nonexistent')  # a later rescan keeps them\n"
+            "assert all(n in open_clip.list_models() for n in names), names\n"
+            "open_clip.create_model(names[1])\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120,
+                   env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert not list(tmp_path.glob("hdd_ray_open_clip_*"))

@@ -421,7 +421,10 @@ def test_campaign_places_experts_by_node_type_and_survives_losing_nodes(cluster)
             "experts.ddpm_clusters=[0]",
             f"experts.train.steps={STEPS}", f"experts.train.checkpoint_every={CHECKPOINT_EVERY}",
             "experts.resources.cpus_per_worker=0.5", f"experts.list=[{per_expert}]",
-            "tracking.enabled=false", "evaluation.enabled=false", "--skip-router",
+            "tracking.enabled=false", "evaluation.enabled=false",
+            "ray.executor=train",  # drains and preemption budgets: Ray Train's, tested here
+            "experts.model=DiT-T/2",  # the step time the kill schedule below was sized for
+            "--skip-router",
         ], submit_log)
 
         def fail(msg: str) -> None:

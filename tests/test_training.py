@@ -1,4 +1,6 @@
-"""Experts and the router as independent, preemptible Ray Train runs (real local Ray, CPU).
+"""Experts and the router as independent, preemptible Ray Train runs (real local Ray, CPU), and
+the same runs as Ray tasks (``ray.executor=task``: same weights, killed and retried, resumed
+across executors).
 
 One prepared demo campaign (K = 3) is shared by the module; each test trains few, tiny runs.
 """
@@ -35,6 +37,7 @@ BASE = [
     "experts.resources.cpus_per_worker=0.25", "router.resources.cpus_per_worker=0.25",
     "ray.max_concurrent_experts=0",  # all at once: the kill tests need every run started
     "evaluation.enabled=false",
+    "ray.executor=train",  # this module tests Ray Train (the task executor: explicitly, below)
 ]
 
 
@@ -217,13 +220,25 @@ def test_foreign_expert_and_mismatched_weights_are_rejected(trained, tmp_path):
     with pytest.raises(WeightsMismatch, match="do not match the architecture .missing") as info:
         load_weights(deeper, str(experts[0] / WEIGHTS), "expert c0")
     assert "\n" not in str(info.value)
-    narrower_text = ExpertModel("DiT-T/2", {**desc["text"], "dim": 32}, 8, 1)
+    narrower_text = ExpertModel(desc["architecture"], {**desc["text"], "dim": 32}, 8, 1)
     before = {k: v.clone() for k, v in narrower_text.state_dict().items()}
     with pytest.raises(WeightsMismatch, match="weight .* has shape") as info:
         load_weights(narrower_text, str(experts[0] / WEIGHTS), "expert c0")
     assert "\n" not in str(info.value)
     after = narrower_text.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing half-loaded
+
+
+def _train_in_background(cfg, root: Path, cluster: int = 1):
+    """``train_campaign`` of one expert in a thread -> (thread, result dict (``s``: statuses),
+    the expert's run directory once it exists)."""
+    result: dict = {}
+    runner = threading.Thread(
+        target=lambda: result.update(s=train_campaign(cfg, only=[cluster], include_router=False)))
+    runner.start()
+    while not (root / "experts").exists() or cluster not in _expert_dirs(root):
+        time.sleep(0.1)
+    return runner, result, _expert_dirs(root)[cluster]
 
 
 def _state_when_checkpointed(d: Path, timeout: float = 240) -> dict:
@@ -244,13 +259,7 @@ def test_killed_worker_resumes_from_its_last_checkpoint(prepared, tmp_path):
     root = _copy(prepared, tmp_path)
     steps, every = 600, 50
     cfg = _cfg(root, f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}")
-    result = {}
-    runner = threading.Thread(
-        target=lambda: result.update(s=train_campaign(cfg, only=[1], include_router=False)))
-    runner.start()
-    while not (root / "experts").exists() or not _expert_dirs(root):
-        time.sleep(0.2)
-    d = _expert_dirs(root)[1]
+    runner, result, d = _train_in_background(cfg, root)
     state = _state_when_checkpointed(d)
     assert state["step"] < steps - every, "the run got too far before the kill"
     pid = state["history"][-1]["pid"]
@@ -279,13 +288,7 @@ def test_killed_streaming_worker_resumes_its_data_stream_exactly(prepared, tmp_p
     cfg = _cfg(root, f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}",
                "experts.data.mode=stream", "experts.data.shuffle_buffer=64",
                "experts.data.open_shards=2", "tracking.enabled=false")
-    result = {}
-    runner = threading.Thread(
-        target=lambda: result.update(s=train_campaign(cfg, only=[1], include_router=False)))
-    runner.start()
-    while not (root / "experts").exists() or not _expert_dirs(root):
-        time.sleep(0.2)
-    d = _expert_dirs(root)[1]
+    runner, result, d = _train_in_background(cfg, root)
     state = _state_when_checkpointed(d)
     assert state["step"] < steps - every, "the run got too far before the kill"
     os.kill(state["history"][-1]["pid"], signal.SIGKILL)
@@ -310,12 +313,13 @@ def test_killed_streaming_worker_resumes_its_data_stream_exactly(prepared, tmp_p
     assert torch.equal(data["source"]["total"], reference.total)
 
 
-def test_expert_without_usable_data_fails_alone(prepared, tmp_path):
+@pytest.mark.parametrize("executor", ["train", "task"])
+def test_expert_without_usable_data_fails_alone(prepared, tmp_path, executor):
     root = _copy(prepared, tmp_path)
     for shard in (root / "clusters" / "1").glob("*.tar"):
         shard.write_bytes(b"this is not a tar archive" * 10)
     cfg = _cfg(root, "experts.train.steps=20", "experts.train.checkpoint_every=10",
-               "experts.resources.max_failures=0")
+               "experts.resources.max_failures=0", f"ray.executor={executor}")
     statuses = train_campaign(cfg, only=[0, 1], include_router=False)
     by_cluster = {s.cluster: s for s in statuses}
     assert by_cluster[0].status == "trained"
@@ -451,3 +455,87 @@ def test_train_expert_job_rejects_an_unknown_expert(prepared, tmp_path):
     assert "Ray instance" not in missing.stderr  # failed before any Ray resource
     assert not glob.glob(str(tmp_path / "nowhere" / "experts" / "*"))
     assert storage.exists(str(root / "clusters" / "manifest.json"))
+
+
+# ------------------------------------------------------------------ ray.executor=task
+
+
+def _task_state_when_checkpointed(d: Path, timeout: float = 240) -> dict:
+    """The state of the task executor's first checkpoint of run directory ``d``."""
+    from hdd_ray.training.loop import TASK_CHECKPOINT, TASK_METRICS
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (d / TASK_CHECKPOINT / TASK_METRICS).exists():  # written after its state
+            return torch.load(d / TASK_CHECKPOINT / STATE_FILE, weights_only=True)
+        time.sleep(0.1)
+    raise AssertionError(f"no task checkpoint appeared in {d}")
+
+
+def test_task_executor_trains_the_same_weights_as_ray_train(prepared, tmp_path):
+    """One run per executor on copies of one campaign: the same expert id, bit-identical
+    exported weights (same loop, seeds and thread count), and only the task executor's run
+    without a Ray Train snapshot."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for executor in ("task", "train"):
+        root = _copy(prepared, tmp_path / executor)
+        cfg = _cfg(root, "experts.train.steps=40", "experts.train.checkpoint_every=20",
+                   f"ray.executor={executor}", "tracking.enabled=false")
+        (status,) = train_campaign(cfg, only=[1], include_router=False)
+        assert status.status == "trained", status.reason
+        d = _expert_dirs(root)[1]
+        desc = json.loads((d / EXPERT_JSON).read_text())
+        assert desc["executor"] == executor and desc["steps"] == 40
+        assert (d / "checkpoint_manager_snapshot.json").exists() == (executor == "train")
+        out[executor] = (d.name, load_file(str(d / WEIGHTS)))
+    (task_id, task_w), (train_id, train_w) = out["task"], out["train"]
+    assert task_id == train_id  # the executor is not part of what the expert is
+    assert task_w.keys() == train_w.keys()
+    assert all(torch.equal(task_w[k], train_w[k]) for k in task_w)
+
+
+def test_killed_task_is_retried_from_its_last_checkpoint(prepared, tmp_path):
+    root = _copy(prepared, tmp_path)
+    steps, every = 600, 50
+    cfg = _cfg(root, f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}",
+               "ray.executor=task", "tracking.enabled=false")
+    runner, result, d = _train_in_background(cfg, root)
+    state = _task_state_when_checkpointed(d)
+    assert state["step"] < steps - every, "the run got too far before the kill"
+    os.kill(state["history"][-1]["pid"], signal.SIGKILL)  # the task's worker process
+    runner.join(timeout=400)
+    status = result["s"][0]
+    assert status.status == "trained", status.reason
+    desc = json.loads((d / EXPERT_JSON).read_text())
+    starts = [a["start_step"] for a in desc["attempts"]]
+    assert desc["steps"] == steps and len(starts) == 2 and starts[0] == 0
+    assert starts[1] > 0 and starts[1] % every == 0, starts  # from a checkpoint, not from 0
+    assert desc["attempts"][1]["pid"] != desc["attempts"][0]["pid"]
+
+
+def test_a_run_begun_as_a_task_resumes_under_ray_train(prepared, tmp_path):
+    """No retries: the killed task fails the run; the next launch, switched to Ray Train,
+    resumes from the task's checkpoint (and the progress lines read it)."""
+    from hdd_ray.training.launcher import latest_checkpoint_step
+
+    root = _copy(prepared, tmp_path)
+    steps, every = 600, 50
+    common = [f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}",
+              "tracking.enabled=false"]
+    cfg = _cfg(root, *common, "ray.executor=task", "experts.resources.max_failures=0")
+    runner, result, d = _train_in_background(cfg, root)
+    state = _task_state_when_checkpointed(d)
+    os.kill(state["history"][-1]["pid"], signal.SIGKILL)
+    runner.join(timeout=400)
+    assert result["s"][0].status == "failed"
+    assert not (d / EXPERT_JSON).exists()
+    reached = latest_checkpoint_step(str(d))
+    assert reached is not None and reached >= state["step"]
+    (status,) = train_campaign(_cfg(root, *common), only=[1], include_router=False)
+    assert status.status == "resumed", status.reason
+    desc = json.loads((d / EXPERT_JSON).read_text())
+    starts = [a["start_step"] for a in desc["attempts"]]
+    assert desc["executor"] == "train" and desc["steps"] == steps
+    assert starts[0] == 0 and starts[-1] == reached

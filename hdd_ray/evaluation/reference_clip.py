@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -93,6 +94,9 @@ def register_reference_clip_config() -> str:
         path = Path(tempfile.mkdtemp(prefix="hdd_ray_open_clip_")) / f"{REFERENCE_CLIP_ARCH}.json"
         path.write_text(json.dumps(REFERENCE_CLIP_CONFIG))
         open_clip.add_model_config(path)
+        # read at once and kept in memory (later rescans skip a missing path): nothing stays
+        # behind in the temporary folder (a job writes nothing outside its campaign root)
+        shutil.rmtree(path.parent, ignore_errors=True)
     return REFERENCE_CLIP_ARCH
 
 

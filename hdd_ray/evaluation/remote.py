@@ -1,10 +1,14 @@
 """The main job's evaluation as a Ray task with its own resources, not in the driver.
 
-The driver (on the head node, often without a GPU) only submits. One task asks Ray for
-``evaluation.resources`` (CPUs, GPUs, ``accelerator_type``, custom resources, labels), builds one
+The driver (on the head node, often without a GPU) only submits. Every task asks Ray for
+``evaluation.resources`` (CPUs, GPUs, ``accelerator_type``, custom resources, labels) and builds a
 :class:`~hdd_ray.evaluation.mixture.Judge` on the device it was given
-(:func:`hdd_ray.devices.pick_device`), samples and scores every mixture asked for there, and
-returns their metrics dicts. MLflow is reached through the config's tracking URI
+(:func:`hdd_ray.devices.pick_device`). With one mixture, one task samples and scores it. With
+several, a first task builds the campaign's judge caches (the reference CLIP, the reference
+statistics: trained or computed once per campaign), then one task per mixture samples and scores
+it, all submitted at once: Ray runs as many side by side as the instance has room for (two on the
+demo's two CPUs, one per GPU on a cluster), each loading the cached judge. Metrics are the same
+whichever way they ran (a mixture's sampling is seeded by its spec). MLflow is reached through the config's tracking URI
 (:mod:`hdd_ray.tracking` builds its client from the config; a task does not inherit the
 driver's). On a local instance a request no node can host is refused in one line first
 (:mod:`hdd_ray.placement`).
@@ -55,8 +59,7 @@ def evaluate_mixtures(cfg: Any, specs: list[Any], parent_run_id: str | None = No
     return [evaluate_mixture(cfg, spec, judge, parent_run_id) for spec in specs]
 
 
-def _evaluation_task(cfg: Any, specs: list[Any], parent_run_id: str | None,
-                     threads: int, use_gpu: bool) -> list[dict[str, Any]]:
+def _task_device(threads: int, use_gpu: bool) -> torch.device:
     from hdd_ray.devices import pick_device
     from hdd_ray.progress import configure_logging
 
@@ -64,19 +67,33 @@ def _evaluation_task(cfg: Any, specs: list[Any], parent_run_id: str | None,
     # handler too)
     configure_logging(propagate=False)
     torch.set_num_threads(max(1, threads))
-    device = pick_device(use_gpu)
+    return pick_device(use_gpu)
+
+
+def _evaluation_task(cfg: Any, specs: list[Any], parent_run_id: str | None,
+                     threads: int, use_gpu: bool) -> list[dict[str, Any]]:
+    device = _task_device(threads, use_gpu)
     return [{**r, "device": str(device)}
             for r in evaluate_mixtures(cfg, specs, parent_run_id, device)]
 
 
+def _judge_task(cfg: Any, threads: int, use_gpu: bool) -> None:
+    """Build the judge once, so that its caches (reference CLIP, reference statistics) exist
+    before the per-mixture tasks load them side by side."""
+    from hdd_ray.evaluation.mixture import Judge
+
+    Judge(cfg, _task_device(threads, use_gpu))
+
+
 def evaluate_on_ray(cfg: Any, specs: list[Any],
                     parent_run_id: str | None = None) -> list[dict[str, Any]]:
-    """Evaluate ``specs`` in one Ray task shaped by ``evaluation.resources``; Ray must be
-    initialised. Returns one metrics dict per spec (with ``device``: where it ran)."""
+    """Evaluate ``specs`` in Ray tasks shaped by ``evaluation.resources`` (one per mixture, side
+    by side where there is room, after one that builds the judge's caches); Ray must be
+    initialised. Returns one metrics dict per spec, in order (with ``device``: where it ran)."""
     import ray
 
     from hdd_ray.cli import cluster_address
-    from hdd_ray.placement import local_gate
+    from hdd_ray.placement import local_gate, task_function
 
     cfg = dataclasses.replace(cfg, root=storage.absolute(cfg.root))  # the task may run elsewhere
     gate = local_gate(cluster_address(cfg))
@@ -84,6 +101,15 @@ def evaluate_on_ray(cfg: Any, specs: list[Any],
     if reason:
         raise CampaignError(f"evaluation {reason}")
     r = cfg.evaluation.resources
-    task = ray.remote(_evaluation_task).options(**task_options(cfg))
+    options = task_options(cfg)
+    # a GPU task in a fresh process each time (hdd_ray.placement.task_function)
+    task = task_function(_evaluation_task, r.num_gpus).options(**options)
     threads = max(1, int(round(float(r.num_cpus))))
-    return ray.get(task.remote(cfg, specs, parent_run_id, threads, float(r.num_gpus) > 0))
+    use_gpu = float(r.num_gpus) > 0
+    if len(specs) <= 1:
+        return ray.get(task.remote(cfg, specs, parent_run_id, threads, use_gpu))
+    # the caches first (one task trains the reference CLIP), then every mixture at once
+    judge = task_function(_judge_task, r.num_gpus).options(**options)
+    ray.get(judge.remote(cfg, threads, use_gpu))
+    refs = [task.remote(cfg, [spec], parent_run_id, threads, use_gpu) for spec in specs]
+    return [result for batch in ray.get(refs) for result in batch]

@@ -224,6 +224,8 @@ class DiT(nn.Module):
     ``tokens`` [B, L, text_dim], ``mask`` [B, L] bool (True = real token; every row needs at
     least one True) and optionally ``drop`` [B] bool (True = replace that sample's caption by the
     learned null caption ``y_null`` on every position, for classifier-free guidance).
+    ``final_conv``: a 3x3 convolution after unpatchify (U-ViT's; the identity at init), which
+    smooths the seams between large patches.
     """
 
     def __init__(
@@ -236,6 +238,7 @@ class DiT(nn.Module):
         num_heads: int,
         text_dim: int,
         mlp_ratio: float = 4.0,
+        final_conv: bool = False,
     ) -> None:
         super().__init__()
         if input_size % patch_size:
@@ -256,6 +259,9 @@ class DiT(nn.Module):
             [DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)]
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        #: U-ViT's 3x3 convolution after unpatchify (smooths seams between patches); None = DiT
+        self.final_conv = (nn.Conv2d(in_channels, in_channels, 3, padding=1) if final_conv
+                           else None)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -278,6 +284,9 @@ class DiT(nn.Module):
         # Zero output layer: an untrained model predicts 0 (as DiT).
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        if self.final_conv is not None:  # the identity at init: the model starts as a plain DiT
+            nn.init.dirac_(self.final_conv.weight)
+            nn.init.zeros_(self.final_conv.bias)
 
     def unpatchify(self, x: Tensor) -> Tensor:
         """[B, N, p*p*C] -> [B, C, H, W]."""
@@ -304,11 +313,14 @@ class DiT(nn.Module):
         y, mask = self.embed_caption(cond)
         for block in self.blocks:
             h = block(h, y, t0, mask)
-        return self.unpatchify(self.final_layer(h, temb))
+        out = self.unpatchify(self.final_layer(h, temb))
+        return out if self.final_conv is None else self.final_conv(out)
 
 
 def _sizes() -> dict[str, dict]:
-    sizes = {"DiT-T/2": dict(hidden_size=96, depth=4, num_heads=4, patch_size=2)}
+    sizes = {"DiT-T/2": dict(hidden_size=96, depth=4, num_heads=4, patch_size=2),
+             # 4 tokens per 8x8 image: a 3x3 convolution after unpatchify, as U-ViT
+             "DiT-T/4": dict(hidden_size=96, depth=4, num_heads=4, patch_size=4, final_conv=True)}
     shapes = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
     for name, (hidden, depth, heads) in shapes.items():
         for p in (2, 4, 8):
@@ -319,7 +331,8 @@ def _sizes() -> dict[str, dict]:
 
 
 DIT_SIZES: dict[str, dict] = _sizes()
-"""Architecture registry named as in the DiT paper; ``DiT-T/2`` is the tiny test/demo size."""
+"""Architecture registry named as in the DiT paper; ``DiT-T/2`` and ``DiT-T/4`` are the tiny
+test/demo sizes (the demo's ``DiT-T/4``: 4x4 patches and U-ViT's final 3x3 convolution)."""
 
 
 def build_dit(size: str, input_size: int, in_channels: int, text_dim: int) -> DiT:

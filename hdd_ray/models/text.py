@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import tempfile
 import zlib
 from pathlib import Path
@@ -194,4 +195,7 @@ def register_tiny_open_clip_config(name: str = "hdd-tiny-clip") -> str:
     path = Path(tempfile.mkdtemp(prefix="hdd_ray_open_clip_")) / f"{name}.json"
     path.write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))
     open_clip.add_model_config(path)
+    # read at once and kept in memory (later rescans skip a missing path): nothing stays
+    # behind in the temporary folder (a job writes nothing outside its campaign root)
+    shutil.rmtree(path.parent, ignore_errors=True)
     return name

@@ -8,6 +8,11 @@ expert's failure never stops another. The expert cache (ARCHITECTURE.md): a fini
 ``weights.safetensors`` + ``expert.json``) is reused, a partial one resumed, a missing one trained.
 What a run is (paths, ids, identities) comes from :mod:`hdd_ray.campaign`; this module keeps only
 the Ray Train plumbing.
+
+``ray.executor: task`` runs each run as one Ray task instead (:func:`_fit_task`): same loop,
+same checkpoints' contents, same export, without a worker group per run. It is for runs of one
+worker (the demo on a laptop: Ray Train's start-up costs ~13 CPU-s per run on 2 cores, the
+task's ~0 once a worker process has imported torch); DDP needs Ray Train.
 """
 
 from __future__ import annotations
@@ -47,9 +52,16 @@ from hdd_ray.campaign import (
 from hdd_ray.config import CampaignConfig, ResolvedExpert, resolve_experts, to_dict
 from hdd_ray.errors import ExpertRejected
 from hdd_ray.lease import RunLock
-from hdd_ray.placement import ResourceGate, local_gate
+from hdd_ray.placement import ResourceGate, local_gate, task_function
 from hdd_ray.progress import CampaignProgress
-from hdd_ray.training.loop import STATE_FILE, train_loop
+from hdd_ray.training.loop import (
+    STATE_FILE,
+    ray_train_checkpoint_metrics,
+    task_checkpoint_metrics,
+    task_checkpoint_state,
+    train_loop,
+    train_task,
+)
 from hdd_ray.training.model import ExpertModel, RouterModel, save_weights
 
 log = logging.getLogger(__name__)
@@ -119,6 +131,50 @@ def _fit(name: str, storage_path: str, loop_config: dict[str, Any], resources: d
         ),
     )
     return trainer.fit()
+
+
+def _fit_task(job: _Job, loop_config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run as one Ray task (``ray.executor: task``) -> ``(final state, last metrics)``.
+
+    The task asks for the run's one worker's resources; on CPUs Ray reuses its worker
+    processes, so a run starts without the new processes (and imports) of a Ray Train worker
+    group (a GPU task gets a fresh process: :func:`hdd_ray.placement.task_function`). A failed
+    attempt is retried ``max_failures`` times, each resuming from the run's last checkpoint.
+    ``max_preemption_failures`` does not apply: a task has no drain notice (a node lost is a
+    failed attempt, resumed from the last periodic checkpoint).
+    """
+    import ray
+
+    res = job.resources
+    options: dict[str, Any] = {"num_cpus": float(res["cpus_per_worker"]),
+                               "num_gpus": float(res["gpus_per_worker"]),
+                               "max_retries": int(res["max_failures"]), "retry_exceptions": True}
+    if res.get("custom"):
+        options["resources"] = {k: float(v) for k, v in res["custom"].items()}
+    if res.get("accelerator_type"):
+        options["accelerator_type"] = res["accelerator_type"]
+    if res.get("label_selector"):
+        options["label_selector"] = dict(res["label_selector"])
+    try:
+        remote = task_function(train_task, res["gpus_per_worker"]).options(**options)
+        metrics = ray.get(remote.remote(loop_config))
+    except ray.exceptions.RayTaskError as exc:  # the loop's own error, not Ray's wrapper
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, Exception):
+            raise cause from None
+        raise
+    final = task_checkpoint_state(job.directory)
+    if final is None:
+        raise RuntimeError("the run ended without a checkpoint")
+    return final, metrics
+
+
+def _fit_train(job: _Job, loop_config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run under Ray Train (``ray.executor: train``) -> ``(final state, last metrics)``."""
+    result = _fit(job.name, job.storage_path, loop_config, job.resources)
+    if result.error is not None:
+        raise result.error
+    return _final_state(result), dict(result.metrics)
 
 
 def _final_state(result) -> dict[str, Any]:
@@ -289,6 +345,7 @@ class _Job:
     tags: dict[str, str]
     precheck_error: str = ""
     evaluate: Callable[[torch.nn.Module], dict[str, Any]] | None = None  # extra JSON fields
+    executor: str = "train"  # ray.executor: "train" (Ray Train) or "task" (one Ray task)
 
     @property
     def directory(self) -> str:
@@ -326,6 +383,7 @@ def _expert_job(cfg: CampaignConfig, expert: ResolvedExpert, manifest: dict[str,
                   "num_samples": count, "resources": expert.resources,
                   **_latents_describe(manifest)},
         tags={"kind": "expert", "cluster": str(expert.cluster), "objective": expert.objective},
+        executor=cfg.ray.executor,
         precheck_error=(f"cluster {expert.cluster} has no usable data "
                         f"({paths.cluster_dir(expert.cluster)} is empty)") if empty else "",
     )
@@ -350,6 +408,7 @@ def _router_job(cfg: CampaignConfig, manifest: dict[str, Any]) -> _Job:
         describe={"architecture": cfg.router.model, "k": k, "image_size": size, "channels": ch,
                   "data_hash": str(manifest["data_hash"]), **_latents_describe(manifest)},
         tags={"kind": "router"},
+        executor=cfg.ray.executor,
         evaluate=lambda model: {"top1_accuracy_by_t": router_accuracy_by_t(model, cfg)},
     )
 
@@ -447,13 +506,15 @@ CHECKPOINT_LINE_EVERY_S = 30.0
 
 
 def latest_checkpoint_metrics(directory: str) -> dict[str, Any] | None:
-    """The metrics (``step``, ``loss``, ``steps_per_s``) reported with a run's latest registered
-    checkpoint (Ray Train's ``checkpoint_manager_snapshot.json``), or ``None``."""
+    """The metrics (``step``, ``loss``, ``steps_per_s``) reported with a run's newest
+    checkpoint, Ray Train's (``checkpoint_manager_snapshot.json``) or the task executor's
+    (``checkpoint_task/metrics.json``), or ``None``."""
+    found = [m for m in (ray_train_checkpoint_metrics(directory),
+                         task_checkpoint_metrics(directory)) if m]
     try:
-        snap = storage.read_json(storage.join(directory, "checkpoint_manager_snapshot.json"))
-        return dict(snap["latest_checkpoint_result"]["metrics"])
-    except Exception:
-        return None
+        return max(found, key=lambda m: int(m.get("step", 0))) if found else None
+    except (TypeError, ValueError):
+        return found[0]
 
 
 def latest_checkpoint_step(directory: str) -> int | None:
@@ -468,7 +529,8 @@ def latest_checkpoint_step(directory: str) -> int | None:
 @contextlib.contextmanager
 def _checkpoint_lines(job: _Job, progress: CampaignProgress | None) -> Iterator[None]:
     """While the run trains: a line per new checkpoint (step, steps/s, loss), at most one per
-    :data:`CHECKPOINT_LINE_EVERY_S`, read from Ray Train's checkpoint snapshot by the driver."""
+    :data:`CHECKPOINT_LINE_EVERY_S`, read by the driver from the run's newest checkpoint
+    metrics (:func:`latest_checkpoint_metrics`)."""
     if progress is None:
         yield
         return
@@ -495,7 +557,8 @@ def _checkpoint_lines(job: _Job, progress: CampaignProgress | None) -> Iterator[
 
 def _train(job: _Job, mlf: _Mlflow, status: RunStatus,
            progress: CampaignProgress | None = None) -> RunStatus:
-    """Train (or resume) the run under Ray Train and export it; failures land in ``status``."""
+    """Train (or resume) the run under Ray Train (or as a Ray task: ``ray.executor``) and
+    export it; failures land in ``status``."""
     if progress is not None:
         where = f"{job.objective}" + (f", cluster {job.cluster}" if job.cluster is not None else "")
         progress.start(job.name, where, int(job.loop_config["train"]["steps"]),
@@ -504,12 +567,10 @@ def _train(job: _Job, mlf: _Mlflow, status: RunStatus,
     tracking = mlf.worker_target(job.name, job.tags, run_id)
     started = time.time()
     try:
+        loop_config = {**job.loop_config, "tracking": tracking, "run_directory": job.directory}
+        fit = _fit_task if job.executor == "task" else _fit_train
         with _checkpoint_lines(job, progress):
-            result = _fit(job.name, job.storage_path, {**job.loop_config, "tracking": tracking},
-                          job.resources)
-        if result.error is not None:
-            raise result.error
-        final = _final_state(result)
+            final, metrics = fit(job, loop_config)
         history = list(final["history"])
         model = job.build()
         model.load_state_dict(final["ema"])
@@ -520,13 +581,14 @@ def _train(job: _Job, mlf: _Mlflow, status: RunStatus,
         desc = {
             "identity": job.identity, f"{job.kind}_id": job.name, **job.describe, **extra,
             "steps": int(final["step"]),
-            "final_loss": float(result.metrics.get("loss", float("nan"))),
+            "final_loss": float(metrics.get("loss", float("nan"))),
             "wall_time_s": float(final["wall_time"]),
             "node": node, "attempts": history,
-            "world_size": int(result.metrics.get("world_size", 1)),
-            "process_group_size": int(result.metrics.get("pg_world_size", 1)),
+            "world_size": int(metrics.get("world_size", 1)),
+            "process_group_size": int(metrics.get("pg_world_size", 1)),
+            "executor": job.executor,
             # damaged samples the training worker(s) skipped (hdd_ray.training.data)
-            "skipped_samples": int(result.metrics.get("skipped", 0)),
+            "skipped_samples": int(metrics.get("skipped", 0)),
             "mlflow_run_id": run_id,
             # reuse verifies it (campaign.existing_state): damaged weights are never reused
             "weights_sha256": file_sha256(weights_path),
@@ -541,8 +603,8 @@ def _train(job: _Job, mlf: _Mlflow, status: RunStatus,
         status.wall_time_s, status.attempts = desc["wall_time_s"], len(history)
         status.skipped_samples = desc["skipped_samples"]
         status.node = node.get("hostname", "")
-        status.extra = {"node_resources": node["resources"], **extra,
-                        "steps_per_s": float(result.metrics.get("steps_per_s") or 0.0)}
+        status.extra = {"node_resources": node["resources"], **extra, "executor": job.executor,
+                        "steps_per_s": float(metrics.get("steps_per_s") or 0.0)}
         mlf.log_curve(run_id, extra.get("top1_accuracy_by_t"))
         mlf.log_grid(run_id, job)
     except Exception as exc:

@@ -1,4 +1,5 @@
-"""One training loop for every expert and the router, run by Ray Train on each worker.
+"""One training loop for every expert and the router, run by Ray Train on each worker (or, with
+``ray.executor: task``, as one Ray task per run: :class:`TaskHooks`).
 
 The loop never knows which objective it trains: an expert's :class:`Objective` owns the loss,
 the router's task owns its cross-entropy. What the loop owns is everything a preemptible run
@@ -12,13 +13,19 @@ split evenly over the run's workers (:func:`rank_batch_size`); every random draw
 :class:`hdd_ray.training.data.BatchSource` per rank (in memory or streamed); every rank's data
 position and generators are gathered into rank 0's checkpoint, and the samples skipped as
 damaged are reported as ``skipped``.
+
+A run resumes from the newest checkpoint of its own, whichever executor wrote it: Ray Train's
+(``checkpoint_<time>/`` registered in ``checkpoint_manager_snapshot.json``) or the task
+executor's (``checkpoint_task/``), so switching ``ray.executor`` mid-run loses no step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
+import math
 import os
 import platform
 import socket
@@ -29,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hdd_ray import devices, tracking
+from hdd_ray import devices, storage, tracking
 from hdd_ray.config import check_global_batch
 from hdd_ray.devices import TrainingStreams
 from hdd_ray.diffusion import FM_TIME_SCALE, get_objective, per_sample
@@ -199,6 +206,18 @@ class EMA:
             e.copy_(b)
 
 
+def learning_rate(train: dict[str, Any], step: int) -> float:
+    """``train.lr`` at 0-based ``step`` under ``train.lr_schedule`` and ``train.warmup_steps``
+    (a function of the step alone: a resumed run continues the same schedule)."""
+    lr, steps = float(train["lr"]), int(train["steps"])
+    warmup = int(train.get("warmup_steps", 0))
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if train.get("lr_schedule", "constant") == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+    return lr
+
+
 def _adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW with the fused kernel (one pass over all parameters; on the CPU since torch 2.4),
     else the multi-tensor one. On the CPU the per-parameter default costs ~5 ms of a ~70 ms
@@ -228,12 +247,13 @@ def _node_info(device: torch.device) -> dict[str, Any]:
 class RayTrainHooks:
     """What the loop asks of its runner, answered by Ray Train (inside a worker group)."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_directory: str | None = None) -> None:
         import ray.train
 
         _quiet_report_log()
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.run_directory = run_directory
 
     def device(self, use_cuda: bool) -> torch.device:
         import ray.train.torch
@@ -244,10 +264,16 @@ class RayTrainHooks:
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as d:
-            return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        state = None
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu",
+                                   weights_only=True)
+        # a run the task executor began (ray.executor switched to train): go on from there
+        local = (_other_state(lambda: task_checkpoint_state(self.run_directory),
+                              f"{self.run_directory}: the task executor's checkpoint")
+                 if self.run_directory else None)
+        return newest_state(state, local)
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         import ray.train
@@ -312,12 +338,124 @@ class LocalHooks:
         return model
 
 
+#: the task executor's checkpoint in a run directory (``ray.executor: task``): ``state.pt`` and
+#: the metrics reported with it, each file replaced atomically
+TASK_CHECKPOINT = "checkpoint_task"
+TASK_METRICS = "metrics.json"
+#: Ray Train's record of a run's registered checkpoints (read, never written, here)
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def _load_state_file(path: str) -> dict[str, Any] | None:
+    if not storage.exists(path):
+        return None
+    return torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
+
+
+def _other_state(load: Any, what: str) -> dict[str, Any] | None:
+    """A checkpoint state of the other executor, or ``None`` with a warning when it cannot be
+    read: a damaged one must not stop a run that has its own (or can start over)."""
+    try:
+        return load()
+    except Exception as exc:
+        log.warning("%s: unreadable, not resumed from: %s", what, str(exc).splitlines()[0][:200])
+        return None
+
+
+def task_checkpoint_metrics(run_directory: str) -> dict[str, Any] | None:
+    """The metrics (``step``, ``loss``, ...) of a run's task-executor checkpoint, or ``None``."""
+    try:
+        return dict(storage.read_json(storage.join(run_directory, TASK_CHECKPOINT, TASK_METRICS)))
+    except Exception:
+        return None
+
+
+def ray_train_checkpoint_metrics(run_directory: str) -> dict[str, Any] | None:
+    """The metrics reported with a run's latest registered Ray Train checkpoint, or ``None``."""
+    try:
+        snap = storage.read_json(storage.join(run_directory, RAY_TRAIN_SNAPSHOT))
+        return dict(snap["latest_checkpoint_result"]["metrics"])
+    except Exception:
+        return None
+
+
+def _ray_train_state(run_directory: str) -> dict[str, Any] | None:
+    try:
+        snap = storage.read_json(storage.join(run_directory, RAY_TRAIN_SNAPSHOT))
+        name = snap["latest_checkpoint_result"]["checkpoint_dir_name"]
+    except Exception:
+        return None
+    return _load_state_file(storage.join(run_directory, str(name), STATE_FILE))
+
+
+def newest_state(*states: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The checkpoint state with the highest ``step`` among ``states`` (``None`` when none)."""
+    found = [s for s in states if s is not None]
+    return max(found, key=lambda s: int(s["step"])) if found else None
+
+
+class TaskHooks:
+    """The loop as one Ray task (``ray.executor: task``): one process, no worker group.
+
+    Checkpoints go to ``<run directory>/checkpoint_task/`` through :mod:`hdd_ray.storage` (a
+    local path or a bucket, like Ray Train's storage). A retried task, or a later launch, resumes
+    from the newest checkpoint of the run: its own or one Ray Train registered there.
+    """
+
+    rank, world = 0, 1
+
+    def __init__(self, run_directory: str) -> None:
+        self.directory = run_directory
+
+    def device(self, use_cuda: bool) -> torch.device:
+        """The task's device: Ray sets ``CUDA_VISIBLE_DEVICES`` to its GPU (device 0 here)."""
+        return torch.device("cuda") if use_cuda else torch.device("cpu")
+
+    def load_state(self) -> dict[str, Any] | None:
+        """The run's newest checkpoint state: its own, or one Ray Train registered here."""
+        own = _load_state_file(storage.join(self.directory, TASK_CHECKPOINT, STATE_FILE))
+        ray_train = _other_state(lambda: _ray_train_state(self.directory),
+                                 f"{self.directory}: Ray Train's latest checkpoint")
+        return newest_state(own, ray_train)
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        """Write ``state`` (when given) then ``metrics`` into ``checkpoint_task/``."""
+        if state is None:
+            return
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        # the state first: metrics never announce a step whose state is not written yet
+        storage.write_bytes(storage.join(self.directory, TASK_CHECKPOINT, STATE_FILE),
+                            buffer.getbuffer())
+        storage.write_json(storage.join(self.directory, TASK_CHECKPOINT, TASK_METRICS), metrics)
+
+    def preempted(self) -> bool:
+        """Never: a task has no drain notice (Ray retries it; it resumes from a checkpoint)."""
+        return False
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The model as is: one process, no DDP."""
+        return model
+
+
+def task_checkpoint_state(run_directory: str) -> dict[str, Any] | None:
+    """The state of a run's task-executor checkpoint, or ``None``."""
+    return _load_state_file(storage.join(run_directory, TASK_CHECKPOINT, STATE_FILE))
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker entry point (``TorchTrainer(train_loop, train_loop_config=config)``)."""
-    run_loop(config, RayTrainHooks())
+    run_loop(config, RayTrainHooks(config.get("run_directory")))
 
 
-def run_loop(config: dict[str, Any], hooks: RayTrainHooks | LocalHooks) -> dict[str, Any]:
+def train_task(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray task entry point of ``ray.executor: task``: the whole run in this process; returns
+    the last reported metrics (the final state is the run's task checkpoint)."""
+    return run_loop(config, TaskHooks(config["run_directory"]))
+
+
+def run_loop(config: dict[str, Any],
+             hooks: RayTrainHooks | LocalHooks | TaskHooks) -> dict[str, Any]:
     """Train an expert or the router; returns the last reported metrics.
 
     ``config["kind"]`` is ``"expert"`` or ``"router"``; ``config["train"]`` the settings of
@@ -361,6 +499,8 @@ def run_loop(config: dict[str, Any], hooks: RayTrainHooks | LocalHooks) -> dict[
     steps, accum, every = tr["steps"], tr["grad_accum"], tr["checkpoint_every"]
     group = _process_group_info()
     t0, smoothed, drain_checkpointed = time.time(), None, False
+    # a constant rate without warm-up leaves the optimizer's lr alone (the runs before schedules)
+    scheduled = tr.get("lr_schedule", "constant") != "constant" or tr.get("warmup_steps", 0) > 0
     last: dict[str, Any] = {}
 
     def report(step: int, loss: float | None, final: bool = False) -> None:
@@ -383,43 +523,48 @@ def run_loop(config: dict[str, Any], hooks: RayTrainHooks | LocalHooks) -> dict[
         # never waits on MLflow; what fails stays buffered (hdd_ray.tracking.MetricBuffer)
         tracker.flush()
 
-    if start_step >= steps:  # a finished run re-run: re-report its state so it has a result
-        report(start_step, None, final=True)
+    try:
+        if start_step >= steps:  # a finished run re-run: re-report its state so it has a result
+            report(start_step, None, final=True)
+            return last
+        for step in range(start_step, steps):
+            model.train()
+            total = 0.0
+            for micro in range(accum):
+                sync = contextlib.nullcontext() if (world == 1 or micro == accum - 1) else model.no_sync()
+                with sync:
+                    with autocast:
+                        loss = task.loss(model, batch, rng, device) / accum
+                    loss.backward()
+                total += float(loss.detach())
+            if tr["grad_clip"] > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, tr["grad_clip"])
+            if scheduled:
+                for param_group in opt.param_groups:
+                    param_group["lr"] = learning_rate(tr, step)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ema.update(_unwrap(model))
+            smoothed = total if smoothed is None else 0.98 * smoothed + 0.02 * total
+            done = step + 1
+            if done % LOG_EVERY == 0:
+                tracker.log("loss", total, done)
+                tracker.log("loss_smoothed", smoothed, done)
+            drain = False
+            if done % PREEMPTION_CHECK_EVERY == 0 and not drain_checkpointed:
+                drain = hooks.preempted()  # a barrier: every rank calls it at the same steps
+                drain_checkpointed = drain
+                if drain and rank == 0:
+                    log.warning("drain notice at step %d: checkpointing now", done)
+            if done % every == 0 or done == steps or drain:
+                report(done, smoothed, final=done == steps)
+            if drain:  # the node may go away any time now: keep unsent metrics in the outbox
+                tracker.persist()
+    finally:
+        # also when the loop fails: a task's worker process lives on (ray.executor: task);
+        # its data producer thread and metric buffer must not
         task.close()
-        tracker.close()
-        return last
-    for step in range(start_step, steps):
-        model.train()
-        total = 0.0
-        for micro in range(accum):
-            sync = contextlib.nullcontext() if (world == 1 or micro == accum - 1) else model.no_sync()
-            with sync:
-                with autocast:
-                    loss = task.loss(model, batch, rng, device) / accum
-                loss.backward()
-            total += float(loss.detach())
-        if tr["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, tr["grad_clip"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(_unwrap(model))
-        smoothed = total if smoothed is None else 0.98 * smoothed + 0.02 * total
-        done = step + 1
-        if done % LOG_EVERY == 0:
-            tracker.log("loss", total, done)
-            tracker.log("loss_smoothed", smoothed, done)
-        drain = False
-        if done % PREEMPTION_CHECK_EVERY == 0 and not drain_checkpointed:
-            drain = hooks.preempted()  # a barrier: every rank calls it at the same steps
-            drain_checkpointed = drain
-            if drain and rank == 0:
-                log.warning("drain notice at step %d: checkpointing now", done)
-        if done % every == 0 or done == steps or drain:
-            report(done, smoothed, final=done == steps)
-        if drain:  # the node may go away any time now: keep unsent metrics in the outbox
-            tracker.persist()
-    task.close()
-    tracker.close()  # after the last checkpoint: a bounded last try, the rest to the outbox
+        tracker.close()  # after the last checkpoint: a bounded last try, the rest to the outbox
     return last
 
 
