@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["ResourceGate", "label_matches", "local_gate", "task_function"]
+__all__ = ["ResourceGate", "label_matches", "local_gate", "task_function", "worker_task"]
 
 _EPS = 1e-9
 
@@ -175,3 +175,20 @@ def task_function(fn: Any, num_gpus: float) -> Any:
     import ray
 
     return ray.remote(max_calls=1 if float(num_gpus) > 0 else 0)(fn)
+
+
+def worker_task(fn: Any, resources: dict[str, Any], **options: Any) -> Any:
+    """``fn`` as a Ray task shaped like one worker of ``resources`` (a run's resources as
+    :class:`hdd_ray.config.ResourcesConfig` writes them: CPUs, GPUs, custom resources,
+    ``accelerator_type``, ``label_selector``); ``options`` add Ray task options or override
+    those. A GPU task runs in a fresh process (:func:`task_function`)."""
+    opts: dict[str, Any] = {"num_cpus": float(resources.get("cpus_per_worker") or 0),
+                            "num_gpus": float(resources.get("gpus_per_worker") or 0)}
+    if resources.get("custom"):
+        opts["resources"] = {k: float(v) for k, v in resources["custom"].items()}
+    if resources.get("accelerator_type"):
+        opts["accelerator_type"] = resources["accelerator_type"]
+    if resources.get("label_selector"):
+        opts["label_selector"] = dict(resources["label_selector"])
+    opts.update(options)
+    return task_function(fn, opts["num_gpus"]).options(**opts)

@@ -108,17 +108,10 @@ def expert_grid(cfg: Any, expert_dir: str, shards: list[str],
     gpus = float(resources.get("gpus_per_worker") or 0)
     if gpus <= 0:
         return expert_grid_png(cfg, expert_dir, prompts)
-    from hdd_ray.placement import task_function
+    from hdd_ray.placement import worker_task
 
-    opts: dict[str, Any] = {"num_cpus": float(resources.get("cpus_per_worker") or 1),
-                            "num_gpus": gpus, "max_retries": 0}
-    if resources.get("accelerator_type"):
-        opts["accelerator_type"] = resources["accelerator_type"]
-    if resources.get("custom"):
-        opts["resources"] = {k: float(v) for k, v in resources["custom"].items()}
-    if resources.get("label_selector"):
-        opts["label_selector"] = dict(resources["label_selector"])
-    task = task_function(expert_grid_png, gpus).options(**opts)  # a fresh process per GPU task
+    task = worker_task(expert_grid_png, resources,
+                       num_cpus=float(resources.get("cpus_per_worker") or 1), max_retries=0)
     return wait_or_cancel(task.remote(cfg, expert_dir, prompts, GRID_PER_PROMPT, True),
                           timeout_s, f"{expert_dir}: sample grid")
 

@@ -52,7 +52,7 @@ from hdd_ray.campaign import (
 from hdd_ray.config import CampaignConfig, ResolvedExpert, resolve_experts, to_dict
 from hdd_ray.errors import ExpertRejected
 from hdd_ray.lease import RunLock
-from hdd_ray.placement import ResourceGate, local_gate, task_function
+from hdd_ray.placement import ResourceGate, local_gate, worker_task
 from hdd_ray.progress import CampaignProgress
 from hdd_ray.training.loop import (
     STATE_FILE,
@@ -138,7 +138,7 @@ def _fit_task(job: _Job, loop_config: dict[str, Any]) -> tuple[dict[str, Any], d
 
     The task asks for the run's one worker's resources; on CPUs Ray reuses its worker
     processes, so a run starts without the new processes (and imports) of a Ray Train worker
-    group (a GPU task gets a fresh process: :func:`hdd_ray.placement.task_function`). A failed
+    group (a GPU task gets a fresh process: :func:`hdd_ray.placement.worker_task`). A failed
     attempt is retried ``max_failures`` times, each resuming from the run's last checkpoint.
     ``max_preemption_failures`` does not apply: a task has no drain notice (a node lost is a
     failed attempt, resumed from the last periodic checkpoint).
@@ -146,17 +146,9 @@ def _fit_task(job: _Job, loop_config: dict[str, Any]) -> tuple[dict[str, Any], d
     import ray
 
     res = job.resources
-    options: dict[str, Any] = {"num_cpus": float(res["cpus_per_worker"]),
-                               "num_gpus": float(res["gpus_per_worker"]),
-                               "max_retries": int(res["max_failures"]), "retry_exceptions": True}
-    if res.get("custom"):
-        options["resources"] = {k: float(v) for k, v in res["custom"].items()}
-    if res.get("accelerator_type"):
-        options["accelerator_type"] = res["accelerator_type"]
-    if res.get("label_selector"):
-        options["label_selector"] = dict(res["label_selector"])
     try:
-        remote = task_function(train_task, res["gpus_per_worker"]).options(**options)
+        remote = worker_task(train_task, res, max_retries=int(res["max_failures"]),
+                             retry_exceptions=True)
         metrics = ray.get(remote.remote(loop_config))
     except ray.exceptions.RayTaskError as exc:  # the loop's own error, not Ray's wrapper
         cause = getattr(exc, "cause", None)

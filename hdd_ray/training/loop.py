@@ -370,22 +370,36 @@ def task_checkpoint_metrics(run_directory: str) -> dict[str, Any] | None:
         return None
 
 
-def ray_train_checkpoint_metrics(run_directory: str) -> dict[str, Any] | None:
-    """The metrics reported with a run's latest registered Ray Train checkpoint, or ``None``."""
+def task_checkpoint_state(run_directory: str) -> dict[str, Any] | None:
+    """The state of a run's task-executor checkpoint, or ``None``."""
+    return _load_state_file(storage.join(run_directory, TASK_CHECKPOINT, STATE_FILE))
+
+
+def _ray_train_latest(run_directory: str) -> dict[str, Any] | None:
+    """Ray Train's record of a run's latest registered checkpoint (its directory name and the
+    metrics reported with it), or ``None``."""
     try:
         snap = storage.read_json(storage.join(run_directory, RAY_TRAIN_SNAPSHOT))
-        return dict(snap["latest_checkpoint_result"]["metrics"])
+        return dict(snap["latest_checkpoint_result"])
     except Exception:
+        return None
+
+
+def ray_train_checkpoint_metrics(run_directory: str) -> dict[str, Any] | None:
+    """The metrics reported with a run's latest registered Ray Train checkpoint, or ``None``."""
+    latest = _ray_train_latest(run_directory)
+    try:
+        return dict(latest["metrics"]) if latest else None
+    except (KeyError, TypeError, ValueError):
         return None
 
 
 def _ray_train_state(run_directory: str) -> dict[str, Any] | None:
-    try:
-        snap = storage.read_json(storage.join(run_directory, RAY_TRAIN_SNAPSHOT))
-        name = snap["latest_checkpoint_result"]["checkpoint_dir_name"]
-    except Exception:
+    latest = _ray_train_latest(run_directory)
+    if not latest or "checkpoint_dir_name" not in latest:
         return None
-    return _load_state_file(storage.join(run_directory, str(name), STATE_FILE))
+    return _load_state_file(storage.join(run_directory, str(latest["checkpoint_dir_name"]),
+                                         STATE_FILE))
 
 
 def newest_state(*states: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -394,32 +408,25 @@ def newest_state(*states: dict[str, Any] | None) -> dict[str, Any] | None:
     return max(found, key=lambda s: int(s["step"])) if found else None
 
 
-class TaskHooks:
-    """The loop as one Ray task (``ray.executor: task``): one process, no worker group.
+class TaskHooks(LocalHooks):
+    """The loop as one Ray task (``ray.executor: task``): one process, no worker group
+    (:class:`LocalHooks`' device, no drain notice, no DDP wrapper).
 
     Checkpoints go to ``<run directory>/checkpoint_task/`` through :mod:`hdd_ray.storage` (a
     local path or a bucket, like Ray Train's storage). A retried task, or a later launch, resumes
-    from the newest checkpoint of the run: its own or one Ray Train registered there.
+    from the newest checkpoint of the run: its own or one Ray Train registered there. A task has
+    no drain notice: Ray retries it and it resumes from its last checkpoint.
     """
-
-    rank, world = 0, 1
-
-    def __init__(self, run_directory: str) -> None:
-        self.directory = run_directory
-
-    def device(self, use_cuda: bool) -> torch.device:
-        """The task's device: Ray sets ``CUDA_VISIBLE_DEVICES`` to its GPU (device 0 here)."""
-        return torch.device("cuda") if use_cuda else torch.device("cpu")
 
     def load_state(self) -> dict[str, Any] | None:
         """The run's newest checkpoint state: its own, or one Ray Train registered here."""
-        own = _load_state_file(storage.join(self.directory, TASK_CHECKPOINT, STATE_FILE))
         ray_train = _other_state(lambda: _ray_train_state(self.directory),
                                  f"{self.directory}: Ray Train's latest checkpoint")
-        return newest_state(own, ray_train)
+        return newest_state(task_checkpoint_state(self.directory), ray_train)
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         """Write ``state`` (when given) then ``metrics`` into ``checkpoint_task/``."""
+        self.reports.append(metrics)
         if state is None:
             return
         buffer = io.BytesIO()
@@ -428,19 +435,6 @@ class TaskHooks:
         storage.write_bytes(storage.join(self.directory, TASK_CHECKPOINT, STATE_FILE),
                             buffer.getbuffer())
         storage.write_json(storage.join(self.directory, TASK_CHECKPOINT, TASK_METRICS), metrics)
-
-    def preempted(self) -> bool:
-        """Never: a task has no drain notice (Ray retries it; it resumes from a checkpoint)."""
-        return False
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """The model as is: one process, no DDP."""
-        return model
-
-
-def task_checkpoint_state(run_directory: str) -> dict[str, Any] | None:
-    """The state of a run's task-executor checkpoint, or ``None``."""
-    return _load_state_file(storage.join(run_directory, TASK_CHECKPOINT, STATE_FILE))
 
 
 def train_loop(config: dict[str, Any]) -> None:
