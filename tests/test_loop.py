@@ -118,7 +118,7 @@ def test_an_expert_carries_its_data_mean_through_training_export_and_loading(sha
 
 
 def test_task_hooks_resume_exactly_and_take_the_newest_checkpoint_of_either_executor(
-        shard, tmp_path):
+        shard, tmp_path, caplog):
     """``ray.executor=task``'s hooks: checkpoints in ``<run>/checkpoint_task/`` resume exactly;
     a Ray Train checkpoint of the same run that is further along wins over the task's."""
     from hdd_ray.training.loop import (
@@ -146,6 +146,15 @@ def test_task_hooks_resume_exactly_and_take_the_newest_checkpoint_of_either_exec
     (run / RAY_TRAIN_SNAPSHOT).write_text(json.dumps({"latest_checkpoint_result": {
         "checkpoint_dir_name": ckpt.name, "metrics": {"step": 40}}}))
     assert TaskHooks(str(run)).load_state()["step"] == 40
+    # a damaged Ray Train checkpoint is skipped with a one-line warning, the task's own is used
+    (ckpt / STATE_FILE).write_bytes(b"not a torch file")
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="hdd_ray"):
+        assert TaskHooks(str(run)).load_state()["step"] == 30
+    warned = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(warned) == 1 and "Ray Train's latest checkpoint" in warned[0]
+    assert "\n" not in warned[0]
     assert (run / TASK_CHECKPOINT / STATE_FILE).exists()
     assert newest_state(None, None) is None
     assert newest_state({"step": 3}, None, {"step": 7})["step"] == 7
