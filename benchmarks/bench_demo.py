@@ -232,8 +232,8 @@ def cmd_step(args: argparse.Namespace) -> None:
 
     import torch
 
+    from hdd_ray.models.expert import ExpertModel
     from hdd_ray.training.loop import EMA
-    from hdd_ray.training.model import ExpertModel
 
     torch.set_num_threads(1)
     captions = [f"a small scan of a handwritten {d}" for d in range(10)] * 7

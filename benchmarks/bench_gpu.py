@@ -89,7 +89,7 @@ def peak_tflops(name: str | None, override: float | None) -> float | None:
 def _expert_parts(size: str, channels: int, image_size: int, device: torch.device):
     from hdd_ray.config import load_config, resolve_experts
     from hdd_ray.diffusion import get_objective
-    from hdd_ray.training.model import ExpertModel
+    from hdd_ray.models.expert import ExpertModel
 
     expert = resolve_experts(load_config())[0]
     text = dict(expert.text, max_len=TEXT_LEN)
@@ -268,7 +268,7 @@ def sampling_table(args: argparse.Namespace, device: torch.device) -> dict[str, 
     """Images/s of a K = 4 mixture (random weights) per routing, via ``Mixture.sample``."""
     from hdd_ray.config import load_config
     from hdd_ray.ensemble import Mixture
-    from hdd_ray.training.model import RouterModel
+    from hdd_ray.models.expert import RouterModel
 
     k = 4
     cfg = load_config(overrides=[f"clustering.k={k}", f"sampling.steps={args.sample_steps}",
@@ -316,10 +316,10 @@ def campaign(args: argparse.Namespace, device: torch.device, tmp: str) -> dict[s
     import ray
 
     from hdd_ray.campaign import EXPERT_JSON, ROUTER_JSON, CampaignPaths
-    from hdd_ray.cli import init_ray
     from hdd_ray.config import load_config
     from hdd_ray.evaluation.mixture import MixtureSpec
     from hdd_ray.evaluation.remote import evaluate_on_ray
+    from hdd_ray.placement import init_ray
     from hdd_ray.prepare import prepare_corpus
     from hdd_ray.storage import read_json
     from hdd_ray.training.launcher import train_campaign

@@ -41,7 +41,7 @@ def main() -> None:
     from hdd_ray.config import load_config
     from hdd_ray.diffusion import sample_ode
     from hdd_ray.ensemble import Mixture, MixtureField
-    from hdd_ray.training.model import ExpertModel, RouterModel
+    from hdd_ray.models.expert import ExpertModel, RouterModel
 
     text = {"encoder": "learned", "vocab_size": 1024, "max_len": 16, "dim": 64, "depth": 1,
             "arch": None, "pretrained": None}
@@ -126,7 +126,7 @@ def _per_call(fn, args: tuple, n: int) -> float:
 def component_table(cfg, text: dict, batch: int, threads: int) -> None:
     """The conversion's arithmetic vs one network call, per call of a guided expert field."""
     from hdd_ray.diffusion import Safeguards, as_velocity, get_schedule
-    from hdd_ray.training.model import ExpertModel
+    from hdd_ray.models.expert import ExpertModel
 
     conv = cfg.sampling.conversion
     g = Safeguards(conv.clamp_tau, conv.min_one_minus_t, conv.x0_clamp)

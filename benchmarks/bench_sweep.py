@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from hdd_ray.cli import RAY_ENV
     from hdd_ray.config import load_config
+    from hdd_ray.placement import RAY_ENV
     from hdd_ray.prepare import prepare_corpus
     from hdd_ray.sweep import candidate_assignments, run_sweep, train_needed_experts
 

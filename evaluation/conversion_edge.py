@@ -60,8 +60,8 @@ def _train(shard: str, objective: str, schedule: str, steps: int, directory: str
     """A trained expert (its EMA weights) and its description, via the bare loop; reused from
     ``cache`` (safetensors) when an earlier run left it there."""
     from hdd_ray.config import load_config, resolve_experts
+    from hdd_ray.models.expert import ExpertModel, load_weights, save_weights
     from hdd_ray.training.loop import LocalHooks, run_loop
-    from hdd_ray.training.model import ExpertModel, load_weights, save_weights
 
     cfg = load_config(overrides=[f"experts.objective={objective}", "experts.ddpm_clusters=[]",
                                  f"experts.schedule={schedule}"])
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         expert_field,
         velocity_errors,
     )
-    from hdd_ray.training.data import read_cluster
+    from hdd_ray.samples import read_cluster
 
     torch.manual_seed(0)
     out = args.out

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from hdd_ray.config import resolve_experts
     from hdd_ray.errors import CampaignError
     from hdd_ray.evaluation.velocity_error import curves_csv, curves_png, expert_curves
-    from hdd_ray.training.data import read_cluster
+    from hdd_ray.samples import read_split
 
     k = args.cluster
     if not 0 <= k < cfg.clustering.k:
@@ -60,13 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except CampaignError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if manifest.get("latents"):  # latent space: the experts' velocities are over latents
-        from hdd_ray.latents import read_latents
-
-        held = read_latents(campaign.heldout_shards(cfg, manifest))
-    else:
-        held = read_cluster(campaign.heldout_shards(cfg, manifest), cfg.corpus.image_size,
-                            cfg.corpus.channels)
+    # latent space: the experts' velocities are over latents
+    held = read_split(campaign.heldout_shards(cfg, manifest), manifest.get("latents"),
+                      cfg.corpus.image_size, cfg.corpus.channels)
     keep = (held.labels == k).nonzero().flatten().tolist()
     if not keep:
         print(f"error: no held-out images of cluster {k}", file=sys.stderr)

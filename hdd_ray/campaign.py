@@ -28,7 +28,7 @@ from hdd_ray.config import CampaignConfig, ResolvedExpert, to_dict
 from hdd_ray.errors import CampaignError, ConfigError, ExpertRejected
 
 if TYPE_CHECKING:
-    from hdd_ray.training.model import ExpertModel, RouterModel
+    from hdd_ray.models.expert import ExpertModel, RouterModel
 
 WEIGHTS = "weights.safetensors"
 EXPERT_JSON = "expert.json"
@@ -39,7 +39,6 @@ ROUTER_JSON = "router.json"
 NON_IDENTITY_TRAIN_KEYS = ("checkpoint_every", "compile")
 
 #: letters of an objective assignment string ("D F F D"): cluster uses ddpm_eps / the base
-ASSIGNMENT_LETTERS = {"D": "ddpm_eps", "F": "fm_velocity"}
 
 
 # ------------------------------------------------------------------------------- the directory
@@ -369,33 +368,6 @@ def router_id(cfg: CampaignConfig, manifest: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------- objective assignments
 
 
-def parse_assignment(text: str, k: int, key: str = "assignment") -> list[int]:
-    """``"D F F D"`` (or ``"DFFD"``, or objective names) -> the clusters using ``ddpm_eps``.
-
-    One letter (or objective name) per cluster: ``D`` = ``ddpm_eps``, ``F`` = ``fm_velocity``.
-    Raises :class:`ConfigError` naming ``key`` on an unknown objective or a wrong length.
-    """
-    tokens = text.replace(",", " ").split()
-    if len(tokens) == 1 and len(tokens[0]) > 1 and tokens[0] not in ASSIGNMENT_LETTERS.values():
-        tokens = list(tokens[0])
-    names = {**ASSIGNMENT_LETTERS, **{o: o for o in ASSIGNMENT_LETTERS.values()}}
-    for c, tok in enumerate(tokens):
-        if tok not in names:
-            raise ConfigError(f"{key}={text!r}: unknown objective {tok!r} for cluster {c}, "
-                              "allowed: D (ddpm_eps), F (fm_velocity)")
-    if len(tokens) != k:
-        raise ConfigError(f"{key}={text!r}: {len(tokens)} objectives, expected one per cluster "
-                          f"(clustering.k={k})")
-    return [c for c, tok in enumerate(tokens) if names[tok] == "ddpm_eps"]
-
-
-def format_assignment(ddpm_clusters: Iterable[int], k: int) -> str:
-    """The readable objective per cluster, e.g. ``D F F D F F F F`` (inverse of
-    :func:`parse_assignment`)."""
-    ddpm = set(ddpm_clusters)
-    return " ".join("D" if c in ddpm else "F" for c in range(k))
-
-
 def with_assignment(cfg: CampaignConfig, ddpm_clusters: Iterable[int],
                     schedule: str | None = None) -> CampaignConfig:
     """The same campaign with another objective assignment (and DDPM schedule, when given)."""
@@ -613,7 +585,7 @@ def safetensors_problem(data: bytes) -> str:
 
 def load_expert(directory: str) -> tuple[ExpertModel, dict[str, Any]]:
     """An exported expert (safetensors + expert.json), checked against its description."""
-    from hdd_ray.training.model import ExpertModel, load_weights
+    from hdd_ray.models.expert import ExpertModel, load_weights
 
     desc = storage.read_json(storage.join(directory, EXPERT_JSON))
     model = ExpertModel(desc["architecture"], desc["text"], desc["image_size"], desc["channels"])
@@ -624,7 +596,7 @@ def load_expert(directory: str) -> tuple[ExpertModel, dict[str, Any]]:
 
 def load_router(cfg: CampaignConfig, manifest: dict[str, Any] | None = None) -> RouterModel:
     """The campaign's trained router (one line naming the fix when it is missing)."""
-    from hdd_ray.training.model import RouterModel, load_weights
+    from hdd_ray.models.expert import RouterModel, load_weights
 
     manifest = manifest or load_manifest(cfg)
     rid = router_id(cfg, manifest)
@@ -638,11 +610,11 @@ def load_router(cfg: CampaignConfig, manifest: dict[str, Any] | None = None) -> 
 
 
 __all__ = [
-    "ASSIGNMENT_LETTERS", "EXPERT_JSON", "NON_IDENTITY_TRAIN_KEYS", "REQUIRED_KEYS",
+    "EXPERT_JSON", "NON_IDENTITY_TRAIN_KEYS", "REQUIRED_KEYS",
     "ROUTER_JSON", "WEIGHTS", "CampaignPaths", "applied_precision", "campaign_assignments",
     "check_existing", "cluster_info", "cluster_shards", "content_identity", "existing_state",
-    "expert_id", "expert_identity", "file_sha256", "format_assignment", "read_description",
+    "expert_id", "expert_identity", "file_sha256", "read_description",
     "safetensors_problem", "verified_sha256", "weights_problem", "heldout_shards", "load_expert",
-    "load_manifest", "load_router", "model_shape", "parse_assignment", "router_id", "router_identity",
+    "load_manifest", "load_router", "model_shape", "router_id", "router_identity",
     "short_hash", "with_assignment",
 ]

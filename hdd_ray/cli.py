@@ -14,11 +14,7 @@ from typing import Any
 
 from hdd_ray import storage
 from hdd_ray.config import DEMO_CONFIG, CampaignConfig, ConfigError, load_config
-from hdd_ray.progress import configure_logging, quiet_ray
-
-#: Ray settings every job needs. Many experts starting at once on a small machine take longer
-#: than Ray Train's default 60 s to bring up their worker groups.
-RAY_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
+from hdd_ray.progress import configure_logging
 
 
 def parse_job_args(
@@ -150,33 +146,3 @@ def in_job_working_dir_copy(path: str) -> bool:
     """Whether ``path`` lies in a ``ray job submit --working-dir`` package Ray unpacked."""
     parts = os.path.normpath(path).split(os.sep)
     return "runtime_resources" in parts and any(p.startswith("_ray_pkg_") for p in parts)
-
-
-def cluster_address(cfg: CampaignConfig) -> str | None:
-    """The Ray cluster a job joins (``ray.address``, else ``RAY_ADDRESS``); None: start one."""
-    return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
-
-
-def init_ray(cfg: CampaignConfig) -> None:
-    """Join the configured cluster (``ray.address`` or ``RAY_ADDRESS``), else start a local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    runtime_env = {"env_vars": {"PYTHONPATH": _repo_pythonpath(), **RAY_ENV}}
-    for key, value in RAY_ENV.items():  # a local instance started below inherits these too
-        os.environ.setdefault(key, value)
-    address = cluster_address(cfg)
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-    else:
-        # address="local" always starts a fresh instance (a stale /tmp/ray cluster file would
-        # make a plain ray.init(num_cpus=...) fail)
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, runtime_env=runtime_env)
-    quiet_ray()  # forwarded noise (hdd_ray.progress.NOISE) dropped; real errors kept
-
-
-def _repo_pythonpath() -> str:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    existing = os.environ.get("PYTHONPATH", "")
-    return here + (os.pathsep + existing if existing else "")

@@ -23,16 +23,27 @@ from typing import Any, Dict, List, Optional  # noqa: UP035 - OmegaConf needs ty
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from hdd_ray.choices import (
+    BEYOND_EDGE,
+    DIT_SIZES,
+    EXTRACTOR_KINDS,
+    OBJECTIVE_NAMES,
+    ROUTER_SIZES,
+    SAMPLERS,
+    SCHEDULE_NAMES,
+    STRATEGIES,
+    TEXT_ENCODER_KINDS,
+    TIMESTEP_SAMPLING,
+    parse_assignment,
+)
 from hdd_ray.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "jobs" / "configs"
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 
-# Choices owned by this module. The others come from the registries that own them (objectives,
-# schedules, samplers, timestep sampling: hdd_ray.diffusion; routing: hdd_ray.ensemble; text
-# encoders and model sizes: hdd_ray.models; FID extractors: hdd_ray.evaluation.features), imported
-# by the ``validate`` methods when they run: those modules import torch, this one must not.
+# Choices owned by this module. The others come from hdd_ray.choices, the torch-free registries
+# the implementing modules share (this module must load without torch).
 EMBEDDERS = ("pixels", "dinov2", "open_clip")
 CORPUS_SOURCES = ("demo", "webdataset")
 MIXED_PRECISION = ("no", "bf16")
@@ -167,7 +178,6 @@ class TrainConfig:
 
     def validate(self, prefix: str) -> None:
         """One-line :class:`ConfigError` naming ``prefix`` (``experts.train``, ``router.train``)."""
-        from hdd_ray.diffusion import TIMESTEP_SAMPLING
 
         for key in ("steps", "batch_size", "lr", "grad_accum", "checkpoint_every"):
             _positive(f"{prefix}.{key}", getattr(self, key))
@@ -249,7 +259,6 @@ class TextConfig:
 
     def validate(self) -> None:
         """One-line :class:`ConfigError` on the first bad value of ``experts.text``."""
-        from hdd_ray.models import TEXT_ENCODER_KINDS
 
         _choice("experts.text.encoder", self.encoder, TEXT_ENCODER_KINDS)
         if self.encoder == "open_clip" and not self.arch:
@@ -276,15 +285,13 @@ class ExpertSpec:
     def validate(self, prefix: str, k: int, default_resources: ResourcesConfig) -> None:
         """One-line :class:`ConfigError` naming ``prefix`` (``experts.list[i]``); ``k`` is
         ``clustering.k``, ``default_resources`` the ``experts.resources`` it merges over."""
-        from hdd_ray.diffusion import OBJECTIVES, SCHEDULES
-        from hdd_ray.models import DIT_SIZES
 
         if not 0 <= self.cluster < k:
             raise ConfigError(f"{prefix}.cluster={self.cluster}: cluster id outside 0..{k - 1}")
         if self.objective is not None:
-            _choice(f"{prefix}.objective", self.objective, tuple(OBJECTIVES))
+            _choice(f"{prefix}.objective", self.objective, OBJECTIVE_NAMES)
         if self.schedule is not None:
-            _choice(f"{prefix}.schedule", self.schedule, tuple(SCHEDULES))
+            _choice(f"{prefix}.schedule", self.schedule, SCHEDULE_NAMES)
         if self.model is not None:
             _choice(f"{prefix}.model", self.model, tuple(DIT_SIZES))
         for key in ("steps", "batch_size", "lr"):
@@ -312,11 +319,9 @@ class ExpertsConfig:
     def validate(self, k: int) -> None:
         """One-line :class:`ConfigError` on the first bad value of ``experts``; cluster ids
         must be below ``k`` (``clustering.k``)."""
-        from hdd_ray.diffusion import OBJECTIVES, SCHEDULES
-        from hdd_ray.models import DIT_SIZES
 
-        _choice("experts.objective", self.objective, tuple(OBJECTIVES))
-        _choice("experts.schedule", self.schedule, tuple(SCHEDULES))
+        _choice("experts.objective", self.objective, OBJECTIVE_NAMES)
+        _choice("experts.schedule", self.schedule, SCHEDULE_NAMES)
         _choice("experts.model", self.model, tuple(DIT_SIZES))
         for i, cid in enumerate(self.ddpm_clusters):
             if not 0 <= cid < k:
@@ -346,7 +351,6 @@ class RouterConfig:
 
     def validate(self) -> None:
         """One-line :class:`ConfigError` on the first bad value of ``router``."""
-        from hdd_ray.models import ROUTER_SIZES
 
         _choice("router.model", self.model, tuple(ROUTER_SIZES))
         self.train.validate("router.train")
@@ -366,7 +370,6 @@ class ConversionConfig:
 
     def validate(self) -> None:
         """One-line :class:`ConfigError` on the first bad value of ``sampling.conversion``."""
-        from hdd_ray.diffusion import BEYOND_EDGE
 
         _choice("sampling.conversion.beyond_edge", self.beyond_edge, BEYOND_EDGE)
         if not 0 < self.min_one_minus_t < 1:
@@ -395,8 +398,6 @@ class SamplingConfig:
     def validate(self, k: int) -> None:
         """One-line :class:`ConfigError` on the first bad value of ``sampling``; top-k must be
         in 1..``k`` (``clustering.k``)."""
-        from hdd_ray.diffusion import SAMPLERS
-        from hdd_ray.ensemble import STRATEGIES
 
         _positive("sampling.steps", self.steps)
         _choice("sampling.sampler", self.sampler, SAMPLERS)
@@ -450,7 +451,6 @@ class EvaluationConfig:
     def validate(self, k: int) -> None:
         """One-line :class:`ConfigError` on the first bad value of ``evaluation``; cluster ids
         must be below ``k`` (``clustering.k``)."""
-        from hdd_ray.evaluation.features import EXTRACTOR_KINDS
 
         _positive("evaluation.num_samples", self.num_samples)
         _choice("evaluation.fid_extractor", self.fid_extractor, EXTRACTOR_KINDS)
@@ -543,9 +543,6 @@ class SweepConfig:
     def validate(self, k: int) -> None:
         """One-line :class:`ConfigError` on the first bad value of the search space; ``k`` is
         ``clustering.k`` (assignments have one objective per cluster)."""
-        from hdd_ray.campaign import parse_assignment  # the campaign layer imports this module
-        from hdd_ray.diffusion import SCHEDULES
-        from hdd_ray.ensemble import STRATEGIES
 
         check_safe_name("sweep.name", self.name)
         _choice("sweep.mode", self.mode, SWEEP_MODES)
@@ -574,7 +571,7 @@ class SweepConfig:
         for i, st in enumerate(self.steps or []):
             _positive(f"sweep.steps[{i}]", st)
         for i, sc in enumerate(self.schedule or []):
-            _choice(f"sweep.schedule[{i}]", sc, tuple(SCHEDULES))
+            _choice(f"sweep.schedule[{i}]", sc, SCHEDULE_NAMES)
         _positive("sweep.max_concurrent_trials", self.max_concurrent_trials)
         _positive("sweep.cpus_per_trial", self.cpus_per_trial, strict=False)
         _positive("sweep.gpus_per_trial", self.gpus_per_trial, strict=False)

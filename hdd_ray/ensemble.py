@@ -16,10 +16,9 @@ import torch
 from torch import Tensor
 
 from hdd_ray import devices
+from hdd_ray.choices import STRATEGIES
 from hdd_ray.diffusion.convert import VelocityField
 from hdd_ray.errors import MixtureError
-
-STRATEGIES = ("full", "top1", "topk", "threshold")
 
 #: ``router(x_t, t) -> p(k | x_t, t)`` as probabilities ``[B, K]``
 RouterFn = Callable[[Tensor, Tensor], Tensor]

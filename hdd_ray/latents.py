@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LATENT_MEMBER",
-    "LatentSplit",
     "Vae",
     "VaeInfo",
     "check_same_vae",
@@ -44,8 +43,6 @@ __all__ = [
     "encode_member",
     "latent_record",
     "load_vae",
-    "read_decoded",
-    "read_latents",
     "to_pixels",
     "vae_info",
 ]
@@ -334,54 +331,3 @@ def encode_member(latent: np.ndarray, dtype: str = "float16") -> bytes:
 def decode_member(data: bytes) -> np.ndarray:
     """``latent.npy`` bytes -> the stored array (float16 or float32)."""
     return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-@dataclass
-class LatentSplit:
-    """Latents (or their decoded images) of a split with captions and cluster labels."""
-
-    images: Tensor  # ``[N, C, h, w]`` latents, or ``[N, C, H, W]`` decoded images
-    captions: list[str]
-    labels: Tensor
-    skipped: int = 0
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-
-def read_latents(shards: list[str], label: int | None = None) -> LatentSplit:
-    """Every sample's ``latent.npy`` of ``shards`` as float32 (damaged samples skipped).
-
-    ``label`` sets every label; ``None`` reads ``cluster`` from each sample's JSON.
-    """
-    import torch
-
-    from hdd_ray.corpus import iter_samples
-    from hdd_ray.errors import NoUsableData
-
-    arrays, captions, labels, skipped = [], [], [], 0
-    for sample in iter_samples(shards, include_damaged=True):
-        try:
-            if "__error__" in sample:
-                raise ValueError(sample["__error__"])
-            arr = decode_member(sample[LATENT_MEMBER]).astype(np.float32)
-            cap = sample.get("txt", b"").decode("utf-8")
-            lab = label if label is not None else int(json.loads(sample["json"])["cluster"])
-        except Exception:
-            skipped += 1
-            continue
-        arrays.append(arr)
-        captions.append(cap)
-        labels.append(lab)
-    if not arrays:
-        raise NoUsableData(f"no usable latents in {len(shards)} shards ({skipped} skipped)")
-    return LatentSplit(torch.from_numpy(np.stack(arrays)), captions, torch.tensor(labels), skipped)
-
-
-def read_decoded(cfg: Any, shards: list[str], device: Any = "cpu") -> LatentSplit:
-    """:func:`read_latents` of ``shards`` decoded through the campaign's VAE on ``device``:
-    images ``[N, C, H, W]`` in [-1, 1] on the CPU (what evaluation compares samples with)."""
-    split = read_latents(shards)
-    vae = load_vae(vae_info(cfg.latents), device)
-    split.images = vae.decode(split.images.to(vae.device)).cpu()
-    return split

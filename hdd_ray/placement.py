@@ -8,6 +8,10 @@ waiting. The :class:`ResourceGate` refuses the first in one line before anything
 ``label_selector``, each worker on one node) and queues the second (:meth:`ResourceGate.hold`).
 On a cluster that autoscales no gate is used: pending requests are what makes it grow.
 
+Joining Ray is here too (:func:`init_ray`, :func:`cluster_address`): the jobs, the prepare stage,
+the launcher and the evaluation all ask the same question (a cluster to join, or a local
+instance to start and gate).
+
 A request is a run's resources as :class:`hdd_ray.config.ResourcesConfig` writes them:
 ``num_workers``, ``cpus_per_worker``, ``gpus_per_worker``, ``custom``, ``accelerator_type``,
 ``label_selector``.
@@ -15,12 +19,23 @@ A request is a run's resources as :class:`hdd_ray.config.ResourcesConfig` writes
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["ResourceGate", "label_matches", "local_gate", "task_function", "worker_task"]
+from hdd_ray.progress import quiet_ray
+
+if TYPE_CHECKING:
+    from hdd_ray.config import CampaignConfig
+
+__all__ = ["RAY_ENV", "ResourceGate", "cluster_address", "init_ray", "label_matches",
+           "local_gate", "task_function", "worker_task"]
+
+#: Ray settings every job needs. Many experts starting at once on a small machine take longer
+#: than Ray Train's default 60 s to bring up their worker groups.
+RAY_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
 
 _EPS = 1e-9
 
@@ -192,3 +207,33 @@ def worker_task(fn: Any, resources: dict[str, Any], **options: Any) -> Any:
         opts["label_selector"] = dict(resources["label_selector"])
     opts.update(options)
     return task_function(fn, opts["num_gpus"]).options(**opts)
+
+
+def cluster_address(cfg: CampaignConfig) -> str | None:
+    """The Ray cluster a job joins (``ray.address``, else ``RAY_ADDRESS``); None: start one."""
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def init_ray(cfg: CampaignConfig) -> None:
+    """Join the configured cluster (``ray.address`` or ``RAY_ADDRESS``), else start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": {"PYTHONPATH": _repo_pythonpath(), **RAY_ENV}}
+    for key, value in RAY_ENV.items():  # a local instance started below inherits these too
+        os.environ.setdefault(key, value)
+    address = cluster_address(cfg)
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        # address="local" always starts a fresh instance (a stale /tmp/ray cluster file would
+        # make a plain ray.init(num_cpus=...) fail)
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, runtime_env=runtime_env)
+    quiet_ray()  # forwarded noise (hdd_ray.progress.NOISE) dropped; real errors kept
+
+
+def _repo_pythonpath() -> str:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    existing = os.environ.get("PYTHONPATH", "")
+    return here + (os.pathsep + existing if existing else "")

@@ -38,11 +38,10 @@ from typing import Any
 from hdd_ray import storage
 from hdd_ray.campaign import (
     CampaignPaths,
-    format_assignment,
-    parse_assignment,
     with_assignment,
     without_later_defaults,
 )
+from hdd_ray.choices import format_assignment, parse_assignment
 from hdd_ray.config import CampaignConfig, ConfigError, validate_sweep
 from hdd_ray.errors import SweepError
 

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         # Checks the input first, then joins RAY_ADDRESS / ray.address or starts a local Ray
-        # instance (hdd_ray.cli.init_ray); a result that is up to date needs no Ray at all.
+        # instance (hdd_ray.placement.init_ray); a result that is up to date needs no Ray at all.
         manifest = prepare_corpus(cfg, force=args.force)
     except PrepareError as exc:
         print(f"error: {exc}", file=sys.stderr)

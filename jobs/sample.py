@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --k {args.k}: top-k must be in 1..{k_clusters}", file=sys.stderr)
         return 2
     try:
-        from hdd_ray.campaign import parse_assignment
+        from hdd_ray.choices import parse_assignment
 
         ddpm = sorted(cfg.experts.ddpm_clusters)
         settings = {"routing": cfg.sampling.routing, "k": cfg.sampling.k,
@@ -124,7 +124,7 @@ def _sample(cfg, args, prompts: list[str], ddpm: list[int], settings: dict) -> i
     import torch
 
     from hdd_ray import storage
-    from hdd_ray.campaign import format_assignment
+    from hdd_ray.choices import format_assignment
     from hdd_ray.devices import resolve_device
     from hdd_ray.ensemble import load_mixture, route
     from hdd_ray.evaluation.mixture import save_grid

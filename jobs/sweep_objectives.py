@@ -33,7 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hdd_ray.cli import init_ray, parse_job_args  # noqa: E402
+from hdd_ray.cli import parse_job_args  # noqa: E402
+from hdd_ray.placement import init_ray  # noqa: E402
 
 #: the demo's sweep: small enough for a few minutes of 2 CPUs once the experts exist
 DEMO_DEFAULTS = ["evaluation.num_samples=128", "sampling.steps=16"]

@@ -22,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hdd_ray import tracking  # noqa: E402
-from hdd_ray.cli import init_ray, parse_job_args  # noqa: E402
+from hdd_ray.cli import parse_job_args  # noqa: E402
+from hdd_ray.placement import init_ray  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

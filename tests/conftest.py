@@ -24,7 +24,7 @@ def ray_local():
 
     import ray
 
-    from hdd_ray.cli import RAY_ENV
+    from hdd_ray.placement import RAY_ENV
 
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)

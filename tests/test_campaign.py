@@ -9,11 +9,10 @@ import pytest
 from hdd_ray.campaign import (
     CampaignPaths,
     expert_id,
-    format_assignment,
-    parse_assignment,
     short_hash,
     with_assignment,
 )
+from hdd_ray.choices import format_assignment, parse_assignment
 from hdd_ray.config import ConfigError, ResolvedExpert, load_config
 
 

@@ -15,8 +15,8 @@ import torch
 from hdd_ray.config import DataConfig, load_config, resolve_experts
 from hdd_ray.corpus import encode_png, tar_bytes, write_tar
 from hdd_ray.errors import NoUsableData
+from hdd_ray.samples import Decoding
 from hdd_ray.training.data import (
-    Decoding,
     MemorySource,
     StreamSource,
     open_source,

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from hdd_ray.models.expert import ExpertModel
 from hdd_ray.placement import ResourceGate
 from hdd_ray.training import launcher
 from hdd_ray.training.loop import EMA, _adamw
-from hdd_ray.training.model import ExpertModel
 
 TEXT = {"encoder": "learned", "vocab_size": 64, "max_len": 8, "dim": 32, "depth": 1}
 

@@ -222,7 +222,7 @@ def test_a_corrupt_manifest_is_one_line_everywhere(tmp_path):
 def _finished_dir(d: Path, identity: dict, own: bool) -> Path:
     import torch
 
-    from hdd_ray.training.model import save_weights
+    from hdd_ray.models.expert import save_weights
 
     d.mkdir(parents=True)
     save_weights(str(d / WEIGHTS), {"w": torch.arange(64, dtype=torch.float32)})
@@ -289,7 +289,7 @@ def test_weights_are_hashed_once_per_version_then_trusted_from_the_record(tmp_pa
     import hdd_ray.campaign as campaign
     from hdd_ray.campaign import VERIFIED_FILE, weights_problem
     from hdd_ray.errors import WeightsMismatch
-    from hdd_ray.training.model import load_weights
+    from hdd_ray.models.expert import load_weights
 
     calls: list[str] = []
     real = campaign.file_sha256

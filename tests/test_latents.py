@@ -210,7 +210,7 @@ def test_mixture_of_two_vaes_is_refused():
 
 def test_mixture_sample_returns_decoded_images(tiny_vae):
     from hdd_ray.ensemble import Mixture
-    from hdd_ray.training.model import ExpertModel, RouterModel
+    from hdd_ray.models.expert import ExpertModel, RouterModel
 
     cfg = load_config(None, [*K2, f"latents.vae={tiny_vae}", "corpus.image_size=16",
                              "corpus.channels=3", "sampling.steps=2", "sampling.k=1"])

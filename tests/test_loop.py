@@ -77,8 +77,8 @@ def test_an_expert_carries_its_data_mean_through_training_export_and_loading(sha
     import logging
 
     from hdd_ray.diffusion import get_objective
-    from hdd_ray.training.data import read_cluster
-    from hdd_ray.training.model import ExpertModel, load_weights, save_weights
+    from hdd_ray.models.expert import ExpertModel, load_weights, save_weights
+    from hdd_ray.samples import read_cluster
 
     config = _config(shard, "ddpm_eps", 10)
     hooks = LocalHooks(str(tmp_path / "run"))
@@ -111,7 +111,7 @@ def test_an_expert_carries_its_data_mean_through_training_export_and_loading(sha
     old = {k: v for k, v in trained.exported_state().items() if k != "data_mean"}
     save_weights(str(tmp_path / "old.safetensors"), old)  # exported before experts had a mean
     older = build()
-    with caplog.at_level(logging.WARNING, logger="hdd_ray.training.model"):
+    with caplog.at_level(logging.WARNING, logger="hdd_ray.models.expert"):
         load_weights(older, str(tmp_path / "old.safetensors"), "expert old")
     assert older.prior_mean() is None and "carry no data_mean" in caplog.text
     assert all(torch.equal(older.state_dict()[k], old[k]) for k in old)

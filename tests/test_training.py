@@ -24,9 +24,9 @@ import torch
 from hdd_ray import storage
 from hdd_ray.campaign import EXPERT_JSON, WEIGHTS, load_expert
 from hdd_ray.config import load_config
+from hdd_ray.models.expert import WeightsMismatch, load_weights
 from hdd_ray.training.launcher import train_campaign
 from hdd_ray.training.loop import STATE_FILE
-from hdd_ray.training.model import WeightsMismatch, load_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.ray
@@ -214,7 +214,7 @@ def test_foreign_expert_and_mismatched_weights_are_rejected(trained, tmp_path):
     assert json.loads(desc_path.read_text()) == desc  # nothing already trained is touched
 
     # weights that do not fit the architecture are refused, never half-loaded
-    from hdd_ray.training.model import ExpertModel
+    from hdd_ray.models.expert import ExpertModel
 
     deeper = ExpertModel("DiT-S/8", desc["text"], 8, 1)
     with pytest.raises(WeightsMismatch, match="do not match the architecture .missing") as info:
@@ -281,7 +281,8 @@ def test_killed_streaming_worker_resumes_its_data_stream_exactly(prepared, tmp_p
     from its recorded position (the final position is the uninterrupted stream's)."""
     from hdd_ray.campaign import cluster_shards, load_manifest
     from hdd_ray.config import to_dict
-    from hdd_ray.training.data import Decoding, StreamSource, data_settings
+    from hdd_ray.samples import Decoding
+    from hdd_ray.training.data import StreamSource, data_settings
 
     root = _copy(prepared, tmp_path)
     steps, every = 600, 50

@@ -10,7 +10,7 @@ import torch
 
 from hdd_ray.config import load_config, resolve_experts
 from hdd_ray.evaluation.velocity_error import T_GRID, curves_csv, curves_png, expert_curves
-from hdd_ray.training.model import ExpertModel
+from hdd_ray.models.expert import ExpertModel
 
 
 def test_curves_cover_t_equal_1_and_the_new_conversion_is_finite_there():

@@ -63,6 +63,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hdd_ray.choices import BEYOND_EDGE
 from hdd_ray.diffusion.schedules import VPSchedule, per_sample
 
 #: ``predict(x_in, tau_or_t, cond) -> native prediction``
@@ -73,7 +74,6 @@ VelocityField = Callable[[Tensor, Tensor, Any], Tensor]
 PARAMETERIZATIONS = ("eps", "x0", "v", "velocity")
 
 #: what a VP expert's conversion does past its edge (``sampling.conversion.beyond_edge``)
-BEYOND_EDGE = ("shrink", "divide")
 
 _TINY = 1e-12  # keeps a division by t finite at t = 0 exactly (a sampler never asks there)
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from hdd_ray import devices
+from hdd_ray.choices import TIMESTEP_SAMPLING
 from hdd_ray.diffusion.convert import Predictor, Safeguards, VelocityField, as_velocity
 from hdd_ray.diffusion.schedules import VPSchedule, get_schedule, per_sample
 
@@ -29,7 +30,6 @@ FM_TIME_SCALE = 1000.0
 Network = Callable[[Tensor, Tensor, Any], Tensor]
 
 #: how flow-matching times are drawn in training (``train.timestep_sampling``)
-TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 
 
 def sample_unit_time(

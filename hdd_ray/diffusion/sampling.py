@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hdd_ray.choices import SAMPLERS
 from hdd_ray.diffusion.convert import VelocityField
 
 #: ODE integrators of :func:`sample_ode` (``sampling.sampler``)
-SAMPLERS = ("euler", "heun")
 
 
 def time_grid(steps: int, shift: float = 1.0, device=None, dtype=torch.float32) -> Tensor:

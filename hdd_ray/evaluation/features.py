@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hdd_ray import towers
+from hdd_ray.choices import EXTRACTOR_KINDS
 
 __all__ = [
     "DEFAULT_CLIP_ARCH",
@@ -45,7 +46,6 @@ __all__ = [
     "to_rgb",
 ]
 
-EXTRACTOR_KINDS = ("clip", "inception", "dinov2")
 DEFAULT_CLIP_ARCH = "ViT-B-32"  # CLIP-FID's tower (Kynkaanniemi et al., "The Role of ImageNet Classes in FID")
 DEFAULT_DINOV2_ARCH = "vit_large_patch14_dinov2"  # FD-DINOv2's ViT-L/14 (Stein et al. 2023)
 _WEIGHTS_KEY = "evaluation.extractor_weights"

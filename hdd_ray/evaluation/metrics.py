@@ -1,7 +1,7 @@
 """The metrics, one implementation of each: FID (and its floor), CLIP score, intra-prompt diversity.
 
 All images are ``[N, C, H, W]`` float tensors in [-1, 1] (``C`` 1 or 3), as the samplers and
-:func:`hdd_ray.training.data.read_cluster` produce them.
+:func:`hdd_ray.samples.read_cluster` produce them.
 
 * FID is the Fréchet distance of the chosen extractor's features
   (:func:`hdd_ray.evaluation.features.build_extractor`; float64, unbiased covariances as in

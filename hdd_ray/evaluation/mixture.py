@@ -32,13 +32,13 @@ from hdd_ray.campaign import (
     CampaignPaths,
     cluster_shards,
     expert_id,
-    format_assignment,
     heldout_shards,
     load_manifest,
     router_id,
     short_hash,
     with_assignment,
 )
+from hdd_ray.choices import format_assignment
 from hdd_ray.evaluation import statistics
 from hdd_ray.evaluation.statistics import Interval
 from hdd_ray.progress import Progress, sampling_progress
@@ -118,7 +118,7 @@ class Judge:
 
     def __init__(self, cfg: Any, device: str | torch.device = "cpu") -> None:
         from hdd_ray.evaluation import build_extractor, get_reference_clip, reference_stats
-        from hdd_ray.training.data import read_cluster
+        from hdd_ray.samples import read_cluster
 
         self.cfg = cfg
         self.device = torch.device(device)
@@ -129,7 +129,7 @@ class Judge:
             # latent space: the shards hold latents; FID, its floor and CLIP score compare
             # decoded images (VAE reconstructions) with decoded samples
             if manifest.get("latents"):
-                from hdd_ray.latents import read_decoded
+                from hdd_ray.samples import read_decoded
 
                 return read_decoded(cfg, shards, self.device)
             return read_cluster(shards, size, ch, label=None)

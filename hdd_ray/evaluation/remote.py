@@ -92,8 +92,7 @@ def evaluate_on_ray(cfg: Any, specs: list[Any],
     initialised. Returns one metrics dict per spec, in order (with ``device``: where it ran)."""
     import ray
 
-    from hdd_ray.cli import cluster_address
-    from hdd_ray.placement import local_gate, task_function
+    from hdd_ray.placement import cluster_address, local_gate, task_function
 
     cfg = dataclasses.replace(cfg, root=storage.absolute(cfg.root))  # the task may run elsewhere
     gate = local_gate(cluster_address(cfg))

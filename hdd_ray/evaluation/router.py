@@ -7,7 +7,7 @@ import torch
 from hdd_ray import devices
 from hdd_ray.campaign import heldout_shards, load_manifest
 from hdd_ray.config import CampaignConfig
-from hdd_ray.training.model import RouterModel
+from hdd_ray.models.expert import RouterModel
 
 
 @torch.no_grad()
@@ -18,18 +18,14 @@ def router_accuracy_by_t(model: RouterModel, cfg: CampaignConfig, bins: int = 10
     must name the held-out sample's cluster; keys are the bins' mid-points (``"0.05"``, ...).
     """
     from hdd_ray.diffusion import FM_TIME_SCALE
-    from hdd_ray.training.data import read_cluster
+    from hdd_ray.samples import read_split
 
     manifest = load_manifest(cfg)
     shards = heldout_shards(cfg, manifest)
     if not shards:
         return {}
-    if manifest.get("latents"):  # latent space: the router sees latents, as in training
-        from hdd_ray.latents import read_latents
-
-        data = read_latents(shards)
-    else:
-        data = read_cluster(shards, cfg.corpus.image_size, cfg.corpus.channels, label=None)
+    # latent space: the router sees latents, as in training
+    data = read_split(shards, manifest.get("latents"), cfg.corpus.image_size, cfg.corpus.channels)
     device = next(model.parameters()).device
     images, labels = data.images.to(device), data.labels.to(device)
     g = devices.generator(0)  # CPU: the same noise whatever the router's device

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hdd_ray.choices import DIT_SIZES
+
 __all__ = [
     "DIT_SIZES",
     "Attention",
@@ -315,24 +317,6 @@ class DiT(nn.Module):
             h = block(h, y, t0, mask)
         out = self.unpatchify(self.final_layer(h, temb))
         return out if self.final_conv is None else self.final_conv(out)
-
-
-def _sizes() -> dict[str, dict]:
-    sizes = {"DiT-T/2": dict(hidden_size=96, depth=4, num_heads=4, patch_size=2),
-             # 4 tokens per 8x8 image: a 3x3 convolution after unpatchify, as U-ViT
-             "DiT-T/4": dict(hidden_size=96, depth=4, num_heads=4, patch_size=4, final_conv=True)}
-    shapes = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
-    for name, (hidden, depth, heads) in shapes.items():
-        for p in (2, 4, 8):
-            sizes[f"DiT-{name}/{p}"] = dict(
-                hidden_size=hidden, depth=depth, num_heads=heads, patch_size=p
-            )
-    return sizes
-
-
-DIT_SIZES: dict[str, dict] = _sizes()
-"""Architecture registry named as in the DiT paper; ``DiT-T/2`` and ``DiT-T/4`` are the tiny
-test/demo sizes (the demo's ``DiT-T/4``: 4x4 patches and U-ViT's final 3x3 convolution)."""
 
 
 def build_dit(size: str, input_size: int, in_channels: int, text_dim: int) -> DiT:

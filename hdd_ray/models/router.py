@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from hdd_ray.choices import ROUTER_SIZES
 from hdd_ray.models.dit import EncoderBlock, TimestepEmbedder, sincos_pos_embed_2d
 
 __all__ = ["ROUTER_SIZES", "Router", "build_router"]
@@ -68,12 +69,6 @@ class Router(nn.Module):
         return self.head(self.norm(h[:, 0]))
 
 
-ROUTER_SIZES: dict[str, dict] = {
-    "router-T": dict(hidden_size=64, depth=4, num_heads=4, patch_size=2),
-    "router-S": dict(hidden_size=384, depth=12, num_heads=6, patch_size=2),
-    "router-B": dict(hidden_size=768, depth=12, num_heads=12, patch_size=2),
-}
-"""Router registry: ``router-T`` for tests and the CPU demo, ``router-B`` like DDM's DiT-B."""
 
 
 def build_router(size: str, input_size: int, in_channels: int, num_experts: int) -> Router:

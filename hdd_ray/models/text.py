@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from hdd_ray import towers
+from hdd_ray.choices import TEXT_ENCODER_KINDS
 from hdd_ray.models.dit import EncoderBlock
 
 __all__ = [
@@ -28,7 +29,6 @@ __all__ = [
     "register_tiny_open_clip_config",
 ]
 
-TEXT_ENCODER_KINDS = ("learned", "open_clip")
 _WORD = re.compile(r"[^\W_]+")  # runs of letters/digits, any script
 _ARCH_KEY = "experts.text.arch"
 _WEIGHTS_KEY = "experts.text.pretrained"

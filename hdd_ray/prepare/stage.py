@@ -80,7 +80,7 @@ def prepare_corpus(cfg: Any, force: bool = False, ray_address: str | None = None
     ``force``; the returned dict is the manifest plus ``"reused": bool``. Checks what can be
     checked (paths, key names, weights) before Ray starts; then, unless Ray is initialised
     already, joins ``ray_address`` (else ``cfg.ray.address``, else RAY_ADDRESS) or starts a
-    local instance (:func:`hdd_ray.cli.init_ray`). Raises :class:`PrepareError` with one line
+    local instance (:func:`hdd_ray.placement.init_ray`). Raises :class:`PrepareError` with one line
     on bad input.
 
     Columns of ``clusters/embeddings/*.parquet``: key, url, png (converted + resized), caption,
@@ -221,7 +221,7 @@ def _check_before_ray(cfg: Any, inputs: _Inputs) -> None:
 
 def _start_ray(cfg: Any, ray_address: str | None) -> None:
     """Join ``ray_address`` (else the config's cluster) unless Ray is initialised already."""
-    from hdd_ray.cli import init_ray
+    from hdd_ray.placement import init_ray
 
     init_ray(replace(cfg, ray=replace(cfg.ray, address=ray_address)) if ray_address else cfg)
 

@@ -62,8 +62,6 @@ exact mean of the cluster; streaming, the running mean over the samples this ran
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import math
 import queue
@@ -79,26 +77,21 @@ from torch import Tensor
 
 from hdd_ray import devices
 from hdd_ray.config import DATA_MODES, DataConfig
-from hdd_ray.corpus import decode_image, iter_samples, prepare_image
-from hdd_ray.errors import ConfigError, NoUsableData
+from hdd_ray.corpus import iter_samples
+from hdd_ray.errors import ConfigError
+from hdd_ray.samples import Decoding, Shard, decode_sample, no_usable, read_samples, to_model_space
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "DATA_MODES",
     "BatchSource",
-    "ClusterData",
     "MemorySource",
     "StreamSource",
     "data_settings",
-    "decode_sample",
     "open_source",
-    "read_cluster",
 ]
 
-LATENT_KEY = "latent.npy"
-#: one shard of the source: (path, label)
-Shard = tuple[str, int]
 Batch = tuple[Tensor, list[str], Tensor]
 
 
@@ -106,55 +99,6 @@ def data_settings(data: dict[str, Any] | None) -> DataConfig:
     """A loop config's ``data`` dict as :class:`DataConfig` (missing keys keep their defaults)."""
     known = {k: v for k, v in (data or {}).items() if k in DataConfig.__dataclass_fields__}
     return DataConfig(**known)
-
-
-# ------------------------------------------------------------------------------------- decoding
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """What one sample must decode to: ``[channels, size, size]`` uint8, or float16 latents."""
-
-    image_size: int
-    channels: int
-    latents: bool = False
-    image_key: str = "png"
-    caption_key: str = "txt"
-    latent_bytes: int = 2  # float16 storage; 4 for bfloat16-rounded latents (stored as float32)
-
-    @property
-    def bytes_per_sample(self) -> int:
-        """Decoded bytes of one sample."""
-        return self.channels * self.image_size ** 2 * (self.latent_bytes if self.latents else 1)
-
-
-def decode_sample(sample: dict[str, Any], how: Decoding) -> tuple[np.ndarray, str]:
-    """A tar sample -> ``(array [C, H, W], caption)``; raises on any damage.
-
-    Images become uint8 (resized and cropped to ``image_size``); a latent sample's
-    ``latent.npy`` (``np.save`` of float16 ``[C, h, w]``, already scaled) stays float16 and must
-    have the configured shape; bfloat16-rounded latents, stored as float32 (float16 would
-    overflow them), stay float32.
-    """
-    if "__error__" in sample:
-        raise ValueError(sample["__error__"])
-    caption = sample.get(how.caption_key, b"").decode("utf-8")
-    if how.latents:
-        arr = np.load(io.BytesIO(sample[LATENT_KEY]), allow_pickle=False)
-        want = (how.channels, how.image_size, how.image_size)
-        if arr.shape != want:
-            raise ValueError(f"latent of shape {arr.shape}, expected {want}")
-        keep = np.float32 if arr.dtype == np.float32 else np.float16
-        return np.ascontiguousarray(arr, dtype=keep), caption
-    img = prepare_image(decode_image(sample[how.image_key]), how.channels, how.image_size)
-    return np.ascontiguousarray(img.transpose(2, 0, 1)), caption
-
-
-def to_model_space(x: Tensor) -> Tensor:
-    """uint8 pixels -> float32 in [-1, 1]; float16 latents -> float32 (already scaled)."""
-    if x.dtype == torch.uint8:
-        return x.float() / 127.5 - 1.0
-    return x.float()
 
 
 def _mean_from_sum(total: Tensor, count: int, latents: bool) -> Tensor:
@@ -194,40 +138,14 @@ class BatchSource:
 # ------------------------------------------------------------------------------------- in memory
 
 
-def _read_all(shards: list[Shard], how: Decoding, label_from_json: bool = False
-              ) -> tuple[list[np.ndarray], list[str], list[int], int]:
-    arrays, captions, labels, skipped = [], [], [], 0
-    for path, label in shards:
-        try:
-            for sample in iter_samples(path, include_damaged=True):
-                try:
-                    arr, cap = decode_sample(sample, how)
-                    lab = int(json.loads(sample["json"])["cluster"]) if label_from_json else label
-                except Exception:
-                    skipped += 1
-                    continue
-                arrays.append(arr)
-                captions.append(cap)
-                labels.append(lab)
-        except Exception:  # unreadable shard the reader could not even open
-            skipped += 1
-    return arrays, captions, labels, skipped
-
-
-def _no_usable(shards: list[str], skipped: int, who: str = "") -> NoUsableData:
-    where = shards[0].rsplit("/", 1)[0] if shards else "(no shards)"
-    return NoUsableData(f"no usable samples in {where}{who} ({len(shards)} shards, "
-                        f"{skipped} skipped)")
-
-
 class MemorySource(BatchSource):
     """Every sample decoded once and held as uint8 (float16 latents); batches drawn with
     replacement by the rank's CPU data generator (today's fast path)."""
 
     def __init__(self, shards: list[Shard], how: Decoding, rank: int = 0) -> None:
-        arrays, self.captions, labels, skipped = _read_all(shards, how)
+        arrays, self.captions, labels, skipped = read_samples(shards, how)
         if not arrays:
-            raise _no_usable([p for p, _ in shards], skipped)
+            raise no_usable([p for p, _ in shards], skipped)
         self.how = how
         self.samples = torch.from_numpy(np.stack(arrays))
         self.labels = torch.tensor(labels)
@@ -379,7 +297,7 @@ class StreamSource(BatchSource):
     def __init__(self, shards: list[Shard], how: Decoding, settings: DataConfig, seed: int,
                  rank: int = 0, world: int = 1, pin_memory: bool = False) -> None:
         if not shards:
-            raise _no_usable([], 0)
+            raise no_usable([], 0)
         self.how, self.settings, self.pin = how, settings, pin_memory
         self.reader = _Reader(shards, settings, seed, rank, world)
         self.paths = [p for p, _ in shards]
@@ -511,7 +429,7 @@ class StreamSource(BatchSource):
                 ever = ever or good > 0
                 empty_passes = 0 if good else empty_passes + 1
                 if (not ever and empty_passes) or empty_passes > 100:
-                    raise _no_usable(self.paths, bad, self._who())
+                    raise no_usable(self.paths, bad, self._who())
                 good, bad = 0, 0
             block_pos, offset = after, 0
 
@@ -580,43 +498,3 @@ def open_source(shards: list[Shard], how: Decoding, settings: DataConfig, seed: 
     if mode == "memory":
         return MemorySource(shards, how, rank)
     return StreamSource(shards, how, settings, seed, rank, world, pin_memory)
-
-
-# ------------------------------------------------------------------------------------- evaluation
-
-
-@dataclass
-class ClusterData:
-    """Images ``[N, C, H, W]`` in [-1, 1], their captions and labels (cluster ids): a whole
-    split in memory, for evaluation (held-out sets, reference statistics)."""
-
-    images: Tensor
-    captions: list[str]
-    labels: Tensor
-    skipped: int = 0
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-
-def read_cluster(
-    shards: list[str],
-    image_size: int,
-    channels: int,
-    label: int | None = None,
-    image_key: str = "png",
-    caption_key: str = "txt",
-) -> ClusterData:
-    """Decode every sample of ``shards`` (undecodable or damaged ones are skipped and counted).
-
-    For evaluation, which wants a whole split as float32; training reads through
-    :func:`open_source`. ``label`` sets every sample's label; ``None`` reads ``cluster`` from
-    each sample's JSON. Raises :class:`NoUsableData` when nothing decodes.
-    """
-    how = Decoding(image_size, channels, False, image_key, caption_key)
-    arrays, captions, labels, skipped = _read_all(
-        [(s, label if label is not None else -1) for s in shards], how, label is None)
-    if not arrays:
-        raise _no_usable(shards, skipped)
-    x = to_model_space(torch.from_numpy(np.stack(arrays)))
-    return ClusterData(x, captions, torch.tensor(labels), skipped)

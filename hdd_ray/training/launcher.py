@@ -52,6 +52,7 @@ from hdd_ray.campaign import (
 from hdd_ray.config import CampaignConfig, ResolvedExpert, resolve_experts, to_dict
 from hdd_ray.errors import ExpertRejected
 from hdd_ray.lease import RunLock
+from hdd_ray.models.expert import ExpertModel, RouterModel, save_weights
 from hdd_ray.placement import ResourceGate, local_gate, worker_task
 from hdd_ray.progress import CampaignProgress
 from hdd_ray.training.loop import (
@@ -62,7 +63,6 @@ from hdd_ray.training.loop import (
     train_loop,
     train_task,
 )
-from hdd_ray.training.model import ExpertModel, RouterModel, save_weights
 
 log = logging.getLogger(__name__)
 
@@ -407,7 +407,7 @@ def _router_job(cfg: CampaignConfig, manifest: dict[str, Any]) -> _Job:
 
 def _local_gate(cfg: CampaignConfig) -> ResourceGate | None:
     """The gate over the local instance's nodes (:mod:`hdd_ray.placement`); None on a cluster."""
-    from hdd_ray.cli import cluster_address
+    from hdd_ray.placement import cluster_address
 
     return local_gate(cluster_address(cfg))
 

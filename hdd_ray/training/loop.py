@@ -40,14 +40,9 @@ from hdd_ray import devices, storage, tracking
 from hdd_ray.config import check_global_batch
 from hdd_ray.devices import TrainingStreams
 from hdd_ray.diffusion import FM_TIME_SCALE, get_objective, per_sample
-from hdd_ray.training.data import (
-    BatchSource,
-    Decoding,
-    StreamSource,
-    data_settings,
-    open_source,
-)
-from hdd_ray.training.model import ExpertModel, RouterModel
+from hdd_ray.models.expert import ExpertModel, RouterModel
+from hdd_ray.samples import Decoding
+from hdd_ray.training.data import BatchSource, StreamSource, data_settings, open_source
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,89 @@
+"""The named choices of the config, as torch-free registries (the bottom layer, beside errors).
+
+The config validates every choice against these lists without importing the modules that
+implement them (they import torch; the config must load in a job's first second, before Ray).
+Each list has one home, here; the implementing module builds its registry from it or is held to
+it by a test (``tests/test_layers.py``): objectives and schedules (:mod:`hdd_ray.diffusion`),
+samplers, the conversion's beyond-the-edge schemes, timestep sampling, routing strategies
+(:mod:`hdd_ray.ensemble`), text encoders, DiT and router sizes (:mod:`hdd_ray.models`), FID
+extractors (:mod:`hdd_ray.evaluation.features`), and the objective-assignment notation
+(``"D F F D"``) that configs, sweeps and the campaign share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from hdd_ray.errors import ConfigError
+
+#: training objectives (``experts.objective``): DDPM epsilon-prediction, flow-matching velocity
+OBJECTIVE_NAMES = ("ddpm_eps", "fm_velocity")
+#: VP noise schedules of DDPM experts (``experts.schedule``)
+SCHEDULE_NAMES = ("linear", "cosine")
+#: how training draws times (``*.train.timestep_sampling``)
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+#: ODE samplers (``sampling.sampler``)
+SAMPLERS = ("euler", "heun")
+#: the conversion near t = 1 (``sampling.conversion.beyond_edge``)
+BEYOND_EDGE = ("shrink", "divide")
+#: routing strategies (``sampling.routing``)
+STRATEGIES = ("full", "top1", "topk", "threshold")
+#: text encoders of the experts (``experts.text.encoder``)
+TEXT_ENCODER_KINDS = ("learned", "open_clip")
+#: FID feature extractors (``evaluation.fid_extractor``)
+EXTRACTOR_KINDS = ("clip", "inception", "dinov2")
+
+
+def _dit_sizes() -> dict[str, dict]:
+    sizes = {"DiT-T/2": dict(hidden_size=96, depth=4, num_heads=4, patch_size=2),
+             # 4 tokens per 8x8 image: a 3x3 convolution after unpatchify, as U-ViT
+             "DiT-T/4": dict(hidden_size=96, depth=4, num_heads=4, patch_size=4, final_conv=True)}
+    shapes = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+    for name, (hidden, depth, heads) in shapes.items():
+        for p in (2, 4, 8):
+            sizes[f"DiT-{name}/{p}"] = dict(
+                hidden_size=hidden, depth=depth, num_heads=heads, patch_size=p
+            )
+    return sizes
+
+
+DIT_SIZES: dict[str, dict] = _dit_sizes()
+"""Architecture registry named as in the DiT paper; ``DiT-T/2`` and ``DiT-T/4`` are the tiny
+test/demo sizes (the demo's ``DiT-T/4``: 4x4 patches and U-ViT's final 3x3 convolution)."""
+
+ROUTER_SIZES: dict[str, dict] = {
+    "router-T": dict(hidden_size=64, depth=4, num_heads=4, patch_size=2),
+    "router-S": dict(hidden_size=384, depth=12, num_heads=6, patch_size=2),
+    "router-B": dict(hidden_size=768, depth=12, num_heads=12, patch_size=2),
+}
+"""Router registry: ``router-T`` for tests and the CPU demo, ``router-B`` like DDM's DiT-B."""
+
+#: the objective-assignment notation: one letter per cluster
+ASSIGNMENT_LETTERS = {"D": "ddpm_eps", "F": "fm_velocity"}
+
+
+def parse_assignment(text: str, k: int, key: str = "assignment") -> list[int]:
+    """``"D F F D"`` (or ``"DFFD"``, or objective names) -> the clusters using ``ddpm_eps``.
+
+    One letter (or objective name) per cluster: ``D`` = ``ddpm_eps``, ``F`` = ``fm_velocity``.
+    Raises :class:`ConfigError` naming ``key`` on an unknown objective or a wrong length.
+    """
+    tokens = text.replace(",", " ").split()
+    if len(tokens) == 1 and len(tokens[0]) > 1 and tokens[0] not in ASSIGNMENT_LETTERS.values():
+        tokens = list(tokens[0])
+    names = {**ASSIGNMENT_LETTERS, **{o: o for o in ASSIGNMENT_LETTERS.values()}}
+    for c, tok in enumerate(tokens):
+        if tok not in names:
+            raise ConfigError(f"{key}={text!r}: unknown objective {tok!r} for cluster {c}, "
+                              "allowed: D (ddpm_eps), F (fm_velocity)")
+    if len(tokens) != k:
+        raise ConfigError(f"{key}={text!r}: {len(tokens)} objectives, expected one per cluster "
+                          f"(clustering.k={k})")
+    return [c for c, tok in enumerate(tokens) if names[tok] == "ddpm_eps"]
+
+
+def format_assignment(ddpm_clusters: Iterable[int], k: int) -> str:
+    """The readable objective per cluster, e.g. ``D F F D F F F F`` (inverse of
+    :func:`parse_assignment`)."""
+    ddpm = set(ddpm_clusters)
+    return " ".join("D" if c in ddpm else "F" for c in range(k))
