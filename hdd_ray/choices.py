@@ -87,3 +87,24 @@ def format_assignment(ddpm_clusters: Iterable[int], k: int) -> str:
     :func:`parse_assignment`)."""
     ddpm = set(ddpm_clusters)
     return " ".join("D" if c in ddpm else "F" for c in range(k))
+
+
+def check_routing(routing: str, k: int, threshold: float | None, num_clusters: int,
+                  where: str = "sampling.") -> None:
+    """The one check of a routing setting (config, sweeps, ``MixtureSpec``, the jobs' flags).
+
+    ``routing`` one of :data:`STRATEGIES`; top-``k`` in ``1..num_clusters``; a ``threshold`` in
+    [0, 1], required when ``routing`` is ``threshold``. ``where`` prefixes the names in the
+    one-line :class:`ConfigError` (``"sampling."`` gives ``sampling.threshold=None: ...``, ``"--"``
+    gives ``--threshold=None: ...``).
+    """
+    if routing not in STRATEGIES:
+        raise ConfigError(f"{where}routing={routing!r}: unknown value, allowed: "
+                          f"{', '.join(STRATEGIES)}")
+    if not 1 <= k <= num_clusters:
+        raise ConfigError(f"{where}k={k}: top-k must be in 1..{num_clusters} "
+                          f"(clustering.k={num_clusters})")
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise ConfigError(f"{where}threshold={threshold!r}: must be in [0, 1]")
+    if routing == "threshold" and threshold is None:
+        raise ConfigError(f"{where}threshold=None: required when {where}routing='threshold'")

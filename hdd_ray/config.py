@@ -34,6 +34,7 @@ from hdd_ray.choices import (
     STRATEGIES,
     TEXT_ENCODER_KINDS,
     TIMESTEP_SAMPLING,
+    check_routing,
     parse_assignment,
 )
 from hdd_ray.errors import ConfigError
@@ -403,16 +404,9 @@ class SamplingConfig:
         _choice("sampling.sampler", self.sampler, SAMPLERS)
         _positive("sampling.time_shift", self.time_shift)
         _positive("sampling.guidance_scale", self.guidance_scale, strict=False)
-        _choice("sampling.routing", self.routing, STRATEGIES)
         _positive("sampling.batch_size", self.batch_size)
         _choice("sampling.mixed_precision", self.mixed_precision, MIXED_PRECISION)
-        if not 1 <= self.k <= k:
-            raise ConfigError(f"sampling.k={self.k}: top-k must be in 1..{k} (clustering.k={k})")
-        if self.threshold is not None:
-            _fraction("sampling.threshold", self.threshold, hi_open=False)
-        if self.routing == "threshold" and self.threshold is None:
-            raise ConfigError(
-                "sampling.threshold=None: required when sampling.routing='threshold'")
+        check_routing(self.routing, self.k, self.threshold, k)
         self.conversion.validate()
 
 
