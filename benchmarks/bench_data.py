@@ -31,7 +31,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 def write_cluster(directory: str, factor: int, image_size: int, channels: int,
@@ -68,6 +67,7 @@ def worker(args: argparse.Namespace) -> None:
     """One training worker: prints ``{"steps_per_s", "max_rss_mb", "mode"}``."""
     from hdd_ray.config import load_config, resolve_experts
     from hdd_ray.training.loop import LocalHooks, run_loop
+    from hdd_ray.training.settings import RunSettings
 
     shards = sorted(str(p) for p in Path(args.shards).glob("*.tar"))
     cfg = load_config(overrides=["experts.ddpm_clusters=[]"])
@@ -79,7 +79,7 @@ def worker(args: argparse.Namespace) -> None:
               "num_samples": args.num_samples, "torch_threads": 1,
               "data": {**asdict(cfg.experts.data), "mode": args.mode}}
     with tempfile.TemporaryDirectory() as d:
-        last = run_loop(config, LocalHooks(d))
+        last = run_loop(RunSettings.from_dict(config), LocalHooks(d))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(json.dumps({"steps_per_s": last["steps_per_s"], "max_rss_mb": rss, "mode": args.mode}))
 

@@ -44,7 +44,6 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO))
 OUT = HERE / "out" / "bench_demo.json"
 
 

@@ -29,18 +29,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import io
 import json
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import torch  # noqa: E402
+import torch
 
 #: dense bf16 tensor-core peak, TFLOP/s (no sparsity), matched against the CUDA device name
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "RTX 4090": 165.0, r"\bL4\b": 121.0}
@@ -235,6 +233,7 @@ def ray_vs_bare(args: argparse.Namespace, device: torch.device, tmp: str) -> dic
 
     from hdd_ray.config import load_config, resolve_experts
     from hdd_ray.training.loop import LocalHooks, run_loop, train_loop
+    from hdd_ray.training.settings import RunSettings
 
     cuda = device.type == "cuda"
     expert = resolve_experts(load_config(overrides=["experts.ddpm_clusters=[]"]))[0]
@@ -244,12 +243,13 @@ def ray_vs_bare(args: argparse.Namespace, device: torch.device, tmp: str) -> dic
     conf = {"kind": "expert", "expert": dataclasses.asdict(expert), "train": train,
             "image_size": 32, "channels": 3, "shards": [_synthetic_shard(tmp)],
             "torch_threads": args.threads, "use_gpu": cuda}
-    bare = run_loop(conf, LocalHooks(str(Path(tmp) / "bare")))
+    settings = RunSettings.from_dict(conf)
+    bare = run_loop(settings, LocalHooks(str(Path(tmp) / "bare")))
     if not ray.is_initialized():
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
     workers = {"CPU": float(args.threads), **({"GPU": 1.0} if cuda else {})}
     result = TorchTrainer(
-        train_loop, train_loop_config=conf,
+        functools.partial(train_loop, settings),
         scaling_config=ScalingConfig(num_workers=1, use_gpu=cuda, resources_per_worker=workers),
         run_config=RunConfig(name="bench-gpu-ray", storage_path=str(Path(tmp) / "ray")),
     ).fit()
@@ -317,7 +317,7 @@ def campaign(args: argparse.Namespace, device: torch.device, tmp: str) -> dict[s
 
     from hdd_ray.campaign import EXPERT_JSON, ROUTER_JSON, CampaignPaths
     from hdd_ray.config import load_config
-    from hdd_ray.evaluation.mixture import MixtureSpec
+    from hdd_ray.ensemble import MixtureSpec
     from hdd_ray.evaluation.remote import evaluate_on_ray
     from hdd_ray.placement import init_ray
     from hdd_ray.prepare import prepare_corpus

@@ -27,23 +27,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from hdd_ray.clustering import (  # noqa: E402
+from hdd_ray.clustering import (
     assign_clusters,
     fit_hierarchical_kmeans,
     heldout_mask,
     squared_distances,
 )
-from hdd_ray.config import load_config  # noqa: E402
-from hdd_ray.corpus import (  # noqa: E402
+from hdd_ray.config import load_config
+from hdd_ray.corpus import (
     decode_image,
     encode_png,
     iter_samples,
@@ -51,7 +48,7 @@ from hdd_ray.corpus import (  # noqa: E402
     write_demo_corpus,
     write_tar,
 )
-from hdd_ray.prepare import build_embedder, prepare_corpus  # noqa: E402
+from hdd_ray.prepare import build_embedder, prepare_corpus
 
 OUT = Path(__file__).resolve().parent / "out"
 

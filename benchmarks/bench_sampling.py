@@ -18,13 +18,9 @@ weights (throughput does not depend on what the weights learned):
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import torch  # noqa: E402
+import torch
 
 
 def main() -> None:

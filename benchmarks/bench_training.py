@@ -18,13 +18,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from dataclasses import asdict
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main() -> None:
@@ -47,6 +43,7 @@ def main() -> None:
     from hdd_ray.prepare import prepare_corpus
     from hdd_ray.training.launcher import train_campaign
     from hdd_ray.training.loop import LocalHooks, run_loop
+    from hdd_ray.training.settings import RunSettings
 
     root = args.root or tempfile.mkdtemp(prefix="bench-train-")
     overrides = [f"root={root}", f"clustering.k={args.k}", "clustering.fine_centroids=16",
@@ -70,7 +67,7 @@ def main() -> None:
 
     # 1. overhead: plain process, then Ray Train, same loop and settings
     t = time.time()
-    plain = run_loop(conf, LocalHooks(tempfile.mkdtemp()))
+    plain = run_loop(RunSettings.from_dict(conf), LocalHooks(tempfile.mkdtemp()))
     plain_wall = time.time() - t
     t = time.time()
     ray_status = train_campaign(cfg, only=[1], include_router=False)[0]

@@ -18,13 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 EDGES = (1e-3, 1e-2, 3e-2, 5e-2, 1e-1)
 SHOWN_T = (0.5, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 1.0)
@@ -62,6 +59,7 @@ def _train(shard: str, objective: str, schedule: str, steps: int, directory: str
     from hdd_ray.config import load_config, resolve_experts
     from hdd_ray.models.expert import ExpertModel, load_weights, save_weights
     from hdd_ray.training.loop import LocalHooks, run_loop
+    from hdd_ray.training.settings import RunSettings
 
     cfg = load_config(overrides=[f"experts.objective={objective}", "experts.ddpm_clusters=[]",
                                  f"experts.schedule={schedule}"])
@@ -77,7 +75,7 @@ def _train(shard: str, objective: str, schedule: str, steps: int, directory: str
               "shards": [shard], "torch_threads": 1}  # more threads than free cores: ~10x slower
     hooks = LocalHooks(directory)
     started = time.time()
-    last = run_loop(config, hooks)
+    last = run_loop(RunSettings.from_dict(config), hooks)
     model.load_state_dict(hooks.load_state()["ema"])
     save_weights(cache, model.exported_state())
     print(f"trained {objective} {schedule if objective == 'ddpm_eps' else ''}: {steps} steps, "

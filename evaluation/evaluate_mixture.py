@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from hdd_ray.cli import parse_job_args  # noqa: E402
+from hdd_ray.choices import STRATEGIES
+from hdd_ray.cli import parse_job_args
 
 
 def _clusters(text: str | None) -> list[int] | None:
@@ -43,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         ("--mixture", {"default": None, "help": "a saved mixture: sweep name (its "
                        "best_mixture.json) or a JSON path; the other flags override it"}),
         ("--ddpm-clusters", {"default": None, "help": "clusters using ddpm_eps, e.g. 0,3 or none"}),
-        ("--routing", {"default": None, "choices": ["full", "top1", "topk", "threshold"]}),
+        ("--routing", {"default": None, "choices": list(STRATEGIES)}),
         ("--k", {"type": int, "default": None}),
         ("--threshold", {"type": float, "default": None}),
         ("--guidance", {"type": float, "default": None}),
@@ -53,9 +51,10 @@ def main(argv: list[str] | None = None) -> int:
                       "cuda:<i>, or auto (cuda when this machine has one)"}),
     ])
     from hdd_ray.devices import resolve_device
-    from hdd_ray.ensemble import MixtureError
-    from hdd_ray.errors import CampaignError, ConfigError
-    from hdd_ray.evaluation.mixture import MixtureSpec, evaluate_mixture, summary
+    from hdd_ray.ensemble import MixtureSpec
+    from hdd_ray.errors import CampaignError, ConfigError, MixtureError, SweepError
+    from hdd_ray.evaluation.mixture import evaluate_mixture
+    from hdd_ray.evaluation.tables import summary
 
     ddpm = _clusters(args.ddpm_clusters)
     for c in ddpm or []:
@@ -63,35 +62,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --ddpm-clusters: cluster id {c} outside 0..{cfg.clustering.k - 1}",
                   file=sys.stderr)
             return 2
-    k = args.k if args.k is not None else cfg.sampling.k
-    if not 1 <= k <= cfg.clustering.k:
-        print(f"error: --k {k}: top-k must be in 1..{cfg.clustering.k}", file=sys.stderr)
-        return 2
-    overrides = {"routing": args.routing, "k": args.k, "threshold": args.threshold,
-                 "guidance": args.guidance, "steps": args.steps, "num_samples": args.num_samples}
-    if args.mixture:
-        import dataclasses
-
-        from hdd_ray.config import ConfigError
-        from hdd_ray.sweep import SweepError, load_mixture_spec
-
-        try:
-            cfg, saved = load_mixture_spec(cfg, args.mixture)
-        except (SweepError, ConfigError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        if ddpm is not None:
-            overrides["ddpm_clusters"] = tuple(sorted(ddpm))
-        spec = dataclasses.replace(saved, **{k: v for k, v in overrides.items() if v is not None})
-    else:
-        spec = MixtureSpec.from_config(cfg, ddpm, **overrides)
-    if spec.routing == "threshold" and spec.threshold is None:
-        print("error: --routing threshold needs --threshold", file=sys.stderr)
-        return 2
     try:
+        if args.mixture:
+            from hdd_ray.sweep import load_mixture_spec
+
+            cfg, spec = load_mixture_spec(cfg, args.mixture)
+        else:
+            spec = MixtureSpec.from_config(cfg)
+        # the flags given replace the saved or configured values; the routing is checked
+        spec = spec.override(cfg.clustering.k, "--", ddpm_clusters=ddpm, routing=args.routing,
+                             k=args.k, threshold=args.threshold, guidance=args.guidance,
+                             steps=args.steps, num_samples=args.num_samples)
         device = resolve_device(args.device)
         result = evaluate_mixture(cfg, spec, force=args.force, device=device)
-    except (MixtureError, CampaignError, ConfigError) as exc:
+    except (MixtureError, CampaignError, ConfigError, SweepError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     keys = ("mixture_id", "assignment", "routing", "k", "num_samples", "fid_n", "fid",

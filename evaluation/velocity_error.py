@@ -20,11 +20,8 @@ run "velocity error c<k>" (found or created). Results: ``evaluation/README.md``.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from hdd_ray.cli import parse_job_args  # noqa: E402
+from hdd_ray.cli import parse_job_args
 
 
 def main(argv: list[str] | None = None) -> int:

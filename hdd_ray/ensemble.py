@@ -1,27 +1,88 @@
-"""Blending experts at inference: routing weights and the mixture velocity field.
+"""Blending experts at inference: what defines a mixture, routing weights and the mixture
+velocity field.
 
-Every expert is read as a flow-matching velocity field (``diffusion.as_velocity``); the router
-gives ``p(k | x_t, t)``; a routing strategy turns it into blend weights ``w`` and the mixture's
-velocity is ``v(x_t, t) = sum_k w_k(x_t, t) v_k(x_t, t)`` (DDM). With the exact posterior and
-exact per-cluster velocities this is the exact velocity of the whole data distribution.
+A mixture is defined by a :class:`MixtureSpec` (objective assignment, routing, guidance,
+steps), the one reader of these settings from the config and from callers' overrides. Every
+expert is read as a flow-matching velocity field (``diffusion.as_velocity``); the router gives
+``p(k | x_t, t)``; a routing strategy turns it into blend weights ``w`` and the mixture's
+velocity is ``v(x_t, t) = sum_k w_k(x_t, t) v_k(x_t, t)`` (DDM; :class:`MixtureField` computes
+it, each expert only where its weight is not zero). With the exact posterior and exact
+per-cluster velocities this is the exact velocity of the whole data distribution.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from hdd_ray import devices
-from hdd_ray.choices import STRATEGIES
+from hdd_ray.choices import STRATEGIES, check_routing, format_assignment
 from hdd_ray.diffusion.convert import VelocityField
 from hdd_ray.errors import MixtureError
 
+if TYPE_CHECKING:
+    from hdd_ray.config import CampaignConfig, ResolvedExpert
+    from hdd_ray.models.expert import ExpertModel, RouterModel
+
 #: ``router(x_t, t) -> p(k | x_t, t)`` as probabilities ``[B, K]``
 RouterFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class MixtureSpec:
+    """What defines one mixture's samples: the objective assignment (the clusters that use
+    ``ddpm_eps``), the routing (strategy, top-``k``, threshold), guidance, ODE steps, how many
+    samples an evaluation draws and the noise seed.
+
+    The one reader of these settings: :meth:`from_config` takes the campaign's (``sampling``,
+    ``experts.ddpm_clusters``, ``evaluation.num_samples``), :meth:`override` applies a caller's
+    (a job's flags, a sweep trial's values) and checks the routing. Every field is hashed into
+    the mixture's id (``hdd_ray.evaluation.mixture.mixture_id``).
+    """
+
+    ddpm_clusters: tuple[int, ...]
+    routing: str
+    k: int
+    threshold: float | None
+    guidance: float
+    steps: int
+    num_samples: int
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: CampaignConfig, ddpm_clusters: Sequence[int] | None = None,
+                    **overrides: Any) -> MixtureSpec:
+        """The config's mixture (``ddpm_clusters``: another assignment), with ``overrides``
+        applied by :meth:`override`."""
+        s = cfg.sampling
+        base = cls(
+            ddpm_clusters=tuple(sorted(cfg.experts.ddpm_clusters if ddpm_clusters is None
+                                       else ddpm_clusters)),
+            routing=s.routing, k=s.k, threshold=s.threshold, guidance=s.guidance_scale,
+            steps=s.steps, num_samples=cfg.evaluation.num_samples, seed=s.seed,
+        )
+        return base.override(cfg.clustering.k, **overrides)
+
+    def override(self, num_clusters: int, where: str = "", **values: Any) -> MixtureSpec:
+        """This spec with every value of ``values`` that is not ``None`` in place of its field
+        (``ddpm_clusters`` sorted), its routing checked for ``num_clusters`` experts by
+        :func:`hdd_ray.choices.check_routing`: a one-line ``ConfigError`` whose names ``where``
+        prefixes (``"--"`` for a job's flags)."""
+        given = {key: value for key, value in values.items() if value is not None}
+        if "ddpm_clusters" in given:
+            given["ddpm_clusters"] = tuple(sorted(given["ddpm_clusters"]))
+        spec = dataclasses.replace(self, **given)
+        check_routing(spec.routing, spec.k, spec.threshold, num_clusters, where)
+        return spec
+
+    def assignment(self, num_clusters: int) -> str:
+        """Readable objective per cluster, e.g. ``D F F D F F F F``."""
+        return format_assignment(self.ddpm_clusters, num_clusters)
 
 
 def route(probs: Tensor, strategy: str, k: int = 2, threshold: float | None = None) -> Tensor:
@@ -60,13 +121,6 @@ def route(probs: Tensor, strategy: str, k: int = 2, threshold: float | None = No
     # a row whose chosen probabilities are all 0 falls back to uniform over the chosen experts
     uniform = mask.to(probs.dtype) / mask.sum(dim=1, keepdim=True).to(probs.dtype)
     return torch.where(total > 0, w / total.clamp_min(torch.finfo(probs.dtype).tiny), uniform)
-
-
-def blend(velocities: Tensor | Sequence[Tensor], weights: Tensor) -> Tensor:
-    """``sum_k weights[:, k] * velocities[k]``; ``velocities`` is ``[K, B, ...]`` or a list."""
-    v = torch.stack(list(velocities)) if not isinstance(velocities, Tensor) else velocities
-    w = weights.transpose(0, 1).reshape(*weights.shape[::-1], *([1] * (v.dim() - 2)))
-    return (w.to(v.dtype) * v).sum(dim=0)
 
 
 def network_call(net: Callable[..., Tensor], device: str | torch.device,
@@ -140,8 +194,8 @@ class Mixture:
     into the batch's prompts, so sparse routing can hand each expert just its samples.
     """
 
-    def __init__(self, experts: list[tuple[Any, dict]], router: Any, cfg: Any,
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(self, experts: list[tuple[ExpertModel, dict]], router: RouterModel,
+                 cfg: CampaignConfig, device: str | torch.device = "cpu") -> None:
         self.experts = experts  # (ExpertModel, expert.json) per cluster, in cluster order
         self.router = router
         self.cfg = cfg
@@ -155,7 +209,8 @@ class Mixture:
         """The objectives per cluster as a readable string, e.g. ``D F F D F F F F``."""
         return " ".join("D" if d["objective"].startswith("ddpm") else "F" for _, d in self.experts)
 
-    def fields(self, prompts: list[str], guidance: float, device) -> list[VelocityField]:
+    def fields(self, prompts: list[str], guidance: float,
+               device: str | torch.device) -> list[VelocityField]:
         """Each expert as a guided flow-matching velocity field over ``cond = {"index": [B]}``."""
         from hdd_ray.diffusion import Safeguards, get_objective, guided
 
@@ -198,6 +253,9 @@ class Mixture:
     ) -> Tensor:
         """One image per prompt, ``[N, C, H, W]`` in [-1, 1]; seeded per batch, so reproducible.
 
+        The routing, guidance and steps are the config's, each one given here (not ``None``)
+        taking its place (:meth:`MixtureSpec.override`, which checks the routing).
+
         In latent space the experts sample latents, which are decoded through the campaign's
         VAE batch by batch on ``device`` (:func:`hdd_ray.latents.to_pixels`): the result is
         always images at the corpus's size.
@@ -208,11 +266,9 @@ class Mixture:
         from hdd_ray.diffusion import sample_ode
 
         s = self.cfg.sampling
-        strategy = strategy or s.routing
-        k = k if k is not None else s.k
-        threshold = threshold if threshold is not None else s.threshold
-        guidance = guidance if guidance is not None else s.guidance_scale
-        steps = steps or s.steps
+        spec = MixtureSpec.from_config(self.cfg).override(
+            self.cfg.clustering.k, routing=strategy, k=k, threshold=threshold, guidance=guidance,
+            steps=steps)
         device = self.device if device is None else torch.device(device)
         from hdd_ray.latents import to_pixels
 
@@ -221,23 +277,24 @@ class Mixture:
         c = int(desc.get("channels", self.cfg.corpus.channels))
         size = int(desc.get("image_size", self.cfg.corpus.image_size))
         latent = bool(desc.get("latents"))
-        mix = MixtureField(self.fields(prompts, guidance, device), self.router_probs,
-                           strategy=strategy, k=k, threshold=threshold)
+        mix = MixtureField(self.fields(prompts, spec.guidance, device), self.router_probs,
+                           strategy=spec.routing, k=spec.k, threshold=spec.threshold)
         out = []
         for start in range(0, len(prompts), s.batch_size):
             n = min(s.batch_size, len(prompts) - start)
             g = devices.generator(seed * 1_000_003 + start)  # CPU: the same noise everywhere
             noise = devices.randn((n, c, size, size), g, device)
             cond = {"index": torch.arange(start, start + n, device=device)}
-            x = sample_ode(mix, noise, cond, steps=steps, sampler=s.sampler, shift=s.time_shift)
+            x = sample_ode(mix, noise, cond, steps=spec.steps, sampler=s.sampler,
+                           shift=s.time_shift)
             # pixels are clamped to the data range; latents are decoded (and clamped) instead
             out.append((to_pixels(self.cfg, x) if latent else x.clamp(-1, 1)).cpu())
         self.last_evaluations = list(mix.evaluations)
         return torch.cat(out)
 
 
-def _check_one_vae(cfg: Any, manifest: dict, experts: list[tuple[Any, dict]],
-                   wanted: list[tuple[Any, str]]) -> None:
+def _check_one_vae(manifest: dict, experts: list[tuple[ExpertModel, dict]],
+                   wanted: list[tuple[ResolvedExpert, str]]) -> None:
     """Refuse (one line) a mixture whose experts were trained against different VAEs (or
     against another VAE than the campaign's prepared corpus)."""
     from hdd_ray.latents import check_same_vae
@@ -247,7 +304,7 @@ def _check_one_vae(cfg: Any, manifest: dict, experts: list[tuple[Any, dict]],
     check_same_vae([*named, ("the prepared corpus", manifest.get("latents"))])
 
 
-def load_mixture(cfg: Any, ddpm_clusters: Sequence[int] | None = None,
+def load_mixture(cfg: CampaignConfig, ddpm_clusters: Sequence[int] | None = None,
                  device: str | torch.device = "cpu") -> Mixture:
     """Assemble a mixture from the campaign's expert cache and router, its networks on ``device``.
 
@@ -283,5 +340,5 @@ def load_mixture(cfg: Any, ddpm_clusters: Sequence[int] | None = None,
         model, desc = load_expert(paths.expert_dir(eid))
         experts.append((model.to(device), desc))
     router = load_router(cfg, manifest).to(device)
-    _check_one_vae(cfg, manifest, experts, wanted)
+    _check_one_vae(manifest, experts, wanted)
     return Mixture(experts, router, cfg, device)

@@ -29,13 +29,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hdd_ray.errors import ConfigError, MixtureError
+from hdd_ray.errors import ConfigError, HddRayError, MixtureError
 
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from hdd_ray.config import CampaignConfig
+
 __all__ = [
+    "IDENTITY_KEYS",
     "LATENT_MEMBER",
+    "SETTINGS_KEYS",
     "Vae",
     "VaeInfo",
     "check_same_vae",
@@ -173,23 +177,29 @@ def latent_record(info: VaeInfo, image_size: int) -> dict[str, Any]:
     }
 
 
+#: what of a ``latents`` record determines a model's weights (not where the VAE lies)
+IDENTITY_KEYS = ("identity", "shape", "scaling_factor", "shift_factor", "dtype")
+#: what of a ``latents`` record a campaign's ``latents`` settings give: the VAE's content
+#: (``sha256``), scaling, shift and storage dtype
+SETTINGS_KEYS = ("sha256", "scaling_factor", "shift_factor", "dtype")
+
+
 def identity_of(record: dict[str, Any] | None) -> dict[str, Any] | None:
-    """What of a ``latents`` record determines a model's weights (not where the VAE lies)."""
+    """What of a ``latents`` record determines a model's weights (:data:`IDENTITY_KEYS`)."""
     if not record:
         return None
-    return {k: record[k] for k in ("identity", "shape", "scaling_factor", "shift_factor",
-                                   "dtype")}
+    return {k: record[k] for k in IDENTITY_KEYS}
 
 
 def settings_of(record: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The settings part of a ``latents`` record, compared against a campaign's config: the
-    VAE's content (``sha256``), scaling, shift and storage dtype -- not where the VAE lies."""
+    """The settings part of a ``latents`` record (:data:`SETTINGS_KEYS`), compared against a
+    campaign's config -- not where the VAE lies."""
     if not record:
         return None
-    return {k: record.get(k) for k in ("sha256", "scaling_factor", "shift_factor", "dtype")}
+    return {k: record.get(k) for k in SETTINGS_KEYS}
 
 
-def config_settings(cfg: Any) -> dict[str, Any] | None:
+def config_settings(cfg: CampaignConfig) -> dict[str, Any] | None:
     """:func:`settings_of` the record ``cfg.latents`` would give (None in pixel space).
 
     Hashes the VAE's files (:func:`vae_info`, cached per file sizes and mtimes), so a moved
@@ -204,25 +214,47 @@ def config_settings(cfg: Any) -> dict[str, Any] | None:
 
 
 def describe_vae(record: dict[str, Any] | None) -> str:
-    """A short readable name of a ``latents`` record: ``VAE <identity> (<folder>)`` or pixels."""
-    if not record:
+    """A short readable name of a ``latents`` record: ``VAE <identity> (<folder>)`` (without
+    the folder for an identity, which holds none), or pixel space."""
+    if not isinstance(record, dict) or not record:
         return "pixel space (no VAE)"
-    return f"VAE {record.get('identity')} ({record.get('vae')})"
+    folder = f" ({record['vae']})" if record.get("vae") else ""
+    return f"VAE {record.get('identity')}{folder}"
 
 
-def check_same_vae(named: list[tuple[str, dict[str, Any] | None]]) -> None:
-    """Refuse (one line, :class:`MixtureError`) models trained against different VAEs.
+MIX_MESSAGE = ("cannot mix {first_name} ({first}) with {name} ({other}): experts of one "
+               "mixture must share one VAE")
 
-    ``named`` is ``(model name, its latents record or None)`` per expert / router.
+
+def check_same_vae(named: list[tuple[str, dict[str, Any] | None]],
+                   error: type[HddRayError] = MixtureError,
+                   keys: tuple[str, ...] = IDENTITY_KEYS, message: str = MIX_MESSAGE) -> None:
+    """The one "same VAE" check: refuse (one line, ``error``) what lies in other latent spaces.
+
+    ``named`` is ``(name, its latents record or None)`` per thing: an expert or the router (its
+    description's record, or its identity's), the prepared corpus (the manifest's), the
+    campaign's settings (:func:`config_settings`). Each is compared with the first on ``keys``
+    (:data:`IDENTITY_KEYS` by default, :data:`SETTINGS_KEYS` against a config; never where the
+    VAE lies); None (pixel space) matches only pixel space. ``message`` is formatted with
+    ``first_name`` and ``name``, ``first`` and ``other`` (their :func:`describe_vae`) and
+    ``differs`` (``" with other latents settings"`` when both are latent spaces).
     """
     if not named:
         return
     first_name, first = named[0]
-    for name, rec in named[1:]:
-        if identity_of(rec) != identity_of(first):
-            raise MixtureError(
-                f"cannot mix {first_name} ({describe_vae(first)}) with {name} "
-                f"({describe_vae(rec)}): experts of one mixture must share one VAE")
+    for name, other in named[1:]:
+        if _vae_key(other, keys) != _vae_key(first, keys):
+            raise error(message.format(
+                first_name=first_name, first=describe_vae(first), name=name,
+                other=describe_vae(other),
+                differs=" with other latents settings" if first and other else ""))
+
+
+def _vae_key(record: Any, keys: tuple[str, ...]) -> Any:
+    """What :func:`check_same_vae` compares of a record: its ``keys`` (None in pixel space)."""
+    if not record:
+        return None
+    return {k: record.get(k) for k in keys} if isinstance(record, dict) else record
 
 
 # --------------------------------------------------------------------------- the model

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from hdd_ray.progress import quiet_ray
+from hdd_ray.ray_noise import quiet_ray
 
 if TYPE_CHECKING:
     from hdd_ray.config import CampaignConfig
@@ -230,7 +230,7 @@ def init_ray(cfg: CampaignConfig) -> None:
         # address="local" always starts a fresh instance (a stale /tmp/ray cluster file would
         # make a plain ray.init(num_cpus=...) fail)
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, runtime_env=runtime_env)
-    quiet_ray()  # forwarded noise (hdd_ray.progress.NOISE) dropped; real errors kept
+    quiet_ray()  # forwarded noise (hdd_ray.ray_noise.NOISE) dropped; real errors kept
 
 
 def _repo_pythonpath() -> str:

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hdd_ray import storage
+
+if TYPE_CHECKING:
+    from hdd_ray.config import CampaignConfig
+    from hdd_ray.models.expert import ExpertModel
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,7 @@ def cluster_prompts(shards: list[str], n: int = GRID_PROMPTS, caption_key: str =
 
 
 @torch.no_grad()
-def sample_expert(cfg: Any, model: Any, desc: dict[str, Any], prompts: list[str],
+def sample_expert(cfg: CampaignConfig, model: ExpertModel, desc: dict[str, Any], prompts: list[str],
                   steps: int | None = None, seed: int = 0,
                   device: str | torch.device = "cpu") -> torch.Tensor:
     """One image per prompt from ``model`` alone (an :class:`ExpertModel` described by its
@@ -78,13 +82,13 @@ def sample_expert(cfg: Any, model: Any, desc: dict[str, Any], prompts: list[str]
     return to_pixels(cfg, x).clamp(-1, 1).float().cpu()
 
 
-def expert_grid_png(cfg: Any, expert_dir: str, prompts: list[str],
+def expert_grid_png(cfg: CampaignConfig, expert_dir: str, prompts: list[str],
                     per_prompt: int = GRID_PER_PROMPT, use_gpu: bool = False) -> bytes:
     """Load the exported expert in ``expert_dir``, sample ``per_prompt`` images per prompt,
     write ``<expert_dir>/samples.png``; returns the PNG bytes."""
     from hdd_ray.campaign import load_expert
     from hdd_ray.devices import pick_device
-    from hdd_ray.evaluation.mixture import save_grid
+    from hdd_ray.evaluation.grids import save_grid
 
     model, desc = load_expert(expert_dir)
     repeated = [p for p in prompts for _ in range(per_prompt)]
@@ -93,7 +97,7 @@ def expert_grid_png(cfg: Any, expert_dir: str, prompts: list[str],
                      per_row=per_prompt)
 
 
-def expert_grid(cfg: Any, expert_dir: str, shards: list[str],
+def expert_grid(cfg: CampaignConfig, expert_dir: str, shards: list[str],
                 resources: dict[str, Any], timeout_s: float = GRID_TIMEOUT_S) -> bytes | None:
     """The grid of a finished expert (PNG bytes), or ``None`` when its cluster has no caption.
 

@@ -1,18 +1,15 @@
-"""Progress a person can follow, in a terminal and in a log file; Ray's noise turned down.
+"""Progress a person can follow, in a terminal and in a log file.
 
 * :func:`configure_logging`: what every job calls first: hdd_ray's INFO lines on stdout (with
   the time), chatty third-party loggers (MLflow's database set-up, alembic, faiss) at WARNING.
-* :func:`quiet_ray`: after ``ray.init`` in a driver: Ray Data's console progress logs off when
-  stdout is not a terminal (its log file keeps them), and the forwarded worker lines that are
-  noise dropped (:data:`NOISE`): the ``core_worker.cc`` warning about actor constructor
-  arguments in the object store (Ray Train's ``PreemptionWatcher``), the raylet's "worker
-  processes have been started" chatter, and the ``Exception ignored ... SystemExit`` tracebacks
-  Ray's SIGTERM handler prints when Tune stops a trial process. Every other line, errors
-  included, is printed as Ray prints it.
 * :class:`Progress`: a tqdm bar when stdout is a terminal, else a log line every
   ``interval_s`` seconds and one at the end (count, rate, ETA).
 * :class:`CampaignProgress`: one line per run when it starts, resumes (from which step),
   finishes or fails, with steps/s and loss, and a campaign line with runs done/total and an ETA.
+* :class:`RunStatus` and :func:`format_table`: how each run of a launch ended, and the table the
+  training jobs print at the end.
+
+Ray's own console noise is turned down by :mod:`hdd_ray.ray_noise`.
 """
 
 from __future__ import annotations
@@ -20,33 +17,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 log = logging.getLogger("hdd_ray.progress")
-
-T = TypeVar("T")
 
 #: third-party loggers that talk at INFO about set-up a user does not need to read
 QUIET_LOGGERS = ("mlflow", "alembic", "faiss", "urllib3", "filelock", "git", "matplotlib",
                  "PIL", "httpx")
 
-#: forwarded worker lines that are noise (regular expressions, searched in each line)
-NOISE = (
-    # Ray Core warns (at ERROR level) for every actor with max_restarts > 0 and a constructor
-    # argument in the object store: Ray Train's PreemptionWatcher, Ray Data's map workers
-    re.compile(r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments "
-               r"in the object store and max_restarts > 0"),
-    # the raylet's note that it started more worker processes than cores
-    re.compile(r"PYTHON worker processes have been started on node"),
-)
-
 _configured = False
-_quieted = False
 
 
 def is_tty() -> bool:
@@ -114,104 +98,6 @@ class _Formatter(logging.Formatter):
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
         prefix = "" if record.levelno <= logging.INFO else f"{record.levelname}: "
         return f"{stamp} {prefix}{record.getMessage()}"
-
-
-# ------------------------------------------------------------------------------------ Ray noise
-
-
-def quiet_ray() -> None:
-    """Turn Ray's console noise down in this driver (after ``ray.init``); best effort, idempotent.
-
-    Uses Ray internals (the driver's log dispatcher, Ray Data's console handler); if they
-    change, nothing is filtered and Ray prints as usual.
-    """
-    global _quieted
-    if not is_tty():
-        try:  # Ray Data's per-second progress blocks: its log file (ray-data.log) keeps them
-            import ray.data  # noqa: F401  (configures the "ray.data" logger on import)
-            from ray._private.log import PlainRayHandler
-
-            for h in logging.getLogger("ray.data").handlers:
-                if isinstance(h, PlainRayHandler):
-                    h.setLevel(logging.WARNING)
-        except Exception:
-            pass
-    if _quieted:
-        return
-    try:
-        from ray._private import worker as ray_worker
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except Exception:
-        return
-    with dispatcher._lock:  # worker output forwarded to this driver
-        handlers = list(dispatcher.handlers)
-        for i, (name, handler) in enumerate(handlers):
-            if name == "ray_print_logs":
-                handlers[i] = (name, _filtered(handler))
-                _quieted = True
-        dispatcher.handlers = handlers
-    # the raylet's messages (worker start-up chatter) are printed by this function directly
-    original = getattr(ray_worker, "print_to_stdstream", None)
-    if original is not None and not getattr(original, "_hdd_ray_filtered", False):
-        def print_to_stdstream(data: dict, ignore_prefix: bool) -> None:
-            filtered = _filtered(lambda d: original(d, ignore_prefix=ignore_prefix))
-            filtered(data)
-
-        print_to_stdstream._hdd_ray_filtered = True  # type: ignore[attr-defined]
-        ray_worker.print_to_stdstream = print_to_stdstream
-
-
-class NoiseFilter:
-    """Drops :data:`NOISE` lines and SIGTERM ``SystemExit`` tracebacks from forwarded worker
-    output, per process; any other line passes unchanged (a traceback that does not end in
-    ``SystemExit`` is printed whole)."""
-
-    MAX_HELD = 80
-
-    def __init__(self) -> None:
-        self.held: dict[Any, list[str]] = {}
-
-    def lines(self, key: Any, lines: Iterable[str]) -> list[str]:
-        """The lines of one batch from process ``key`` that are not noise."""
-        out: list[str] = []
-        held = self.held.pop(key, None)
-        for line in lines:
-            if held is not None:
-                held.append(line)
-                if line.startswith("SystemExit"):
-                    held = None  # Ray's SIGTERM handler raising SystemExit: drop the block
-                elif not _traceback_line(line) or len(held) > self.MAX_HELD:
-                    out.extend(held)
-                    held = None
-                continue
-            if line.startswith("Exception ignored"):
-                held = [line]
-            elif not any(p.search(line) for p in NOISE):
-                out.append(line)
-        if held is not None:
-            self.held[key] = held
-        return out
-
-
-def _traceback_line(line: str) -> bool:
-    return (line.startswith((" ", "\t", "Traceback", "Exception ignored", "During handling",
-                             "The above exception"))
-            or not line.strip() or line.startswith("SystemExit"))
-
-
-def _filtered(handler: Callable[[dict], None]) -> Callable[[dict], None]:
-    noise = NoiseFilter()
-
-    def handle(data: dict) -> None:
-        try:
-            lines = noise.lines((data.get("pid"), data.get("ip"), data.get("is_err")),
-                                data.get("lines", []))
-        except Exception:  # never lose output to the filter itself
-            lines = data.get("lines", [])
-        if lines:
-            handler({**data, "lines": lines})
-
-    return handle
 
 
 # ------------------------------------------------------------------------------------- progress
@@ -291,15 +177,6 @@ class Progress:
         self.close()
 
 
-def track(items: Iterable[T], total: int, desc: str, unit: str = "it",
-          interval_s: float = 10.0) -> Iterator[T]:
-    """``items``, with a :class:`Progress` over them."""
-    with Progress(total, desc, unit, interval_s) as p:
-        for item in items:
-            yield item
-            p.update()
-
-
 @contextlib.contextmanager
 def sampling_progress(mixture: Any, num_images: int, steps: int, sampler: str,
                       batch_size: int, desc: str = "sampling") -> Iterator[Progress]:
@@ -358,9 +235,8 @@ class CampaignProgress:
         shown = f", loss {loss:.4f}" if isinstance(loss, float) and loss == loss else ""
         self.log.info("%s: step %d/%d%s%s", name, step, steps, rate, shown)
 
-    def end(self, status: Any, steps_per_s: float | None = None) -> None:
-        """A run ended (a :class:`~hdd_ray.training.launcher.RunStatus`): its line, then the
-        campaign's."""
+    def end(self, status: RunStatus, steps_per_s: float | None = None) -> None:
+        """A run ended: its line, then the campaign's."""
         with self._lock:
             self.done += 1
             if not status.ok:
@@ -398,5 +274,42 @@ class CampaignProgress:
         self.log.info("%s", ", ".join(parts))
 
 
-__all__ = ["NOISE", "CampaignProgress", "NoiseFilter", "Progress", "configure_logging",
-           "is_tty", "quiet_ray", "sampling_progress", "track"]
+@dataclass
+class RunStatus:
+    """How one run (an expert or the router) of a launch ended: one line of the closing table."""
+
+    name: str
+    kind: str  # expert | router
+    cluster: int | None
+    objective: str
+    status: str  # trained | reused | resumed | failed | rejected
+    steps: int = 0
+    final_loss: float | None = None
+    wall_time_s: float | None = None
+    node: str = ""
+    reason: str = ""
+    attempts: int = 0
+    skipped_samples: int = 0  # damaged samples the training data reader skipped
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """Whether the run ended with usable weights."""
+        return self.status in ("trained", "reused", "resumed")
+
+
+def format_table(statuses: list[RunStatus]) -> str:
+    """The per-run status table printed at the end of the job."""
+    head = f"{'run':<24} {'cluster':>7} {'objective':<16} {'status':<9} {'steps':>6} {'loss':>8} {'wall s':>7} {'node':<14} reason"
+    lines = [head, "-" * len(head)]
+    for s in statuses:
+        loss = f"{s.final_loss:.4f}" if s.final_loss is not None else "-"
+        wall = f"{s.wall_time_s:.0f}" if s.wall_time_s is not None else "-"
+        cluster = str(s.cluster) if s.cluster is not None else "-"
+        lines.append(f"{s.name:<24} {cluster:>7} {s.objective:<16} {s.status:<9} {s.steps:>6} "
+                     f"{loss:>8} {wall:>7} {s.node[:14]:<14} {s.reason}")
+    return "\n".join(lines)
+
+
+__all__ = ["CampaignProgress", "Progress", "RunStatus", "configure_logging", "format_table",
+           "is_tty", "sampling_progress"]

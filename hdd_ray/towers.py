@@ -10,7 +10,8 @@ extractors and the CLIP-score model, so all of them follow the same rules:
   cache), and only because the user named it. timm towers take local files only.
 * **An open_clip architecture is a name or a config ``.json``**, registered under the file's
   stem in each process that asks: a config file reaches every Ray worker, a config registered
-  only in the driver would not.
+  only in the driver would not. The project's own configs (a dict) are registered by
+  :func:`register_open_clip_config`, also in each process that needs them.
 * **OpenAI weights need QuickGELU.** They were trained with it; open_clip builds plain GELU
   unless told and only warns, and the tower then computes different features. The flag comes
   from the tag's pretrained config. A local copy of OpenAI weights says so with the
@@ -21,7 +22,10 @@ Errors are one line naming the config key the caller passes (``arch_key``/``weig
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,7 @@ __all__ = [
     "open_clip_image_transform",
     "open_clip_model",
     "open_clip_tokenizer",
+    "register_open_clip_config",
     "resolve_dinov2",
     "resolve_open_clip",
 ]
@@ -90,6 +95,26 @@ def open_clip_arch(arch: str, key: str = "arch") -> str:
             f"{key}={arch!r}: unknown open_clip architecture (see open_clip.list_models(), or "
             "give a model config .json file)"
         )
+    return name
+
+
+def register_open_clip_config(name: str, config: dict[str, Any]) -> str:
+    """Register the open_clip model config ``config`` (a dict) under ``name``; returns ``name``.
+
+    open_clip reads model configs from files only: the JSON goes to a fresh temporary folder
+    (open_clip rescans every registered path), is read at once and kept in memory (later rescans
+    skip a missing path), and the folder is removed, so nothing stays behind (a job writes
+    nothing outside its campaign root). Idempotent within a process; call it in each process
+    (e.g. each Ray worker) that needs the architecture.
+    """
+    import open_clip
+
+    if name in open_clip.list_models():
+        return name
+    path = Path(tempfile.mkdtemp(prefix="hdd_ray_open_clip_")) / f"{name}.json"
+    path.write_text(json.dumps(config))
+    open_clip.add_model_config(path)
+    shutil.rmtree(path.parent, ignore_errors=True)
     return name
 
 

@@ -30,18 +30,16 @@ Exit status 2 with one line `error: ...` for bad options or bad input.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a plain checkout
-
-from hdd_ray.cli import parse_job_args  # noqa: E402
+from hdd_ray.cli import parse_job_args
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse options, prepare the corpus, print a summary; returns the exit status."""
     # bad options: one line, exit 2, before Ray; logging configured (hdd_ray.progress)
     cfg, args = parse_job_args(__doc__, argv)
-    from hdd_ray.prepare import PrepareError, format_summary, prepare_corpus
+    from hdd_ray.errors import PrepareError
+    from hdd_ray.prepare import format_summary, prepare_corpus
 
     try:
         # Checks the input first, then joins RAY_ADDRESS / ray.address or starts a local Ray

@@ -12,8 +12,8 @@ r"""Your prompts to images: sample a trained campaign's mixture and write a PNG 
 The mixture is the campaign's own (``experts.ddpm_clusters`` of the config), another objective
 assignment (``--assignment "D F F D ..."``: one letter per cluster, D = ddpm_eps, F =
 fm_velocity), or a sweep's best (``--mixture NAME``: ``<root>/sweeps/NAME/best_mixture.json``,
-whose routing, k, guidance and steps are the defaults; the flags override them). Every expert
-it needs must be trained (``python jobs/train_all_experts.py``).
+whose routing, k, threshold, guidance, steps and seed are the defaults; the flags override them).
+Every expert it needs must be trained (``python jobs/train_all_experts.py``).
 
 Prints, for each image, the experts it used with their routing weights: the blend weights of
 the routing strategy (``--routing``, ``--k``), **averaged over the sampling trajectory** (every
@@ -26,16 +26,21 @@ needed, and under ``ray job submit`` it runs in the job's driver.
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from hdd_ray.choices import STRATEGIES
+from hdd_ray.cli import parse_job_args
 
-from hdd_ray.cli import parse_job_args  # noqa: E402
+if TYPE_CHECKING:
+    from hdd_ray.config import CampaignConfig
+    from hdd_ray.ensemble import MixtureSpec
 
 
-def _read_prompts(args) -> list[str]:
+def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts:
         path = Path(args.prompts)
@@ -66,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                           "help": "objective per cluster (default: experts.ddpm_clusters)"}),
         ("--mixture", {"default": None, "metavar": "NAME",
                        "help": "a sweep's best mixture (sweep name or best_mixture.json path)"}),
-        ("--routing", {"default": None, "choices": ["full", "top1", "topk", "threshold"]}),
+        ("--routing", {"default": None, "choices": list(STRATEGIES)}),
         ("--k", {"type": int, "default": None, "help": "experts per sample for topk"}),
         ("--threshold", {"type": float, "default": None}),
         ("--guidance", {"type": float, "default": None, "help": "classifier-free guidance"}),
@@ -87,47 +92,46 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is not None and args.steps < 1:
         print(f"error: --steps {args.steps}: must be >= 1", file=sys.stderr)
         return 2
-    k_clusters = cfg.clustering.k
-    if args.k is not None and not 1 <= args.k <= k_clusters:
-        print(f"error: --k {args.k}: top-k must be in 1..{k_clusters}", file=sys.stderr)
-        return 2
     try:
-        from hdd_ray.choices import parse_assignment
-
-        ddpm = sorted(cfg.experts.ddpm_clusters)
-        settings = {"routing": cfg.sampling.routing, "k": cfg.sampling.k,
-                    "threshold": cfg.sampling.threshold,
-                    "guidance": cfg.sampling.guidance_scale, "steps": cfg.sampling.steps}
-        if args.mixture:
-            from hdd_ray.sweep import load_mixture_spec
-
-            cfg, spec = load_mixture_spec(cfg, args.mixture)
-            ddpm = sorted(spec.ddpm_clusters)
-            settings.update(routing=spec.routing, k=spec.k, threshold=spec.threshold,
-                            guidance=spec.guidance, steps=spec.steps)
-        if args.assignment:
-            ddpm = parse_assignment(args.assignment, k_clusters, "--assignment")
-        for key in settings:
-            if getattr(args, key) is not None:
-                settings[key] = getattr(args, key)
-        if settings["routing"] == "threshold" and settings["threshold"] is None:
-            raise ConfigError("--routing threshold needs --threshold")
-        return _sample(cfg, args, prompts, ddpm, settings)
+        cfg, spec = _mixture(cfg, args)
+        return _sample(cfg, args, prompts, spec)
     except (CampaignError, ConfigError, MixtureError, SweepError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
-def _sample(cfg, args, prompts: list[str], ddpm: list[int], settings: dict) -> int:
+def _mixture(cfg: CampaignConfig,
+             args: argparse.Namespace) -> tuple[CampaignConfig, MixtureSpec]:
+    """The campaign (a sweep's variant with ``--mixture``) and the mixture to sample: the
+    config's or the sweep's best, its assignment replaced by ``--assignment``, its routing,
+    guidance, steps and seed by the flags given (checked: one line naming the flag)."""
+    from hdd_ray.choices import parse_assignment
+    from hdd_ray.ensemble import MixtureSpec
+
+    if args.mixture:
+        from hdd_ray.sweep import load_mixture_spec
+
+        cfg, spec = load_mixture_spec(cfg, args.mixture)
+    else:
+        spec = MixtureSpec.from_config(cfg)
+    k_clusters = cfg.clustering.k
+    ddpm = (parse_assignment(args.assignment, k_clusters, "--assignment") if args.assignment
+            else None)
+    return cfg, spec.override(k_clusters, "--", ddpm_clusters=ddpm, routing=args.routing,
+                              k=args.k, threshold=args.threshold, guidance=args.guidance,
+                              steps=args.steps, seed=args.seed)
+
+
+def _sample(cfg: CampaignConfig, args: argparse.Namespace, prompts: list[str],
+            spec: MixtureSpec) -> int:
     import dataclasses
 
     import torch
 
     from hdd_ray import storage
-    from hdd_ray.choices import format_assignment
     from hdd_ray.devices import resolve_device
     from hdd_ray.ensemble import load_mixture, route
-    from hdd_ray.evaluation.mixture import save_grid
+    from hdd_ray.evaluation.grids import save_grid
     from hdd_ray.progress import Progress
 
     device = resolve_device(args.device)
@@ -136,15 +140,14 @@ def _sample(cfg, args, prompts: list[str], ddpm: list[int], settings: dict) -> i
     # one batch: every router call sees every image, so the weights average per image
     cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(
         cfg.sampling, batch_size=max(cfg.sampling.batch_size, n)))
-    mixture = load_mixture(cfg, ddpm, device)
-    seed = args.seed if args.seed is not None else cfg.sampling.seed
+    mixture = load_mixture(cfg, spec.ddpm_clusters, device)
     k_clusters = cfg.clustering.k
-    print(f"mixture {format_assignment(ddpm, k_clusters)} ({settings['routing']}"
-          + (f", k={settings['k']}" if settings["routing"] == "topk" else "")
-          + f", guidance {settings['guidance']:g}, {settings['steps']} {cfg.sampling.sampler} "
-          f"steps, seed {seed}) on {device}: {n} images", flush=True)
+    print(f"mixture {spec.assignment(k_clusters)} ({spec.routing}"
+          + (f", k={spec.k}" if spec.routing == "topk" else "")
+          + f", guidance {spec.guidance:g}, {spec.steps} {cfg.sampling.sampler} "
+          f"steps, seed {spec.seed}) on {device}: {n} images", flush=True)
 
-    calls = 2 * settings["steps"] - 1 if cfg.sampling.sampler == "heun" else settings["steps"]
+    calls = 2 * spec.steps - 1 if cfg.sampling.sampler == "heun" else spec.steps
     weights_sum = torch.zeros(n, k_clusters, dtype=torch.float64)
     counted = [0]
     router = mixture.router_probs
@@ -152,16 +155,16 @@ def _sample(cfg, args, prompts: list[str], ddpm: list[int], settings: dict) -> i
     with Progress(calls, "sampling", unit="evals") as bar:
         def recording_router(x_t, t):
             probs = router(x_t, t)
-            w = route(probs.float(), settings["routing"], settings["k"], settings["threshold"])
+            w = route(probs.float(), spec.routing, spec.k, spec.threshold)
             weights_sum[: w.shape[0]] += w.double().cpu()
             counted[0] += 1
             bar.update()
             return probs
 
         mixture.router_probs = recording_router  # MixtureField asks the router through this
-        images = mixture.sample(images_prompts, seed=seed, strategy=settings["routing"],
-                                k=settings["k"], threshold=settings["threshold"],
-                                guidance=settings["guidance"], steps=settings["steps"])
+        images = mixture.sample(images_prompts, seed=spec.seed, strategy=spec.routing,
+                                k=spec.k, threshold=spec.threshold, guidance=spec.guidance,
+                                steps=spec.steps)
     weights = weights_sum / max(1, counted[0])
     out = args.out or _default_out(cfg.root, prompts[0])
     if not storage.is_uri(out):

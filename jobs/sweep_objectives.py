@@ -29,12 +29,9 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from hdd_ray.cli import parse_job_args  # noqa: E402
-from hdd_ray.placement import init_ray  # noqa: E402
+from hdd_ray.cli import parse_job_args
+from hdd_ray.placement import init_ray
 
 #: the demo's sweep: small enough for a few minutes of 2 CPUs once the experts exist
 DEMO_DEFAULTS = ["evaluation.num_samples=128", "sampling.steps=16"]
@@ -46,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
         argv = [*DEMO_DEFAULTS, *argv]  # later overrides win
     cfg, args = parse_job_args(__doc__, argv)
-    from hdd_ray.errors import CampaignError
-    from hdd_ray.prepare import PrepareError, prepare_corpus
-    from hdd_ray.sweep import SweepError, run_sweep
+    from hdd_ray.errors import CampaignError, PrepareError, SweepError
+    from hdd_ray.prepare import prepare_corpus
+    from hdd_ray.sweep import run_sweep
 
     started = time.time()
     init_ray(cfg)

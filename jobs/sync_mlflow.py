@@ -13,11 +13,8 @@ left (the server is still unreachable), 2 with one line `error: ...` for bad opt
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a plain checkout
-
-from hdd_ray.cli import parse_job_args  # noqa: E402
+from hdd_ray.cli import parse_job_args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from hdd_ray import tracking
+from hdd_ray.cli import parse_job_args
+from hdd_ray.placement import init_ray
 
-from hdd_ray import tracking  # noqa: E402
-from hdd_ray.cli import parse_job_args  # noqa: E402
-from hdd_ray.placement import init_ray  # noqa: E402
+if TYPE_CHECKING:
+    from hdd_ray.config import CampaignConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,9 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         ("--skip-router", {"action": "store_true", "help": "train the experts only"}),
     ])
     from hdd_ray.campaign import campaign_assignments
-    from hdd_ray.errors import CampaignError
-    from hdd_ray.prepare import PrepareError, prepare_corpus
-    from hdd_ray.training.launcher import format_table, train_campaign
+    from hdd_ray.errors import CampaignError, PrepareError
+    from hdd_ray.prepare import prepare_corpus
+    from hdd_ray.progress import format_table
+    from hdd_ray.training.launcher import train_campaign
 
     started = time.time()
     with tracking.run(cfg, "train_all_experts", tags={"stage": "campaign"}) as parent:
@@ -65,14 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def evaluate(cfg, assignments: list[list[int]], parent_run_id: str | None) -> None:
+def evaluate(cfg: CampaignConfig, assignments: list[list[int]],
+             parent_run_id: str | None) -> None:
     """Evaluate the campaign's mixture (and its baseline) in Ray tasks shaped by
     ``evaluation.resources`` (one per mixture, on its GPU when it has one) and print the
     comparison table."""
     from hdd_ray import storage
     from hdd_ray.campaign import CampaignPaths
-    from hdd_ray.evaluation.mixture import MixtureSpec, comparison_table
+    from hdd_ray.ensemble import MixtureSpec
     from hdd_ray.evaluation.remote import evaluate_on_ray
+    from hdd_ray.evaluation.tables import comparison_table
 
     specs = [MixtureSpec.from_config(cfg, ddpm) for ddpm in assignments]
     for spec in specs:

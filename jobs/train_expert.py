@@ -14,12 +14,9 @@ Without a Ray cluster it starts a local Ray instance on this machine.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from hdd_ray.cli import parse_job_args  # noqa: E402
-from hdd_ray.placement import init_ray  # noqa: E402
+from hdd_ray.cli import parse_job_args
+from hdd_ray.placement import init_ray
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     from hdd_ray.campaign import expert_id, load_manifest
     from hdd_ray.config import resolve_experts
     from hdd_ray.errors import CampaignError
-    from hdd_ray.training.launcher import format_table, train_campaign
+    from hdd_ray.progress import format_table
+    from hdd_ray.training.launcher import train_campaign
 
     try:
         manifest = load_manifest(cfg)

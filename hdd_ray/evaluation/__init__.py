@@ -1,7 +1,10 @@
 """Evaluation: feature extractors, FID (with cached reference statistics and its floor), CLIP
 score, intra-prompt diversity, their bootstrap intervals and paired differences
 (:mod:`hdd_ray.evaluation.statistics`), and the demo's reference CLIP. Protocols:
-``evaluation/README.md``.
+``evaluation/README.md``. A mixture's evaluation: the :mod:`~hdd_ray.evaluation.judge` that
+scores it, :mod:`~hdd_ray.evaluation.mixture` (sample, score, record; its id and files),
+:mod:`~hdd_ray.evaluation.remote` (as Ray tasks), :mod:`~hdd_ray.evaluation.tables` (comparison
+tables) and :mod:`~hdd_ray.evaluation.grids` (sample grids).
 
 Importing this package loads neither open_clip, timm nor torchmetrics' image metrics; each is
 imported by the function that needs it.

@@ -16,15 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
-import math
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +33,8 @@ from hdd_ray import devices, storage
 from hdd_ray.campaign import CampaignPaths
 from hdd_ray.evaluation.features import clip_pixels
 from hdd_ray.models.text import TINY_OPEN_CLIP_CONFIG
+from hdd_ray.optim import learning_rate
+from hdd_ray.towers import register_open_clip_config
 
 __all__ = [
     "REFERENCE_CLIP_ARCH",
@@ -65,6 +62,9 @@ REFERENCE_CLIP_CONFIG = {
         "pool_type": "avg",
     },
 }
+#: the learning-rate schedule, in the cache key: a version bump retrains every cached reference CLIP
+#: (v2: hdd_ray.optim.learning_rate, the experts' schedule; v1 had its own cosine after the warm-up)
+LR_SCHEDULE = "cosine after a 5% linear warm-up (hdd_ray.optim.learning_rate), v2"
 WEIGHTS_FILE = "weights.safetensors"
 INFO_FILE = "reference_clip.json"
 _DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -86,18 +86,9 @@ def digit_of_caption(caption: str) -> str:
 
 
 def register_reference_clip_config() -> str:
-    """Register :data:`REFERENCE_CLIP_CONFIG` with open_clip (idempotent) and return its name."""
-    import open_clip
-
-    if REFERENCE_CLIP_ARCH not in open_clip.list_models():
-        # Same mechanism as register_tiny_open_clip_config: a JSON in a fresh temporary folder.
-        path = Path(tempfile.mkdtemp(prefix="hdd_ray_open_clip_")) / f"{REFERENCE_CLIP_ARCH}.json"
-        path.write_text(json.dumps(REFERENCE_CLIP_CONFIG))
-        open_clip.add_model_config(path)
-        # read at once and kept in memory (later rescans skip a missing path): nothing stays
-        # behind in the temporary folder (a job writes nothing outside its campaign root)
-        shutil.rmtree(path.parent, ignore_errors=True)
-    return REFERENCE_CLIP_ARCH
+    """Register :data:`REFERENCE_CLIP_CONFIG` with open_clip (idempotent) and return its name
+    (:func:`hdd_ray.towers.register_open_clip_config`)."""
+    return register_open_clip_config(REFERENCE_CLIP_ARCH, REFERENCE_CLIP_CONFIG)
 
 
 def _build(seed: int) -> tuple[nn.Module, Any]:
@@ -155,7 +146,8 @@ def train_reference_clip(
     Trains on ``device``; the batches' indices are drawn on the CPU (:mod:`hdd_ray.devices`),
     so the batches of a seed are the same on every device (the weights differ in float noise).
 
-    AdamW with a linear warm-up over the first 5% of steps and cosine decay; batches drawn with
+    AdamW with :func:`hdd_ray.optim.learning_rate`'s cosine after a linear warm-up over the
+    first 5% of steps (:data:`LR_SCHEDULE`); batches drawn with
     replacement from a generator seeded by ``seed``, so a seed gives the same weights (on the same
     torch build and thread count). Captions are tokenized once; each step encodes only the
     batch's distinct captions.
@@ -208,17 +200,10 @@ def _train(
         torch.optim.AdamW(dense, lr=lr, weight_decay=0.01),
         torch.optim.SparseAdam([table], lr=lr),
     ]
-    warmup = max(1, steps // 20)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_at) for o in optimizers]
+    warmup = max(1, steps // 20)  # LR_SCHEDULE
     model.train()
     history = []
-    for _ in range(steps):
+    for step in range(steps):
         idx = devices.randint(pixels.shape[0], batch_size, generator, device)
         unique, caption_ids = torch.unique(caption_idx[idx], return_inverse=True)
         img = model.encode_image(pixels[idx], normalize=True)
@@ -227,9 +212,11 @@ def _train(
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()
-        for opt, sched in zip(optimizers, schedulers, strict=True):
+        rate = learning_rate(step, lr, steps, warmup, "cosine")  # the project's one schedule
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = rate
             opt.step()
-            sched.step()
         history.append(loss.item())
     model.token_embedding.sparse = False
     model.requires_grad_(False)
@@ -285,6 +272,7 @@ def _settings(steps: int, batch_size: int, lr: float, seed: int, data_hash: str)
         "lr": lr,
         "seed": seed,
         "data_hash": data_hash,
+        "lr_schedule": LR_SCHEDULE,
     }
 
 

@@ -2,7 +2,7 @@
 
 The driver (on the head node, often without a GPU) only submits. Every task asks Ray for
 ``evaluation.resources`` (CPUs, GPUs, ``accelerator_type``, custom resources, labels) and builds a
-:class:`~hdd_ray.evaluation.mixture.Judge` on the device it was given
+:class:`~hdd_ray.evaluation.judge.Judge` on the device it was given
 (:func:`hdd_ray.devices.pick_device`). With one mixture, one task samples and scores it. With
 several, a first task builds the campaign's judge caches (the reference CLIP, the reference
 statistics: trained or computed once per campaign), then one task per mixture samples and scores
@@ -17,17 +17,21 @@ driver's). On a local instance a request no node can host is refused in one line
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hdd_ray import storage
 from hdd_ray.errors import CampaignError
 
+if TYPE_CHECKING:
+    from hdd_ray.config import CampaignConfig
+    from hdd_ray.ensemble import MixtureSpec
+
 __all__ = ["evaluate_mixtures", "evaluate_on_ray", "task_options"]
 
 
-def task_options(cfg: Any) -> dict[str, Any]:
+def task_options(cfg: CampaignConfig) -> dict[str, Any]:
     """``ray.remote(...).options(...)`` of the evaluation task, from ``evaluation.resources``."""
     r = cfg.evaluation.resources
     opts: dict[str, Any] = {"num_cpus": float(r.num_cpus), "num_gpus": float(r.num_gpus),
@@ -41,7 +45,7 @@ def task_options(cfg: Any) -> dict[str, Any]:
     return opts
 
 
-def _as_request(cfg: Any) -> dict[str, Any]:
+def _as_request(cfg: CampaignConfig) -> dict[str, Any]:
     """``evaluation.resources`` in the gate's terms: one worker."""
     r = cfg.evaluation.resources
     return {"num_workers": 1, "cpus_per_worker": r.num_cpus, "gpus_per_worker": r.num_gpus,
@@ -49,11 +53,13 @@ def _as_request(cfg: Any) -> dict[str, Any]:
             "label_selector": dict(r.label_selector)}
 
 
-def evaluate_mixtures(cfg: Any, specs: list[Any], parent_run_id: str | None = None,
+def evaluate_mixtures(cfg: CampaignConfig, specs: list[MixtureSpec],
+                      parent_run_id: str | None = None,
                       device: str | torch.device = "cpu") -> list[dict[str, Any]]:
-    """Evaluate ``specs`` (:class:`~hdd_ray.evaluation.mixture.MixtureSpec`) in this process,
-    sharing one judge on ``device``; one metrics dict per spec."""
-    from hdd_ray.evaluation.mixture import Judge, evaluate_mixture
+    """Evaluate ``specs`` (:class:`~hdd_ray.ensemble.MixtureSpec`) in this process, sharing one
+    judge on ``device``; one metrics dict per spec."""
+    from hdd_ray.evaluation.judge import Judge
+    from hdd_ray.evaluation.mixture import evaluate_mixture
 
     judge = Judge(cfg, device)
     return [evaluate_mixture(cfg, spec, judge, parent_run_id) for spec in specs]
@@ -70,22 +76,23 @@ def _task_device(threads: int, use_gpu: bool) -> torch.device:
     return pick_device(use_gpu)
 
 
-def _evaluation_task(cfg: Any, specs: list[Any], parent_run_id: str | None,
+def _evaluation_task(cfg: CampaignConfig, specs: list[MixtureSpec],
+                     parent_run_id: str | None,
                      threads: int, use_gpu: bool) -> list[dict[str, Any]]:
     device = _task_device(threads, use_gpu)
     return [{**r, "device": str(device)}
             for r in evaluate_mixtures(cfg, specs, parent_run_id, device)]
 
 
-def _judge_task(cfg: Any, threads: int, use_gpu: bool) -> None:
+def _judge_task(cfg: CampaignConfig, threads: int, use_gpu: bool) -> None:
     """Build the judge once, so that its caches (reference CLIP, reference statistics) exist
     before the per-mixture tasks load them side by side."""
-    from hdd_ray.evaluation.mixture import Judge
+    from hdd_ray.evaluation.judge import Judge
 
     Judge(cfg, _task_device(threads, use_gpu))
 
 
-def evaluate_on_ray(cfg: Any, specs: list[Any],
+def evaluate_on_ray(cfg: CampaignConfig, specs: list[MixtureSpec],
                     parent_run_id: str | None = None) -> list[dict[str, Any]]:
     """Evaluate ``specs`` in Ray tasks shaped by ``evaluation.resources`` (one per mixture, side
     by side where there is room, after one that builds the judge's caches); Ray must be

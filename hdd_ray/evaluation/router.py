@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from hdd_ray import devices
-from hdd_ray.campaign import heldout_shards, load_manifest
+from hdd_ray.campaign import heldout_shards, load_manifest, model_shape
 from hdd_ray.config import CampaignConfig
-from hdd_ray.models.expert import RouterModel
+from hdd_ray.models.expert import RouterModel, load_weights
 
 
 @torch.no_grad()
@@ -40,4 +40,15 @@ def router_accuracy_by_t(model: RouterModel, cfg: CampaignConfig, bins: int = 10
     return out
 
 
-__all__ = ["router_accuracy_by_t"]
+def router_accuracy_of(cfg: CampaignConfig, weights_path: str,
+                       use_gpu: bool = False) -> dict[str, float]:
+    """:func:`router_accuracy_by_t` of the router exported at ``weights_path`` (safetensors),
+    on the device :func:`hdd_ray.devices.pick_device` picks for ``use_gpu``."""
+    manifest = load_manifest(cfg)
+    size, channels = model_shape(cfg, manifest)
+    model = RouterModel(cfg.router.model, size, channels, cfg.clustering.k)
+    load_weights(model, weights_path, f"router {weights_path}")
+    return router_accuracy_by_t(model.to(devices.pick_device(use_gpu)), cfg)
+
+
+__all__ = ["router_accuracy_by_t", "router_accuracy_of"]

@@ -91,13 +91,9 @@ class Interval:
         return not self.low <= 0.0 <= self.high
 
     def text(self, digits: int = 3, signed: bool = False) -> str:
-        """``0.409 ± 0.012`` (the ± is the half width; :meth:`bounds` gives the exact ends)."""
+        """``0.409 ± 0.012`` (the ± is the half width; :meth:`as_dict` gives the exact ends)."""
         sign = "+" if signed else ""
         return f"{self.estimate:{sign}.{digits}f} ± {self.half_width:.{digits}f}"
-
-    def bounds(self, digits: int = 3) -> str:
-        """``[0.398, 0.421]``."""
-        return f"[{self.low:.{digits}f}, {self.high:.{digits}f}]"
 
     def as_dict(self, key: str) -> dict[str, float]:
         """``{key: estimate, key_low: low, key_high: high}``."""

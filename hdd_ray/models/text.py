@@ -6,12 +6,8 @@ Both encoders expose ``encode(captions) -> {"tokens": [B, L, dim], "mask": [B, L
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
-import tempfile
 import zlib
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -184,18 +180,8 @@ def register_tiny_open_clip_config(name: str = "hdd-tiny-clip") -> str:
     """Register a tiny CLIP architecture with open_clip under ``name`` and return the name.
 
     open_clip ships no tiny config; this one (1-layer ViT of width 64 on 32 px, 1-layer text tower
-    of width 64, context 16) builds in milliseconds for tests and the demo's reference CLIP. The
-    JSON goes to a fresh temporary folder because open_clip rescans every registered path.
-    Idempotent within a process; call it in each process (e.g. each Ray worker) that needs it.
+    of width 64, context 16) builds in milliseconds for tests and the demo's reference CLIP.
+    Idempotent within a process; call it in each process (e.g. each Ray worker) that needs it
+    (:func:`hdd_ray.towers.register_open_clip_config`).
     """
-    import open_clip
-
-    if name in open_clip.list_models():
-        return name
-    path = Path(tempfile.mkdtemp(prefix="hdd_ray_open_clip_")) / f"{name}.json"
-    path.write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))
-    open_clip.add_model_config(path)
-    # read at once and kept in memory (later rescans skip a missing path): nothing stays
-    # behind in the temporary folder (a job writes nothing outside its campaign root)
-    shutil.rmtree(path.parent, ignore_errors=True)
-    return name
+    return towers.register_open_clip_config(name, TINY_OPEN_CLIP_CONFIG)

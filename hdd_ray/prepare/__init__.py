@@ -8,14 +8,12 @@
 The clustering math itself (k-means, balancing, held-out split) is :mod:`hdd_ray.clustering`.
 """
 
-from hdd_ray.errors import PrepareError
 from hdd_ray.prepare.embedders import build_embedder, check_embedder
 from hdd_ray.prepare.manifest import MANIFEST_VERSION, format_summary
 from hdd_ray.prepare.stage import prepare_corpus
 
 __all__ = [
     "MANIFEST_VERSION",
-    "PrepareError",
     "build_embedder",
     "check_embedder",
     "format_summary",

@@ -6,13 +6,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hdd_ray import towers
 from hdd_ray.corpus import prepare_image
 from hdd_ray.errors import PrepareError
+
+if TYPE_CHECKING:
+    from hdd_ray.config import ClusteringConfig
 
 __all__ = ["PixelEmbedder", "build_embedder", "check_embedder"]
 
@@ -124,7 +127,7 @@ def build_embedder(
     raise PrepareError(f"clustering.embedder={name!r}: unknown embedder")
 
 
-def check_embedder(cl: Any) -> None:
+def check_embedder(cl: ClusteringConfig) -> None:
     """Fail fast (before Ray starts) on a missing weights file or unknown architecture."""
     if cl.embedder == "pixels":
         return

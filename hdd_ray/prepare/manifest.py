@@ -11,13 +11,16 @@ import hashlib
 import io
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from hdd_ray import storage
 from hdd_ray.corpus import decode_image, iter_samples
+
+if TYPE_CHECKING:
+    from hdd_ray.config import CampaignConfig
 
 __all__ = [
     "HELDOUT",
@@ -121,7 +124,7 @@ def _ari(plan: Any) -> float | None:
 
 
 def build_manifest(
-    cfg: Any,
+    cfg: CampaignConfig,
     *,
     fingerprint: str,
     uri: str,

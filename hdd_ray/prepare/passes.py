@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +34,10 @@ from hdd_ray.corpus import (
 )
 from hdd_ray.latents import LATENT_MEMBER, encode_member, load_vae
 from hdd_ray.prepare.embedders import build_embedder
+
+if TYPE_CHECKING:
+    from hdd_ray.config import CampaignConfig
+    from hdd_ray.latents import VaeInfo
 
 __all__ = ["AttachPlan", "EmbedBatch", "assign_pass", "embed_pass", "read_parquet_columns",
            "write_pass"]
@@ -84,7 +88,7 @@ class EmbedBatch:
     """
 
     def __init__(self, embedder: dict[str, Any], channels: int, image_size: int,
-                 latents: Any = None) -> None:
+                 latents: VaeInfo | None = None) -> None:
         from hdd_ray.devices import pick_device
 
         spec = dict(embedder)
@@ -242,8 +246,8 @@ def read_parquet_columns(path: str, columns: list[str], filter: Any = None) -> p
     )
 
 
-def embed_pass(cfg: Any, shards: list[str], embed_dir: str, marker: str, fp: str,
-               latents: Any = None) -> int:
+def embed_pass(cfg: CampaignConfig, shards: list[str], embed_dir: str, marker: str, fp: str,
+               latents: VaeInfo | None = None) -> int:
     """Pass 1: read + decode + embed every sample into ``embed_dir``; returns the dimension.
 
     ``latents`` (a :class:`hdd_ray.latents.VaeInfo`, or None in pixel space): the same actors
@@ -295,7 +299,7 @@ def assign_pass(embed_dir: str, ok: Any, centroids: np.ndarray) -> np.ndarray:
     return np.stack(dist["dists"].to_numpy()).astype(np.float32)
 
 
-def write_pass(cfg: Any, embed_dir: str, clusters_dir: str, plan_df: Any,
+def write_pass(cfg: CampaignConfig, embed_dir: str, clusters_dir: str, plan_df: Any,
                latent: bool = False) -> None:
     """Pass 3: group samples by (destination, shard) and write each shard once (``latent``:
     the samples hold their ``latent.npy`` instead of the image)."""

@@ -26,7 +26,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,13 +35,14 @@ from hdd_ray.campaign import CampaignPaths, short_hash
 from hdd_ray.clustering import assign_clusters, fit_hierarchical_kmeans, heldout_mask
 from hdd_ray.config import to_dict
 from hdd_ray.corpus import first_sample, list_shards, write_demo_corpus
-from hdd_ray.errors import PrepareError
+from hdd_ray.errors import ConfigError, PrepareError
 from hdd_ray.latents import (
-    describe_vae,
+    IDENTITY_KEYS,
+    SETTINGS_KEYS,
+    check_same_vae,
     identity_of,
     latent_record,
     load_vae,
-    settings_of,
     vae_info,
 )
 from hdd_ray.prepare.embedders import check_embedder
@@ -58,6 +59,10 @@ from hdd_ray.prepare.manifest import (
 )
 from hdd_ray.prepare.passes import assign_pass, embed_pass, read_parquet_columns, write_pass
 
+if TYPE_CHECKING:
+    from hdd_ray.config import CampaignConfig, ClusteringConfig
+    from hdd_ray.latents import VaeInfo
+
 __all__ = ["prepare_corpus"]
 
 log = logging.getLogger(__name__)
@@ -73,7 +78,8 @@ class _Inputs:
     fingerprint: str  # what the whole result depends on
 
 
-def prepare_corpus(cfg: Any, force: bool = False, ray_address: str | None = None) -> dict:
+def prepare_corpus(cfg: CampaignConfig, force: bool = False,
+                   ray_address: str | None = None) -> dict:
     """Embed and cluster the corpus into K per-cluster shards; returns the manifest.
 
     Reuses a complete result with the same fingerprint (settings + input files) unless
@@ -112,7 +118,7 @@ def prepare_corpus(cfg: Any, force: bool = False, ray_address: str | None = None
 # --------------------------------------------------------------------------- reuse check
 
 
-def _inputs(cfg: Any, paths: CampaignPaths) -> _Inputs:
+def _inputs(cfg: CampaignConfig, paths: CampaignPaths) -> _Inputs:
     """The input shards and the fingerprints of this run's settings and inputs."""
     shards, uri = _input_shards(cfg, paths)
     listing = content_listing(shards)  # content, not mtimes: `cp -p` of new data re-prepares
@@ -121,7 +127,7 @@ def _inputs(cfg: Any, paths: CampaignPaths) -> _Inputs:
     return _Inputs(shards, uri, embed_fp, fingerprint)
 
 
-def _input_shards(cfg: Any, paths: CampaignPaths) -> tuple[list[str], str]:
+def _input_shards(cfg: CampaignConfig, paths: CampaignPaths) -> tuple[list[str], str]:
     """The corpus shards (writing the demo corpus first when ``corpus.source=demo``)."""
     if cfg.corpus.source == "demo":
         shards = write_demo_corpus(paths.corpus, cfg.corpus.shard_size)
@@ -154,23 +160,23 @@ def _reusable_manifest(paths: CampaignPaths, fingerprint: str) -> dict | None:
 # --------------------------------------------------------------------------- checks
 
 
-def _vae(cfg: Any) -> Any:
+def _vae(cfg: CampaignConfig) -> VaeInfo | None:
     """The campaign's VAE (:class:`hdd_ray.latents.VaeInfo`), None in pixel space; a missing
     folder, a non-``AutoencoderKL``, wrong channels or an image size its downsampling factor
     does not divide fail in one line."""
     if not cfg.latents.vae:
         return None
-    from hdd_ray.errors import ConfigError
-
     try:
         return vae_info(cfg.latents, cfg.corpus.image_size, cfg.corpus.channels)
     except ConfigError as exc:
         raise PrepareError(str(exc)) from None
 
 
-def _refuse_latents_change(cfg: Any, paths: CampaignPaths, vae: Any) -> None:
-    """A prepared corpus of other ``latents`` settings is never mixed with: refuse unless
-    ``--force`` (which prepares the corpus again)."""
+def _refuse_latents_change(cfg: CampaignConfig, paths: CampaignPaths,
+                           vae: VaeInfo | None) -> None:
+    """A prepared corpus of other ``latents`` settings (the VAE's identity and content, latent
+    shape, scaling, shift, dtype: :func:`hdd_ray.latents.check_same_vae`) is never mixed with:
+    refuse unless ``--force`` (which prepares the corpus again)."""
     if not storage.exists(paths.manifest):
         return
     try:
@@ -179,14 +185,13 @@ def _refuse_latents_change(cfg: Any, paths: CampaignPaths, vae: Any) -> None:
         return  # unreadable: prepared again anyway
     if not isinstance(old, dict):
         return
-    have = old.get("latents") or None
     want = latent_record(vae, cfg.corpus.image_size) if vae is not None else None
-    if (identity_of(have), settings_of(have)) != (identity_of(want), settings_of(want)):
-        raise PrepareError(
-            f"latents: the corpus at {paths.clusters} was prepared in {describe_vae(have)}, "
-            f"the config asks for {describe_vae(want)}"
-            f"{' with other settings' if have and want else ''}: re-run with --force to "
-            "prepare it again (its experts will not be reused), or set latents back")
+    check_same_vae([("the config", want),
+                    (f"the corpus at {paths.clusters}", old.get("latents"))], PrepareError,
+                   keys=(*IDENTITY_KEYS, *SETTINGS_KEYS),
+                   message="latents: {name} was prepared in {other}, the config asks for "
+                           "{first}{differs}: re-run with --force to prepare it again (its "
+                           "experts will not be reused), or set latents back")
 
 
 def _check_first_sample(shards: list[str], uri: str, image_key: str, caption_key: str) -> None:
@@ -203,7 +208,7 @@ def _check_first_sample(shards: list[str], uri: str, image_key: str, caption_key
             )
 
 
-def _check_before_ray(cfg: Any, inputs: _Inputs) -> None:
+def _check_before_ray(cfg: CampaignConfig, inputs: _Inputs) -> None:
     """Everything that can fail with one line before Ray starts."""
     cl, corpus = cfg.clustering, cfg.corpus
     _check_first_sample(inputs.shards, inputs.uri, corpus.image_key, corpus.caption_key)
@@ -219,7 +224,7 @@ def _check_before_ray(cfg: Any, inputs: _Inputs) -> None:
         raise PrepareError(f"clustering.fit_sample_cap={cl.fit_sample_cap}: must be >= k={cl.k}")
 
 
-def _start_ray(cfg: Any, ray_address: str | None) -> None:
+def _start_ray(cfg: CampaignConfig, ray_address: str | None) -> None:
     """Join ``ray_address`` (else the config's cluster) unless Ray is initialised already."""
     from hdd_ray.placement import init_ray
 
@@ -229,8 +234,8 @@ def _start_ray(cfg: Any, ray_address: str | None) -> None:
 # --------------------------------------------------------------------------- embed
 
 
-def _embed(cfg: Any, paths: CampaignPaths, inputs: _Inputs, force: bool,
-           vae: Any = None) -> tuple[str, int]:
+def _embed(cfg: CampaignConfig, paths: CampaignPaths, inputs: _Inputs, force: bool,
+           vae: VaeInfo | None = None) -> tuple[str, int]:
     """The embeddings directory and dimension: reused when the embed fingerprint matches."""
     embed_dir = storage.join(paths.clusters, "embeddings")
     embed_marker = storage.join(paths.clusters, "embeddings.json")
@@ -281,7 +286,8 @@ def _load_rows(embed_dir: str) -> tuple[Any, dict[str, Any]]:
 # --------------------------------------------------------------------------- fit and assign
 
 
-def _fit(embed_dir: str, ok: Any, cl: Any, dim: int) -> tuple[dict[str, np.ndarray], int]:
+def _fit(embed_dir: str, ok: Any, cl: ClusteringConfig,
+         dim: int) -> tuple[dict[str, np.ndarray], int]:
     """Hierarchical k-means on at most ``fit_sample_cap`` samples -> (centroids, samples used).
 
     The sample is the rows with the smallest key priority, so it does not depend on row order,
@@ -303,13 +309,13 @@ def _fit(embed_dir: str, ok: Any, cl: Any, dim: int) -> tuple[dict[str, np.ndarr
                                    cl.seed), len(x_fit)
 
 
-def _assign(embed_dir: str, ok: Any, centroids: np.ndarray, cfg: Any) -> Any:
+def _assign(embed_dir: str, ok: Any, centroids: np.ndarray, cfg: CampaignConfig) -> Any:
     """The assign pass, then the driver's plan of clusters, split and shards."""
     return _plan(ok, assign_pass(embed_dir, ok, centroids), cfg.clustering,
                  cfg.corpus.shard_size)
 
 
-def _plan(ok: Any, dists: np.ndarray, cl: Any, shard_size: int) -> Any:
+def _plan(ok: Any, dists: np.ndarray, cl: ClusteringConfig, shard_size: int) -> Any:
     """Each sample's cluster, distance, split, destination folder and shard (key order)."""
     cluster, distance = assign_clusters(dists, cl.balance_cap)
     counts = np.bincount(cluster, minlength=cl.k)
@@ -332,7 +338,7 @@ def _plan(ok: Any, dists: np.ndarray, cl: Any, shard_size: int) -> Any:
 # --------------------------------------------------------------------------- write
 
 
-def _write(cfg: Any, clusters_dir: str, embed_dir: str, plan: Any,
+def _write(cfg: CampaignConfig, clusters_dir: str, embed_dir: str, plan: Any,
            km: dict[str, np.ndarray], latent: bool = False) -> None:
     """Replace the old outputs by the shards of ``plan``, the centroids and the assignments."""
     # Old outputs go first, so a K that shrank leaves no stale cluster folders behind.
@@ -347,8 +353,9 @@ def _write(cfg: Any, clusters_dir: str, embed_dir: str, plan: Any,
 
 
 def _write_manifest(
-    cfg: Any, paths: CampaignPaths, inputs: _Inputs, *, dim: int, km: dict[str, np.ndarray],
-    n_fit: int, plan: Any, skipped: dict[str, Any], started: float, vae: Any = None,
+    cfg: CampaignConfig, paths: CampaignPaths, inputs: _Inputs, *, dim: int,
+    km: dict[str, np.ndarray], n_fit: int, plan: Any, skipped: dict[str, Any], started: float,
+    vae: VaeInfo | None = None,
 ) -> dict:
     """Montage, manifest, MLflow run; the manifest is written last (the stage is complete)."""
     corpus = cfg.corpus
@@ -380,7 +387,7 @@ def _write_manifest(
     return {**manifest, "reused": False}
 
 
-def _track_safely(cfg: Any, manifest: dict[str, Any], montage: Any) -> str | None:
+def _track_safely(cfg: CampaignConfig, manifest: dict[str, Any], montage: Any) -> str | None:
     """:func:`_track`, with a failure (MLflow unreachable) logged as one warning line."""
     try:
         return _track(cfg, manifest, montage)
@@ -390,7 +397,7 @@ def _track_safely(cfg: Any, manifest: dict[str, Any], montage: Any) -> str | Non
         return None
 
 
-def _track(cfg: Any, manifest: dict[str, Any], montage: Any) -> str | None:
+def _track(cfg: CampaignConfig, manifest: dict[str, Any], montage: Any) -> str | None:
     """MLflow run ``prepare``: settings, per-cluster counts, ARI, skipped, the montage."""
     from hdd_ray import tracking
 
@@ -414,7 +421,7 @@ def _track(cfg: Any, manifest: dict[str, Any], montage: Any) -> str | None:
 # --------------------------------------------------------------------------- fingerprints
 
 
-def _embed_settings(cfg: Any) -> dict[str, Any]:
+def _embed_settings(cfg: CampaignConfig) -> dict[str, Any]:
     """What the embeddings depend on (weights and config files by identity, not name)."""
     cl = cfg.clustering
     weights = cl.embedder_weights
@@ -442,7 +449,7 @@ def _embed_settings(cfg: Any) -> dict[str, Any]:
     return settings
 
 
-def _kmeans_settings(cfg: Any) -> dict[str, Any]:
+def _kmeans_settings(cfg: CampaignConfig) -> dict[str, Any]:
     """What the clustering and the written shards depend on besides the embeddings."""
     cl = cfg.clustering
     return {

@@ -1,5 +1,8 @@
-"""Training: one loop (``loop``), the trained networks (``model``), their data (``data``) and the
-launcher that runs every expert and the router as independent Ray Train runs (``launcher``).
+"""Training: one loop (``loop``, told what to train by ``settings.RunSettings``, run through
+``hooks``), its checkpoints (``checkpoints``), its data (``data``), and the launcher that runs
+every expert and the router as independent runs (``launcher``): what each run is (``jobs``), how
+it is executed (``executors``: Ray Train or one Ray task), its export (``export``) and what it
+reports after (``reports``).
 
 Stages above training (the sweep) call :func:`train_campaign` from here, not from the launcher
 module; it is imported on first use, so ``import hdd_ray.training.loop`` on a Ray worker does not

@@ -96,7 +96,7 @@ Batch = tuple[Tensor, list[str], Tensor]
 
 
 def data_settings(data: dict[str, Any] | None) -> DataConfig:
-    """A loop config's ``data`` dict as :class:`DataConfig` (missing keys keep their defaults)."""
+    """A ``data`` section as a plain dict -> :class:`DataConfig` (missing keys keep their defaults)."""
     known = {k: v for k, v in (data or {}).items() if k in DataConfig.__dataclass_fields__}
     return DataConfig(**known)
 

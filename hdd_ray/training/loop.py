@@ -1,52 +1,54 @@
 """One training loop for every expert and the router, run by Ray Train on each worker (or, with
-``ray.executor: task``, as one Ray task per run: :class:`TaskHooks`).
+``ray.executor: task``, as one Ray task per run), told what to train by a
+:class:`hdd_ray.training.settings.RunSettings`.
 
 The loop never knows which objective it trains: an expert's :class:`Objective` owns the loss,
 the router's task owns its cross-entropy. What the loop owns is everything a preemptible run
-needs: resume from ``ray.train.get_checkpoint()`` (model, EMA, optimizer, step, RNG states),
-a checkpoint every ``checkpoint_every`` steps and at once when Ray reports a drain of the node
-(``ray.train.get_preemption_info()``), gradient accumulation, bf16 autocast and DDP on GPUs,
-and metrics to MLflow (:class:`hdd_ray.tracking.MetricBuffer`, with the tracking URI passed in:
-workers do not inherit the driver's). ``train.batch_size`` is the global batch of a micro-step,
-split evenly over the run's workers (:func:`rank_batch_size`); every random draw goes through
-:mod:`hdd_ray.devices` (generators on the device of the tensors they feed). Data comes from one
+needs: resume from the run's newest checkpoint (model, EMA, optimizer, step, RNG states), a
+checkpoint every ``checkpoint_every`` steps and at once when Ray reports a drain of the node,
+gradient accumulation, the learning-rate schedule (:func:`hdd_ray.optim.learning_rate`), bf16
+autocast and DDP on GPUs, and metrics to MLflow (:class:`hdd_ray.tracking.MetricBuffer`, with
+the tracking URI passed in: workers do not inherit the driver's). Who runs it answers through
+its hooks (:mod:`hdd_ray.training.hooks`: Ray Train, one Ray task, or a plain process); the
+checkpoints of either executor are :mod:`hdd_ray.training.checkpoints`' business.
+``train.batch_size`` is the global batch of a micro-step, split evenly over the run's workers
+(:func:`rank_batch_size`); every random draw goes through :mod:`hdd_ray.devices` (generators on
+the device of the tensors they feed). Data comes from one
 :class:`hdd_ray.training.data.BatchSource` per rank (in memory or streamed); every rank's data
 position and generators are gathered into rank 0's checkpoint, and the samples skipped as
 damaged are reported as ``skipped``.
-
-A run resumes from the newest checkpoint of its own, whichever executor wrote it: Ray Train's
-(``checkpoint_<time>/`` registered in ``checkpoint_manager_snapshot.json``) or the task
-executor's (``checkpoint_task/``), so switching ``ray.executor`` mid-run loses no step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import logging
-import math
 import os
 import platform
 import socket
-import tempfile
 import time
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from hdd_ray import devices, storage, tracking
+from hdd_ray import devices, tracking
 from hdd_ray.config import check_global_batch
 from hdd_ray.devices import TrainingStreams
 from hdd_ray.diffusion import FM_TIME_SCALE, get_objective, per_sample
 from hdd_ray.models.expert import ExpertModel, RouterModel
+from hdd_ray.optim import learning_rate
 from hdd_ray.samples import Decoding
-from hdd_ray.training.data import BatchSource, StreamSource, data_settings, open_source
+from hdd_ray.training.data import BatchSource, StreamSource, open_source
+from hdd_ray.training.hooks import Hooks, LocalHooks, RayTrainHooks, TaskHooks
+from hdd_ray.training.settings import RunSettings
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
+__all__ = ["EMA", "ExpertTask", "LocalHooks", "RayTrainHooks", "RouterTask", "TaskHooks",
+           "rank_batch_size", "run_loop", "train_loop", "train_task"]
+
 PREEMPTION_CHECK_EVERY = 10
 LOG_EVERY = 10
 
@@ -59,13 +61,13 @@ class _DataTask:
 
     data: BatchSource
 
-    def _open(self, config: dict[str, Any], shards: list[tuple[str, int]],
+    def _open(self, settings: RunSettings, shards: list[tuple[str, int]],
               num_samples: int | None, rank: int, world: int, pin_memory: bool) -> BatchSource:
-        latents = config.get("latents") or {}
-        how = Decoding(config["image_size"], config["channels"], bool(latents),
+        latents = settings.latents or {}
+        how = Decoding(settings.image_size, settings.channels, bool(latents),
                        latent_bytes=4 if latents.get("dtype") == "bfloat16" else 2)
-        return open_source(shards, how, data_settings(config.get("data")),
-                           int(config["train"]["seed"]), rank, world, num_samples, pin_memory)
+        return open_source(shards, how, settings.data, int(settings.train.seed), rank, world,
+                           num_samples, pin_memory)
 
     def close(self) -> None:
         """Stop the data source's background work."""
@@ -75,27 +77,31 @@ class _DataTask:
 class ExpertTask(_DataTask):
     """An expert: its cluster's data and its own objective's loss."""
 
-    def __init__(self, config: dict[str, Any], rank: int = 0, world: int = 1,
+    def __init__(self, settings: RunSettings, rank: int = 0, world: int = 1,
                  pin_memory: bool = False) -> None:
-        spec = config["expert"]
-        self.train = config["train"]
-        self.objective = get_objective(spec["objective"], spec["schedule"], self.train["timestep_sampling"])
-        self.model = ExpertModel(spec["model"], spec["text"], config["image_size"], config["channels"])
-        self.data = self._open(config, [(p, spec["cluster"]) for p in config["shards"]],
-                               config.get("num_samples"), rank, world, pin_memory)
+        spec = settings.expert
+        if spec is None:
+            raise ValueError("an expert run needs its expert (RunSettings.expert)")
+        self.train = settings.train
+        self.objective = get_objective(spec.objective, spec.schedule, self.train.timestep_sampling)
+        self.model = ExpertModel(spec.model, spec.text, settings.image_size, settings.channels)
+        self.data = self._open(settings, [(p, spec.cluster) for p in settings.shards],
+                               settings.num_samples, rank, world, pin_memory)
         # exported with the weights: the conversion's prior E[x0] near t = 1 (streaming: the
         # running mean over the samples seen, set at every step; hdd_ray.training.data)
         if not self.data.streaming:
             self.model.set_data_mean(self.data.mean()[None])
 
-    def loss(self, model: nn.Module, batch_size: int, rng: TrainingStreams, device) -> Tensor:
+    def loss(self, model: nn.Module, batch_size: int, rng: TrainingStreams,
+             device: torch.device) -> Tensor:
+        """The objective's loss on the next batch."""
         x0, captions, _ = self.data.next_batch(batch_size, rng.data)
         inner = _unwrap(model)
         if self.data.streaming:
             inner.set_data_mean(self.data.mean()[None])
         cond = inner.tokenize(captions, device)
         return self.objective.loss(model, x0.to(device, non_blocking=True), cond,
-                                   self.train["caption_dropout"], rng.noise)
+                                   self.train.caption_dropout, rng.noise)
 
 
 class RouterTask(_DataTask):
@@ -103,17 +109,19 @@ class RouterTask(_DataTask):
 
     It reads all clusters as one pool at their natural frequencies (hdd_ray.training.data)."""
 
-    def __init__(self, config: dict[str, Any], rank: int = 0, world: int = 1,
+    def __init__(self, settings: RunSettings, rank: int = 0, world: int = 1,
                  pin_memory: bool = False) -> None:
-        self.train = config["train"]
-        k = config["num_clusters"]
-        self.model = RouterModel(config["model"], config["image_size"], config["channels"], k)
-        shards = [(p, c) for c in range(k) for p in config["cluster_shards"].get(str(c)) or []]
-        counts = config.get("cluster_counts")
+        self.train = settings.train
+        k = settings.num_clusters
+        self.model = RouterModel(settings.router_model, settings.image_size, settings.channels, k)
+        shards = [(p, c) for c in range(k) for p in settings.cluster_shards.get(c) or []]
+        counts = settings.cluster_counts
         total = sum(int(n) for n in counts.values()) if counts else None
-        self.data = self._open(config, shards, total, rank, world, pin_memory)
+        self.data = self._open(settings, shards, total, rank, world, pin_memory)
 
-    def loss(self, model: nn.Module, batch_size: int, rng: TrainingStreams, device) -> Tensor:
+    def loss(self, model: nn.Module, batch_size: int, rng: TrainingStreams,
+             device: torch.device) -> Tensor:
+        """Cross-entropy of the clusters of the next batch, noised at uniform times."""
         x0, _, labels = self.data.next_batch(batch_size, rng.data)
         x0, labels = x0.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         t = devices.rand(batch_size, rng.noise, device)
@@ -201,18 +209,6 @@ class EMA:
             e.copy_(b)
 
 
-def learning_rate(train: dict[str, Any], step: int) -> float:
-    """``train.lr`` at 0-based ``step`` under ``train.lr_schedule`` and ``train.warmup_steps``
-    (a function of the step alone: a resumed run continues the same schedule)."""
-    lr, steps = float(train["lr"]), int(train["steps"])
-    warmup = int(train.get("warmup_steps", 0))
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    if train.get("lr_schedule", "constant") == "cosine":
-        return lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
-    return lr
-
-
 def _adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW with the fused kernel (one pass over all parameters; on the CPU since torch 2.4),
     else the multi-tensor one. On the CPU the per-parameter default costs ~5 ms of a ~70 ms
@@ -239,322 +235,155 @@ def _node_info(device: torch.device) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------- loop
 
 
-class RayTrainHooks:
-    """What the loop asks of its runner, answered by Ray Train (inside a worker group)."""
-
-    def __init__(self, run_directory: str | None = None) -> None:
-        import ray.train
-
-        _quiet_report_log()
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.run_directory = run_directory
-
-    def device(self, use_cuda: bool) -> torch.device:
-        import ray.train.torch
-
-        return ray.train.torch.get_device() if use_cuda else torch.device("cpu")
-
-    def load_state(self) -> dict[str, Any] | None:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        state = None
-        if checkpoint is not None:
-            with checkpoint.as_directory() as d:
-                state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu",
-                                   weights_only=True)
-        # a run the task executor began (ray.executor switched to train): go on from there
-        local = (_other_state(lambda: task_checkpoint_state(self.run_directory),
-                              f"{self.run_directory}: the task executor's checkpoint")
-                 if self.run_directory else None)
-        return newest_state(state, local)
-
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        import ray.train
-
-        if state is None:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(state, os.path.join(d, STATE_FILE))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-
-    def preempted(self) -> bool:
-        import ray.train
-
-        try:
-            return ray.train.get_preemption_info() is not None
-        except Exception:  # e.g. num_workers=0 (no worker group): nothing to ask
-            return False
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        import ray.train.torch
-
-        if self.world == 1:
-            return model
-        return ray.train.torch.prepare_model(
-            model, parallel_strategy_kwargs={"find_unused_parameters": False})
+def train_loop(settings: RunSettings) -> None:
+    """Ray Train worker entry point (``TorchTrainer(partial(train_loop, settings))``)."""
+    run_loop(settings, RayTrainHooks(settings.run_directory))
 
 
-class LocalHooks:
-    """The same loop in a plain process: checkpoints are ``state.pt`` files in ``directory``.
-
-    Used for the orchestration-overhead benchmark (identical loop, no Ray) and fast tests.
-    """
-
-    rank, world = 0, 1
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-        self.reports: list[dict[str, Any]] = []
-
-    def device(self, use_cuda: bool) -> torch.device:
-        return torch.device("cuda") if use_cuda else torch.device("cpu")
-
-    def load_state(self) -> dict[str, Any] | None:
-        path = os.path.join(self.directory, STATE_FILE)
-        if not os.path.exists(path):
-            return None
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        self.reports.append(metrics)
-        if state is not None:
-            os.makedirs(self.directory, exist_ok=True)
-            tmp = os.path.join(self.directory, STATE_FILE + ".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, os.path.join(self.directory, STATE_FILE))
-
-    def preempted(self) -> bool:
-        return False
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        return model
-
-
-#: the task executor's checkpoint in a run directory (``ray.executor: task``): ``state.pt`` and
-#: the metrics reported with it, each file replaced atomically
-TASK_CHECKPOINT = "checkpoint_task"
-TASK_METRICS = "metrics.json"
-#: Ray Train's record of a run's registered checkpoints (read, never written, here)
-RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
-
-
-def _load_state_file(path: str) -> dict[str, Any] | None:
-    if not storage.exists(path):
-        return None
-    return torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
-
-
-def _other_state(load: Any, what: str) -> dict[str, Any] | None:
-    """A checkpoint state of the other executor, or ``None`` with a warning when it cannot be
-    read: a damaged one must not stop a run that has its own (or can start over)."""
-    try:
-        return load()
-    except Exception as exc:
-        log.warning("%s: unreadable, not resumed from: %s", what, str(exc).splitlines()[0][:200])
-        return None
-
-
-def task_checkpoint_metrics(run_directory: str) -> dict[str, Any] | None:
-    """The metrics (``step``, ``loss``, ...) of a run's task-executor checkpoint, or ``None``."""
-    try:
-        return dict(storage.read_json(storage.join(run_directory, TASK_CHECKPOINT, TASK_METRICS)))
-    except Exception:
-        return None
-
-
-def task_checkpoint_state(run_directory: str) -> dict[str, Any] | None:
-    """The state of a run's task-executor checkpoint, or ``None``."""
-    return _load_state_file(storage.join(run_directory, TASK_CHECKPOINT, STATE_FILE))
-
-
-def _ray_train_latest(run_directory: str) -> dict[str, Any] | None:
-    """Ray Train's record of a run's latest registered checkpoint (its directory name and the
-    metrics reported with it), or ``None``."""
-    try:
-        snap = storage.read_json(storage.join(run_directory, RAY_TRAIN_SNAPSHOT))
-        return dict(snap["latest_checkpoint_result"])
-    except Exception:
-        return None
-
-
-def ray_train_checkpoint_metrics(run_directory: str) -> dict[str, Any] | None:
-    """The metrics reported with a run's latest registered Ray Train checkpoint, or ``None``."""
-    latest = _ray_train_latest(run_directory)
-    try:
-        return dict(latest["metrics"]) if latest else None
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def _ray_train_state(run_directory: str) -> dict[str, Any] | None:
-    latest = _ray_train_latest(run_directory)
-    if not latest or "checkpoint_dir_name" not in latest:
-        return None
-    return _load_state_file(storage.join(run_directory, str(latest["checkpoint_dir_name"]),
-                                         STATE_FILE))
-
-
-def newest_state(*states: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The checkpoint state with the highest ``step`` among ``states`` (``None`` when none)."""
-    found = [s for s in states if s is not None]
-    return max(found, key=lambda s: int(s["step"])) if found else None
-
-
-class TaskHooks(LocalHooks):
-    """The loop as one Ray task (``ray.executor: task``): one process, no worker group
-    (:class:`LocalHooks`' device, no drain notice, no DDP wrapper).
-
-    Checkpoints go to ``<run directory>/checkpoint_task/`` through :mod:`hdd_ray.storage` (a
-    local path or a bucket, like Ray Train's storage). A retried task, or a later launch, resumes
-    from the newest checkpoint of the run: its own or one Ray Train registered there. A task has
-    no drain notice: Ray retries it and it resumes from its last checkpoint.
-    """
-
-    def load_state(self) -> dict[str, Any] | None:
-        """The run's newest checkpoint state: its own, or one Ray Train registered here."""
-        ray_train = _other_state(lambda: _ray_train_state(self.directory),
-                                 f"{self.directory}: Ray Train's latest checkpoint")
-        return newest_state(task_checkpoint_state(self.directory), ray_train)
-
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        """Write ``state`` (when given) then ``metrics`` into ``checkpoint_task/``."""
-        self.reports.append(metrics)
-        if state is None:
-            return
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        # the state first: metrics never announce a step whose state is not written yet
-        storage.write_bytes(storage.join(self.directory, TASK_CHECKPOINT, STATE_FILE),
-                            buffer.getbuffer())
-        storage.write_json(storage.join(self.directory, TASK_CHECKPOINT, TASK_METRICS), metrics)
-
-
-def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker entry point (``TorchTrainer(train_loop, train_loop_config=config)``)."""
-    run_loop(config, RayTrainHooks(config.get("run_directory")))
-
-
-def train_task(config: dict[str, Any]) -> dict[str, Any]:
+def train_task(settings: RunSettings) -> dict[str, Any]:
     """Ray task entry point of ``ray.executor: task``: the whole run in this process; returns
     the last reported metrics (the final state is the run's task checkpoint)."""
-    return run_loop(config, TaskHooks(config["run_directory"]))
+    if not settings.run_directory:
+        raise ValueError("a task run needs its run directory (RunSettings.run_directory)")
+    return run_loop(settings, TaskHooks(settings.run_directory))
 
 
-def run_loop(config: dict[str, Any],
-             hooks: RayTrainHooks | LocalHooks | TaskHooks) -> dict[str, Any]:
-    """Train an expert or the router; returns the last reported metrics.
+def run_loop(settings: RunSettings, hooks: Hooks) -> dict[str, Any]:
+    """Train an expert or the router (``settings.kind``); returns the last reported metrics.
 
-    ``config["kind"]`` is ``"expert"`` or ``"router"``; ``config["train"]`` the settings of
-    :class:`hdd_ray.config.TrainConfig`. Reports ``step``, ``loss`` and a checkpoint holding
-    ``state.pt`` every ``checkpoint_every`` steps, at the last step, and on a drain notice.
+    Reports ``step``, ``loss`` and a checkpoint holding ``state.pt`` every ``checkpoint_every``
+    steps of ``settings.train``, at the last step, and on a drain notice.
     """
-    rank, world = hooks.rank, hooks.world
-    torch.set_num_threads(max(1, int(config.get("torch_threads", 1))))
-    use_cuda = torch.cuda.is_available() and config.get("use_gpu", False)
-    device = hooks.device(use_cuda)
-    tr = config["train"]
-    torch.manual_seed(tr["seed"] + rank)
+    return _Run(settings, hooks).train()
 
-    kind = ExpertTask if config["kind"] == "expert" else RouterTask
-    task = kind(config, rank, world, pin_memory=use_cuda)
-    model = task.model.to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = _adamw(trainable, tr["lr"], tr["weight_decay"])
-    ema = EMA(model, tr["ema_decay"])
-    rng = TrainingStreams(tr["seed"], rank, device)
-    batch = rank_batch_size(tr["batch_size"], world)
-    start_step, history, wall_before = 0, [], 0.0
 
-    state = hooks.load_state()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        ema.model.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        start_step, history = int(state["step"]), list(state["history"])
-        wall_before = float(state["wall_time"])
-        _restore_data(task, rng, state, rank, world, start_step)
-        torch.set_rng_state(state["torch_rng"])
-    history.append({"start_step": start_step, "time": time.time(), **_node_info(device)})
+class _Run:
+    """One run of the loop: its model, optimizer, EMA and generators, built (and resumed from
+    the hooks' state) at construction, trained by :meth:`train`."""
 
-    model = hooks.wrap(model)
-    if tr.get("compile") and use_cuda:
-        model = torch.compile(model)
-    autocast = devices.autocast(device, tr["mixed_precision"])
+    def __init__(self, settings: RunSettings, hooks: Hooks) -> None:
+        self.hooks, self.rank, self.world = hooks, hooks.rank, hooks.world
+        tr = self.tr = settings.train
+        torch.set_num_threads(max(1, int(settings.torch_threads)))
+        use_cuda = torch.cuda.is_available() and settings.use_gpu
+        self.device = hooks.device(use_cuda)
+        torch.manual_seed(tr.seed + self.rank)
 
-    tracker = tracking.MetricBuffer(config.get("tracking") if rank == 0 else None)
-    steps, accum, every = tr["steps"], tr["grad_accum"], tr["checkpoint_every"]
-    group = _process_group_info()
-    t0, smoothed, drain_checkpointed = time.time(), None, False
-    # a constant rate without warm-up leaves the optimizer's lr alone (the runs before schedules)
-    scheduled = tr.get("lr_schedule", "constant") != "constant" or tr.get("warmup_steps", 0) > 0
-    last: dict[str, Any] = {}
+        kind = ExpertTask if settings.kind == "expert" else RouterTask
+        self.task = kind(settings, self.rank, self.world, pin_memory=use_cuda)
+        model = self.task.model.to(self.device)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.opt = _adamw(self.trainable, tr.lr, tr.weight_decay)
+        self.ema = EMA(model, tr.ema_decay)
+        self.rng = TrainingStreams(tr.seed, self.rank, self.device)
+        self.batch = rank_batch_size(tr.batch_size, self.world)
+        self.start_step, self.history, self.wall_before = 0, [], 0.0
+        self._resume(model)
+        self.history.append({"start_step": self.start_step, "time": time.time(),
+                             **_node_info(self.device)})
 
-    def report(step: int, loss: float | None, final: bool = False) -> None:
-        elapsed = time.time() - t0
-        data = _data_states(task, rng, world)  # every rank's position, for rank 0's checkpoint
-        metrics = {"step": step, "loss": float("nan") if loss is None else loss,
-                   "world_size": world, "final": final,
-                   "steps_per_s": (step - start_step) / elapsed if elapsed > 0 else 0.0,
-                   "skipped": sum(int(d["source"].get("skipped", 0)) for d in data), **group}
-        last.update(metrics)
-        if rank != 0:
-            hooks.report(metrics, None)
+        model = hooks.wrap(model)
+        if tr.compile and use_cuda:
+            model = torch.compile(model)
+        self.model = model
+        self.autocast = devices.autocast(self.device, tr.mixed_precision)
+        self.tracker = tracking.MetricBuffer(settings.tracking if self.rank == 0 else None)
+        self.group = _process_group_info()
+        self.t0, self.smoothed = time.time(), None
+        # a constant rate without warm-up leaves the optimizer's lr alone (the runs before schedules)
+        self.scheduled = tr.lr_schedule != "constant" or tr.warmup_steps > 0
+        self.last: dict[str, Any] = {}
+
+    def _resume(self, model: nn.Module) -> None:
+        state = self.hooks.load_state()
+        if state is None:
             return
-        hooks.report(metrics, {
-            "model": _unwrap(model).state_dict(), "ema": ema.model.state_dict(),
-            "optimizer": opt.state_dict(), "step": step, "history": history,
-            **rng.state(), "torch_rng": torch.get_rng_state(), "data": data,
-            "wall_time": wall_before + elapsed})
+        model.load_state_dict(state["model"])
+        self.ema.model.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.start_step, self.history = int(state["step"]), list(state["history"])
+        self.wall_before = float(state["wall_time"])
+        _restore_data(self.task, self.rng, state, self.rank, self.world, self.start_step)
+        torch.set_rng_state(state["torch_rng"])
+
+    def train(self) -> dict[str, Any]:
+        """Every step left, the checkpoints and the metrics; the last reported metrics."""
+        steps, every = self.tr.steps, self.tr.checkpoint_every
+        drain_checkpointed = False
+        try:
+            if self.start_step >= steps:  # a finished run re-run: re-report its state
+                self.report(self.start_step, None, final=True)
+                return self.last
+            for step in range(self.start_step, steps):
+                total = self.step(step)
+                self.smoothed = (total if self.smoothed is None
+                                 else 0.98 * self.smoothed + 0.02 * total)
+                done = step + 1
+                if done % LOG_EVERY == 0:
+                    self.tracker.log("loss", total, done)
+                    self.tracker.log("loss_smoothed", self.smoothed, done)
+                drain = False
+                if done % PREEMPTION_CHECK_EVERY == 0 and not drain_checkpointed:
+                    drain = self.hooks.preempted()  # a barrier: every rank calls it at the same steps
+                    drain_checkpointed = drain
+                    if drain and self.rank == 0:
+                        log.warning("drain notice at step %d: checkpointing now", done)
+                if done % every == 0 or done == steps or drain:
+                    self.report(done, self.smoothed, final=done == steps)
+                if drain:  # the node may go away any time now: keep unsent metrics in the outbox
+                    self.tracker.persist()
+        finally:
+            # also when the loop fails: a task's worker process lives on (ray.executor: task);
+            # its data producer thread and metric buffer must not
+            self.task.close()
+            self.tracker.close()  # after the last checkpoint: a bounded last try, the rest to the outbox
+        return self.last
+
+    def step(self, step: int) -> float:
+        """One optimizer step at 0-based ``step`` (``grad_accum`` micro-steps) -> its loss."""
+        tr, model, accum = self.tr, self.model, self.tr.grad_accum
+        model.train()
+        total = 0.0
+        for micro in range(accum):
+            sync = (contextlib.nullcontext() if (self.world == 1 or micro == accum - 1)
+                    else model.no_sync())
+            with sync:
+                with self.autocast:
+                    loss = self.task.loss(model, self.batch, self.rng, self.device) / accum
+                loss.backward()
+            total += float(loss.detach())
+        if tr.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable, tr.grad_clip)
+        if self.scheduled:
+            for param_group in self.opt.param_groups:
+                param_group["lr"] = learning_rate(step, tr.lr, tr.steps, tr.warmup_steps,
+                                                  tr.lr_schedule)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.ema.update(_unwrap(model))
+        return total
+
+    def report(self, step: int, loss: float | None, final: bool = False) -> None:
+        """Metrics to the hooks (rank 0: with the checkpoint's state), then MLflow's in the
+        background."""
+        elapsed = time.time() - self.t0
+        data = _data_states(self.task, self.rng, self.world)  # every rank's, for rank 0's checkpoint
+        metrics = {"step": step, "loss": float("nan") if loss is None else loss,
+                   "world_size": self.world, "final": final,
+                   "steps_per_s": (step - self.start_step) / elapsed if elapsed > 0 else 0.0,
+                   "skipped": sum(int(d["source"].get("skipped", 0)) for d in data), **self.group}
+        self.last.update(metrics)
+        if self.rank != 0:
+            self.hooks.report(metrics, None)
+            return
+        self.hooks.report(metrics, {
+            "model": _unwrap(self.model).state_dict(), "ema": self.ema.model.state_dict(),
+            "optimizer": self.opt.state_dict(), "step": step, "history": self.history,
+            **self.rng.state(), "torch_rng": torch.get_rng_state(), "data": data,
+            "wall_time": self.wall_before + elapsed})
         # metrics after the checkpoint, in the background: a checkpoint (a drain's included)
         # never waits on MLflow; what fails stays buffered (hdd_ray.tracking.MetricBuffer)
-        tracker.flush()
-
-    try:
-        if start_step >= steps:  # a finished run re-run: re-report its state so it has a result
-            report(start_step, None, final=True)
-            return last
-        for step in range(start_step, steps):
-            model.train()
-            total = 0.0
-            for micro in range(accum):
-                sync = contextlib.nullcontext() if (world == 1 or micro == accum - 1) else model.no_sync()
-                with sync:
-                    with autocast:
-                        loss = task.loss(model, batch, rng, device) / accum
-                    loss.backward()
-                total += float(loss.detach())
-            if tr["grad_clip"] > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, tr["grad_clip"])
-            if scheduled:
-                for param_group in opt.param_groups:
-                    param_group["lr"] = learning_rate(tr, step)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            ema.update(_unwrap(model))
-            smoothed = total if smoothed is None else 0.98 * smoothed + 0.02 * total
-            done = step + 1
-            if done % LOG_EVERY == 0:
-                tracker.log("loss", total, done)
-                tracker.log("loss_smoothed", smoothed, done)
-            drain = False
-            if done % PREEMPTION_CHECK_EVERY == 0 and not drain_checkpointed:
-                drain = hooks.preempted()  # a barrier: every rank calls it at the same steps
-                drain_checkpointed = drain
-                if drain and rank == 0:
-                    log.warning("drain notice at step %d: checkpointing now", done)
-            if done % every == 0 or done == steps or drain:
-                report(done, smoothed, final=done == steps)
-            if drain:  # the node may go away any time now: keep unsent metrics in the outbox
-                tracker.persist()
-    finally:
-        # also when the loop fails: a task's worker process lives on (ray.executor: task);
-        # its data producer thread and metric buffer must not
-        task.close()
-        tracker.close()  # after the last checkpoint: a bounded last try, the rest to the outbox
-    return last
+        self.tracker.flush()
 
 
 def rank_batch_size(batch_size: int, world: int) -> int:
@@ -567,16 +396,6 @@ def rank_batch_size(batch_size: int, world: int) -> int:
     """
     check_global_batch("this run", batch_size, world)
     return batch_size // max(1, world)
-
-
-def _quiet_report_log() -> None:
-    """Ray Train logs every report at INFO under a path-named logger that LoggingConfig misses."""
-    try:
-        from ray.train.v2._internal.execution import context
-
-        logging.getLogger(context.__file__).setLevel(logging.WARNING)
-    except Exception:  # private module: best effort only
-        pass
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

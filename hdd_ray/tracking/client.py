@@ -1,27 +1,6 @@
-"""MLflow, in one place: one experiment per campaign, one run per stage, expert, trial, mixture.
-
-Everything goes through ``MlflowClient`` (never the fluent ``mlflow.start_run`` stack, which is
-not thread-safe: the launcher creates and finishes runs from threads). The tracking URI is
-explicit everywhere (Ray workers do not inherit the driver's): the config's ``tracking.uri``,
-else a sqlite file in the campaign root (``sqlite:///<root>/mlflow.db``).
-
-* :func:`connect` -> :class:`Experiment` (``None`` when tracking is disabled): finds or creates
-  runs (:meth:`Experiment.find_or_create`, keyed by tags, so a resumed expert or a restarted
-  trial continues its run).
-* :func:`run`: a context for a stage run (campaign, prepare, mixture); runs created inside it,
-  in the same thread, are its children unless given another parent.
-* :class:`TrackedRun`: log metrics / params / tags in one batch, images, PNG bytes, text and
-  dict artifacts; finish.
-* :class:`MetricBuffer`: what a Ray Train worker logs (buffered, sent in the background at
-  checkpoints, never blocking one).
-
-**Outages.** MLflow is never on the critical path. HTTP calls fail fast
-(:data:`FAIL_FAST_ENV`, instead of MLflow's ~4 min of retries); :func:`connect` and :func:`run`
-give ``None`` (no tracking) when the server cannot be reached; a run's writes that fail
-(metrics, params, tags, its end) are kept in the campaign root's outbox
-(``<root>/mlflow_outbox/``, :class:`Outbox`) and delivered by :func:`sync_outbox`, which the
-launcher calls at its start and end and ``python jobs/sync_mlflow.py`` runs by hand. Only
-artifacts (images, tables) of a run written during an outage are lost, with a warning.
+"""MLflow's client side: the store and experiment of a campaign (:class:`Experiment`,
+:func:`connect`), its runs (:class:`TrackedRun`, the :func:`run` context) and the fail-fast HTTP
+settings. Writes that fail go to the campaign's outbox (:mod:`hdd_ray.tracking.outbox`).
 """
 
 from __future__ import annotations
@@ -31,14 +10,16 @@ import contextvars
 import io
 import logging
 import os
-import threading
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hdd_ray import storage
 from hdd_ray.storage import is_uri
+from hdd_ray.tracking.outbox import Outbox
+
+if TYPE_CHECKING:
+    from hdd_ray.config import CampaignConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +32,6 @@ PARENT_TAG = "mlflow.parentRunId"
 #: defaults retry for about 4 minutes): set unless the environment sets them already
 FAIL_FAST_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-#: the campaign root's folder of undelivered MLflow writes
-OUTBOX_DIR = "mlflow_outbox"
 
 
 def fail_fast() -> None:
@@ -65,7 +44,7 @@ def fail_fast() -> None:
 _enclosing: contextvars.ContextVar[str | None] = contextvars.ContextVar("_enclosing", default=None)
 
 
-def tracking_uri(cfg: Any) -> str:
+def tracking_uri(cfg: CampaignConfig) -> str:
     """The MLflow tracking URI of a campaign config."""
     if cfg.tracking.uri:
         return str(cfg.tracking.uri)
@@ -101,11 +80,13 @@ def filter_literal(value: Any) -> str:
     raise ValueError(f"{text!r}: an MLflow tag value may not hold both ' and \"")
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
+    """Now, in milliseconds since the epoch (MLflow's timestamps)."""
     return int(time.time() * 1000)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its class name when it has none)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -126,7 +107,7 @@ class TrackedRun:
         if self.outbox is None:
             raise exc
         path = self.outbox.put({"uri": self.uri, "run_id": self.run_id, **record})
-        log.warning("MLflow unreachable (%s): kept in %s", _first_line(exc)[:200], path)
+        log.warning("MLflow unreachable (%s): kept in %s", first_line(exc)[:200], path)
 
     def log(self, metrics: dict[str, float] | None = None, params: dict[str, Any] | None = None,
             tags: dict[str, Any] | None = None, step: int = 0) -> None:
@@ -135,7 +116,7 @@ class TrackedRun:
         a resumed run keeps its first values)."""
         from mlflow.entities import Metric, Param, RunTag
 
-        now = _now_ms()
+        now = now_ms()
         metric_list = [Metric(k, float(v), now, int(step)) for k, v in (metrics or {}).items()]
         try:
             param_list: list[Any] = []
@@ -144,7 +125,7 @@ class TrackedRun:
                 param_list = [Param(k, str(v)[:_PARAM_CHARS]) for k, v in params.items()
                               if k not in existing]
             tag_list = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-            self._batch(metric_list, param_list, tag_list)
+            self.log_batch(metric_list, param_list, tag_list)
         except Exception as exc:
             self._keep(exc, metrics=[[m.key, m.value, m.timestamp, m.step] for m in metric_list],
                        params={k: str(v)[:_PARAM_CHARS] for k, v in (params or {}).items()},
@@ -154,14 +135,16 @@ class TrackedRun:
         """One metric at several steps (e.g. a curve against t)."""
         from mlflow.entities import Metric
 
-        now = _now_ms()
+        now = now_ms()
         metrics = [Metric(key, float(v), now, int(s)) for s, v in points]
         try:
-            self._batch(metrics, [], [])
+            self.log_batch(metrics, [], [])
         except Exception as exc:
             self._keep(exc, metrics=[[m.key, m.value, m.timestamp, m.step] for m in metrics])
 
-    def _batch(self, metrics: list[Any], params: list[Any], tags: list[Any]) -> None:
+    def log_batch(self, metrics: list[Any], params: list[Any], tags: list[Any]) -> None:
+        """MLflow entities (``Metric``, ``Param``, ``RunTag``) in as few ``log_batch`` calls as
+        MLflow allows; raises when MLflow fails."""
         while metrics or params or tags:
             self.client.log_batch(self.run_id, metrics=metrics[:_MAX_METRICS],
                                   params=params[:_MAX_PARAMS], tags=tags[:_MAX_TAGS])
@@ -196,7 +179,7 @@ class TrackedRun:
             if self.outbox is None:
                 raise
             log.warning("MLflow unreachable (%s): artifact of run %s not logged",
-                        _first_line(exc)[:200], self.run_id)
+                        first_line(exc)[:200], self.run_id)
 
     def finish(self, ok: bool = True) -> None:
         """Mark the run FINISHED (or FAILED)."""
@@ -210,7 +193,7 @@ class TrackedRun:
 class Experiment:
     """A campaign's MLflow store and experiment (``tracking.experiment``)."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: CampaignConfig) -> None:
         from mlflow.tracking import MlflowClient
 
         fail_fast()
@@ -251,7 +234,7 @@ class Experiment:
         return self.create(name, tags, parent=parent, params=params)
 
 
-def artifact_location(cfg: Any) -> str | None:
+def artifact_location(cfg: CampaignConfig) -> str | None:
     """Where a new experiment keeps its artifacts: ``<root>/mlartifacts`` (a file URI for a
     local root), or ``None`` (the server's artifact store) when ``tracking.uri`` is a server.
 
@@ -304,7 +287,7 @@ def _same_location(actual: str | None, wanted: str) -> bool:
     return bool(actual) and norm(str(actual)).rstrip("/") == norm(wanted).rstrip("/")
 
 
-def log_config(run: TrackedRun | None, cfg: Any) -> None:
+def log_config(run: TrackedRun | None, cfg: CampaignConfig) -> None:
     """The resolved config on ``run``: ``config.yaml`` as an artifact and flattened params."""
     if run is None:
         return
@@ -314,7 +297,7 @@ def log_config(run: TrackedRun | None, cfg: Any) -> None:
     warn_on_failure(run.log, params=flatten(to_dict(cfg)))
 
 
-def connect(cfg: Any) -> Experiment | None:
+def connect(cfg: CampaignConfig) -> Experiment | None:
     """The campaign's experiment, or ``None`` when ``tracking.enabled`` is false or the
     tracking server cannot be reached (one warning line: an outage never stops a stage).
 
@@ -329,17 +312,12 @@ def connect(cfg: Any) -> Experiment | None:
         raise
     except Exception as exc:
         log.warning("MLflow unreachable at %s (%s): continuing without tracking",
-                    cfg.tracking.uri or "the campaign's sqlite store", _first_line(exc)[:200])
+                    cfg.tracking.uri or "the campaign's sqlite store", first_line(exc)[:200])
         return None
 
 
-def setup(cfg: Any) -> str:
-    """The id of the campaign's experiment (created if missing)."""
-    return Experiment(cfg).experiment_id
-
-
 @contextlib.contextmanager
-def run(cfg: Any, name: str, tags: dict[str, str] | None = None,
+def run(cfg: CampaignConfig, name: str, tags: dict[str, str] | None = None,
         parent_run_id: str | None = None) -> Iterator[TrackedRun | None]:
     """A new run of the campaign for the duration of the block; ``None`` when disabled.
 
@@ -352,7 +330,7 @@ def run(cfg: Any, name: str, tags: dict[str, str] | None = None,
         try:
             active = exp.create(name, tags or {}, parent=parent_run_id)
         except Exception as exc:
-            log.warning("MLflow unreachable (%s): run %r not tracked", _first_line(exc)[:200],
+            log.warning("MLflow unreachable (%s): run %r not tracked", first_line(exc)[:200],
                         name)
     if active is None:
         yield None
@@ -368,215 +346,10 @@ def run(cfg: Any, name: str, tags: dict[str, str] | None = None,
     active.finish()
 
 
-class MetricBuffer:
-    """Metrics of one run logged from a Ray worker: buffered, and sent in a background thread
-    when :meth:`flush` is called (at checkpoints), so neither a checkpoint nor a drain ever
-    waits on MLflow. A batch that fails stays buffered and goes with the next flush;
-    :meth:`close` (the end of the loop) makes a last bounded attempt and keeps the rest in the
-    campaign's outbox (:func:`sync_outbox` delivers it). :meth:`persist` writes the buffer to
-    the outbox at once (a drain: the node may go away).
-
-    ``target``: :meth:`TrackedRun.worker_target`'s dict, plus, for a run MLflow could not
-    create when the launcher asked, ``run_id=None`` with ``run_key`` / ``run_name`` /
-    ``tags`` / ``parent`` (the outbox then creates the run later). ``None``: nothing is logged.
-    """
-
-    def __init__(self, target: dict[str, Any] | None) -> None:
-        self.run: TrackedRun | None = None
-        self.buffer: list[tuple[str, float, int, int]] = []
-        self.target = dict(target or {})
-        self.outbox = Outbox.at(self.target["outbox"]) if self.target.get("outbox") else None
-        self.enabled = bool(self.target.get("run_id") or self.outbox)
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._inflight: list[tuple[str, float, int, int]] = []  # the batch being sent
-        self.failures = 0
-        if self.target.get("run_id"):
-            from mlflow.tracking import MlflowClient
-
-            fail_fast()
-            self.run = TrackedRun(MlflowClient(tracking_uri=self.target["uri"]),
-                                  self.target["run_id"], self.target["uri"])
-
-    def log(self, key: str, value: float, step: int) -> None:
-        """Buffer ``key = value`` at ``step``."""
-        if self.enabled:
-            with self._lock:
-                self.buffer.append((key, float(value), _now_ms(), int(step)))
-
-    def flush(self) -> None:
-        """Send what is buffered in the background; returns at once (a send still in flight:
-        the new points wait for the next flush)."""
-        if self.run is None or (self._thread is not None and self._thread.is_alive()):
-            return
-        with self._lock:
-            batch, self.buffer = self.buffer, []
-            self._inflight = batch
-        if not batch:
-            return
-        self._thread = threading.Thread(target=self._send, args=(batch,), daemon=True,
-                                        name="mlflow-metrics")
-        self._thread.start()
-
-    def _send(self, batch: list[tuple[str, float, int, int]]) -> bool:
-        from mlflow.entities import Metric
-
-        try:
-            self.run._batch([Metric(k, v, ts, s) for k, v, ts, s in batch], [], [])
-            with self._lock:
-                self._inflight = []
-            return True
-        except Exception as exc:
-            with self._lock:  # kept, in order, for the next attempt
-                if self._inflight is batch:
-                    self.buffer[:0] = batch
-                self._inflight = []
-            self.failures += 1
-            if self.failures == 1:
-                log.warning("MLflow logging failed (%s): metrics stay buffered",
-                            _first_line(exc)[:200])
-            return False
-
-    def wait(self, timeout: float | None = None) -> None:
-        """Wait (at most ``timeout`` s) for a send in flight."""
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def persist(self) -> str | None:
-        """Write what is buffered, and a batch still being sent, to the outbox now (path of the
-        record, None if nothing). At least once: a send that succeeds after this duplicates
-        its points in the outbox (MLflow keeps one of identical points)."""
-        if self.outbox is None:
-            return None
-        with self._lock:
-            batch, self.buffer = self._inflight + self.buffer, []
-            self._inflight = []  # the sender, should it fail now, keeps nothing twice
-        if not batch:
-            return None
-        record = {key: self.target.get(key) for key in ("uri", "run_id", "run_key", "run_name",
-                                                        "tags", "parent")}
-        return self.outbox.put({**record, "metrics": [list(m) for m in batch]})
-
-    def close(self, timeout: float = 5.0) -> None:
-        """The end of a run: wait for a send in flight, try once more, keep the rest in the
-        outbox (or drop it with a warning when there is none). Bounded by ``timeout`` plus
-        one fail-fast MLflow call."""
-        self.wait(timeout)
-        if self.run is not None and self.buffer and not (self._thread and self._thread.is_alive()):
-            with self._lock:
-                batch, self.buffer = self.buffer, []
-                self._inflight = batch
-            self._send(batch)  # a failure puts it back into the buffer
-        if self.buffer or self._inflight:
-            if self.outbox is not None:
-                n = len(self.buffer) + len(self._inflight)
-                log.warning("MLflow unreachable: %d metric points kept in %s", n, self.persist())
-            else:
-                log.warning("MLflow unreachable: %d metric points dropped", len(self.buffer))
-                self.buffer = []
-
-
-# ------------------------------------------------------------------------------------- outbox
-
-
-class Outbox:
-    """Undelivered MLflow writes of a campaign: one JSON record per failed write in
-    ``<root>/mlflow_outbox/`` (any storage: local disk or a bucket), delivered in order by
-    :func:`sync_outbox`.
-
-    A record names its run by ``run_id``, or, for a run MLflow could not create at the time,
-    by ``run_key`` (the launcher's key tag), ``run_name``, ``tags`` and ``parent``; it holds
-    ``metrics`` (``[key, value, timestamp_ms, step]``), ``params``, ``tags`` and/or the
-    run's final ``status``.
-    """
-
-    def __init__(self, root: str) -> None:
-        self.directory = storage.join(str(root), OUTBOX_DIR)
-
-    @classmethod
-    def at(cls, directory: str) -> Outbox:
-        """The outbox in ``directory`` itself."""
-        box = cls.__new__(cls)
-        box.directory = directory
-        return box
-
-    def put(self, record: dict[str, Any]) -> str:
-        """Keep one record; returns its path."""
-        name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
-        path = storage.join(self.directory, name)
-        storage.write_json(path, {"version": 1, **record})
-        return path
-
-    def records(self) -> list[str]:
-        """Paths of the kept records, oldest first."""
-        return [storage.join(self.directory, n) for n in storage.listdir(self.directory)
-                if n.endswith(".json")]
-
-
-def sync_outbox(cfg: Any) -> tuple[int, int]:
-    """Deliver the campaign's outbox to its MLflow store: ``(delivered, left)``.
-
-    Stops at the first record that fails (the server is still down); a delivered record is
-    deleted. A record without ``run_id`` finds or creates its run by ``run_key``. Never raises
-    for an outage; tracking disabled: ``(0, records)``.
-    """
-    box = Outbox(cfg.root)
-    paths = box.records()
-    if not paths or not cfg.tracking.enabled:
-        return 0, len(paths)
-    exp = connect(cfg)
-    if exp is None:
-        return 0, len(paths)
-    delivered = 0
-    for path in paths:
-        try:
-            record = storage.read_json(path)
-        except (ValueError, OSError) as exc:
-            log.warning("MLflow outbox: %s is unreadable (%s); skipped", path,
-                        _first_line(exc)[:120])
-            continue
-        try:
-            _deliver(exp, record)
-        except Exception as exc:
-            log.warning("MLflow outbox: delivery failed (%s); %d records left",
-                        _first_line(exc)[:200], len(paths) - delivered)
-            break
-        storage.remove(path)
-        delivered += 1
-    return delivered, len(paths) - delivered
-
-
-def _deliver(exp: Experiment, record: dict[str, Any]) -> None:
-    """Write one outbox record (raises when MLflow fails: the record is kept)."""
-    from mlflow.entities import Metric, Param, RunTag
-
-    run_id = record.get("run_id")
-    if not run_id:
-        key = record.get("run_key")
-        if not key:
-            return
-        run_id = exp.find_or_create(record.get("run_name") or key,
-                                    {**(record.get("tags") or {}), "run_key": key},
-                                    key=("run_key",), parent=record.get("parent")).run_id
-    run = TrackedRun(exp.client, run_id, exp.uri)  # no outbox: a failure raises
-    params = record.get("params") or {}
-    if params:
-        existing = exp.client.get_run(run_id).data.params
-        params = {k: v for k, v in params.items() if k not in existing}
-    # the tags of a keyed record are the new run's; the tags to log are under "tags" only
-    # when it has a run_id (the launcher's status tags)
-    tags = (record.get("tags") or {}) if record.get("run_id") else (record.get("run_tags") or {})
-    run._batch([Metric(k, float(v), int(ts), int(st)) for k, v, ts, st in record.get("metrics") or []],
-               [Param(k, str(v)) for k, v in params.items()],
-               [RunTag(k, str(v)) for k, v in tags.items()])
-    if record.get("status"):
-        exp.client.set_terminated(run_id, record["status"])
-
-
 def warn_on_failure(fn: Any, *args: Any, **kwargs: Any) -> None:
     """``fn(*args, **kwargs)``, logging a one-line warning instead of raising (tracking must
     never stop training)."""
     try:
         fn(*args, **kwargs)
     except Exception as exc:
-        log.warning("MLflow logging failed: %s", _first_line(exc)[:300])
+        log.warning("MLflow logging failed: %s", first_line(exc)[:300])

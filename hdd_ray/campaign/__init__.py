@@ -1,0 +1,89 @@
+"""The campaign layer: its directory, its manifest, the ids of its experts and router, its
+objective assignments, its run directories' artifacts, and loading finished experts and the
+router for inference.
+
+Training, the ensemble, evaluation and sweeps all read the campaign through this package; none
+of them needs the training launcher to find an expert (ARCHITECTURE.md describes the layers and
+the campaign directory layout).
+
+* :mod:`hdd_ray.campaign.directory` -- :class:`CampaignPaths` (every path) and the manifest;
+* :mod:`hdd_ray.campaign.identity` -- identities and ids (:func:`short_hash`), assignments;
+* :mod:`hdd_ray.campaign.artifacts` -- a run directory's state for reuse, its description and
+  the checksum of its weights (verified once per file version);
+* :mod:`hdd_ray.campaign.loading` -- :func:`load_expert`, :func:`load_router`.
+"""
+
+from hdd_ray.campaign.artifacts import (
+    EXPERT_JSON,
+    REQUIRED_KEYS,
+    ROUTER_JSON,
+    SETTLED_NS,
+    VERIFIED_FILE,
+    WEIGHTS,
+    existing_state,
+    file_sha256,
+    read_description,
+    record_verified,
+    safetensors_problem,
+    verified_sha256,
+    weights_problem,
+)
+from hdd_ray.campaign.directory import (
+    CampaignPaths,
+    cluster_info,
+    cluster_shards,
+    heldout_shards,
+    load_manifest,
+)
+from hdd_ray.campaign.identity import (
+    LATER_TRAIN_DEFAULTS,
+    NON_IDENTITY_TRAIN_KEYS,
+    applied_precision,
+    campaign_assignments,
+    content_identity,
+    expert_id,
+    expert_identity,
+    model_shape,
+    router_id,
+    router_identity,
+    short_hash,
+    with_assignment,
+    without_later_defaults,
+)
+from hdd_ray.campaign.loading import load_expert, load_router
+
+__all__ = [
+    "EXPERT_JSON",
+    "LATER_TRAIN_DEFAULTS",
+    "NON_IDENTITY_TRAIN_KEYS",
+    "REQUIRED_KEYS",
+    "ROUTER_JSON",
+    "SETTLED_NS",
+    "VERIFIED_FILE",
+    "WEIGHTS",
+    "CampaignPaths",
+    "applied_precision",
+    "campaign_assignments",
+    "cluster_info",
+    "cluster_shards",
+    "content_identity",
+    "existing_state",
+    "expert_id",
+    "expert_identity",
+    "file_sha256",
+    "heldout_shards",
+    "load_expert",
+    "load_manifest",
+    "load_router",
+    "model_shape",
+    "read_description",
+    "record_verified",
+    "router_id",
+    "router_identity",
+    "safetensors_problem",
+    "short_hash",
+    "verified_sha256",
+    "weights_problem",
+    "with_assignment",
+    "without_later_defaults",
+]

@@ -1,0 +1,193 @@
+"""Identities and ids: what determines an expert's or the router's weights, hashed into its
+id (:func:`short_hash`), and the campaign's objective assignments.
+
+Ids are deterministic: an expert's id hashes everything that determines its weights (its
+*identity*: cluster, objective, schedule, model, text encoder, training settings, its cluster's
+data hash, image size and channels), never where or how fast it runs. A finished expert (valid
+``weights.safetensors`` + ``expert.json``) is therefore reused by any campaign that asks for the
+same identity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from hdd_ray import storage
+from hdd_ray.campaign.artifacts import file_sha256
+from hdd_ray.campaign.directory import cluster_info
+from hdd_ray.config import to_dict
+
+if TYPE_CHECKING:
+    from hdd_ray.config import CampaignConfig, ResolvedExpert
+
+#: training settings that change neither an expert's nor the router's weights, so they are left
+#: out of identities: changing them keeps the cached run
+NON_IDENTITY_TRAIN_KEYS = ("checkpoint_every", "compile")
+
+
+def short_hash(obj: Any, n: int = 10) -> str:
+    """The first ``n`` hex digits (64: all) of sha256 over ``obj`` as JSON with sorted keys.
+
+    Every id of the campaign (experts, router, mixtures) is a readable prefix plus this hash of
+    what defines the thing, so equal definitions get equal ids across runs and machines. Values
+    JSON cannot write (paths, numpy scalars) are written as ``str(value)``.
+    """
+    blob = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:n]
+
+
+#: train keys added after ids were first published: left out of an identity at these (default)
+#: values, so the ids of runs trained before the keys existed do not change
+LATER_TRAIN_DEFAULTS = {"lr_schedule": "constant", "warmup_steps": 0}
+
+
+def without_later_defaults(train: dict[str, Any]) -> dict[str, Any]:
+    """``train`` without the keys of :data:`LATER_TRAIN_DEFAULTS` left at those values: what a
+    recipe recorded before the keys existed (an id, a sweep's description) compares equal to."""
+    return {k: v for k, v in train.items()
+            if not (k in LATER_TRAIN_DEFAULTS and v == LATER_TRAIN_DEFAULTS[k])}
+
+
+def _identity_train(train: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in without_later_defaults(train).items()
+            if k not in NON_IDENTITY_TRAIN_KEYS}
+
+
+#: content hashes of local files, keyed by (absolute path, inode, size, mtime_ns, ctime_ns):
+#: ids are computed many times per launch, a large weights file is read once per process.
+#: ctime cannot be set back (``cp -p`` and ``os.utime`` keep the mtime, not the ctime)
+_CONTENT_HASHES: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def content_identity(value: str | None) -> Any:
+    """What a weights or config reference contributes to an identity: the SHA-256 of a local
+    file's (or a local folder's) content, so a file replaced under the same name changes the
+    id and a moved one does not; a tag or a URI as given (``None`` stays ``None``)."""
+    if not value or storage.is_uri(str(value)) or not os.path.exists(str(value)):
+        return value
+    path = os.path.abspath(str(value))
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, n) for d, _, names in os.walk(path) for n in names)
+    h = hashlib.sha256()
+    for f in files:
+        st = os.stat(f)
+        key = (f, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if key not in _CONTENT_HASHES:
+            _CONTENT_HASHES[key] = file_sha256(f)
+        h.update(f"{os.path.relpath(f, path)}\t{_CONTENT_HASHES[key]}\n".encode())
+    return {"sha256": h.hexdigest()}
+
+
+def applied_precision(train: dict[str, Any], resources: dict[str, Any]) -> str:
+    """The precision a run actually trains in: ``bf16`` only when it asks for GPUs (bf16
+    autocast is a no-op on CPUs, :func:`hdd_ray.devices.autocast`), else ``fp32``."""
+    gpus = float(resources.get("gpus_per_worker", 0) or 0) > 0
+    return "bf16" if gpus and train.get("mixed_precision") == "bf16" else "fp32"
+
+
+def _text_identity(text: dict[str, Any]) -> dict[str, Any]:
+    """The text encoder's settings with local pretrained files (weights, an open_clip config
+    ``.json``) replaced by their content hash; unchanged (old ids kept) when none is local."""
+    out = dict(text)
+    for key in ("pretrained", "arch"):
+        ident = content_identity(out.get(key))
+        if ident is not out.get(key):
+            out[key] = ident
+    return out
+
+
+def expert_identity(cfg: CampaignConfig, expert: ResolvedExpert,
+                    manifest: dict[str, Any]) -> dict[str, Any]:
+    """Everything that determines the expert's weights (resources excluded).
+
+    The data hash is its own cluster's, so re-clustering that leaves a cluster unchanged keeps
+    its expert. Local pretrained files (the open_clip text tower's weights or config) count by
+    content. Precision counts as applied: ``"precision": "bf16"`` is added only when bf16
+    autocast really runs (GPUs asked for), so CPU ids are those of earlier releases.
+
+    World size is not part of it, by design: ``train.batch_size`` is the **global** batch of a
+    micro-step, split evenly over the run's workers
+    (:func:`hdd_ray.training.loop.rank_batch_size`), so 1 worker and 4 workers train the same
+    recipe (same global batch, learning rate and steps); only the random streams and float
+    summation order differ (ARCHITECTURE.md, "Batch size"). A partial run may therefore resume
+    under another world size.
+    """
+    identity = {
+        "cluster": expert.cluster,
+        "objective": expert.objective,
+        "schedule": expert.schedule,
+        "model": expert.model,
+        "text": _text_identity(expert.text),
+        "train": _identity_train(expert.train),
+        "data_hash": str(cluster_info(manifest, expert.cluster)["hash"]),
+        "image_size": cfg.corpus.image_size,
+        "channels": cfg.corpus.channels,
+    }
+    if applied_precision(expert.train, expert.resources or {}) == "bf16":
+        identity["precision"] = "bf16"
+    identity.update(_latent_identity(manifest))
+    return identity
+
+
+def _latent_identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    """``{"latents": <the VAE's identity, latent shape, scaling>}`` in latent space; nothing in
+    pixel space, so pixel-space ids stay what they were."""
+    from hdd_ray.latents import identity_of
+
+    ident = identity_of(manifest.get("latents"))
+    return {"latents": ident} if ident else {}
+
+
+def model_shape(cfg: CampaignConfig, manifest: dict[str, Any]) -> tuple[int, int]:
+    """``(size, channels)`` of what the experts and the router see: the latent shape in latent
+    space (the manifest's record), else the corpus's image size and channels."""
+    rec = manifest.get("latents")
+    if rec:
+        return int(rec["shape"][1]), int(rec["shape"][0])
+    return cfg.corpus.image_size, cfg.corpus.channels
+
+
+def expert_id(cfg: CampaignConfig, expert: ResolvedExpert, manifest: dict[str, Any]) -> str:
+    """Deterministic id of an expert in this campaign, e.g. ``c1-ddpm-<hash of its identity>``."""
+    tag = "ddpm" if expert.objective == "ddpm_eps" else "fm"
+    return f"c{expert.cluster}-{tag}-{short_hash(expert_identity(cfg, expert, manifest))}"
+
+
+def router_identity(cfg: CampaignConfig, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What determines the router's weights (precision as applied, as for experts)."""
+    train = to_dict(cfg.router.train)
+    identity = {"model": cfg.router.model, "train": _identity_train(train),
+                "k": cfg.clustering.k, "data_hash": str(manifest["data_hash"]),
+                "image_size": cfg.corpus.image_size, "channels": cfg.corpus.channels}
+    if applied_precision(train, to_dict(cfg.router.resources)) == "bf16":
+        identity["precision"] = "bf16"
+    identity.update(_latent_identity(manifest))
+    return identity
+
+
+def router_id(cfg: CampaignConfig, manifest: dict[str, Any]) -> str:
+    """Deterministic id of the campaign's router."""
+    return "router-" + short_hash(router_identity(cfg, manifest))
+
+
+def with_assignment(cfg: CampaignConfig, ddpm_clusters: Iterable[int],
+                    schedule: str | None = None) -> CampaignConfig:
+    """The same campaign with another objective assignment (and DDPM schedule, when given)."""
+    experts = dataclasses.replace(cfg.experts, ddpm_clusters=sorted(ddpm_clusters))
+    if schedule is not None:
+        experts = dataclasses.replace(experts, schedule=schedule)
+    return dataclasses.replace(cfg, experts=experts)
+
+
+def campaign_assignments(cfg: CampaignConfig) -> list[list[int]]:
+    """The objective assignments the campaign needs: its own, plus the evaluation baseline."""
+    out = [sorted(cfg.experts.ddpm_clusters)]
+    base = cfg.evaluation.baseline_ddpm_clusters
+    if cfg.evaluation.enabled and base is not None and sorted(base) not in out:
+        out.append(sorted(base))
+    return out

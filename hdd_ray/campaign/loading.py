@@ -1,0 +1,42 @@
+"""Loading finished experts and the campaign's router for inference (their weights checked
+against their description)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from hdd_ray import storage
+from hdd_ray.campaign.artifacts import EXPERT_JSON, ROUTER_JSON, WEIGHTS
+from hdd_ray.campaign.directory import CampaignPaths, load_manifest
+from hdd_ray.campaign.identity import model_shape, router_id
+from hdd_ray.errors import CampaignError
+
+if TYPE_CHECKING:
+    from hdd_ray.config import CampaignConfig
+    from hdd_ray.models.expert import ExpertModel, RouterModel
+
+
+def load_expert(directory: str) -> tuple[ExpertModel, dict[str, Any]]:
+    """An exported expert (safetensors + expert.json), checked against its description."""
+    from hdd_ray.models.expert import ExpertModel, load_weights
+
+    desc = storage.read_json(storage.join(directory, EXPERT_JSON))
+    model = ExpertModel(desc["architecture"], desc["text"], desc["image_size"], desc["channels"])
+    load_weights(model, storage.join(directory, WEIGHTS), f"expert {desc['expert_id']}",
+                 sha256=desc.get("weights_sha256"))  # in full: never the verified cache
+    return model.eval(), desc
+
+
+def load_router(cfg: CampaignConfig, manifest: dict[str, Any] | None = None) -> RouterModel:
+    """The campaign's trained router (one line naming the fix when it is missing)."""
+    from hdd_ray.models.expert import RouterModel, load_weights
+
+    manifest = manifest or load_manifest(cfg)
+    rid = router_id(cfg, manifest)
+    directory = CampaignPaths(cfg.root).router_dir(rid)
+    if not storage.exists(storage.join(directory, ROUTER_JSON)):
+        raise CampaignError(f"router {rid} not trained yet: run `python jobs/train_all_experts.py root={cfg.root}`")
+    size, channels = model_shape(cfg, manifest)
+    model = RouterModel(cfg.router.model, size, channels, cfg.clustering.k)
+    load_weights(model, storage.join(directory, WEIGHTS), f"router {rid}")
+    return model.eval()

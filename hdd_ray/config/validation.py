@@ -1,0 +1,85 @@
+"""What spans sections: :func:`validate` checks a whole campaign (each section checks itself,
+then the rules between sections), :func:`validate_sweep` the sweep against the rest."""
+
+from __future__ import annotations
+
+from hdd_ray.choices import check_routing
+from hdd_ray.config.rules import check_safe_name
+from hdd_ray.config.schema import CampaignConfig, resolve_experts
+from hdd_ray.errors import ConfigError
+
+
+def validate(cfg: CampaignConfig) -> None:
+    """Check values the types cannot express; raise :class:`ConfigError` on the first problem.
+
+    Each section checks itself (its ``validate``); what spans sections is checked here.
+    """
+    if not str(cfg.root).strip():
+        raise ConfigError("root='': must be a local path or a s3:// / gs:// URI")
+    check_safe_name("name", cfg.name)
+    k = cfg.clustering.k
+    cfg.corpus.validate()
+    cfg.clustering.validate()
+    cfg.latents.validate()
+    cfg.experts.validate(k)
+    cfg.router.validate()
+    for e in resolve_experts(cfg):
+        check_global_batch(f"experts (cluster {e.cluster})", e.train["batch_size"],
+                           e.resources["num_workers"])
+        if int(e.train.get("warmup_steps", 0)) >= int(e.train["steps"]):  # a per-expert steps
+            raise ConfigError(
+                f"experts (cluster {e.cluster}): train.warmup_steps={e.train['warmup_steps']} "
+                f"must be below its train.steps={e.train['steps']}")
+    check_global_batch("router", cfg.router.train.batch_size, cfg.router.resources.num_workers)
+    cfg.sampling.validate(k)
+    cfg.evaluation.validate(k)
+    cfg.tracking.validate()
+    cfg.ray.validate()
+    if cfg.ray.executor == "task":
+        for key, workers in (("experts", max((e.resources["num_workers"]
+                                              for e in resolve_experts(cfg)), default=1)),
+                             ("router", cfg.router.resources.num_workers)):
+            if workers != 1:
+                raise ConfigError(
+                    f"{key}.resources.num_workers={workers}: ray.executor=task runs each run as "
+                    "one Ray task (one worker); use ray.executor=train for more")
+    validate_sweep(cfg)
+
+
+def check_global_batch(what: str, batch_size: int, num_workers: int) -> None:
+    """``train.batch_size`` is global (summed over a run's workers): it must split evenly over
+    them. One-line :class:`ConfigError` naming ``what`` (an expert, the router) otherwise."""
+    if num_workers > 1 and batch_size % num_workers:
+        raise ConfigError(
+            f"{what}: train.batch_size={batch_size} is the global batch and must split evenly "
+            f"over resources.num_workers={num_workers}: make it a multiple of {num_workers}")
+
+
+def validate_sweep(cfg: CampaignConfig) -> None:
+    """Check the sweep's search space (one-line :class:`ConfigError` on the first problem).
+
+    ``sweep.mode=optuna`` needs the ``optuna`` package (a main dependency; an environment built
+    without it fails here, before any training, naming the install command).
+    """
+    cfg.sweep.validate(cfg.clustering.k)
+    if cfg.sweep.mode == "optuna":
+        import importlib.util
+
+        if importlib.util.find_spec("optuna") is None:
+            raise ConfigError("sweep.mode=optuna needs the optuna package: "
+                              "pip install 'optuna>=3.6' (or pip install -e .)")
+    check_swept_routing(cfg)
+
+
+def check_swept_routing(cfg: CampaignConfig) -> None:
+    """The cross-section form of :func:`~hdd_ray.choices.check_routing`: a trial of a
+    ``sweep.routing`` strategy routes with ``sampling.threshold``, so each strategy must pass the
+    one routing check with it (``threshold`` needs one). One-line :class:`ConfigError` naming the
+    swept value otherwise."""
+    s = cfg.sampling
+    for i, routing in enumerate(cfg.sweep.routing or []):
+        try:
+            check_routing(routing, s.k, s.threshold, cfg.clustering.k)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (sweep.routing[{i}]={routing!r} routes with "
+                              "sampling.threshold)") from None

@@ -1,0 +1,158 @@
+"""The judge of a campaign's mixtures: what scores samples, built once and shared.
+
+A :class:`Judge` holds the held-out split (its captions are the prompts, its images give the
+FID floor), the CLIP model (a real one from ``evaluation.clip_arch``/``clip_weights``, or the
+demo's reference CLIP, trained once per campaign and cached), the FID feature extractor and the
+training split's reference statistics (cached under ``<root>/evaluation/``: the training split is
+decoded only when a cache misses). Protocol: ``evaluation/README.md``. It turns samples into
+per-sample scores (features, CLIP scores, per-prompt diversities) and those into metrics with
+their 95 % bootstrap intervals (:mod:`hdd_ray.evaluation.statistics`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from hdd_ray.campaign import CampaignPaths, cluster_shards, heldout_shards, load_manifest
+from hdd_ray.evaluation import statistics
+from hdd_ray.evaluation.statistics import Interval
+
+if TYPE_CHECKING:
+    from hdd_ray.config import CampaignConfig
+
+__all__ = ["EVALUATION_VERSION", "Judge"]
+
+#: bumped when what ``metrics.json`` holds changes: a cached mixture of another version is
+#: evaluated again (2: intervals, FID and floor at one n, per-sample data)
+EVALUATION_VERSION = 2
+
+
+class Judge:
+    """Everything that scores mixtures of one campaign, built once and shared by evaluations:
+    held-out/train images, the CLIP model, the FID extractor and the cached reference stats.
+
+    Its networks run on ``device`` (the mixtures it evaluates are sampled there too)."""
+
+    def __init__(self, cfg: CampaignConfig, device: str | torch.device = "cpu") -> None:
+        from hdd_ray.evaluation import build_extractor, get_reference_clip, reference_stats
+        from hdd_ray.samples import read_cluster
+
+        self.cfg = cfg
+        self.device = torch.device(device)
+        manifest = load_manifest(cfg)
+        size, ch = cfg.corpus.image_size, cfg.corpus.channels
+
+        def read_images(shards: list[str]) -> Any:
+            # latent space: the shards hold latents; FID, its floor and CLIP score compare
+            # decoded images (VAE reconstructions) with decoded samples
+            if manifest.get("latents"):
+                from hdd_ray.samples import read_decoded
+
+                return read_decoded(cfg, shards, self.device)
+            return read_cluster(shards, size, ch, label=None)
+
+        held = read_images(heldout_shards(cfg, manifest))
+        train_shards = [s for c in range(cfg.clustering.k) for s in cluster_shards(cfg, manifest, c)]
+        self.heldout = held
+        self.data_hash = str(manifest["data_hash"])
+        decoded: list[Any] = []  # not kept past __init__: the reference statistics suffice
+
+        def train() -> Any:  # the training split is decoded only when a cache misses
+            if not decoded:
+                decoded.append(read_images(train_shards))
+            return decoded[0]
+
+        ev = cfg.evaluation
+        self.clip_info: dict[str, Any] = {}
+        if ev.clip_arch:  # a real CLIP (local weights or a named tag)
+            from hdd_ray.towers import open_clip_model, open_clip_tokenizer
+
+            keys = {"arch_key": "evaluation.clip_arch", "weights_key": "evaluation.clip_weights"}
+            self.clip = open_clip_model(ev.clip_arch, ev.clip_weights, **keys).eval().to(device)
+            self.tokenizer = open_clip_tokenizer(ev.clip_arch, keys["arch_key"])
+        else:  # the demo's own reference CLIP, trained once per campaign
+            self.clip, self.tokenizer, self.clip_info = get_reference_clip(
+                cfg.root, lambda: train().images, lambda: train().captions, held.images,
+                held.captions, data_hash=self.data_hash, device=self.device)
+        clip_model = self.clip if ev.fid_extractor == "clip" and not ev.extractor_weights else None
+        arch = ev.extractor_arch or (ev.clip_arch if ev.fid_extractor == "clip" else None)
+        self.extractor = build_extractor(ev.fid_extractor, weights=ev.extractor_weights,
+                                         arch=arch, clip_model=clip_model).to(self.device)
+        self.reference = reference_stats(lambda: train().images, self.extractor, self.data_hash,
+                                         cache_dir=CampaignPaths(cfg.root).reference_stats)
+        #: whether the training split had to be decoded (a cache missed)
+        self.decoded_train = bool(decoded)
+        self.frechet = self.reference.frechet()
+        self._floor: dict[int, Interval] = {}
+        self._heldout_features: Tensor | None = None
+
+    def prompts(self, n: int, per_prompt: int = 4) -> list[str]:
+        """``n`` prompts from the held-out captions' distinct texts, each used at least
+        ``per_prompt`` times when ``n`` allows (the intra-prompt diversity needs groups)."""
+        distinct = sorted(set(self.heldout.captions))
+        m = max(1, min(len(distinct), n // per_prompt))
+        chosen = [distinct[round(i * len(distinct) / m)] for i in range(m)]  # spread evenly
+        return [chosen[i % m] for i in range(n)]
+
+    def floor(self, n: int) -> Interval:
+        """FID of real held-out images against the training reference at ``n`` (at most the
+        held-out count), with its bootstrap interval (:func:`statistics.fid_interval`)."""
+        from hdd_ray.evaluation import extract_features
+
+        if self._heldout_features is None:
+            self._heldout_features = extract_features(self.extractor, self.heldout.images)
+        if n not in self._floor:
+            self._floor[n] = statistics.fid_interval(self._heldout_features, self.frechet, n,
+                                                     device=self.device)[0]
+        return self._floor[n]
+
+    def sample_scores(self, samples: Tensor, prompts: list[str]) -> statistics.SampleScores:
+        """The per-sample data of ``samples`` made from ``prompts`` (features, CLIP scores,
+        per-prompt diversities): every statistic and interval is computed from it."""
+        from hdd_ray.evaluation import clip_scores, extract_features, group_diversities
+
+        group, _ = statistics.prompt_groups(prompts)
+        members = [torch.nonzero(group == g).flatten() for g in range(int(group.max()) + 1)]
+        div_name, div = group_diversities([samples[idx] for idx in members], self.extractor)
+        return statistics.SampleScores(
+            features=extract_features(self.extractor, samples),
+            clip=clip_scores(samples, prompts, self.clip, self.tokenizer),
+            group_diversity=div, prompts_hash=statistics.prompts_hash(prompts),
+            diversity_metric=div_name)
+
+    def summarize(self, scores: statistics.SampleScores) -> tuple[dict[str, Any],
+                                                                   dict[str, Tensor],
+                                                                   statistics.BootstrapPlan]:
+        """Metrics with their 95 % intervals -> ``(metrics, bootstrap replicates, plan)``.
+
+        FID and its floor are both taken at ``fid_n = min(N, held-out)``
+        (``fid_full_n``: the FID of all N samples, not comparable with the floor when larger).
+        """
+        n = statistics.comparable_n(scores.num_samples, len(self.heldout))
+        intervals, replicates, plan = statistics.bootstrap(scores, self.frechet, n,
+                                                           device=self.device)
+        metrics = {
+            **intervals["fid"].as_dict("fid"), "fid_n": n,
+            **self.floor(n).as_dict("fid_floor"),
+            "fid_full_n": statistics.fid_at_n(scores.features, self.frechet, scores.num_samples,
+                                              device=self.device),
+            **intervals["clip_score"].as_dict("clip_score"),
+            "clip_score_real": self._real_clip_score(),
+            **intervals["diversity"].as_dict("diversity"),
+            "diversity_metric": scores.diversity_metric,
+            "bootstrap": {"replicates": plan.replicates, "seed": plan.seed,
+                          "subsets": plan.subsets, "confidence": statistics.CONFIDENCE},
+            "evaluation_version": EVALUATION_VERSION,
+        }
+        return metrics, replicates, plan
+
+    def _real_clip_score(self) -> float:
+        from hdd_ray.evaluation import clip_score
+
+        if not hasattr(self, "_clip_real"):
+            self._clip_real = clip_score(self.heldout.images, self.heldout.captions, self.clip,
+                                         self.tokenizer)
+        return self._clip_real

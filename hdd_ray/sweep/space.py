@@ -1,0 +1,149 @@
+"""A sweep's search space: the objective assignments it can produce, the swept sampling
+settings, Tune's ``param_space``, the ASHA rungs, and :func:`describe` (what defines the sweep's
+results: a restore must match it)."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from hdd_ray import storage
+from hdd_ray.campaign import CampaignPaths, without_later_defaults
+from hdd_ray.choices import format_assignment, parse_assignment
+from hdd_ray.config import CampaignConfig, to_dict
+
+
+def candidate_assignments(cfg: CampaignConfig) -> list[list[int]]:
+    """Every assignment (DDPM cluster ids) the sweep's search space can produce, in order.
+
+    ``grid``: all 2^K; ``n_ddpm`` (and ``random``/``optuna`` with ``n_ddpm``): exactly n DDPM
+    experts for each listed n; ``list``: the given strings; ``random``/``optuna`` without
+    ``n_ddpm``: all 2^K (each cluster drawn independently).
+    """
+    sw, k = cfg.sweep, cfg.clustering.k
+    if sw.mode == "list":
+        out = [parse_assignment(a, k, f"sweep.assignments[{i}]")
+               for i, a in enumerate(sw.assignments)]
+    elif sw.mode == "grid" or (sw.mode in ("random", "optuna") and not sw.n_ddpm):
+        out = [[c for c in range(k) if mask >> c & 1] for mask in range(2 ** k)]
+        out.sort(key=lambda a: (len(a), a))
+    else:
+        out = [list(combo) for n in sw.n_ddpm or [] for combo in itertools.combinations(range(k), n)]
+    unique: list[list[int]] = []
+    for a in out:
+        if sorted(a) not in unique:
+            unique.append(sorted(a))
+    return unique
+
+
+def needed_assignments(candidates: list[list[int]]) -> list[list[int]]:
+    """At most two assignments whose experts are exactly those every candidate needs.
+
+    Cluster c needs ``ddpm_eps`` iff some candidate makes it DDPM and ``fm_velocity`` iff some
+    makes it FM: the union of DDPM sets and their intersection cover both, and nothing more.
+    """
+    if not candidates:
+        return []
+    union = sorted(set().union(*map(set, candidates)))
+    inter = sorted(set.intersection(*map(set, candidates)))
+    return [union] if union == inter else [union, inter]
+
+
+def param_space(cfg: CampaignConfig) -> dict[str, Any]:
+    """The Tune ``param_space`` of the sweep (grid searches, or choices for a search algorithm)."""
+    from ray import tune
+
+    sw, k = cfg.sweep, cfg.clustering.k
+    search = sw.mode in ("random", "optuna")
+    pick = tune.choice if search else tune.grid_search
+    space: dict[str, Any] = {
+        key: (pick(values) if len(values) > 1 else values[0])
+        for key, values in swept_values(cfg).items()
+    }
+    if search and not sw.n_ddpm:  # each cluster's objective drawn on its own
+        for c in range(k):
+            space[f"c{c}"] = tune.choice(["D", "F"])
+    else:
+        strings = [format_assignment(a, k) for a in candidate_assignments(cfg)]
+        space["assignment"] = pick(strings) if len(strings) > 1 or search else strings[0]
+    return space
+
+
+def swept_values(cfg: CampaignConfig) -> dict[str, list[Any]]:
+    """The values of each swept sampling setting (unset lists = the campaign's own value)."""
+    sw, s = cfg.sweep, cfg.sampling
+    return {"schedule": list(sw.schedule or [cfg.experts.schedule]),
+            "routing": list(sw.routing or [s.routing]), "k": list(sw.k or [s.k]),
+            "guidance": [float(g) for g in sw.guidance or [s.guidance_scale]],
+            "steps": list(sw.steps or [s.steps])}
+
+
+def trial_assignment(config: dict[str, Any], k: int) -> list[int]:
+    """The DDPM cluster ids of one trial's config (``assignment`` string or ``c0``..``cK-1``)."""
+    if "assignment" in config:
+        return parse_assignment(config["assignment"], k)
+    return [c for c in range(k) if config[f"c{c}"] == "D"]
+
+
+def rungs(cfg: CampaignConfig) -> list[int]:
+    """Sample counts a trial is evaluated at: the ASHA rungs below N, then N."""
+    n = cfg.evaluation.num_samples
+    return [c for c in cfg.sweep.asha.sample_counts if c < n] + [n]
+
+
+def describe(cfg: CampaignConfig) -> dict[str, Any]:
+    """What defines the sweep's results (stored beside it; a restore must match it).
+
+    The search space, and everything else a trial's numbers depend on: the corpus and
+    clustering settings, the experts (objective, schedule, model, text encoder, training), the
+    router, the sampling and evaluation settings, the latent space (the VAE's content, scaling,
+    shift and dtype: not where it lies), the prepared corpus's ``data_hash`` (None before it is
+    prepared), and where precision changes results (bf16 applies only on GPUs: the experts',
+    the router's and the trials'). Only how fast things run is left out (resources other than
+    GPUs, data loading: ``experts.data`` / ``router.data``, concurrency, CPUs per trial). The
+    tracking and Ray sections and the campaign's name and root change no number.
+    """
+    from hdd_ray.latents import config_settings
+
+    def without(d: dict[str, Any], *keys: str) -> dict[str, Any]:
+        return {k: v for k, v in d.items() if k not in keys}
+
+    experts = without(to_dict(cfg.experts), "resources", "list", "data")
+    experts["train"] = without_later_defaults(experts["train"])
+    experts["list"] = [without(e, "resources", "data")
+                       for e in to_dict(cfg.experts).get("list", [])]
+    router = without(to_dict(cfg.router), "resources", "data")
+    router["train"] = without_later_defaults(router["train"])
+    return {"sweep": without(to_dict(cfg.sweep), "max_concurrent_trials", "cpus_per_trial",
+                             "gpus_per_trial"),
+            "latents": config_settings(cfg), "data_hash": _data_hash(cfg),
+            "num_samples": cfg.evaluation.num_samples, "k": cfg.clustering.k,
+            "corpus": to_dict(cfg.corpus), "clustering": without(to_dict(cfg.clustering),
+                                                                 "num_actors", "gpus_per_actor"),
+            "experts": experts,
+            "router": router,
+            "sampling": to_dict(cfg.sampling),
+            "evaluation": without(to_dict(cfg.evaluation), "resources", "enabled"),
+            "gpus": {"experts": _uses_gpus(cfg.experts.resources, cfg.experts.list),
+                     "router": cfg.router.resources.gpus_per_worker > 0,
+                     "trials": cfg.sweep.gpus_per_trial > 0}}
+
+
+def _data_hash(cfg: CampaignConfig) -> str | None:
+    """The prepared corpus's ``data_hash`` (None when it is not prepared or unreadable)."""
+    path = CampaignPaths(cfg.root).manifest
+    try:
+        manifest = storage.read_json(path) if storage.exists(path) else None
+    except (OSError, ValueError):
+        return None
+    return manifest.get("data_hash") if isinstance(manifest, dict) else None
+
+
+def _uses_gpus(resources: Any, overrides: Any) -> list[bool]:
+    """Whether the default expert resources and each ``experts.list`` override ask for GPUs."""
+    out = [float(resources.gpus_per_worker) > 0]
+    for spec in overrides or []:
+        res = dict(spec.resources or {}) if not isinstance(spec, dict) else dict(spec.get("resources") or {})
+        if "gpus_per_worker" in res:
+            out.append(float(res["gpus_per_worker"]) > 0)
+    return out

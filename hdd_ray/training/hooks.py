@@ -1,0 +1,176 @@
+"""What the training loop asks of whoever runs it, answered three ways.
+
+The loop (:func:`hdd_ray.training.loop.run_loop`) asks its hooks for its rank and world size,
+its device, the state to resume from, where a report (and a checkpoint) goes, whether the node
+is being drained, and how to wrap the model for data parallelism:
+
+* :class:`RayTrainHooks`: inside a Ray Train worker group (``ray.executor: train``);
+* :class:`TaskHooks`: as one Ray task (``ray.executor: task``), checkpoints in
+  ``<run>/checkpoint_task/``;
+* :class:`LocalHooks`: a plain process, ``state.pt`` files in a folder (benchmarks, fast tests).
+
+Either executor resumes from the newest checkpoint of the run, its own or the other's
+(:mod:`hdd_ray.training.checkpoints`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any
+
+import torch
+from torch import nn
+
+from hdd_ray.training.checkpoints import (
+    STATE_FILE,
+    newest_state,
+    other_state,
+    ray_train_state,
+    task_checkpoint_state,
+    write_task_checkpoint,
+)
+
+__all__ = ["Hooks", "LocalHooks", "RayTrainHooks", "TaskHooks"]
+
+
+class RayTrainHooks:
+    """What the loop asks of its runner, answered by Ray Train (inside a worker group)."""
+
+    def __init__(self, run_directory: str | None = None) -> None:
+        import ray.train
+
+        _quiet_report_log()
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.run_directory = run_directory
+
+    def device(self, use_cuda: bool) -> torch.device:
+        """This worker's device (Ray Train's GPU for it, when asked)."""
+        import ray.train.torch
+
+        return ray.train.torch.get_device() if use_cuda else torch.device("cpu")
+
+    def load_state(self) -> dict[str, Any] | None:
+        """The newest state: Ray Train's checkpoint, or the task executor's when further along."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        state = None
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu",
+                                   weights_only=True)
+        # a run the task executor began (ray.executor switched to train): go on from there
+        local = (other_state(lambda: task_checkpoint_state(self.run_directory),
+                             f"{self.run_directory}: the task executor's checkpoint")
+                 if self.run_directory else None)
+        return newest_state(state, local)
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        """``ray.train.report``, with a checkpoint holding ``state.pt`` when ``state`` is given."""
+        import ray.train
+
+        if state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, os.path.join(d, STATE_FILE))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    def preempted(self) -> bool:
+        """Whether Ray reports a drain of this node."""
+        import ray.train
+
+        try:
+            return ray.train.get_preemption_info() is not None
+        except Exception:  # e.g. num_workers=0 (no worker group): nothing to ask
+            return False
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """DDP over the worker group (unchanged with one worker)."""
+        import ray.train.torch
+
+        if self.world == 1:
+            return model
+        return ray.train.torch.prepare_model(
+            model, parallel_strategy_kwargs={"find_unused_parameters": False})
+
+
+class LocalHooks:
+    """The same loop in a plain process: checkpoints are ``state.pt`` files in ``directory``.
+
+    Used for the orchestration-overhead benchmark (identical loop, no Ray) and fast tests.
+    """
+
+    rank, world = 0, 1
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.reports: list[dict[str, Any]] = []
+
+    def device(self, use_cuda: bool) -> torch.device:
+        """``cuda`` when asked, else the CPU."""
+        return torch.device("cuda") if use_cuda else torch.device("cpu")
+
+    def load_state(self) -> dict[str, Any] | None:
+        """``<directory>/state.pt``, or ``None``."""
+        path = os.path.join(self.directory, STATE_FILE)
+        if not os.path.exists(path):
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        """Keep ``metrics``; replace ``<directory>/state.pt`` when ``state`` is given."""
+        self.reports.append(metrics)
+        if state is not None:
+            os.makedirs(self.directory, exist_ok=True)
+            tmp = os.path.join(self.directory, STATE_FILE + ".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, os.path.join(self.directory, STATE_FILE))
+
+    def preempted(self) -> bool:
+        """Never: a plain process gets no drain notice."""
+        return False
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The model itself (one process, no DDP)."""
+        return model
+
+
+class TaskHooks(LocalHooks):
+    """The loop as one Ray task (``ray.executor: task``): one process, no worker group
+    (:class:`LocalHooks`' device, no drain notice, no DDP wrapper).
+
+    Checkpoints go to ``<run directory>/checkpoint_task/`` through :mod:`hdd_ray.storage` (a
+    local path or a bucket, like Ray Train's storage). A retried task, or a later launch, resumes
+    from the newest checkpoint of the run: its own or one Ray Train registered there. A task has
+    no drain notice: Ray retries it and it resumes from its last checkpoint.
+    """
+
+    def load_state(self) -> dict[str, Any] | None:
+        """The run's newest checkpoint state: its own, or one Ray Train registered here."""
+        ray_train = other_state(lambda: ray_train_state(self.directory),
+                                f"{self.directory}: Ray Train's latest checkpoint")
+        return newest_state(task_checkpoint_state(self.directory), ray_train)
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        """Write ``state`` (when given) then ``metrics`` into ``checkpoint_task/``."""
+        self.reports.append(metrics)
+        if state is not None:
+            write_task_checkpoint(self.directory, state, metrics)
+
+
+#: what the loop is run by
+Hooks = RayTrainHooks | LocalHooks
+
+
+def _quiet_report_log() -> None:
+    """Ray Train logs every report at INFO under a path-named logger that LoggingConfig misses."""
+    try:
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except Exception:  # private module: best effort only
+        pass

@@ -1,0 +1,138 @@
+"""What the launcher executes: one :class:`Job` per independent training run, an expert
+(:func:`expert_job`) or the router (:func:`router_job`).
+
+A job holds what the campaign decides about its run: its id and identity (from
+:mod:`hdd_ray.campaign`), its resources, the :class:`~hdd_ray.training.settings.RunSettings` its
+workers train by, and what its export holds (the architecture for the EMA weights, the fixed
+fields of ``expert.json`` / ``router.json``, and for the router the report computed on the
+exported weights: its top-1 accuracy by t).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from hdd_ray import storage
+from hdd_ray.campaign import (
+    EXPERT_JSON,
+    ROUTER_JSON,
+    CampaignPaths,
+    cluster_info,
+    cluster_shards,
+    expert_id,
+    expert_identity,
+    model_shape,
+    router_id,
+    router_identity,
+)
+from hdd_ray.config import CampaignConfig, ResolvedExpert, TrainConfig, to_dict
+from hdd_ray.models.expert import ExpertModel, RouterModel
+from hdd_ray.training.data import data_settings
+from hdd_ray.training.reports import router_accuracy
+from hdd_ray.training.settings import RunSettings
+
+__all__ = ["Job", "expert_job", "router_job"]
+
+
+@dataclass
+class Job:
+    """One independent training run (an expert or the router), as the launcher executes it."""
+
+    kind: str
+    name: str
+    cluster: int | None
+    objective: str
+    storage_path: str  # Ray Train storage: the run lives in <storage_path>/<name>
+    json_name: str
+    identity: dict[str, Any]
+    resources: dict[str, Any]
+    settings: RunSettings
+    build: Callable[[], nn.Module]  # the architecture, for the exported EMA weights
+    describe: dict[str, Any]  # fixed fields of the exported JSON
+    tags: dict[str, str]
+    precheck_error: str = ""
+    # extra JSON fields computed from the exported weights (their path), before the JSON
+    report: Callable[[str], dict[str, Any]] | None = None
+    executor: str = "train"  # ray.executor: "train" (Ray Train) or "task" (one Ray task)
+
+    @property
+    def directory(self) -> str:
+        """The run's directory."""
+        return storage.join(self.storage_path, self.name)
+
+
+def _common(cfg: CampaignConfig, resources: dict[str, Any],
+            manifest: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`RunSettings` fields experts and the router fill alike."""
+    size, channels = model_shape(cfg, manifest)  # the latent shape in latent space
+    return {"image_size": size, "channels": channels,
+            "latents": manifest.get("latents") or None,
+            "use_gpu": resources["gpus_per_worker"] > 0,
+            "torch_threads": max(1, int(round(float(resources["cpus_per_worker"]))))}
+
+
+def _latents_describe(manifest: dict[str, Any]) -> dict[str, Any]:
+    """``{"latents": record}`` for expert.json / router.json in latent space (the VAE a
+    mixture checks), nothing in pixel space."""
+    rec = manifest.get("latents")
+    return {"latents": rec} if rec else {}
+
+
+def expert_job(cfg: CampaignConfig, expert: ResolvedExpert, manifest: dict[str, Any]) -> Job:
+    """The run of ``expert`` (of the campaign variant ``cfg``)."""
+    paths = CampaignPaths(cfg.root)
+    identity = expert_identity(cfg, expert, manifest)
+    shards = cluster_shards(cfg, manifest, expert.cluster)
+    count = int(cluster_info(manifest, expert.cluster)["count"])
+    empty = not shards or count == 0
+    size, ch = model_shape(cfg, manifest)
+    return Job(
+        kind="expert", name=expert_id(cfg, expert, manifest), cluster=expert.cluster,
+        objective=expert.objective + (f"/{expert.schedule}" if expert.schedule else ""),
+        storage_path=paths.experts, json_name=EXPERT_JSON, identity=identity,
+        resources=expert.resources,
+        settings=RunSettings(
+            kind="expert", train=TrainConfig(**expert.train),
+            # how the worker reads its shards (hdd_ray.training.data): memory or stream
+            data=data_settings(to_dict(cfg.experts.data)),
+            expert=expert, shards=shards, num_samples=count,
+            **_common(cfg, expert.resources, manifest)),
+        build=lambda: ExpertModel(expert.model, expert.text, size, ch),
+        describe={"cluster": expert.cluster, "objective": expert.objective,
+                  "schedule": expert.schedule, "architecture": expert.model, "text": expert.text,
+                  "image_size": size, "channels": ch, "data_hash": identity["data_hash"],
+                  "num_samples": count, "resources": expert.resources,
+                  **_latents_describe(manifest)},
+        tags={"kind": "expert", "cluster": str(expert.cluster), "objective": expert.objective},
+        executor=cfg.ray.executor,
+        precheck_error=(f"cluster {expert.cluster} has no usable data "
+                        f"({paths.cluster_dir(expert.cluster)} is empty)") if empty else "",
+    )
+
+
+def router_job(cfg: CampaignConfig, manifest: dict[str, Any]) -> Job:
+    """The router's run; its report is its top-1 accuracy by t, computed in a Ray task with
+    its own resources on the exported weights (:func:`hdd_ray.training.reports.router_accuracy`)."""
+    train, resources = to_dict(cfg.router.train), to_dict(cfg.router.resources)
+    (size, ch), k = model_shape(cfg, manifest), cfg.clustering.k
+    return Job(
+        kind="router", name=router_id(cfg, manifest), cluster=None, objective="cross-entropy",
+        storage_path=CampaignPaths(cfg.root).router, json_name=ROUTER_JSON,
+        identity=router_identity(cfg, manifest), resources=resources,
+        settings=RunSettings(
+            kind="router", train=TrainConfig(**train), data=data_settings(to_dict(cfg.router.data)),
+            router_model=cfg.router.model, num_clusters=k,
+            cluster_shards={c: cluster_shards(cfg, manifest, c) for c in range(k)},
+            cluster_counts={c: int(cluster_info(manifest, c)["count"]) for c in range(k)},
+            **_common(cfg, resources, manifest)),
+        build=lambda: RouterModel(cfg.router.model, size, ch, k),
+        describe={"architecture": cfg.router.model, "k": k, "image_size": size, "channels": ch,
+                  "data_hash": str(manifest["data_hash"]), **_latents_describe(manifest)},
+        tags={"kind": "router"},
+        executor=cfg.ray.executor,
+        report=lambda weights: {"top1_accuracy_by_t": router_accuracy(cfg, weights, resources)},
+    )

@@ -1,0 +1,71 @@
+"""What one training run's workers are told: :class:`RunSettings`, typed and picklable.
+
+The launcher builds one per run (:mod:`hdd_ray.training.jobs`) from the campaign config and the
+manifest; Ray pickles it to the run's workers (a Ray Train worker group or one Ray task), where
+:func:`hdd_ray.training.loop.run_loop` reads it. Every field is a plain value or one of the
+config's dataclasses, so nothing on a worker needs the whole campaign config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from hdd_ray.config import DataConfig, ResolvedExpert, TrainConfig
+from hdd_ray.training.data import data_settings
+
+__all__ = ["RunSettings"]
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """One run (an expert or the router) as its workers train it."""
+
+    kind: str  # "expert" | "router"
+    train: TrainConfig
+    image_size: int  # the model's input: the latent shape in latent space
+    channels: int
+    data: DataConfig = field(default_factory=DataConfig)  # how the workers read their data
+    # the manifest's latents record (VAE identity, shape, scaling): the shards hold
+    # ``latent.npy`` members instead of images; None in pixel space
+    latents: dict[str, Any] | None = None
+    use_gpu: bool = False
+    torch_threads: int = 1
+    # an expert: what it is, its cluster's shards and their sample count
+    expert: ResolvedExpert | None = None
+    shards: list[str] = field(default_factory=list)
+    num_samples: int | None = None
+    # the router: its size, and every cluster's shards and sample count
+    router_model: str = ""
+    num_clusters: int = 0
+    cluster_shards: dict[int, list[str]] = field(default_factory=dict)
+    cluster_counts: dict[int, int] | None = None
+    # set by the launcher for each launch: where rank 0 logs metrics
+    # (:class:`hdd_ray.tracking.MetricBuffer`'s target) and the run's directory
+    tracking: dict[str, Any] | None = None
+    run_directory: str | None = None
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> RunSettings:
+        """Settings from their plain-dict form (scripts and tests that build a run by hand):
+        the field names as keys, ``expert`` and ``train`` as dicts (``dataclasses.asdict``),
+        ``model`` for the router's size; missing keys keep their defaults."""
+        expert = config.get("expert")
+        shards = config.get("cluster_shards") or {}
+        counts = config.get("cluster_counts")
+        return cls(
+            kind=str(config.get("kind") or ("expert" if expert else "router")),
+            train=TrainConfig(**dict(config.get("train") or {})),
+            image_size=int(config["image_size"]), channels=int(config["channels"]),
+            data=data_settings(config.get("data")), latents=config.get("latents") or None,
+            use_gpu=bool(config.get("use_gpu", False)),
+            torch_threads=int(config.get("torch_threads", 1)),
+            expert=ResolvedExpert(**expert) if expert else None,
+            shards=list(config.get("shards") or []), num_samples=config.get("num_samples"),
+            router_model=str(config.get("model") or ""),
+            num_clusters=int(config.get("num_clusters") or 0),
+            cluster_shards={int(c): list(p or []) for c, p in shards.items()},
+            cluster_counts={int(c): int(n) for c, n in counts.items()} if counts else None,
+            tracking=config.get("tracking"), run_directory=config.get("run_directory"),
+        )
