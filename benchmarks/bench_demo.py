@@ -61,6 +61,9 @@ def run_demo(tree: Path, root: Path, overrides: list[str], log_path: Path) -> di
     root.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)  # the demo's own local instance, as a first-time user runs it
+    # the tree under test, not the installed package (init_ray hands it on to Ray's workers)
+    env["PYTHONPATH"] = str(tree) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH")
+                                     else "")
     cmd = [sys.executable, str(tree / "jobs" / "train_all_experts.py"), f"root={root}", *overrides]
     marks: dict[str, float] = {}
     start = time.time()

@@ -191,16 +191,9 @@ def identity_of(record: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: record[k] for k in IDENTITY_KEYS}
 
 
-def settings_of(record: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The settings part of a ``latents`` record (:data:`SETTINGS_KEYS`), compared against a
-    campaign's config -- not where the VAE lies."""
-    if not record:
-        return None
-    return {k: record.get(k) for k in SETTINGS_KEYS}
-
-
 def config_settings(cfg: CampaignConfig) -> dict[str, Any] | None:
-    """:func:`settings_of` the record ``cfg.latents`` would give (None in pixel space).
+    """The settings (:data:`SETTINGS_KEYS`) of the record ``cfg.latents`` would give: the
+    VAE's content, scaling, shift and dtype, not where it lies (None in pixel space).
 
     Hashes the VAE's files (:func:`vae_info`, cached per file sizes and mtimes), so a moved
     folder or a relative path from another working directory gives the same settings while

@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from torch import Tensor
 from hdd_ray.corpus import decode_image, iter_samples, prepare_image
 from hdd_ray.errors import NoUsableData
 from hdd_ray.latents import LATENT_MEMBER, load_vae, vae_info
+
+if TYPE_CHECKING:
+    from hdd_ray.config import CampaignConfig
 
 #: one shard of a source: (path, label)
 Shard = tuple[str, int]
@@ -146,7 +149,8 @@ def read_cluster(
     return ClusterData(x, captions, torch.tensor(labels), skipped)
 
 
-def read_decoded(cfg: Any, shards: list[str], device: Any = "cpu") -> ClusterData:
+def read_decoded(cfg: CampaignConfig, shards: list[str],
+                 device: str | torch.device = "cpu") -> ClusterData:
     """A latent split of ``shards`` decoded through the campaign's VAE on ``device``: images
     ``[N, C, H, W]`` in [-1, 1] on the CPU (what evaluation compares samples with)."""
     vae = load_vae(vae_info(cfg.latents), device)

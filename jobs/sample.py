@@ -119,7 +119,8 @@ def _mixture(cfg: CampaignConfig,
             else None)
     return cfg, spec.override(k_clusters, "--", ddpm_clusters=ddpm, routing=args.routing,
                               k=args.k, threshold=args.threshold, guidance=args.guidance,
-                              steps=args.steps, seed=args.seed)
+                              steps=args.steps,
+                              seed=args.seed if args.seed is not None else cfg.sampling.seed)
 
 
 def _sample(cfg: CampaignConfig, args: argparse.Namespace, prompts: list[str],

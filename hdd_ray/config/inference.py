@@ -24,7 +24,6 @@ class ConversionConfig:
 
     def validate(self) -> None:
         """One-line :class:`ConfigError` on the first bad value of ``sampling.conversion``."""
-
         check_choice("sampling.conversion.beyond_edge", self.beyond_edge, BEYOND_EDGE)
         if not 0 < self.min_one_minus_t < 1:
             raise ConfigError(f"sampling.conversion.min_one_minus_t={self.min_one_minus_t!r}: "
@@ -52,7 +51,6 @@ class SamplingConfig:
     def validate(self, k: int) -> None:
         """One-line :class:`ConfigError` on the first bad value of ``sampling``; top-k must be
         in 1..``k`` (``clustering.k``)."""
-
         check_positive("sampling.steps", self.steps)
         check_choice("sampling.sampler", self.sampler, SAMPLERS)
         check_positive("sampling.time_shift", self.time_shift)
@@ -98,7 +96,6 @@ class EvaluationConfig:
     def validate(self, k: int) -> None:
         """One-line :class:`ConfigError` on the first bad value of ``evaluation``; cluster ids
         must be below ``k`` (``clustering.k``)."""
-
         check_positive("evaluation.num_samples", self.num_samples)
         check_choice("evaluation.fid_extractor", self.fid_extractor, EXTRACTOR_KINDS)
         self.resources.validate()

@@ -96,7 +96,6 @@ class SweepConfig:
     def validate(self, k: int) -> None:
         """One-line :class:`ConfigError` on the first bad value of the search space; ``k`` is
         ``clustering.k`` (assignments have one objective per cluster)."""
-
         check_safe_name("sweep.name", self.name)
         check_choice("sweep.mode", self.mode, SWEEP_MODES)
         if self.mode == "n_ddpm" and not self.n_ddpm:

@@ -56,7 +56,6 @@ class TrainConfig:
 
     def validate(self, prefix: str) -> None:
         """One-line :class:`ConfigError` naming ``prefix`` (``experts.train``, ``router.train``)."""
-
         for key in ("steps", "batch_size", "lr", "grad_accum", "checkpoint_every"):
             check_positive(f"{prefix}.{key}", getattr(self, key))
         check_positive(f"{prefix}.weight_decay", self.weight_decay, strict=False)
@@ -137,7 +136,6 @@ class TextConfig:
 
     def validate(self) -> None:
         """One-line :class:`ConfigError` on the first bad value of ``experts.text``."""
-
         check_choice("experts.text.encoder", self.encoder, TEXT_ENCODER_KINDS)
         if self.encoder == "open_clip" and not self.arch:
             raise ConfigError(
@@ -163,7 +161,6 @@ class ExpertSpec:
     def validate(self, prefix: str, k: int, default_resources: ResourcesConfig) -> None:
         """One-line :class:`ConfigError` naming ``prefix`` (``experts.list[i]``); ``k`` is
         ``clustering.k``, ``default_resources`` the ``experts.resources`` it merges over."""
-
         if not 0 <= self.cluster < k:
             raise ConfigError(f"{prefix}.cluster={self.cluster}: cluster id outside 0..{k - 1}")
         if self.objective is not None:
@@ -197,7 +194,6 @@ class ExpertsConfig:
     def validate(self, k: int) -> None:
         """One-line :class:`ConfigError` on the first bad value of ``experts``; cluster ids
         must be below ``k`` (``clustering.k``)."""
-
         check_choice("experts.objective", self.objective, OBJECTIVE_NAMES)
         check_choice("experts.schedule", self.schedule, SCHEDULE_NAMES)
         check_choice("experts.model", self.model, tuple(DIT_SIZES))
@@ -229,7 +225,6 @@ class RouterConfig:
 
     def validate(self) -> None:
         """One-line :class:`ConfigError` on the first bad value of ``router``."""
-
         check_choice("router.model", self.model, tuple(ROUTER_SIZES))
         self.train.validate("router.train")
         self.resources.validate("router.resources")

@@ -77,6 +77,8 @@ def check_swept_routing(cfg: CampaignConfig) -> None:
     one routing check with it (``threshold`` needs one). One-line :class:`ConfigError` naming the
     swept value otherwise."""
     s = cfg.sampling
+    if "threshold" in (cfg.sweep.routing or []) and s.threshold is None:
+        raise ConfigError("sampling.threshold=None: required when sweep.routing has 'threshold'")
     for i, routing in enumerate(cfg.sweep.routing or []):
         try:
             check_routing(routing, s.k, s.threshold, cfg.clustering.k)

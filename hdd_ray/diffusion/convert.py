@@ -73,8 +73,6 @@ VelocityField = Callable[[Tensor, Tensor, Any], Tensor]
 
 PARAMETERIZATIONS = ("eps", "x0", "v", "velocity")
 
-#: what a VP expert's conversion does past its edge (``sampling.conversion.beyond_edge``)
-
 _TINY = 1e-12  # keeps a division by t finite at t = 0 exactly (a sampler never asks there)
 
 

@@ -29,8 +29,6 @@ FM_TIME_SCALE = 1000.0
 
 Network = Callable[[Tensor, Tensor, Any], Tensor]
 
-#: how flow-matching times are drawn in training (``train.timestep_sampling``)
-
 
 def sample_unit_time(
     n: int, method: str, device: torch.device | str, generator: torch.Generator | None = None

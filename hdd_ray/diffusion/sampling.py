@@ -20,8 +20,6 @@ from torch import Tensor
 from hdd_ray.choices import SAMPLERS
 from hdd_ray.diffusion.convert import VelocityField
 
-#: ODE integrators of :func:`sample_ode` (``sampling.sampler``)
-
 
 def time_grid(steps: int, shift: float = 1.0, device=None, dtype=torch.float32) -> Tensor:
     """``steps + 1`` decreasing times from 1 to 0, shifted by ``shift`` (1 = uniform)."""

@@ -22,6 +22,7 @@ from hdd_ray.evaluation.statistics import Interval
 
 if TYPE_CHECKING:
     from hdd_ray.config import CampaignConfig
+    from hdd_ray.samples import ClusterData
 
 __all__ = ["EVALUATION_VERSION", "Judge"]
 
@@ -45,7 +46,7 @@ class Judge:
         manifest = load_manifest(cfg)
         size, ch = cfg.corpus.image_size, cfg.corpus.channels
 
-        def read_images(shards: list[str]) -> Any:
+        def read_images(shards: list[str]) -> ClusterData:
             # latent space: the shards hold latents; FID, its floor and CLIP score compare
             # decoded images (VAE reconstructions) with decoded samples
             if manifest.get("latents"):

@@ -69,8 +69,6 @@ class Router(nn.Module):
         return self.head(self.norm(h[:, 0]))
 
 
-
-
 def build_router(size: str, input_size: int, in_channels: int, num_experts: int) -> Router:
     """Build a registered router size over ``in_channels`` x ``input_size``^2 inputs."""
     if size not in ROUTER_SIZES:

@@ -4,7 +4,7 @@ sample count, reported to Tune and to its MLflow child run."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hdd_ray import storage
 from hdd_ray.campaign import CampaignPaths, with_assignment
@@ -12,9 +12,12 @@ from hdd_ray.choices import format_assignment
 from hdd_ray.config import CampaignConfig
 from hdd_ray.sweep.space import rungs, trial_assignment
 
+if TYPE_CHECKING:
+    from hdd_ray.tracking import TrackedRun
+
 
 def _trial_run(cfg: CampaignConfig, parent: str | None, trial_id: str, name: str,
-               params: dict[str, Any]) -> Any:
+               params: dict[str, Any]) -> TrackedRun | None:
     """The trial's MLflow child run: found by ``trial_id`` (a restarted trial keeps it)."""
     from hdd_ray import tracking
 
@@ -30,7 +33,7 @@ def sweep_trial(config: dict[str, Any], cfg: CampaignConfig,
     """One Tune trial: evaluate one mixture at each rung's sample count and report to Tune.
 
     ``config`` holds ``assignment`` (or ``c0``..), ``schedule``, ``routing``, ``k``,
-    ``guidance``, ``steps``. Every expert must be in the cache (:func:`run_sweep` trains them
+    ``guidance``, ``steps``. Every expert must be in the cache (:func:`hdd_ray.sweep.driver.run_sweep` trains them
     first); a missing one fails the trial with one line instead of training it here.
     """
     import torch

@@ -20,7 +20,7 @@ class MetricBuffer:
     when :meth:`flush` is called (at checkpoints), so neither a checkpoint nor a drain ever
     waits on MLflow. A batch that fails stays buffered and goes with the next flush;
     :meth:`close` (the end of the loop) makes a last bounded attempt and keeps the rest in the
-    campaign's outbox (:func:`sync_outbox` delivers it). :meth:`persist` writes the buffer to
+    campaign's outbox (:func:`hdd_ray.tracking.delivery.sync_outbox` delivers it). :meth:`persist` writes the buffer to
     the outbox at once (a drain: the node may go away).
 
     ``target``: :meth:`TrackedRun.worker_target`'s dict, plus, for a run MLflow could not

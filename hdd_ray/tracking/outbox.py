@@ -19,7 +19,7 @@ OUTBOX_DIR = "mlflow_outbox"
 class Outbox:
     """Undelivered MLflow writes of a campaign: one JSON record per failed write in
     ``<root>/mlflow_outbox/`` (any storage: local disk or a bucket), delivered in order by
-    :func:`sync_outbox`.
+    :func:`hdd_ray.tracking.delivery.sync_outbox`.
 
     A record names its run by ``run_id``, or, for a run MLflow could not create at the time,
     by ``run_key`` (the launcher's key tag), ``run_name``, ``tags`` and ``parent``; it holds

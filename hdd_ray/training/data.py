@@ -53,7 +53,7 @@ and one that switched ``data.mode`` starts its source afresh, keeping the skip c
 
 **Skips.** A sample that fails to read or decode is skipped and counted, never raised: in the
 stream, damage is counted on the first pass over the data only (each damaged sample once, as
-prepare counts), and a pass without a single usable sample raises :class:`NoUsableData`.
+prepare counts), and a pass without a single usable sample raises :class:`hdd_ray.errors.NoUsableData`.
 
 **Data mean** (an expert's ``data_mean``, the conversion's prior near t = 1): in memory the
 exact mean of the cluster; streaming, the running mean over the samples this rank has consumed
@@ -399,7 +399,7 @@ class StreamSource(BatchSource):
     def _decoded(self, pool: ThreadPoolExecutor
                  ) -> Iterator[tuple[tuple[np.ndarray, str, int] | None, int, dict[str, Any]]]:
         """``(decoded sample or None if damaged, damage to count, position after it)`` in
-        stream order, forever. Raises :class:`NoUsableData` when a pass over the data gives no
+        stream order, forever. Raises :class:`hdd_ray.errors.NoUsableData` when a pass over the data gives no
         usable sample and none ever came (a rank's shards differ per epoch: one empty pass of
         a rank that had data before is passed over)."""
         block_pos, offset = self.position["block"], int(self.position["offset"])

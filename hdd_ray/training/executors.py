@@ -14,12 +14,15 @@ metrics)``: under Ray Train (:func:`fit_train`, the default) or as one Ray task 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hdd_ray.placement import worker_task
 from hdd_ray.training.checkpoints import result_state, task_checkpoint_state
 from hdd_ray.training.loop import train_loop, train_task
 from hdd_ray.training.settings import RunSettings
+
+if TYPE_CHECKING:
+    from ray.train import ScalingConfig
 
 __all__ = ["fit", "fit_task", "fit_train", "one_line"]
 
@@ -89,7 +92,7 @@ def fit_train(settings: RunSettings, resources: dict[str, Any], storage_path: st
     return result_state(result), dict(result.metrics)
 
 
-def _scaling(resources: dict[str, Any]) -> Any:
+def _scaling(resources: dict[str, Any]) -> ScalingConfig:
     """Ray Train's ``ScalingConfig`` of a run's resources."""
     from ray.train import ScalingConfig
 
