@@ -1,8 +1,12 @@
-"""Shared fixtures: one local Ray instance for the whole test session."""
+"""Shared fixtures: one local Ray instance and one prepared demo campaign for the whole test
+session. The repository root is on ``sys.path``: tests import the jobs as modules
+(``importlib.import_module("jobs.train_expert")``) and call their ``main(argv)`` in process."""
 
 from __future__ import annotations
 
+import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,6 +32,49 @@ def ray_local():
 
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
+    # Ray Train's controller polls its workers every 2 s: each run's start, checkpoints and end
+    # waited on it (~3 s of a 1-worker run's ~13 s on 2 cores); a missed poll is harmless
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+#: the shared campaign: the demo digits in K = 3 clusters, expert 0 DDPM (``prepared_campaign``)
+CAMPAIGN = ["clustering.k=3", "clustering.fine_centroids=12", "sampling.k=2",
+            "experts.ddpm_clusters=[0]"]
+
+
+@dataclass(frozen=True)
+class PreparedCampaign:
+    """A campaign root the prepare stage filled once (read-only: tests work on copies)."""
+
+    root: Path
+    #: the settings it was prepared with: the demo digits as a WebDataset corpus outside every
+    #: root (so a job's prepare step reuses the result in any copy: the corpus' paths are part
+    #: of the prepare fingerprint), and :data:`CAMPAIGN`
+    overrides: tuple[str, ...]
+
+    def copy(self, directory: Path) -> Path:
+        """A private copy of the campaign as ``<directory>/root``."""
+        root = Path(directory) / "root"
+        shutil.copytree(self.root, root)
+        return root
+
+
+@pytest.fixture(scope="session")
+def prepared_campaign(tmp_path_factory, ray_local) -> PreparedCampaign:
+    """The demo digits prepared once (real prepare stage on the session's Ray instance) into a
+    K = 3 campaign, shared by test_training, test_hardening and test_sweep through copies."""
+    from hdd_ray.config import load_config
+    from hdd_ray.corpus import write_demo_corpus
+    from hdd_ray.prepare import prepare_corpus
+
+    base = tmp_path_factory.mktemp("prepared")
+    write_demo_corpus(str(base / "corpus"))
+    overrides = ("corpus.source=webdataset", f"corpus.uri={base / 'corpus'}", *CAMPAIGN)
+    root = base / "root"
+    manifest = prepare_corpus(load_config(overrides=[f"root={root}", *overrides,
+                                                     "tracking.enabled=false"]))
+    assert manifest["k"] == 3 and not manifest["reused"]
+    return PreparedCampaign(root, overrides)

@@ -90,7 +90,7 @@ def test_expert_id_depends_on_what_determines_the_weights_only():
     # the keys are left out, so runs trained before they existed keep their ids
     assert ident != id_of(["experts.train.lr_schedule=cosine"])
     assert ident != id_of(["experts.train.warmup_steps=5"])
-    from hdd_ray.campaign import _identity_train
+    from hdd_ray.campaign.identity import _identity_train
 
     train = resolve_experts(load_config())[1].train
     older = {k: v for k, v in train.items() if k not in ("lr_schedule", "warmup_steps")}

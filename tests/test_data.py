@@ -22,6 +22,7 @@ from hdd_ray.training.data import (
     open_source,
 )
 from hdd_ray.training.loop import LocalHooks, run_loop
+from hdd_ray.training.settings import RunSettings
 
 HOW = Decoding(8, 1)
 
@@ -208,13 +209,14 @@ def test_auto_mode_keeps_small_data_in_memory_as_uint8_and_streams_the_rest(tmp_
     assert len(items) == 16
 
 
-def _expert_config(paths, steps: int, mode: str) -> dict:
+def _expert_config(paths, steps: int, mode: str) -> RunSettings:
     cfg = load_config(overrides=["experts.objective=fm_velocity", "experts.ddpm_clusters=[]"])
     expert = resolve_experts(cfg)[0]
     train = dict(expert.train, steps=steps, checkpoint_every=10, batch_size=8)
-    return {"kind": "expert", "expert": asdict(expert), "train": train, "image_size": 8,
-            "channels": 1, "shards": paths, "torch_threads": 1,
-            "data": {"mode": mode, "shuffle_buffer": 16, "open_shards": 2}}
+    return RunSettings.from_dict({
+        "kind": "expert", "expert": asdict(expert), "train": train, "image_size": 8,
+        "channels": 1, "shards": paths, "torch_threads": 1,
+        "data": {"mode": mode, "shuffle_buffer": 16, "open_shards": 2}})
 
 
 def test_streamed_training_resumes_bit_exactly_and_records_its_data_position(tmp_path):
@@ -245,7 +247,7 @@ def test_the_router_streams_every_cluster_at_its_natural_frequency(tmp_path):
     config = {"train": {"seed": 0}, "num_clusters": 3, "model": "router-T", "image_size": 8,
               "channels": 1, "cluster_shards": shards,
               "data": {"mode": "stream", "shuffle_buffer": 8, "open_shards": 3}}
-    task = RouterTask(config)
+    task = RouterTask(RunSettings.from_dict(config))
     labels: list[int] = []
     for _ in range(8):  # one pass over the 40 samples
         labels.extend(task.data.next_batch(5)[2].tolist())

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from hdd_ray.config import TrainConfig
 from hdd_ray.models.expert import ExpertModel
 from hdd_ray.placement import ResourceGate
 from hdd_ray.training import launcher
@@ -70,7 +71,7 @@ def test_fused_adamw_follows_the_reference_adamw():
 
 def test_longest_runs_are_queued_first():
     def job(steps: int, batch: int) -> SimpleNamespace:
-        return SimpleNamespace(loop_config={"train": {"steps": steps, "batch_size": batch}})
+        return SimpleNamespace(settings=SimpleNamespace(train=TrainConfig(steps=steps, batch_size=batch)))
 
     router, expert = job(800, 128), job(800, 64)
     assert launcher._work(router) == 2 * launcher._work(expert)

@@ -24,7 +24,7 @@ from hdd_ray.diffusion import (
     sample_ode,
     time_grid,
 )
-from hdd_ray.ensemble import MixtureField, blend, route
+from hdd_ray.ensemble import MixtureField, route
 
 F64 = torch.float64
 
@@ -372,7 +372,7 @@ def test_posterior_weighted_expert_velocities_equal_the_mixture_velocity(schedul
     t = torch.rand(400, dtype=F64, generator=g) * 0.93 + 0.01  # inside the eps expert's edge
     x_t = (1 - t[:, None]) * x0 + t[:, None] * torch.randn(x0.shape, dtype=F64, generator=g)
     w = route(gm.fm_posterior(x_t, t), "full")
-    mixed = blend([f(x_t, t) for f in experts], w)
+    mixed = MixtureField(experts, lambda x, s: w, strategy="full")(x_t, t)  # sum_k w_k v_k
     err = rel_err(mixed, gm.fm_velocity()(x_t, t))
     print(f"DDM identity relative error ({schedule_name}): {err:.2e}")
     assert err <= 1e-8

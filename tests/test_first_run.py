@@ -14,16 +14,22 @@ from pathlib import Path
 import pytest
 
 from hdd_ray.config import ConfigError, load_config
-from hdd_ray.progress import CampaignProgress, NoiseFilter, Progress
+from hdd_ray.progress import CampaignProgress, Progress
+from hdd_ray.ray_noise import NoiseFilter
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "jobs"))
+
+
+def _job(name: str):
+    """``jobs/<name>.py`` as a module: its ``main(argv)`` runs the job in this process."""
+    return importlib.import_module(f"jobs.{name}")
 
 TINY = [
     "clustering.k=2", "clustering.fine_centroids=8", "experts.ddpm_clusters=[0]",
     "experts.train.steps=4", "experts.train.checkpoint_every=2", "experts.train.batch_size=16",
     "router.train.steps=4", "router.train.checkpoint_every=2", "router.train.batch_size=16",
-    "ray.max_concurrent_experts=0", "evaluation.enabled=false", "sampling.steps=4",
+    "ray.max_concurrent_experts=2",  # the demo's: two Ray workers, reused, train the 3 runs
+    "evaluation.enabled=false", "sampling.steps=4",
     "tracking.experiment=first-run",
 ]
 
@@ -31,12 +37,13 @@ TINY = [
 # ------------------------------------------------------------------------------ no Ray needed
 
 
-def test_help_shows_effective_values_and_their_source():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "jobs/train_all_experts.py"), "--help",
-         "experts.train.steps=7"], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert out.returncode == 0, out.stderr
-    lines = {ln.split("=")[0].strip(): ln for ln in out.stdout.splitlines() if " = " in ln}
+def test_help_shows_effective_values_and_their_source(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # config files are shown relative to the start directory
+    with pytest.raises(SystemExit) as exit_:
+        _job("train_all_experts").main(["--help", "experts.train.steps=7"])
+    out = capsys.readouterr()
+    assert exit_.value.code == 0, out.err
+    lines = {ln.split("=")[0].strip(): ln for ln in out.out.splitlines() if " = " in ln}
     # the demo config's values, not the schema's defaults, with the file they come from
     assert "[0, 3]" in lines["experts.ddpm_clusters"]
     assert "jobs/configs/demo.yaml" in lines["experts.ddpm_clusters"]
@@ -90,7 +97,7 @@ def test_progress_lines_without_terminal(caplog):
 
 
 def test_campaign_progress_lines(caplog):
-    from hdd_ray.training.launcher import RunStatus
+    from hdd_ray.progress import RunStatus
 
     caplog.set_level(logging.INFO, logger="hdd_ray")
     cp = CampaignProgress(total=3, concurrency=1)
@@ -116,7 +123,7 @@ def test_optuna_checked_before_training(monkeypatch):
 
 
 def test_sample_without_a_campaign_is_one_line(tmp_path, capsys):
-    import sample
+    sample = _job("sample")
 
     assert sample.main(["--prompt", "a 7", f"root={tmp_path / 'none'}", *TINY]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -133,8 +140,7 @@ def campaign(tmp_path_factory, ray_local):
     """The main job run in-process from a directory outside the root (shared Ray instance)."""
     import os
 
-    import train_all_experts
-
+    train_all_experts = _job("train_all_experts")
     cwd = tmp_path_factory.mktemp("elsewhere")
     root = tmp_path_factory.mktemp("campaign") / "root"
     logs: list[str] = []
@@ -188,8 +194,9 @@ def test_mlflow_records_stay_with_the_campaign(campaign):
 
 @pytest.mark.ray
 def test_sample_job_writes_png_and_prints_weights(campaign, tmp_path, capsys):
-    import sample
     from PIL import Image
+
+    sample = _job("sample")
 
     root, _, _ = campaign
     out = tmp_path / "seven.png"
@@ -222,7 +229,7 @@ def test_checkpoint_lines_while_a_run_trains(campaign, tmp_path, monkeypatch, ca
     from types import SimpleNamespace
 
     from hdd_ray.training import launcher
-    from hdd_ray.training.loop import TASK_CHECKPOINT, TASK_METRICS
+    from hdd_ray.training.checkpoints import TASK_CHECKPOINT, TASK_METRICS
 
     root, _, _ = campaign
     # the demo's runs are Ray tasks (ray.executor: task): their checkpoint metrics file
@@ -233,7 +240,7 @@ def test_checkpoint_lines_while_a_run_trains(campaign, tmp_path, monkeypatch, ca
     caplog.set_level(logging.INFO, logger="hdd_ray")
     monkeypatch.setattr(launcher, "CHECKPOINT_LINE_EVERY_S", 0.02)
     job = SimpleNamespace(name="c9-fm-run", directory=str(tmp_path),
-                          loop_config={"train": {"steps": 100}})
+                          settings=SimpleNamespace(train=SimpleNamespace(steps=100)))
     with launcher._checkpoint_lines(job, CampaignProgress(1, 1)):
         time.sleep(1.0)  # the watcher first notes the checkpoint already there (none yet)
         (tmp_path / TASK_CHECKPOINT).mkdir()  # a checkpoint lands while it trains
@@ -292,7 +299,7 @@ def test_mixtures_are_evaluated_in_parallel_tasks_with_the_metrics_of_one_task(c
     mixture's metrics equal those of the same mixture evaluated alone (seeded per mixture)."""
     import shutil
 
-    from hdd_ray.evaluation.mixture import MixtureSpec
+    from hdd_ray.ensemble import MixtureSpec
     from hdd_ray.evaluation.remote import evaluate_on_ray
 
     root, _, _ = campaign

@@ -88,7 +88,8 @@ def _manifest(k: int = 2) -> dict:
 
 
 def test_mixture_id_follows_the_router_the_extractor_and_the_clip_model(tmp_path):
-    from hdd_ray.evaluation.mixture import MixtureSpec, mixture_id
+    from hdd_ray.ensemble import MixtureSpec
+    from hdd_ray.evaluation.mixture import mixture_id
 
     manifest = _manifest()
     base = load_config(overrides=[f"root={tmp_path}", "clustering.k=2", "experts.ddpm_clusters=[0]"])
@@ -286,7 +287,7 @@ def test_an_identity_that_is_not_an_object_is_corrupt_not_a_crash(tmp_path):
 
 def test_weights_are_hashed_once_per_version_then_trusted_from_the_record(tmp_path,
                                                                           monkeypatch):
-    import hdd_ray.campaign as campaign
+    import hdd_ray.campaign.artifacts as campaign
     from hdd_ray.campaign import VERIFIED_FILE, weights_problem
     from hdd_ray.errors import WeightsMismatch
     from hdd_ray.models.expert import load_weights
@@ -340,7 +341,7 @@ def test_file_uri_roots_stay_where_they_point(tmp_path, monkeypatch):
 
 def test_a_launch_that_found_mlflow_down_does_not_connect_again_to_sync(tmp_path, monkeypatch,
                                                                         caplog):
-    from hdd_ray.training.launcher import _Mlflow
+    from hdd_ray.tracking import RunTracker
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with socket.socket() as s:  # a port nobody listens on: refused at once
@@ -349,7 +350,7 @@ def test_a_launch_that_found_mlflow_down_does_not_connect_again_to_sync(tmp_path
     cfg = load_config(overrides=[f"root={tmp_path / 'root'}",
                                  f"tracking.uri=http://127.0.0.1:{port}"])
     tracking.Outbox(cfg.root).put({"run_key": "e", "metrics": []})
-    mlf = _Mlflow(cfg, None)
+    mlf = RunTracker(cfg, None)
     assert mlf.exp is None
     calls: list[int] = []
     monkeypatch.setattr(tracking, "connect", lambda c: calls.append(1))
@@ -362,7 +363,8 @@ def test_a_launch_that_found_mlflow_down_does_not_connect_again_to_sync(tmp_path
 def test_a_reused_run_reports_the_skipped_samples_of_its_training(tmp_path):
     from types import SimpleNamespace
 
-    from hdd_ray.training.launcher import RunStatus, _reuse
+    from hdd_ray.progress import RunStatus
+    from hdd_ray.training.launcher import _reuse
 
     d = _finished_dir(tmp_path / "e", {"cluster": 0}, own=False)
     desc = json.loads((d / EXPERT_JSON).read_text())
@@ -471,6 +473,7 @@ class _HangingServer:
 
 def test_a_drain_checkpoint_never_waits_on_an_unreachable_mlflow(tmp_path, monkeypatch):
     from hdd_ray.training.loop import LocalHooks, run_loop
+    from hdd_ray.training.settings import RunSettings
 
     # MLflow's own patience: a synchronous flush would block 60 s per try
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
@@ -506,7 +509,7 @@ def test_a_drain_checkpoint_never_waits_on_an_unreachable_mlflow(tmp_path, monke
                            "outbox": outbox.directory}}
     try:
         started = time.time()
-        run_loop(config, DrainedAtStep10(str(tmp_path / "ckpt")))
+        run_loop(RunSettings.from_dict(config), DrainedAtStep10(str(tmp_path / "ckpt")))
         total = time.time() - started
     finally:
         server.close()
@@ -533,13 +536,9 @@ def _cfg(root: Path, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, ray_local):
-    """A demo campaign with K = 3 clusters, prepared once for the module."""
-    from hdd_ray.prepare import prepare_corpus
-
-    root = tmp_path_factory.mktemp("hardening") / "root"
-    prepare_corpus(_cfg(root, "tracking.enabled=false"))
-    return root
+def prepared(prepared_campaign):
+    """The session's demo campaign with K = 3 clusters (tests/conftest.py): copy, never write."""
+    return prepared_campaign.root
 
 
 def _copy(prepared: Path, tmp_path: Path) -> Path:
@@ -550,7 +549,8 @@ def _copy(prepared: Path, tmp_path: Path) -> Path:
 
 @pytest.mark.ray
 def test_two_launchers_train_each_expert_once_then_damaged_runs_are_repaired(prepared, tmp_path):
-    from hdd_ray.training.launcher import format_table, train_campaign
+    from hdd_ray.progress import format_table
+    from hdd_ray.training.launcher import train_campaign
 
     root = _copy(prepared, tmp_path)
     cfg = _cfg(root, "tracking.enabled=false")
@@ -608,12 +608,16 @@ def _free_port() -> int:
 
 
 def _mlflow_server(db: Path, port: int) -> subprocess.Popen:
+    """A real ``mlflow server`` on 127.0.0.1 (sqlite store), without MLflow's job runner (seven
+    huey consumer processes for its GenAI jobs, which hdd_ray never submits: they only tripled
+    the server's start on 2 cores)."""
     import urllib.request
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
          "--default-artifact-root", str(db.parent / "artifacts"), "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"],
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -634,11 +638,15 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.ray
-def test_mlflow_server_stopped_mid_campaign_loses_nothing(prepared, tmp_path):
+def test_mlflow_server_stopped_mid_campaign_loses_nothing(prepared, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from hdd_ray.training.launcher import format_table, train_campaign
+    from hdd_ray.progress import format_table
+    from hdd_ray.training.launcher import train_campaign
 
+    # the launcher's calls to the stopped server fail at once (each waited ~3 s on the
+    # library's fail-fast retries: ~12 s of this test); what they kept is what is under test
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     root = _copy(prepared, tmp_path)
     db, port = tmp_path / "mlflow.db", _free_port()
     server = _mlflow_server(db, port)

@@ -166,7 +166,7 @@ def test_ids_include_the_vae_only_in_latent_space(tmp_path):
     from hdd_ray.campaign import (
         EXPERT_JSON,
         WEIGHTS,
-        check_existing,
+        existing_state,
         expert_id,
         expert_identity,
         router_id,
@@ -191,7 +191,7 @@ def test_ids_include_the_vae_only_in_latent_space(tmp_path):
     (d / WEIGHTS).write_bytes(b"x")
     with pytest.raises(ExpertRejected, match="trained against VAE b+, the campaign uses VAE a+") \
             as info:
-        check_existing(str(d), expert_identity(cfg, e, a), EXPERT_JSON)
+        existing_state(str(d), expert_identity(cfg, e, a), EXPERT_JSON)
     assert "a" * 16 in str(info.value) and "b" * 16 in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -294,7 +294,8 @@ def test_end_to_end_latent_space(tmp_path, tiny_vae, rgb_corpus, ray_local):
     evaluation (FID and CLIP score on decoded images), all in latent space.
 
     Needs the training data reader of issue 15 (``latent.npy`` members)."""
-    from hdd_ray.evaluation.mixture import MixtureSpec, evaluate_mixture
+    from hdd_ray.ensemble import MixtureSpec
+    from hdd_ray.evaluation.mixture import evaluate_mixture
     from hdd_ray.prepare import prepare_corpus
     from hdd_ray.training import train_campaign
 

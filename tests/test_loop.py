@@ -15,6 +15,7 @@ from sklearn.datasets import load_digits
 from hdd_ray.config import load_config, resolve_experts
 from hdd_ray.corpus import iter_samples, write_tar
 from hdd_ray.training.loop import LocalHooks, run_loop
+from hdd_ray.training.settings import RunSettings
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +33,15 @@ def shard(tmp_path_factory):
     return str(path)
 
 
-def _config(shard: str, objective: str, steps: int) -> dict:
+def _config(shard: str, objective: str, steps: int) -> RunSettings:
     cfg = load_config(overrides=[f"experts.objective={objective}", "experts.ddpm_clusters=[]"])
     expert = resolve_experts(cfg)[0]
     from dataclasses import asdict
 
     train = dict(expert.train, steps=steps, checkpoint_every=10, batch_size=16)
-    return {"kind": "expert", "expert": asdict(expert), "train": train, "image_size": 8,
-            "channels": 1, "shards": [shard], "torch_threads": 1}
+    return RunSettings.from_dict({"kind": "expert", "expert": asdict(expert), "train": train,
+                                  "image_size": 8, "channels": 1, "shards": [shard],
+                                  "torch_threads": 1})
 
 
 @pytest.mark.parametrize("objective", ["fm_velocity", "ddpm_eps"])
@@ -92,7 +94,7 @@ def test_an_expert_carries_its_data_mean_through_training_export_and_loading(sha
     assert torch.equal(ema["data_mean"], mean)
 
     def build() -> ExpertModel:
-        return ExpertModel(config["expert"]["model"], config["expert"]["text"], 8, 1)
+        return ExpertModel(config.expert.model, config.expert.text, 8, 1)
 
     assert build().prior_mean() is None  # unknown until set or loaded
     trained = build()
@@ -121,14 +123,14 @@ def test_task_hooks_resume_exactly_and_take_the_newest_checkpoint_of_either_exec
         shard, tmp_path, caplog):
     """``ray.executor=task``'s hooks: checkpoints in ``<run>/checkpoint_task/`` resume exactly;
     a Ray Train checkpoint of the same run that is further along wins over the task's."""
-    from hdd_ray.training.loop import (
+    from hdd_ray.training.checkpoints import (
         RAY_TRAIN_SNAPSHOT,
         STATE_FILE,
         TASK_CHECKPOINT,
-        TaskHooks,
         newest_state,
         task_checkpoint_metrics,
     )
+    from hdd_ray.training.loop import TaskHooks
 
     straight = LocalHooks(str(tmp_path / "straight"))
     run_loop(_config(shard, "fm_velocity", 30), straight)
@@ -161,17 +163,17 @@ def test_task_hooks_resume_exactly_and_take_the_newest_checkpoint_of_either_exec
 
 
 def test_learning_rate_schedules_warm_up_and_decay_by_step_alone(shard, tmp_path):
-    from hdd_ray.training.loop import learning_rate
+    from hdd_ray.optim import learning_rate
 
     tr = {"lr": 1e-3, "steps": 100, "warmup_steps": 10, "lr_schedule": "cosine"}
-    lrs = [learning_rate(tr, s) for s in range(100)]
+    lrs = [learning_rate(s, **tr) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warm-up
     assert lrs[50] == pytest.approx(5e-4) and 0 < lrs[99] < 1e-6  # cosine to ~0
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
-    assert learning_rate({"lr": 3e-4, "steps": 100}, 77) == 3e-4  # constant, the old default
+    assert learning_rate(77, lr=3e-4, steps=100) == 3e-4  # constant, the old default
     # resume under a schedule is exact: the rate is a function of the step
     cfg = _config(shard, "fm_velocity", 30)
-    cfg["train"].update(lr_schedule="cosine", warmup_steps=5)
+    cfg.train.lr_schedule, cfg.train.warmup_steps = "cosine", 5
     from hdd_ray.training.loop import TaskHooks
 
     straight = TaskHooks(str(tmp_path / "straight"))  # (its metrics are written as JSON)

@@ -13,8 +13,13 @@ Every Ray process of this test runs in its own session (process group) with its 
 leftover process whose command line names this test's private directory. Token auth is on, with
 a private token file (``RAY_AUTH_TOKEN_PATH``), as on a real cluster.
 
-Cost: about 2.5 minutes on an otherwise idle 2-core machine (three nodes ~20 s, corpus
-preparation ~30-70 s, training, two losses and two replacement nodes). On a loaded machine a
+The corpus is prepared beforehand on the test session's own Ray instance, with the job's
+settings, into the campaign root the job uses: the job finds it up to date and reuses it
+(preparing it on the three one-CPU nodes took 30-70 s of this test; the prepare stage has its
+own tests).
+
+Cost: about 1.5 minutes on an otherwise idle 2-core machine (three nodes ~20 s, training, two
+losses and two replacement nodes). On a loaded machine a
 ``ray start`` can miss Ray's fixed 30 s registration window; node starts are then retried, which
 is slow but keeps the test meaningful. ``STEPS`` is sized for this machine's ~2-6 steps/s per
 expert: the losses must land mid-training.
@@ -51,6 +56,8 @@ STEPS = 180
 # checks for a drain notice: a checkpoint at a multiple of 10 is the drain's
 CHECKPOINT_EVERY = 33
 NODE_TYPES = {"gpu_80gb": 0, "gpu_24gb": 1}  # custom resource -> the cluster whose expert needs it
+#: the job's corpus and clustering settings (the corpus is prepared with them before the job)
+CORPUS = ["clustering.k=2", "clustering.fine_centroids=8", "tracking.enabled=false"]
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -128,6 +135,8 @@ class LocalRayCluster:
             "RAY_health_check_failure_threshold": "5",
             # Ray Train polls for drained nodes every 5 s by default
             "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1",
+            # and its workers (their reports, checkpoints, deaths) every 2 s
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
             "PYTHONUNBUFFERED": "1",
             "HDD_TEST_CAMPAIGN_ROOT": os.path.join(self.base, "campaign"),
         })
@@ -227,7 +236,7 @@ class LocalRayCluster:
                     node.node_id = match[0]
                     del pending[name]
             if pending:
-                time.sleep(1.0)
+                time.sleep(0.5)
         failed.extend(pending.values())  # still not alive after the timeout
         for node in failed:
             self.kill(node)
@@ -260,8 +269,8 @@ class LocalRayCluster:
         return [n for n in nodes if n.get("state") == "ALIVE"]
 
     def wait_for(self, predicate, timeout: float, what: str, node: RayNode | None = None) -> None:
-        """Poll ``predicate`` every second; fail with the node's log if its ``ray start`` exits
-        or ``timeout`` passes first."""
+        """Poll ``predicate`` every half second; fail with the node's log if its ``ray start``
+        exits or ``timeout`` passes first."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             if predicate():
@@ -269,7 +278,7 @@ class LocalRayCluster:
             if node is not None and node.proc.poll() is not None:
                 pytest.fail(f"ray start for {node.name} exited with {node.proc.returncode}:\n"
                             + self.tail(node.log))
-            time.sleep(1.0)
+            time.sleep(0.5)
         pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}"
                     + (f"\n{self.tail(node.log)}" if node else ""))
 
@@ -298,22 +307,19 @@ class LocalRayCluster:
         return "\n".join(parts)
 
     def shutdown(self) -> None:
-        """Stop every process group this cluster started, then stragglers naming its dir."""
+        """Kill every process group this cluster started, then stragglers naming its dir.
+
+        A test cluster needs no graceful stop: ``ray start --block`` took its full 5 s grace
+        after a SIGTERM, in every test that starts one."""
         for node in self.nodes:
-            if node.proc.poll() is None:
-                try:
-                    os.killpg(node.proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.time() + 5  # a test cluster: no need to wait for a graceful stop
-        for node in self.nodes:
-            try:
-                node.proc.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                pass
             try:
                 os.killpg(node.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
+                pass
+        for node in self.nodes:
+            try:
+                node.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
                 pass
         _kill_processes_mentioning(self.base)
         shutil.rmtree(self.base, ignore_errors=True)
@@ -375,11 +381,12 @@ def _node(cluster: LocalRayCluster, resource: str) -> RayNode:
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_campaign_places_experts_by_node_type_and_survives_losing_nodes(cluster):
+def test_campaign_places_experts_by_node_type_and_survives_losing_nodes(cluster, ray_local):
     """Placement by node type; a killed node and a spot-drained node are both survived.
 
-    * ``gpu_80gb`` node: its raylet's process group is SIGKILLed once the expert has a
-      registered checkpoint (a node that just dies: an ordinary failure, ``max_failures``).
+    * ``gpu_80gb`` node: its raylet's process group is SIGKILLed once the expert has its third
+      registered checkpoint (a node that just dies: an ordinary failure, ``max_failures``; the
+      later the loss, the fewer steps its resumed run trains again).
     * ``gpu_24gb`` node: the spot watcher (``clusters/spot_watcher.py``, the real script with
       its real ``ray drain-node`` call) polls a fake GCP metadata server; once the expert has a
       checkpoint the server announces a preemption, the watcher drains the node, Ray Train
@@ -387,8 +394,8 @@ def test_campaign_places_experts_by_node_type_and_survives_losing_nodes(cluster)
       checkpoints every 33 steps never hit below 330), and only then the node is killed,
       as the cloud would.
 
-    A replacement node of each type joins; both experts resume from those checkpoints and
-    finish, and the job exits 0.
+    Once both are lost, a replacement node of each type joins; both experts resume from those
+    checkpoints and finish, and the job exits 0.
     """
     from test_clusters import FakeMetadataServer
 
@@ -397,7 +404,13 @@ def test_campaign_places_experts_by_node_type_and_survives_losing_nodes(cluster)
     def say(msg: str) -> None:
         print(f"[{time.time() - t0:.0f} s] {msg}")
 
+    from hdd_ray.config import load_config
+    from hdd_ray.prepare import prepare_corpus
+
     root = Path(cluster.env["HDD_TEST_CAMPAIGN_ROOT"])
+    prepare_corpus(load_config(overrides=[f"root={root}", *CORPUS,  # on the session's Ray
+                                          "experts.ddpm_clusters=[0]"]))
+    say("corpus prepared")
     per_expert = ", ".join(
         f"{{cluster: {c}, resources: {{cpus_per_worker: 0.5, custom: {{{name}: 1}}}}}}"
         for name, c in NODE_TYPES.items())
@@ -417,11 +430,11 @@ def test_campaign_places_experts_by_node_type_and_survives_losing_nodes(cluster)
             # the interpreter running the tests, not whatever `python` PATH finds first (an
             # unactivated virtualenv would give a python without the project's dependencies)
             sys.executable, "jobs/train_all_experts.py", "root=${oc.env:HDD_TEST_CAMPAIGN_ROOT}",
-            "clustering.k=2", "clustering.fine_centroids=8", "sampling.k=1",
+            *CORPUS, "sampling.k=1",
             "experts.ddpm_clusters=[0]",
             f"experts.train.steps={STEPS}", f"experts.train.checkpoint_every={CHECKPOINT_EVERY}",
             "experts.resources.cpus_per_worker=0.5", f"experts.list=[{per_expert}]",
-            "tracking.enabled=false", "evaluation.enabled=false",
+            "evaluation.enabled=false",
             "ray.executor=train",  # drains and preemption budgets: Ray Train's, tested here
             "experts.model=DiT-T/2",  # the step time the kill schedule below was sized for
             "--skip-router",
@@ -433,19 +446,17 @@ def test_campaign_places_experts_by_node_type_and_survives_losing_nodes(cluster)
 
         killed_at: dict[str, int] = {}
         notice_at: int | None = None
-        replacements = []
         try:
             deadline = time.time() + 300
             while len(killed_at) < 2 and submit.poll() is None and time.time() < deadline:
                 steps = {name: _registered_checkpoint_step(d[0]) if (d := _expert_dirs(root, c))
                          else 0 for name, c in NODE_TYPES.items()}
-                if "gpu_80gb" not in killed_at and steps["gpu_80gb"] >= CHECKPOINT_EVERY:
+                if "gpu_80gb" not in killed_at and steps["gpu_80gb"] >= 3 * CHECKPOINT_EVERY:
                     if steps["gpu_80gb"] >= STEPS:
                         fail("the 80 GB expert finished before its node could be killed")
                     cluster.kill(victims["gpu_80gb"])
                     killed_at["gpu_80gb"] = steps["gpu_80gb"]
                     say(f"killed the 80 GB node after checkpoint step {steps['gpu_80gb']}")
-                    replacements.append(cluster.start_worker("worker-80gb-2", {"gpu_80gb": 1}))
                 step24 = steps["gpu_24gb"]
                 if notice_at is None and step24 >= CHECKPOINT_EVERY:
                     metadata.gcp_preempted = True
@@ -461,12 +472,15 @@ def test_campaign_places_experts_by_node_type_and_survives_losing_nodes(cluster)
                     cluster.kill(victims["gpu_24gb"])
                     killed_at["gpu_24gb"] = step24
                     say(f"killed the drained 24 GB node after its drain checkpoint, step {step24}")
-                    replacements.append(cluster.start_worker("worker-24gb-2", {"gpu_24gb": 1}))
                 time.sleep(0.3)
             if len(killed_at) < 2:
                 fail(f"not every node could be lost mid-training: killed {killed_at}, "
                      f"notice at {notice_at}, job exit {submit.poll()}")
-            cluster.wait_joined(replacements)
+            # the replacements start once both nodes are lost: a `ray start` is seconds of both
+            # CPUs, which made the drain (its `ray drain-node`, Ray Train's notice) lag by over
+            # a hundred steps while the 80 GB node's replacement came up
+            cluster.wait_joined([cluster.start_worker(f"worker-{name[4:]}-2", {name: 1})
+                                 for name in NODE_TYPES])
             say("replacement nodes joined")
             try:
                 rc = submit.wait(timeout=240)
@@ -482,6 +496,8 @@ def test_campaign_places_experts_by_node_type_and_survives_losing_nodes(cluster)
                     os.killpg(proc.pid, signal.SIGKILL)
 
     assert watcher_rc == 0 and "drain accepted" in watcher_log.read_text(), cluster.tail(watcher_log)
+    # the job reused the corpus prepared above (same settings) instead of preparing it again
+    assert "prepare: reusing" in submit_log.read_text(), cluster.tail(submit_log)
     for name, c in NODE_TYPES.items():
         dirs = _expert_dirs(root, c)
         assert len(dirs) == 1, f"expected one expert dir for cluster {c}, got {dirs}"

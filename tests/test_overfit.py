@@ -23,8 +23,11 @@ def _images() -> torch.Tensor:
     return x[:, None]  # [4, 1, 8, 8]
 
 
-@pytest.mark.parametrize("objective_name,schedule", [("fm_velocity", None), ("ddpm_eps", "cosine")])
-def test_tiny_dit_overfits_four_digits(objective_name, schedule):
+# steps: flow matching gets there in fewer (250 steps: loss 7.4x lower, every sample nearest its
+# own image, relative distance 0.13); DDPM needs its 400 (7.8x, 88 %, 0.28)
+@pytest.mark.parametrize("objective_name,schedule,steps",
+                         [("fm_velocity", None, 250), ("ddpm_eps", "cosine", 400)])
+def test_tiny_dit_overfits_four_digits(objective_name, schedule, steps):
     torch.manual_seed(0)
     torch.set_num_threads(2)
     images = _images()
@@ -46,7 +49,7 @@ def test_tiny_dit_overfits_four_digits(objective_name, schedule):
     cond = {"ids": ids.repeat(reps, 1), "mask": mask.repeat(reps, 1)}
     g = torch.Generator().manual_seed(0)
     losses = []
-    for _ in range(400):
+    for _ in range(steps):
         loss = objective.loss(model, x0, cond, caption_dropout=0.1, generator=g)
         opt.zero_grad()
         loss.backward()

@@ -31,7 +31,8 @@ from hdd_ray.corpus import (
     write_demo_corpus,
     write_tar,
 )
-from hdd_ray.prepare import PrepareError, build_embedder, prepare_corpus
+from hdd_ray.errors import PrepareError
+from hdd_ray.prepare import build_embedder, prepare_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.ray
@@ -377,23 +378,41 @@ def _job(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
-def test_job_help_lists_every_option():
-    out = _job("--help")
-    assert out.returncode == 0
+def _job_main():
+    """``jobs/prepare_corpus.py``'s ``main(argv)``, to run the job in this process."""
+    import importlib
+
+    return importlib.import_module("jobs.prepare_corpus").main
+
+
+def test_job_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _job_main()(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
     for option in ("corpus.image_key", "clustering.k", "clustering.embedder_weights",
                    "clustering.balance_cap", "--force", "ray job submit"):
-        assert option in out.stdout
+        assert option in out
 
 
 @pytest.mark.parametrize("args, message", [
     (["clustering.k=abc"], "error: clustering.k"),
     (["clustering.nope=1"], "error: clustering.nope: unknown key"),
-    (["corpus.source=webdataset", "corpus.uri=/no/such/corpus"],
-     "error: corpus '/no/such/corpus': no such file or directory"),
 ])
-def test_job_bad_input_exits_2_with_one_line(tmp_path, args, message):
-    out = _job(f"root={tmp_path}", *args)
+def test_job_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_:  # in process: the config is refused while parsing
+        _job_main()([f"root={tmp_path}", *args])
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), lines
+    assert not (tmp_path / "clusters").exists()
+
+
+def test_job_refuses_a_missing_corpus_in_one_line_before_ray(tmp_path):
+    """The job as a process, as a user runs it: exit status 2, one line, no Ray started."""
+    out = _job(f"root={tmp_path}", "corpus.source=webdataset", "corpus.uri=/no/such/corpus")
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(message), out.stderr
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: corpus '/no/such/corpus': no such file or directory"), out.stderr
     assert not (tmp_path / "clusters").exists()

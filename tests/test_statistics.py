@@ -12,13 +12,9 @@ import pytest
 import torch
 
 from hdd_ray.evaluation import statistics as st
-from hdd_ray.evaluation.mixture import (
-    EVALUATION_VERSION,
-    SAMPLES_FILE,
-    Judge,
-    comparison_table,
-    summary,
-)
+from hdd_ray.evaluation.judge import EVALUATION_VERSION, Judge
+from hdd_ray.evaluation.mixture import SAMPLES_FILE
+from hdd_ray.evaluation.tables import comparison_table, summary
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -240,7 +236,7 @@ def test_comparison_table_has_intervals_and_a_paired_difference_line(tmp_path):
 
 def test_sweep_ranking_says_which_trials_are_indistinguishable_from_the_best(tmp_path):
     from hdd_ray import storage
-    from hdd_ray.sweep import _compare_with_best, ranking_markdown
+    from hdd_ray.sweep.ranking import _compare_with_best, ranking_markdown
 
     judge = _judge(200)
     a, b, _, _ = _pair(shift_b=0.3, noise_b=0.05, d=4)

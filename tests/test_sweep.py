@@ -1,7 +1,7 @@
 """Ray Tune sweeps of objective assignments (real local Ray + MLflow, CPU, K = 3 tiny experts).
 
-One prepared campaign is shared by the module; the first sweep trains the 2K = 6 experts the
-search space needs, the others reuse them.
+A copy of the session's prepared campaign (tests/conftest.py) is shared by the module; the first
+sweep trains the 2K = 6 experts the search space needs, the others reuse them.
 """
 
 from __future__ import annotations
@@ -26,14 +26,21 @@ BASE = [
     "experts.ddpm_clusters=[0]", "experts.train.steps=30", "experts.train.batch_size=32",
     "experts.train.checkpoint_every=30", "router.train.steps=30", "router.train.checkpoint_every=30",
     "experts.resources.cpus_per_worker=0.25", "router.resources.cpus_per_worker=0.25",
-    "ray.max_concurrent_experts=0",  # all at once (the demo runs 2 at a time)
+    # two at a time, as the demo: two Ray worker processes trained all 7 runs (reused, their
+    # imports done), instead of 7 new ones importing torch at once on 2 cores
+    "ray.max_concurrent_experts=2",
     "evaluation.num_samples=96", "sampling.steps=4", "sampling.sampler=euler",
     "sweep.cpus_per_trial=1", "sweep.max_concurrent_trials=2", "sweep.k=[2]",
 ]
 
 
+#: the corpus and clustering settings of the session's prepared campaign (set by ``prepared``):
+#: part of a sweep's identity, and what lets the sweep job reuse the prepared corpus
+PREPARED: list[str] = []
+
+
 def _overrides(root: Path, *extra: str) -> list[str]:
-    return [f"root={root}", *BASE, *extra]
+    return [f"root={root}", *PREPARED, *BASE, *extra]
 
 
 def _cfg(root: Path, *extra: str):
@@ -41,13 +48,10 @@ def _cfg(root: Path, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, ray_local):
-    """A demo campaign with K = 3 clusters, prepared once for the module."""
-    from hdd_ray.prepare import prepare_corpus
-
-    root = tmp_path_factory.mktemp("sweep") / "root"
-    prepare_corpus(_cfg(root))
-    return root
+def prepared(prepared_campaign, tmp_path_factory):
+    """The module's copy of the session's demo campaign with K = 3 clusters."""
+    PREPARED[:] = prepared_campaign.overrides
+    return prepared_campaign.copy(tmp_path_factory.mktemp("sweep"))
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +69,7 @@ def _client(cfg):
 
     from hdd_ray import tracking
 
-    return MlflowClient(tracking.tracking_uri(cfg)), tracking.setup(cfg)
+    return MlflowClient(tracking.tracking_uri(cfg)), tracking.connect(cfg).experiment_id
 
 
 def _trial_runs(cfg, parent: str):
@@ -105,15 +109,19 @@ def test_sweep_covers_assignments_and_trains_each_expert_once(first_sweep):
     assert {"ranking.md", "ranking.csv", "fid_clip_vs_num_ddpm.png"} <= artifacts
 
 
-def test_bad_search_space_fails_with_one_line_before_any_trial(prepared, tmp_path):
+def test_bad_search_space_fails_with_one_line_before_any_trial(tmp_path, capsys, monkeypatch):
+    """The job in process (its refusal before Ray as a process: test_hardening's sweep.name)."""
+    import importlib
+
+    sweep_objectives = importlib.import_module("jobs.sweep_objectives")
+    monkeypatch.chdir(tmp_path)
     for bad, words in ((["sweep.n_ddpm=[4]"], "sweep.n_ddpm[0]=4"),
                        (["sweep.mode=list", "sweep.assignments=[DFX]"], "unknown objective 'X'"),
                        (["sweep.mode=everything"], "sweep.mode='everything'")):
-        out = subprocess.run([sys.executable, str(ROOT / "jobs" / "sweep_objectives.py"),
-                              *_overrides(tmp_path / "nothing", *bad)],
-                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
-        assert out.returncode == 2, out.stderr
-        lines = out.stderr.strip().splitlines()
+        with pytest.raises(SystemExit) as exit_:
+            sweep_objectives.main(_overrides(tmp_path / "nothing", *bad))
+        assert exit_.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
         assert not (tmp_path / "nothing").exists()
 
@@ -125,7 +133,8 @@ def test_interrupted_sweep_restores_without_redoing_finished_trials(first_sweep,
 
     cfg, _ = first_sweep
     root = Path(cfg.root)
-    extra = ["sweep.name=resume", "sweep.mode=list", "sweep.max_concurrent_trials=1",
+    # two trials at a time (BASE): two are done when the job is killed, two are left
+    extra = ["sweep.name=resume", "sweep.mode=list",
              "sweep.assignments=[FFF,DFF,FDF,DDF]", "sweep.guidance=[1.0]"]
     before = set(root.glob("mixtures/*/metrics.json"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
@@ -138,7 +147,7 @@ def test_interrupted_sweep_restores_without_redoing_finished_trials(first_sweep,
         deadline = time.time() + 150
         while time.time() < deadline:
             new = set(root.glob("mixtures/*/metrics.json")) - before
-            if len(new) >= 2:  # trial 1 finished, trial 2 evaluated (trials run one at a time)
+            if len(new) >= 2:  # two trials evaluated (the first two, side by side)
                 time.sleep(2)  # let Tune save its experiment state
                 break
             assert proc.poll() is None, "the sweep ended before it could be killed"
@@ -149,6 +158,7 @@ def test_interrupted_sweep_restores_without_redoing_finished_trials(first_sweep,
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     done = {p: p.stat().st_mtime for p in set(root.glob("mixtures/*/metrics.json")) - before}
+    assert len(done) < 4, "every trial finished before the kill: nothing left to restore"
     result = run_sweep(_cfg(root, *extra), verbose=0)
     assert result.restored
     assert {r["assignment"] for r in result.rows} == {"F F F", "D F F", "F D F", "D D F"}

@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from hdd_ray import towers
+from hdd_ray.errors import PrepareError
 from hdd_ray.evaluation import build_extractor
 from hdd_ray.models import build_text_encoder
 from hdd_ray.models.text import register_tiny_open_clip_config
-from hdd_ray.prepare import PrepareError, build_embedder
+from hdd_ray.prepare import build_embedder
 
 TAG = "openai"  # open_clip's tag name for OpenAI's weights
 

@@ -2,7 +2,9 @@
 the same runs as Ray tasks (``ray.executor=task``: same weights, killed and retried, resumed
 across executors).
 
-One prepared demo campaign (K = 3) is shared by the module; each test trains few, tiny runs.
+The session's prepared demo campaign (K = 3, tests/conftest.py) is copied per test; each test
+trains few, tiny runs. Ray Train where it is under test (DDP, killed workers, its checkpoints,
+the executors' equivalence), one Ray task per run elsewhere (``ray.executor=task``).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from hdd_ray import storage
 from hdd_ray.campaign import EXPERT_JSON, WEIGHTS, load_expert
 from hdd_ray.config import load_config
 from hdd_ray.models.expert import WeightsMismatch, load_weights
+from hdd_ray.training.checkpoints import STATE_FILE
 from hdd_ray.training.launcher import train_campaign
-from hdd_ray.training.loop import STATE_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.ray
@@ -46,13 +48,9 @@ def _cfg(root: Path, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, ray_local):
-    """A demo campaign with K = 3 clusters, prepared once for the module."""
-    from hdd_ray.prepare import prepare_corpus
-
-    root = tmp_path_factory.mktemp("campaign") / "root"
-    prepare_corpus(_cfg(root))
-    return root
+def prepared(prepared_campaign):
+    """The session's demo campaign with K = 3 clusters (tests/conftest.py): copy, never write."""
+    return prepared_campaign.root
 
 
 def _copy(prepared: Path, tmp_path: Path) -> Path:
@@ -90,7 +88,10 @@ def trained(prepared, tmp_path_factory):
     cfg = _cfg(root, "experts.train.steps=30", "experts.train.checkpoint_every=15",
                "router.train.steps=150", "router.train.checkpoint_every=75",
                # expert 2 runs DDP on two workers: its process group must hold only those two
-               "experts.list=[{cluster: 2, resources: {num_workers: 2, cpus_per_worker: 0.25}}]")
+               "experts.list=[{cluster: 2, resources: {num_workers: 2, cpus_per_worker: 0.25}}]",
+               # two Ray Train runs side by side (each run's process group beside another's):
+               # four at once only made their start-ups fight over the 2 cores (-15 %)
+               "ray.max_concurrent_experts=2")
     with tracking.run(cfg, "campaign-test") as parent:
         statuses = train_campaign(cfg, parent_run_id=parent.run_id)
     return root, cfg, statuses, parent.run_id
@@ -147,7 +148,8 @@ def test_mixture_of_ddpm_and_fm_experts_is_evaluated_and_tracked(trained):
     from mlflow.tracking import MlflowClient
 
     from hdd_ray import tracking
-    from hdd_ray.evaluation.mixture import MixtureSpec, evaluate_mixture
+    from hdd_ray.ensemble import MixtureSpec
+    from hdd_ray.evaluation.mixture import evaluate_mixture
 
     root, cfg, _, parent_id = trained
     spec = MixtureSpec.from_config(cfg, num_samples=48, steps=6)
@@ -188,7 +190,7 @@ def test_mixture_of_ddpm_and_fm_experts_is_evaluated_and_tracked(trained):
     assert not again["reused"] and again["fid"] == pytest.approx(result["fid"])
     # a later judge of the campaign loads the cached reference CLIP and statistics without
     # decoding the training split
-    from hdd_ray.evaluation.mixture import Judge
+    from hdd_ray.evaluation.judge import Judge
 
     judge = Judge(cfg)
     assert not judge.decoded_train and judge.clip_info["loaded"]
@@ -257,7 +259,7 @@ def _state_when_checkpointed(d: Path, timeout: float = 240) -> dict:
 
 def test_killed_worker_resumes_from_its_last_checkpoint(prepared, tmp_path):
     root = _copy(prepared, tmp_path)
-    steps, every = 600, 50
+    steps, every = 200, 50  # the kill follows the first checkpoint: 150 steps to spare
     cfg = _cfg(root, f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}")
     runner, result, d = _train_in_background(cfg, root)
     state = _state_when_checkpointed(d)
@@ -278,19 +280,20 @@ def test_killed_worker_resumes_from_its_last_checkpoint(prepared, tmp_path):
 
 def test_killed_streaming_worker_resumes_its_data_stream_exactly(prepared, tmp_path):
     """Streaming forced on: after a kill the step count is exact and the data stream continues
-    from its recorded position (the final position is the uninterrupted stream's)."""
+    from its recorded position (the final position is the uninterrupted stream's). The stream's
+    state is the loop's: the run is a Ray task, retried after the kill."""
     from hdd_ray.campaign import cluster_shards, load_manifest
     from hdd_ray.config import to_dict
     from hdd_ray.samples import Decoding
     from hdd_ray.training.data import StreamSource, data_settings
 
     root = _copy(prepared, tmp_path)
-    steps, every = 600, 50
+    steps, every = 150, 50
     cfg = _cfg(root, f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}",
                "experts.data.mode=stream", "experts.data.shuffle_buffer=64",
-               "experts.data.open_shards=2", "tracking.enabled=false")
+               "experts.data.open_shards=2", "tracking.enabled=false", "ray.executor=task")
     runner, result, d = _train_in_background(cfg, root)
-    state = _state_when_checkpointed(d)
+    state = _task_state_when_checkpointed(d)
     assert state["step"] < steps - every, "the run got too far before the kill"
     os.kill(state["history"][-1]["pid"], signal.SIGKILL)
     runner.join(timeout=400)
@@ -299,8 +302,9 @@ def test_killed_streaming_worker_resumes_its_data_stream_exactly(prepared, tmp_p
     starts = [a["start_step"] for a in desc["attempts"]]
     assert desc["steps"] == steps and len(starts) == 2 and starts[1] > 0
     assert desc["skipped_samples"] == 0
-    last = [c for c in _checkpoints(d) if (c / STATE_FILE).exists()][-1]
-    final = torch.load(last / STATE_FILE, weights_only=True)
+    from hdd_ray.training.checkpoints import TASK_CHECKPOINT
+
+    final = torch.load(d / TASK_CHECKPOINT / STATE_FILE, weights_only=True)
     (data,) = final["data"]
     # the same stream, uninterrupted, in this process
     reference = StreamSource([(p, 1) for p in cluster_shards(cfg, load_manifest(cfg), 1)],
@@ -371,8 +375,10 @@ def test_campaign_on_a_local_instance_runs_experts_that_fill_it_one_at_a_time(
 
     root = _copy(prepared, tmp_path)
     # each expert asks for both CPUs of the local instance: the launcher must start one at a time
+    # (the local gate queues runs of either executor: here Ray tasks)
     cfg = _cfg(root, "experts.train.steps=10", "experts.train.checkpoint_every=10",
-               "tracking.enabled=false", "experts.resources.cpus_per_worker=2")
+               "tracking.enabled=false", "experts.resources.cpus_per_worker=2",
+               "ray.executor=task")
     lock, running, peak = threading.Lock(), [0], [0]
     real_train = launcher._train
 
@@ -381,7 +387,7 @@ def test_campaign_on_a_local_instance_runs_experts_that_fill_it_one_at_a_time(
             running[0] += 1
             peak[0] = max(peak[0], running[0])
         try:
-            return real_train(job, mlf, status, *args, **kwargs)  # the real Ray Train run
+            return real_train(job, mlf, status, *args, **kwargs)  # the real run (a Ray task)
         finally:
             with lock:
                 running[0] -= 1
@@ -404,11 +410,18 @@ def test_expert_larger_than_the_local_instance_fails_before_ray_train(prepared, 
     assert not (root / "experts").exists() or not any((root / "experts").iterdir())
 
 
-def test_killed_driver_rerun_resumes_the_partial_experts(prepared, tmp_path):
-    root = _copy(prepared, tmp_path)
+def test_killed_driver_rerun_resumes_the_partial_experts(prepared_campaign, tmp_path):
+    """The job (its own local Ray instance, reusing the prepared corpus) is killed once every
+    expert has a checkpoint; the rerun resumes all three. The runs are Ray tasks: what is under
+    test is the campaign's state on storage, not Ray Train."""
+    from hdd_ray.training.checkpoints import TASK_CHECKPOINT, TASK_METRICS
+
+    root = prepared_campaign.copy(tmp_path)
+    steps, every = 200, 20
+    common = [f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}",
+              "tracking.enabled=false", "ray.executor=task"]
     # a relative root, as the README's commands give it: the job resolves it against its cwd
-    args = [f"root={root.relative_to(tmp_path)}", *BASE, "experts.train.steps=400",
-            "experts.train.checkpoint_every=40", "tracking.enabled=false"]
+    args = [f"root={root.relative_to(tmp_path)}", *BASE, *prepared_campaign.overrides, *common]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train_all_experts.py"),
@@ -419,8 +432,9 @@ def test_killed_driver_rerun_resumes_the_partial_experts(prepared, tmp_path):
         deadline = time.time() + 300
         while time.time() < deadline:
             dirs = _expert_dirs(root) if (root / "experts").exists() else {}
-            # a checkpoint counts once Ray Train registered it (its snapshot lists it)
-            if len(dirs) == 3 and all(_registered(d) for d in dirs.values()):
+            # a task's checkpoint is complete once its metrics file is written (after the state)
+            if len(dirs) == 3 and all((d / TASK_CHECKPOINT / TASK_METRICS).exists()
+                                      for d in dirs.values()):
                 break
             assert proc.poll() is None, "the job ended before it could be killed"
             time.sleep(0.3)
@@ -430,26 +444,28 @@ def test_killed_driver_rerun_resumes_the_partial_experts(prepared, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray instance it started
         proc.wait()
     assert not list(root.glob("experts/*/expert.json"))
-    statuses = train_campaign(_cfg(root, "experts.train.steps=400",
-                                   "experts.train.checkpoint_every=40", "tracking.enabled=false"),
-                              include_router=False)
+    statuses = train_campaign(_cfg(root, *common), include_router=False)
     assert [s.status for s in statuses] == ["resumed"] * 3, [s.reason for s in statuses]
     for d in _expert_dirs(root).values():
         desc = json.loads((d / EXPERT_JSON).read_text())
         starts = [a["start_step"] for a in desc["attempts"]]
-        assert desc["steps"] == 400 and starts[0] == 0 and starts[-1] >= 40
+        assert desc["steps"] == steps and starts[0] == 0 and starts[-1] >= every
 
 
-def test_train_expert_job_rejects_an_unknown_expert(prepared, tmp_path):
+def test_train_expert_job_rejects_an_unknown_expert(prepared, tmp_path, capsys):
+    import importlib
+
     root = _copy(prepared, tmp_path)
-    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "train_expert.py"), "--expert", "7",
-                          f"root={root}", *BASE], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2
-    assert out.stderr.strip().startswith("error: --expert '7' is neither an index 0..2")
-    assert len(out.stderr.strip().splitlines()) == 1
+    train_expert = importlib.import_module("jobs.train_expert")  # in process: no Ray needed
+    assert train_expert.main(["--expert", "7", f"root={root}", *BASE]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().startswith("error: --expert '7' is neither an index 0..2")
+    assert len(err.strip().splitlines()) == 1
+    # the main job, as a process: a corpus that does not exist is refused before Ray starts
     missing = subprocess.run([sys.executable, str(ROOT / "jobs" / "train_all_experts.py"),
                               f"root={tmp_path / 'nowhere'}", "corpus.source=webdataset",
-                              f"corpus.uri={tmp_path / 'no-shards'}"],
+                              f"corpus.uri={tmp_path / 'no-shards'}",
+                              "tracking.enabled=false"],  # no MLflow store to create: 3x faster
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines()[-1].startswith("error: corpus ")
@@ -463,7 +479,7 @@ def test_train_expert_job_rejects_an_unknown_expert(prepared, tmp_path):
 
 def _task_state_when_checkpointed(d: Path, timeout: float = 240) -> dict:
     """The state of the task executor's first checkpoint of run directory ``d``."""
-    from hdd_ray.training.loop import TASK_CHECKPOINT, TASK_METRICS
+    from hdd_ray.training.checkpoints import TASK_CHECKPOINT, TASK_METRICS
 
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -473,22 +489,24 @@ def _task_state_when_checkpointed(d: Path, timeout: float = 240) -> dict:
     raise AssertionError(f"no task checkpoint appeared in {d}")
 
 
-def test_task_executor_trains_the_same_weights_as_ray_train(prepared, tmp_path):
-    """One run per executor on copies of one campaign: the same expert id, bit-identical
-    exported weights (same loop, seeds and thread count), and only the task executor's run
-    without a Ray Train snapshot."""
+def test_task_executor_trains_the_same_weights_as_ray_train(trained, tmp_path):
+    """Expert 1 of the trained campaign (a Ray Train run) trained again as a Ray task on a copy
+    without it: the same expert id, bit-identical exported weights (same loop, seeds and thread
+    count), and only the task executor's run without a Ray Train snapshot."""
     from safetensors.torch import load_file
 
+    trained_root = trained[0]
+    root = _copy(trained_root, tmp_path)
+    shutil.rmtree(_expert_dirs(root)[1])
+    cfg = _cfg(root, "experts.train.steps=30", "experts.train.checkpoint_every=15",
+               "ray.executor=task", "tracking.enabled=false")
+    (status,) = train_campaign(cfg, only=[1], include_router=False)
+    assert status.status == "trained", status.reason
     out = {}
-    for executor in ("task", "train"):
-        root = _copy(prepared, tmp_path / executor)
-        cfg = _cfg(root, "experts.train.steps=40", "experts.train.checkpoint_every=20",
-                   f"ray.executor={executor}", "tracking.enabled=false")
-        (status,) = train_campaign(cfg, only=[1], include_router=False)
-        assert status.status == "trained", status.reason
-        d = _expert_dirs(root)[1]
+    for executor, top in (("task", root), ("train", trained_root)):
+        d = _expert_dirs(top)[1]
         desc = json.loads((d / EXPERT_JSON).read_text())
-        assert desc["executor"] == executor and desc["steps"] == 40
+        assert desc["executor"] == executor and desc["steps"] == 30
         assert (d / "checkpoint_manager_snapshot.json").exists() == (executor == "train")
         out[executor] = (d.name, load_file(str(d / WEIGHTS)))
     (task_id, task_w), (train_id, train_w) = out["task"], out["train"]
@@ -499,7 +517,7 @@ def test_task_executor_trains_the_same_weights_as_ray_train(prepared, tmp_path):
 
 def test_killed_task_is_retried_from_its_last_checkpoint(prepared, tmp_path):
     root = _copy(prepared, tmp_path)
-    steps, every = 600, 50
+    steps, every = 150, 50
     cfg = _cfg(root, f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}",
                "ray.executor=task", "tracking.enabled=false")
     runner, result, d = _train_in_background(cfg, root)
@@ -519,10 +537,10 @@ def test_killed_task_is_retried_from_its_last_checkpoint(prepared, tmp_path):
 def test_a_run_begun_as_a_task_resumes_under_ray_train(prepared, tmp_path):
     """No retries: the killed task fails the run; the next launch, switched to Ray Train,
     resumes from the task's checkpoint (and the progress lines read it)."""
-    from hdd_ray.training.launcher import latest_checkpoint_step
+    from hdd_ray.training.checkpoints import latest_checkpoint_step
 
     root = _copy(prepared, tmp_path)
-    steps, every = 600, 50
+    steps, every = 150, 50  # the kill follows the first checkpoint: 100 steps to spare
     common = [f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}",
               "tracking.enabled=false"]
     cfg = _cfg(root, *common, "ray.executor=task", "experts.resources.max_failures=0")
