@@ -17,6 +17,7 @@ __all__ = [
     "PrepareError",
     "SweepError",
     "WeightsMismatch",
+    "first_line",
 ]
 
 
@@ -54,3 +55,9 @@ class MixtureError(HddRayError):
 
 class SweepError(HddRayError):
     """A sweep that cannot run as asked (one line)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's text (its type's name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -48,6 +48,20 @@ def test_with_assignment_changes_the_assignment_and_only_a_given_schedule():
     assert other.clustering == cfg.clustering and other.root == cfg.root
 
 
+def test_type_checkers_see_every_layout_path():
+    """CampaignPaths' ``TYPE_CHECKING`` annotations name exactly the paths LAYOUT builds."""
+    import ast
+    import inspect
+
+    from hdd_ray.campaign import directory
+
+    cls = next(n for n in ast.parse(inspect.getsource(directory)).body
+               if isinstance(n, ast.ClassDef) and n.name == "CampaignPaths")
+    guard = next(n for n in cls.body if isinstance(n, ast.If))
+    declared = [a.target.id for a in guard.body if isinstance(a, ast.AnnAssign)]
+    assert declared == list(directory.LAYOUT)
+
+
 def test_every_campaign_path_lives_under_the_root():
     paths = CampaignPaths("s3://bucket/camp")
     assert paths.sweep_dir("first") == "s3://bucket/camp/sweeps/first"

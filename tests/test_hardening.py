@@ -353,7 +353,8 @@ def test_a_launch_that_found_mlflow_down_does_not_connect_again_to_sync(tmp_path
     mlf = RunTracker(cfg, None)
     assert mlf.exp is None
     calls: list[int] = []
-    monkeypatch.setattr(tracking, "connect", lambda c: calls.append(1))
+    for where in (tracking.runs, tracking.delivery):  # every module that could reconnect
+        monkeypatch.setattr(where, "connect", lambda c: calls.append(1))
     with caplog.at_level("WARNING"):
         mlf.sync()
     assert calls == []  # no second connection attempt

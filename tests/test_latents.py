@@ -233,14 +233,30 @@ def test_mixture_sample_returns_decoded_images(tiny_vae):
 # --------------------------------------------------------------------------- real Ray
 
 
+@pytest.fixture(scope="module")
+def latent_campaign(tmp_path_factory, tiny_vae, rgb_corpus, ray_local):
+    """The RGB corpus prepared once into latent space (real prepare stage, real Ray): ``(root,
+    the manifest prepare returned)``. Read-only: tests copy the root (the corpus lies outside
+    it, so a copy's prepare step reuses the result)."""
+    from hdd_ray.prepare import prepare_corpus
+
+    root = tmp_path_factory.mktemp("latents") / "root"
+    return root, prepare_corpus(_cfg(root, rgb_corpus, tiny_vae))
+
+
 @pytest.mark.ray
-def test_prepare_encodes_once_into_latent_shards(tmp_path, tiny_vae, rgb_corpus, ray_local):
+def test_prepare_encodes_once_into_latent_shards(tmp_path, tiny_vae, rgb_corpus,
+                                                 latent_campaign):
+    import shutil
+
     from hdd_ray.campaign import load_manifest
     from hdd_ray.prepare import prepare_corpus
 
     root = tmp_path / "root"
+    shutil.copytree(latent_campaign[0], root)
     cfg = _cfg(root, rgb_corpus, tiny_vae)
-    manifest = prepare_corpus(cfg)
+    manifest = latent_campaign[1]  # what the prepare stage returned
+    assert not manifest["reused"]
     rec = manifest["latents"]
     info = vae_info(cfg.latents)
     assert rec["identity"] == info.identity and rec["sha256"] == info.sha256
@@ -289,23 +305,26 @@ def test_prepare_encodes_once_into_latent_shards(tmp_path, tiny_vae, rgb_corpus,
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_end_to_end_latent_space(tmp_path, tiny_vae, rgb_corpus, ray_local):
+def test_end_to_end_latent_space(tmp_path, tiny_vae, rgb_corpus, latent_campaign):
     """prepare -> a ddpm_eps and an fm_velocity expert -> router -> mixture sampling and
     evaluation (FID and CLIP score on decoded images), all in latent space.
 
     Needs the training data reader of issue 15 (``latent.npy`` members)."""
+    import shutil
+
     from hdd_ray.ensemble import MixtureSpec
     from hdd_ray.evaluation.mixture import evaluate_mixture
     from hdd_ray.prepare import prepare_corpus
     from hdd_ray.training import train_campaign
 
+    shutil.copytree(latent_campaign[0], tmp_path / "root")
     cfg = _cfg(tmp_path / "root", rgb_corpus, tiny_vae, "experts.train.steps=6", "experts.train.batch_size=8",
                "experts.train.checkpoint_every=6", "router.train.steps=6",
                "router.train.batch_size=8", "router.train.checkpoint_every=6",
                "experts.resources.cpus_per_worker=0.5", "router.resources.cpus_per_worker=0.5",
                "experts.text.dim=32", "evaluation.num_samples=8", "sampling.steps=2",
                "sampling.batch_size=8", "sampling.k=1")
-    prepare_corpus(cfg)
+    assert prepare_corpus(cfg)["reused"]  # the module's latent corpus, prepared once
     statuses = train_campaign(cfg)
     assert [s.status for s in statuses] == ["trained"] * 3, [s.reason for s in statuses]
     expert_dirs = sorted((tmp_path / "root" / "experts").glob("c*/expert.json"))

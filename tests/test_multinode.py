@@ -16,9 +16,10 @@ a private token file (``RAY_AUTH_TOKEN_PATH``), as on a real cluster.
 The corpus is prepared beforehand on the test session's own Ray instance, with the job's
 settings, into the campaign root the job uses: the job finds it up to date and reuses it
 (preparing it on the three one-CPU nodes took 30-70 s of this test; the prepare stage has its
-own tests).
+own tests). It is the session's prepared demo corpus (tests/conftest.py) clustered again with
+K = 2: its embeddings are reused, so only the clustering runs (~3 s).
 
-Cost: about 1.5 minutes on an otherwise idle 2-core machine (three nodes ~20 s, training, two
+Cost: about 1.5 minutes on an otherwise idle 2-core machine (three nodes ~10 s, training, two
 losses and two replacement nodes). On a loaded machine a
 ``ray start`` can miss Ray's fixed 30 s registration window; node starts are then retried, which
 is slow but keeps the test meaningful. ``STEPS`` is sized for this machine's ~2-6 steps/s per
@@ -56,8 +57,8 @@ STEPS = 180
 # checks for a drain notice: a checkpoint at a multiple of 10 is the drain's
 CHECKPOINT_EVERY = 33
 NODE_TYPES = {"gpu_80gb": 0, "gpu_24gb": 1}  # custom resource -> the cluster whose expert needs it
-#: the job's corpus and clustering settings (the corpus is prepared with them before the job)
-CORPUS = ["clustering.k=2", "clustering.fine_centroids=8", "tracking.enabled=false"]
+#: the job's clustering settings (the corpus is prepared with them before the job)
+CLUSTERING = ["clustering.k=2", "clustering.fine_centroids=8", "tracking.enabled=false"]
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -381,7 +382,8 @@ def _node(cluster: LocalRayCluster, resource: str) -> RayNode:
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_campaign_places_experts_by_node_type_and_survives_losing_nodes(cluster, ray_local):
+def test_campaign_places_experts_by_node_type_and_survives_losing_nodes(cluster,
+                                                                         prepared_campaign):
     """Placement by node type; a killed node and a spot-drained node are both survived.
 
     * ``gpu_80gb`` node: its raylet's process group is SIGKILLed once the expert has its third
@@ -408,7 +410,9 @@ def test_campaign_places_experts_by_node_type_and_survives_losing_nodes(cluster,
     from hdd_ray.prepare import prepare_corpus
 
     root = Path(cluster.env["HDD_TEST_CAMPAIGN_ROOT"])
-    prepare_corpus(load_config(overrides=[f"root={root}", *CORPUS,  # on the session's Ray
+    shutil.copytree(prepared_campaign.root, root)  # its embeddings: K = 2 reuses them
+    corpus = [o for o in prepared_campaign.overrides if o.startswith("corpus.")]
+    prepare_corpus(load_config(overrides=[f"root={root}", *corpus, *CLUSTERING,  # session's Ray
                                           "experts.ddpm_clusters=[0]"]))
     say("corpus prepared")
     per_expert = ", ".join(
@@ -430,7 +434,7 @@ def test_campaign_places_experts_by_node_type_and_survives_losing_nodes(cluster,
             # the interpreter running the tests, not whatever `python` PATH finds first (an
             # unactivated virtualenv would give a python without the project's dependencies)
             sys.executable, "jobs/train_all_experts.py", "root=${oc.env:HDD_TEST_CAMPAIGN_ROOT}",
-            *CORPUS, "sampling.k=1",
+            *corpus, *CLUSTERING, "sampling.k=1",
             "experts.ddpm_clusters=[0]",
             f"experts.train.steps={STEPS}", f"experts.train.checkpoint_every={CHECKPOINT_EVERY}",
             "experts.resources.cpus_per_worker=0.5", f"experts.list=[{per_expert}]",

@@ -81,7 +81,10 @@ def _registered(d: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def trained(prepared, tmp_path_factory):
-    """The K = 3 campaign trained once: 3 experts (expert 2 on two DDP workers) + the router."""
+    """The K = 3 campaign trained once: 3 experts (expert 2 on two DDP workers) + the router.
+
+    Ray Train trains experts 1 and 2 and the router; expert 0 is a Ray task, launched beside
+    them by a second launcher (one Ray Train start-up less: ~10 s on 2 cores)."""
     from hdd_ray import tracking
 
     root = _copy(prepared, tmp_path_factory.mktemp("trained"))
@@ -92,9 +95,16 @@ def trained(prepared, tmp_path_factory):
                # two Ray Train runs side by side (each run's process group beside another's):
                # four at once only made their start-ups fight over the 2 cores (-15 %)
                "ray.max_concurrent_experts=2")
+    as_task = _cfg(root, "experts.train.steps=30", "experts.train.checkpoint_every=15",
+                   "ray.executor=task")
     with tracking.run(cfg, "campaign-test") as parent:
-        statuses = train_campaign(cfg, parent_run_id=parent.run_id)
-    return root, cfg, statuses, parent.run_id
+        side: dict = {}
+        beside = threading.Thread(target=lambda: side.update(s=train_campaign(
+            as_task, only=[0], include_router=False, parent_run_id=parent.run_id)))
+        beside.start()
+        statuses = train_campaign(cfg, only=[1, 2], parent_run_id=parent.run_id)
+        beside.join()
+    return root, cfg, side["s"] + statuses, parent.run_id
 
 
 def test_campaign_trains_every_expert_and_router_then_reuses_them(trained):
@@ -119,6 +129,7 @@ def test_campaign_trains_every_expert_and_router_then_reuses_them(trained):
     groups = {c: json.loads((d / EXPERT_JSON).read_text()) for c, d in experts.items()}
     assert groups[2]["world_size"] == 2 and groups[2]["process_group_size"] == 2
     assert groups[0]["process_group_size"] == 1 and groups[1]["process_group_size"] == 1
+    assert [groups[c]["executor"] for c in range(3)] == ["task", "train", "train"]
     router = json.loads(next((root / "router").glob("router-*/router.json")).read_text())
     assert len(router["top1_accuracy_by_t"]) == 10
     # near-clean inputs are easy to route; pure noise is not
@@ -231,12 +242,12 @@ def test_foreign_expert_and_mismatched_weights_are_rejected(trained, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing half-loaded
 
 
-def _train_in_background(cfg, root: Path, cluster: int = 1):
-    """``train_campaign`` of one expert in a thread -> (thread, result dict (``s``: statuses),
-    the expert's run directory once it exists)."""
+def _train_in_background(cfg, root: Path, cluster: int = 1, only: list[int] | None = None):
+    """``train_campaign`` of one expert (or of ``only``) in a thread -> (thread, result dict
+    (``s``: statuses), the run directory of expert ``cluster`` once it exists)."""
     result: dict = {}
-    runner = threading.Thread(
-        target=lambda: result.update(s=train_campaign(cfg, only=[cluster], include_router=False)))
+    runner = threading.Thread(target=lambda: result.update(
+        s=train_campaign(cfg, only=only or [cluster], include_router=False)))
     runner.start()
     while not (root / "experts").exists() or cluster not in _expert_dirs(root):
         time.sleep(0.1)
@@ -257,17 +268,34 @@ def _state_when_checkpointed(d: Path, timeout: float = 240) -> dict:
     raise AssertionError(f"no checkpoint appeared in {d}")
 
 
-def test_killed_worker_resumes_from_its_last_checkpoint(prepared, tmp_path):
-    root = _copy(prepared, tmp_path)
+@pytest.fixture(scope="module")
+def failures(prepared, tmp_path_factory):
+    """One Ray Train launch of the three experts, each meeting its own fate: expert 1's worker
+    is SIGKILLed after its first registered checkpoint (Ray Train retries it), expert 2 has no
+    usable data (``max_failures: 0``: it fails at once), expert 0 trains undisturbed. One
+    launch for two tests: Ray Train's start-up is ~10 s of 2 cores per run.
+
+    -> (statuses by cluster, expert 1's run directory, the killed checkpoint's state, steps,
+    checkpoint interval)."""
+    root = _copy(prepared, tmp_path_factory.mktemp("failures"))
+    for shard in (root / "clusters" / "2").glob("*.tar"):
+        shard.write_bytes(b"this is not a tar archive" * 10)
     steps, every = 200, 50  # the kill follows the first checkpoint: 150 steps to spare
-    cfg = _cfg(root, f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}")
-    runner, result, d = _train_in_background(cfg, root)
+    cfg = _cfg(root, f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}",
+               "experts.list=[{cluster: 0, steps: 50},"  # undisturbed: a short run will do
+               " {cluster: 2, resources: {max_failures: 0}}]")
+    runner, result, d = _train_in_background(cfg, root, only=[0, 1, 2])
     state = _state_when_checkpointed(d)
+    os.kill(state["history"][-1]["pid"], signal.SIGKILL)  # expert 1's training worker, mid-run
+    runner.join(timeout=400)
+    return {s.cluster: s for s in result["s"]}, d, state, steps, every
+
+
+def test_killed_worker_resumes_from_its_last_checkpoint(failures):
+    statuses, d, state, steps, every = failures
     assert state["step"] < steps - every, "the run got too far before the kill"
     pid = state["history"][-1]["pid"]
-    os.kill(pid, signal.SIGKILL)  # the training worker, mid-run
-    runner.join(timeout=400)
-    status = result["s"][0]
+    status = statuses[1]
     assert status.status == "trained", status.reason
     desc = json.loads((d / EXPERT_JSON).read_text())
     assert desc["steps"] == steps  # the exact configured step count
@@ -318,13 +346,19 @@ def test_killed_streaming_worker_resumes_its_data_stream_exactly(prepared, tmp_p
     assert torch.equal(data["source"]["total"], reference.total)
 
 
-@pytest.mark.parametrize("executor", ["train", "task"])
-def test_expert_without_usable_data_fails_alone(prepared, tmp_path, executor):
+def test_expert_without_usable_data_fails_alone_under_ray_train(failures):
+    by_cluster = failures[0]  # expert 2's shards are not tar archives
+    assert by_cluster[0].status == "trained"
+    assert by_cluster[2].status == "failed"
+    assert "no usable samples" in by_cluster[2].reason and "\n" not in by_cluster[2].reason
+
+
+def test_expert_without_usable_data_fails_alone_as_a_task(prepared, tmp_path):
     root = _copy(prepared, tmp_path)
     for shard in (root / "clusters" / "1").glob("*.tar"):
         shard.write_bytes(b"this is not a tar archive" * 10)
     cfg = _cfg(root, "experts.train.steps=20", "experts.train.checkpoint_every=10",
-               "experts.resources.max_failures=0", f"ray.executor={executor}")
+               "experts.resources.max_failures=0", "ray.executor=task")
     statuses = train_campaign(cfg, only=[0, 1], include_router=False)
     by_cluster = {s.cluster: s for s in statuses}
     assert by_cluster[0].status == "trained"

@@ -43,6 +43,20 @@ class CampaignPaths:
 
     root: str
 
+    if TYPE_CHECKING:  # the attributes __getattr__ builds from LAYOUT, for type checkers
+        corpus: str
+        clusters: str
+        manifest: str
+        heldout: str
+        experts: str
+        router: str
+        mixtures: str
+        velocity_error: str
+        sweeps: str
+        evaluation: str
+        reference_stats: str
+        reference_clip: str
+
     def __getattr__(self, name: str) -> str:
         """The path :data:`LAYOUT` names ``name`` (an :class:`AttributeError` for any other)."""
         if name not in LAYOUT:

@@ -12,10 +12,10 @@ from typing import Any, Dict, List  # noqa: UP035 - OmegaConf needs typing gener
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from hdd_ray.config.rules import first_line, plain
+from hdd_ray.config.rules import plain
 from hdd_ray.config.schema import CampaignConfig
 from hdd_ray.config.validation import validate
-from hdd_ray.errors import ConfigError
+from hdd_ray.errors import ConfigError, first_line
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "jobs" / "configs"

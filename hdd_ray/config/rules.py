@@ -61,12 +61,6 @@ def check_fraction(key: str, value: float, lo_open: bool = False, hi_open: bool 
         raise ConfigError(f"{key}={value!r}: must be in {rng}")
 
 
-def first_line(exc: Any) -> str:
-    """The first line of an exception's text (its type's name when it has none)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def plain(node: Any) -> Dict[str, Any]:
     """A section (dataclass, OmegaConf node or mapping) as a plain nested dict."""
     if isinstance(node, (DictConfig, ListConfig)):

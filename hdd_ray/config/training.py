@@ -21,11 +21,10 @@ from hdd_ray.config.rules import (
     check_choice,
     check_fraction,
     check_positive,
-    first_line,
     is_int,
     plain,
 )
-from hdd_ray.errors import ConfigError
+from hdd_ray.errors import ConfigError, first_line
 
 MIXED_PRECISION = ("no", "bf16")
 LR_SCHEDULES = ("constant", "cosine")

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hdd_ray import storage
+from hdd_ray.errors import first_line
 from hdd_ray.storage import is_uri
 from hdd_ray.tracking.outbox import Outbox
 
@@ -83,12 +84,6 @@ def filter_literal(value: Any) -> str:
 def now_ms() -> int:
     """Now, in milliseconds since the epoch (MLflow's timestamps)."""
     return int(time.time() * 1000)
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its class name when it has none)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class TrackedRun:

@@ -7,7 +7,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from hdd_ray import storage
-from hdd_ray.tracking.client import Experiment, TrackedRun, connect, first_line
+from hdd_ray.errors import first_line
+from hdd_ray.tracking.client import Experiment, TrackedRun, connect
 from hdd_ray.tracking.outbox import Outbox
 
 if TYPE_CHECKING:

@@ -7,7 +7,8 @@ import logging
 import threading
 from typing import Any
 
-from hdd_ray.tracking.client import TrackedRun, fail_fast, first_line, now_ms
+from hdd_ray.errors import first_line
+from hdd_ray.tracking.client import TrackedRun, fail_fast, now_ms
 from hdd_ray.tracking.outbox import Outbox
 
 log = logging.getLogger(__name__)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from hdd_ray.errors import first_line
 from hdd_ray.tracking.client import (
     connect,
-    first_line,
     flatten,
     now_ms,
     tracking_uri,
