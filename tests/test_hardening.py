@@ -652,7 +652,8 @@ def test_mlflow_server_stopped_mid_campaign_loses_nothing(prepared, tmp_path, mo
     db, port = tmp_path / "mlflow.db", _free_port()
     server = _mlflow_server(db, port)
     uri = f"http://127.0.0.1:{port}"
-    cfg = _cfg(root, f"tracking.uri={uri}", "experts.train.steps=30")
+    cfg = _cfg(root, f"tracking.uri={uri}", "experts.train.steps=30",
+               "ray.executor=task")  # MLflow is under test, not Ray Train
     stopped: list[float] = []
 
     def stop_at_first_checkpoint() -> None:

@@ -323,7 +323,8 @@ def test_end_to_end_latent_space(tmp_path, tiny_vae, rgb_corpus, latent_campaign
                "router.train.batch_size=8", "router.train.checkpoint_every=6",
                "experts.resources.cpus_per_worker=0.5", "router.resources.cpus_per_worker=0.5",
                "experts.text.dim=32", "evaluation.num_samples=8", "sampling.steps=2",
-               "sampling.batch_size=8", "sampling.k=1")
+               "sampling.batch_size=8", "sampling.k=1",
+               "ray.executor=task")  # the latent space is under test, not Ray Train
     assert prepare_corpus(cfg)["reused"]  # the module's latent corpus, prepared once
     statuses = train_campaign(cfg)
     assert [s.status for s in statuses] == ["trained"] * 3, [s.reason for s in statuses]

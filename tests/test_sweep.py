@@ -31,6 +31,7 @@ BASE = [
     "ray.max_concurrent_experts=2",
     "evaluation.num_samples=96", "sampling.steps=4", "sampling.sampler=euler",
     "sweep.cpus_per_trial=1", "sweep.max_concurrent_trials=2", "sweep.k=[2]",
+    "ray.executor=task",  # Ray Tune is under test here, not Ray Train (tests/test_training.py)
 ]
 
 

@@ -280,9 +280,9 @@ def failures(prepared, tmp_path_factory):
     root = _copy(prepared, tmp_path_factory.mktemp("failures"))
     for shard in (root / "clusters" / "2").glob("*.tar"):
         shard.write_bytes(b"this is not a tar archive" * 10)
-    steps, every = 200, 50  # the kill follows the first checkpoint: 150 steps to spare
+    steps, every = 120, 40  # the kill follows the first checkpoint: 80 steps to spare
     cfg = _cfg(root, f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}",
-               "experts.list=[{cluster: 0, steps: 50},"  # undisturbed: a short run will do
+               "experts.list=[{cluster: 0, steps: 40},"  # undisturbed: a short run will do
                " {cluster: 2, resources: {max_failures: 0}}]")
     runner, result, d = _train_in_background(cfg, root, only=[0, 1, 2])
     state = _state_when_checkpointed(d)
@@ -451,7 +451,7 @@ def test_killed_driver_rerun_resumes_the_partial_experts(prepared_campaign, tmp_
     from hdd_ray.training.checkpoints import TASK_CHECKPOINT, TASK_METRICS
 
     root = prepared_campaign.copy(tmp_path)
-    steps, every = 200, 20
+    steps, every = 100, 20  # the kill follows every expert's first checkpoint
     common = [f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}",
               "tracking.enabled=false", "ray.executor=task"]
     # a relative root, as the README's commands give it: the job resolves it against its cwd
