@@ -129,6 +129,7 @@ def test_task_hooks_resume_exactly_and_take_the_newest_checkpoint_of_either_exec
         TASK_CHECKPOINT,
         newest_state,
         task_checkpoint_metrics,
+        write_checkpoint,
     )
     from hdd_ray.training.loop import TaskHooks
 
@@ -144,7 +145,7 @@ def test_task_hooks_resume_exactly_and_take_the_newest_checkpoint_of_either_exec
     # a Ray Train checkpoint registered in the same directory at step 40 is newer: it wins
     ckpt = run / "checkpoint_2026-01-01_00-00-00.000000"
     ckpt.mkdir()
-    torch.save({**b, "step": 40}, ckpt / STATE_FILE)
+    write_checkpoint(str(ckpt), {**b, "step": 40})
     (run / RAY_TRAIN_SNAPSHOT).write_text(json.dumps({"latest_checkpoint_result": {
         "checkpoint_dir_name": ckpt.name, "metrics": {"step": 40}}}))
     assert TaskHooks(str(run)).load_state()["step"] == 40
@@ -160,6 +161,55 @@ def test_task_hooks_resume_exactly_and_take_the_newest_checkpoint_of_either_exec
     assert (run / TASK_CHECKPOINT / STATE_FILE).exists()
     assert newest_state(None, None) is None
     assert newest_state({"step": 3}, None, {"step": 7})["step"] == 7
+
+
+def test_the_ema_averages_trainable_weights_only_and_the_export_reads_its_file_alone(
+        shard, tmp_path):
+    """A frozen part (an open_clip tower) is neither copied nor averaged; a checkpoint keeps
+    the EMA in its own file, which is all the export reads (no optimizer state)."""
+    from torch import nn
+
+    from hdd_ray.models.expert import ExpertModel
+    from hdd_ray.training.checkpoints import (
+        EMA_FILE,
+        STATE_FILE,
+        TASK_CHECKPOINT,
+        task_checkpoint_export,
+    )
+    from hdd_ray.training.loop import EMA, TaskHooks
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    model[0].requires_grad_(False)  # frozen
+    ema = EMA(model, decay=0.5)
+    assert ema.names == ["1.weight", "1.bias"]
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    out = ema.exported(model)
+    assert torch.equal(out["0.weight"], model[0].weight)  # the live frozen weights
+    assert torch.allclose(out["1.weight"], start["1.weight"] + 0.5)  # halfway: decay 0.5
+    cfg = _config(shard, "fm_velocity", 10)
+    expert = ExpertModel(cfg.expert.model, cfg.expert.text, 8, 1)
+    expert.text.requires_grad_(False)
+    expert.text_frozen = True  # as with an open_clip tower
+    frozen = EMA(expert, 0.9)
+    assert frozen.names and not any(n.startswith("text.") for n in frozen.names)
+    assert set(frozen.exported(expert)) == set(expert.exported_state())
+
+    run = tmp_path / "run"
+    run_loop(cfg, TaskHooks(str(run)))
+    state = torch.load(run / TASK_CHECKPOINT / STATE_FILE, weights_only=True)
+    assert "ema" not in state and "optimizer" in state  # the average is saved once
+    assert (run / TASK_CHECKPOINT / EMA_FILE).exists()
+    ema_before = TaskHooks(str(run)).load_state()["ema"]
+    (run / TASK_CHECKPOINT / STATE_FILE).unlink()  # the export never needs it
+    final = task_checkpoint_export(str(run))
+    assert final.step == 10 and [h["start_step"] for h in final.history] == [0]
+    trained = ExpertModel(cfg.expert.model, cfg.expert.text, 8, 1)  # its text encoder learned
+    assert set(final.weights) == set(trained.exported_state())
+    assert all(torch.equal(final.weights[k], ema_before[k]) for k in final.weights)
 
 
 def test_learning_rate_schedules_warm_up_and_decay_by_step_alone(shard, tmp_path):

@@ -1,10 +1,16 @@
 """A run's checkpoints, as either executor writes them, and the readers of both.
 
-* Ray Train's (``ray.executor: train``): ``<run>/checkpoint_<time>/state.pt``, registered in
+Every checkpoint is a folder of two files (:func:`checkpoint_files`): ``state.pt``, what a resume
+needs besides the average (model, optimizer, step, generators, data positions), and
+``ema.safetensors`` (:data:`EMA_FILE`), the EMA weights exactly as they are exported, with the
+step, the attempts and the wall time in its metadata. The export reads that one file
+(:func:`read_export`), never the optimizer state.
+
+* Ray Train's (``ray.executor: train``): ``<run>/checkpoint_<time>/``, registered in
   ``<run>/checkpoint_manager_snapshot.json`` (:data:`RAY_TRAIN_SNAPSHOT`) with the metrics
   reported with it; read here, never written (Ray Train writes them).
-* The task executor's (``ray.executor: task``): ``<run>/checkpoint_task/state.pt`` and
-  ``metrics.json``, each replaced atomically, the state first (:func:`write_task_checkpoint`).
+* The task executor's (``ray.executor: task``): ``<run>/checkpoint_task/``, its two files and
+  ``metrics.json``, each replaced atomically, the metrics last (:func:`write_task_checkpoint`).
 
 A run resumes from the newest of the two (:func:`newest_state`), so switching ``ray.executor``
 loses no step; the launcher's progress lines read the newest one's metrics
@@ -15,24 +21,35 @@ bucket, like Ray Train's storage).
 from __future__ import annotations
 
 import io
+import json
 import logging
-import os
+import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import Tensor
 
 from hdd_ray import storage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RAY_TRAIN_SNAPSHOT", "STATE_FILE", "TASK_CHECKPOINT", "TASK_METRICS",
-           "latest_checkpoint_metrics", "latest_checkpoint_step", "newest_state", "other_state",
-           "ray_train_checkpoint_metrics", "ray_train_state", "result_state",
-           "task_checkpoint_metrics", "task_checkpoint_state", "write_task_checkpoint"]
+__all__ = ["EMA_FILE", "RAY_TRAIN_SNAPSHOT", "STATE_FILE", "TASK_CHECKPOINT", "TASK_METRICS",
+           "FinalWeights", "checkpoint_files", "latest_checkpoint_metrics",
+           "latest_checkpoint_step", "newest_state", "other_state", "ray_train_checkpoint_metrics",
+           "ray_train_state", "read_checkpoint", "read_export", "result_export",
+           "task_checkpoint_export", "task_checkpoint_metrics", "task_checkpoint_state",
+           "write_checkpoint", "write_task_checkpoint"]
 
-#: a checkpoint's state (model, EMA, optimizer, step, generators, data positions)
+#: a checkpoint's state without the average (model, optimizer, step, generators, data positions)
 STATE_FILE = "state.pt"
+#: a checkpoint's EMA weights, as exported (safetensors; step, attempts, wall time as metadata)
+EMA_FILE = "ema.safetensors"
+#: the keys of the loop's state that go into the EMA file's metadata (JSON) as well
+_PROGRESS = ("step", "history", "wall_time")
 #: the task executor's checkpoint in a run directory (``ray.executor: task``): ``state.pt`` and
 #: the metrics reported with it, each file replaced atomically
 TASK_CHECKPOINT = "checkpoint_task"
@@ -41,10 +58,57 @@ TASK_METRICS = "metrics.json"
 RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
-def _load_state_file(path: str) -> dict[str, Any] | None:
-    if not storage.exists(path):
+@dataclass(frozen=True)
+class FinalWeights:
+    """What the export of a run needs, read from its last checkpoint's EMA file alone."""
+
+    weights: dict[str, Tensor]  # the EMA weights, as exported
+    step: int
+    history: list[dict[str, Any]]  # one entry per attempt (its start step, node, time)
+    wall_time: float
+
+
+def checkpoint_files(state: dict[str, Any]) -> dict[str, bytes]:
+    """The loop's state (``ema`` = the exported EMA weights) as a checkpoint's files:
+    :data:`EMA_FILE` first (the order to write them in), then :data:`STATE_FILE`."""
+    progress = {k: state[k] for k in _PROGRESS}
+    ema = save_safetensors({k: v.detach().cpu().contiguous() for k, v in state["ema"].items()},
+                           metadata={"progress": json.dumps(progress)})
+    buffer = io.BytesIO()
+    torch.save({k: v for k, v in state.items() if k != "ema"}, buffer)
+    return {EMA_FILE: ema, STATE_FILE: buffer.getvalue()}
+
+
+def write_checkpoint(directory: str, state: dict[str, Any]) -> None:
+    """Write the loop's state as a checkpoint into ``directory`` (a local folder or a URI),
+    each file replaced atomically on a local disk."""
+    for name, data in checkpoint_files(state).items():
+        storage.write_bytes(storage.join(directory, name), data)
+
+
+def read_checkpoint(directory: str) -> dict[str, Any] | None:
+    """The loop's state from a checkpoint folder (``ema`` read back from its own file), or
+    ``None`` when the folder holds no checkpoint."""
+    state_path = storage.join(directory, STATE_FILE)
+    if not storage.exists(state_path):
         return None
-    return torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
+    state = torch.load(io.BytesIO(storage.read_bytes(state_path)), map_location="cpu",
+                       weights_only=True)
+    ema = read_export(storage.read_bytes(storage.join(directory, EMA_FILE)))
+    if ema.step != int(state["step"]):  # killed between its two files' replacements
+        log.warning("%s: EMA file of step %d beside the state of step %d; the average goes on "
+                    "from the EMA file's", directory, ema.step, int(state["step"]))
+    state["ema"] = ema.weights
+    return state
+
+
+def read_export(data: bytes) -> FinalWeights:
+    """An EMA file's weights and the progress in its metadata (``data``: the file's bytes)."""
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(bytes(data[8:8 + size]))
+    progress = json.loads(header["__metadata__"]["progress"])
+    return FinalWeights(load_safetensors(bytes(data)), int(progress["step"]),
+                        list(progress["history"]), float(progress["wall_time"]))
 
 
 def other_state(load: Callable[[], dict[str, Any] | None], what: str) -> dict[str, Any] | None:
@@ -76,17 +140,21 @@ def task_checkpoint_metrics(run_directory: str) -> dict[str, Any] | None:
 
 def task_checkpoint_state(run_directory: str) -> dict[str, Any] | None:
     """The state of a run's task-executor checkpoint, or ``None``."""
-    return _load_state_file(storage.join(run_directory, TASK_CHECKPOINT, STATE_FILE))
+    return read_checkpoint(storage.join(run_directory, TASK_CHECKPOINT))
+
+
+def task_checkpoint_export(run_directory: str) -> FinalWeights | None:
+    """The EMA weights and progress of a run's task-executor checkpoint (its EMA file only),
+    or ``None``."""
+    path = storage.join(run_directory, TASK_CHECKPOINT, EMA_FILE)
+    return read_export(storage.read_bytes(path)) if storage.exists(path) else None
 
 
 def write_task_checkpoint(run_directory: str, state: dict[str, Any],
                           metrics: dict[str, Any]) -> None:
-    """Write ``state`` then ``metrics`` into ``<run_directory>/checkpoint_task/``."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
+    """Write ``state``, then ``metrics``, into ``<run_directory>/checkpoint_task/``."""
     # the state first: metrics never announce a step whose state is not written yet
-    storage.write_bytes(storage.join(run_directory, TASK_CHECKPOINT, STATE_FILE),
-                        buffer.getbuffer())
+    write_checkpoint(storage.join(run_directory, TASK_CHECKPOINT), state)
     storage.write_json(storage.join(run_directory, TASK_CHECKPOINT, TASK_METRICS), metrics)
 
 
@@ -117,16 +185,17 @@ def ray_train_state(run_directory: str) -> dict[str, Any] | None:
     latest = _ray_train_latest(run_directory)
     if not latest or "checkpoint_dir_name" not in latest:
         return None
-    return _load_state_file(storage.join(run_directory, str(latest["checkpoint_dir_name"]),
-                                         STATE_FILE))
+    return read_checkpoint(storage.join(run_directory, str(latest["checkpoint_dir_name"])))
 
 
-def result_state(result: Any) -> dict[str, Any]:
-    """The state of a finished Ray Train ``Result``'s checkpoint."""
-    if result.checkpoint is None:
+def result_export(result: Any) -> FinalWeights:
+    """The EMA weights and progress of a finished Ray Train ``Result``'s checkpoint, read from
+    its EMA file alone (through the checkpoint's filesystem: nothing else is downloaded)."""
+    checkpoint = result.checkpoint
+    if checkpoint is None:
         raise RuntimeError("the run ended without a checkpoint")
-    with result.checkpoint.as_directory() as d:
-        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{EMA_FILE}") as f:
+        return read_export(f.read())
 
 
 # ---------------------------------------------------------------------------------- either one

@@ -1,5 +1,5 @@
-"""The two ways a run is executed (``ray.executor``), each returning ``(final state, last
-metrics)``: under Ray Train (:func:`fit_train`, the default) or as one Ray task (:func:`fit_task`).
+"""The two ways a run is executed (``ray.executor``), each returning ``(final weights, last
+metrics)`` (:class:`hdd_ray.training.checkpoints.FinalWeights`: the last checkpoint's EMA file): under Ray Train (:func:`fit_train`, the default) or as one Ray task (:func:`fit_task`).
 
 * ``train``: a ``TorchTrainer`` per run with its own ``RunConfig`` (name = the run's id,
   storage = its parent folder), ``FailureConfig`` and ``ScalingConfig`` (CPUs, GPUs,
@@ -17,7 +17,7 @@ import functools
 from typing import TYPE_CHECKING, Any
 
 from hdd_ray.placement import worker_task
-from hdd_ray.training.checkpoints import result_state, task_checkpoint_state
+from hdd_ray.training.checkpoints import FinalWeights, result_export, task_checkpoint_export
 from hdd_ray.training.loop import train_loop, train_task
 from hdd_ray.training.settings import RunSettings
 
@@ -28,17 +28,17 @@ __all__ = ["fit", "fit_task", "fit_train", "one_line"]
 
 
 def fit(executor: str, settings: RunSettings, resources: dict[str, Any], storage_path: str,
-        name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        name: str) -> tuple[FinalWeights, dict[str, Any]]:
     """Train (or resume) run ``name`` in ``<storage_path>/<name>`` with ``executor``
-    (``"train"`` or ``"task"``) -> ``(final state, last metrics)``; raises the run's error."""
+    (``"train"`` or ``"task"``) -> ``(final weights, last metrics)``; raises the run's error."""
     if executor == "task":
         return fit_task(settings, resources)
     return fit_train(settings, resources, storage_path, name)
 
 
 def fit_task(settings: RunSettings,
-             resources: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The run as one Ray task (``ray.executor: task``) -> ``(final state, last metrics)``.
+             resources: dict[str, Any]) -> tuple[FinalWeights, dict[str, Any]]:
+    """The run as one Ray task (``ray.executor: task``) -> ``(final weights, last metrics)``.
 
     The task asks for the run's one worker's resources; on CPUs Ray reuses its worker
     processes, so a run starts without the new processes (and imports) of a Ray Train worker
@@ -58,15 +58,15 @@ def fit_task(settings: RunSettings,
         if isinstance(cause, Exception):
             raise cause from None
         raise
-    final = task_checkpoint_state(str(settings.run_directory))
+    final = task_checkpoint_export(str(settings.run_directory))
     if final is None:
         raise RuntimeError("the run ended without a checkpoint")
     return final, metrics
 
 
 def fit_train(settings: RunSettings, resources: dict[str, Any], storage_path: str,
-              name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The run under Ray Train (``ray.executor: train``) -> ``(final state, last metrics)``."""
+              name: str) -> tuple[FinalWeights, dict[str, Any]]:
+    """The run under Ray Train (``ray.executor: train``) -> ``(final weights, last metrics)``."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -89,7 +89,7 @@ def fit_train(settings: RunSettings, resources: dict[str, Any], storage_path: st
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    return result_state(result), dict(result.metrics)
+    return result_export(result), dict(result.metrics)
 
 
 def _scaling(resources: dict[str, Any]) -> ScalingConfig:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from hdd_ray import storage
 from hdd_ray.campaign import WEIGHTS, file_sha256, record_verified
 from hdd_ray.models.expert import save_weights
+from hdd_ray.training.checkpoints import FinalWeights
 
 if TYPE_CHECKING:
     from hdd_ray.training.jobs import Job
@@ -17,22 +18,21 @@ if TYPE_CHECKING:
 __all__ = ["export_run"]
 
 
-def export_run(job: Job, final: dict[str, Any], metrics: dict[str, Any],
+def export_run(job: Job, final: FinalWeights, metrics: dict[str, Any],
                run_id: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Export ``job``'s run from its final checkpoint state and last metrics ->
-    ``(description as written, the reports' fields)``."""
-    model = job.build()
-    model.load_state_dict(final["ema"])
+    """Export ``job``'s run from its last checkpoint's EMA file and last metrics ->
+    ``(description as written, the reports' fields)``. The file holds the weights as exported
+    (no network is built, no frozen tower loaded, no optimizer state read)."""
     weights_path = storage.join(job.directory, WEIGHTS)
-    save_weights(weights_path, model.exported_state())
+    save_weights(weights_path, final.weights)
     extra = job.report(weights_path) if job.report else {}
-    history = list(final["history"])
+    history = list(final.history)
     node = {**history[-1], "resources": _node_resources(history[-1].get("node_id"))}
     desc = {
         "identity": job.identity, f"{job.kind}_id": job.name, **job.describe, **extra,
-        "steps": int(final["step"]),
+        "steps": final.step,
         "final_loss": float(metrics.get("loss", float("nan"))),
-        "wall_time_s": float(final["wall_time"]),
+        "wall_time_s": final.wall_time,
         "node": node, "attempts": history,
         "world_size": int(metrics.get("world_size", 1)),
         "process_group_size": int(metrics.get("pg_world_size", 1)),

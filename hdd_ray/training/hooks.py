@@ -16,7 +16,6 @@ Either executor resumes from the newest checkpoint of the run, its own or the ot
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from typing import Any
 
@@ -24,11 +23,12 @@ import torch
 from torch import nn
 
 from hdd_ray.training.checkpoints import (
-    STATE_FILE,
     newest_state,
     other_state,
     ray_train_state,
+    read_checkpoint,
     task_checkpoint_state,
+    write_checkpoint,
     write_task_checkpoint,
 )
 
@@ -60,8 +60,7 @@ class RayTrainHooks:
         state = None
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
-                state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu",
-                                   weights_only=True)
+                state = read_checkpoint(d)
         # a run the task executor began (ray.executor switched to train): go on from there
         local = (other_state(lambda: task_checkpoint_state(self.run_directory),
                              f"{self.run_directory}: the task executor's checkpoint")
@@ -69,14 +68,14 @@ class RayTrainHooks:
         return newest_state(state, local)
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        """``ray.train.report``, with a checkpoint holding ``state.pt`` when ``state`` is given."""
+        """``ray.train.report``, with a checkpoint of ``state`` when it is given."""
         import ray.train
 
         if state is None:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as d:
-            torch.save(state, os.path.join(d, STATE_FILE))
+            write_checkpoint(d, state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     def preempted(self) -> bool:
@@ -99,7 +98,7 @@ class RayTrainHooks:
 
 
 class LocalHooks:
-    """The same loop in a plain process: checkpoints are ``state.pt`` files in ``directory``.
+    """The same loop in a plain process: the checkpoint's files in ``directory``.
 
     Used for the orchestration-overhead benchmark (identical loop, no Ray) and fast tests.
     """
@@ -115,20 +114,14 @@ class LocalHooks:
         return torch.device("cuda") if use_cuda else torch.device("cpu")
 
     def load_state(self) -> dict[str, Any] | None:
-        """``<directory>/state.pt``, or ``None``."""
-        path = os.path.join(self.directory, STATE_FILE)
-        if not os.path.exists(path):
-            return None
-        return torch.load(path, map_location="cpu", weights_only=True)
+        """The checkpoint in ``directory``, or ``None``."""
+        return read_checkpoint(self.directory)
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        """Keep ``metrics``; replace ``<directory>/state.pt`` when ``state`` is given."""
+        """Keep ``metrics``; replace the checkpoint in ``directory`` when ``state`` is given."""
         self.reports.append(metrics)
         if state is not None:
-            os.makedirs(self.directory, exist_ok=True)
-            tmp = os.path.join(self.directory, STATE_FILE + ".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, os.path.join(self.directory, STATE_FILE))
+            write_checkpoint(self.directory, state)
 
     def preempted(self) -> bool:
         """Never: a plain process gets no drain notice."""

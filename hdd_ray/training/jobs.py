@@ -14,8 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
 from hdd_ray import storage
 from hdd_ray.campaign import (
     EXPERT_JSON,
@@ -30,7 +28,6 @@ from hdd_ray.campaign import (
     router_identity,
 )
 from hdd_ray.config import CampaignConfig, ResolvedExpert, TrainConfig, to_dict
-from hdd_ray.models.expert import ExpertModel, RouterModel
 from hdd_ray.training.data import data_settings
 from hdd_ray.training.reports import router_accuracy
 from hdd_ray.training.settings import RunSettings
@@ -51,7 +48,6 @@ class Job:
     identity: dict[str, Any]
     resources: dict[str, Any]
     settings: RunSettings
-    build: Callable[[], nn.Module]  # the architecture, for the exported EMA weights
     describe: dict[str, Any]  # fixed fields of the exported JSON
     tags: dict[str, str]
     precheck_error: str = ""
@@ -101,7 +97,6 @@ def expert_job(cfg: CampaignConfig, expert: ResolvedExpert, manifest: dict[str, 
             data=data_settings(to_dict(cfg.experts.data)),
             expert=expert, shards=shards, num_samples=count,
             **_common(cfg, expert.resources, manifest)),
-        build=lambda: ExpertModel(expert.model, expert.text, size, ch),
         describe={"cluster": expert.cluster, "objective": expert.objective,
                   "schedule": expert.schedule, "architecture": expert.model, "text": expert.text,
                   "image_size": size, "channels": ch, "data_hash": identity["data_hash"],
@@ -129,7 +124,6 @@ def router_job(cfg: CampaignConfig, manifest: dict[str, Any]) -> Job:
             cluster_shards={c: cluster_shards(cfg, manifest, c) for c in range(k)},
             cluster_counts={c: int(cluster_info(manifest, c)["count"]) for c in range(k)},
             **_common(cfg, resources, manifest)),
-        build=lambda: RouterModel(cfg.router.model, size, ch, k),
         describe={"architecture": cfg.router.model, "k": k, "image_size": size, "channels": ch,
                   "data_hash": str(manifest["data_hash"]), **_latents_describe(manifest)},
         tags={"kind": "router"},

@@ -22,7 +22,6 @@ damaged are reported as ``skipped``.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 import platform
@@ -185,28 +184,49 @@ def _restore_data(task: _DataTask, rng: TrainingStreams, state: dict[str, Any], 
 
 
 class EMA:
-    """Exponential moving average of a model's parameters (buffers copied)."""
+    """Exponential moving average of a model's **trainable** parameters.
+
+    A frozen part (an open_clip text tower) is neither copied nor averaged: it never changes.
+    :meth:`exported` gives the model's exported weights with the average in place of each
+    trainable parameter (buffers, such as an expert's data mean, are the live model's)."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self._params = list(self.model.parameters())
-        self._buffers = list(self.model.buffers())
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self._params = [p.detach().clone() for _, p in named]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """``ema = decay * ema + (1 - decay) * param``: one fused ``_foreach_lerp_`` over all
-        parameters (the same per-element lerp as a loop of ``lerp_``, without ~100 calls a step
-        on a tiny model); buffers are copied."""
-        params = [p.detach() for p in model.parameters()]
+        """``ema = decay * ema + (1 - decay) * param``: one fused ``_foreach_lerp_`` over the
+        trainable parameters (the same per-element lerp as a loop of ``lerp_``, without ~100
+        calls a step on a tiny model)."""
+        params = [p.detach() for p in model.parameters() if p.requires_grad]
         if len(params) != len(self._params):
-            raise ValueError(f"EMA: the model has {len(params)} parameters, the average "
-                             f"{len(self._params)}")
+            raise ValueError(f"EMA: the model has {len(params)} trainable parameters, the "
+                             f"average {len(self._params)}")
         if any(p.dtype != e.dtype for p, e in zip(params, self._params, strict=True)):
             params = [p.to(e.dtype) for p, e in zip(params, self._params, strict=True)]
         torch._foreach_lerp_(self._params, params, 1 - self.decay)
-        for e, b in zip(self._buffers, model.buffers(), strict=True):
-            e.copy_(b)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The averaged parameters by name."""
+        return dict(zip(self.names, self._params, strict=True))
+
+    @torch.no_grad()
+    def load(self, weights: dict[str, Tensor]) -> None:
+        """Continue from ``weights`` (exported weights, as :meth:`exported` gives them)."""
+        missing = [n for n in self.names if n not in weights]
+        if missing:
+            raise ValueError(f"EMA: the checkpoint's average lacks {missing[:3]}")
+        for name, param in zip(self.names, self._params, strict=True):
+            param.copy_(weights[name])
+
+    def exported(self, model: nn.Module) -> dict[str, Tensor]:
+        """``model``'s exported weights (``exported_state()``) with the average in place."""
+        averaged = self.state_dict()
+        state = model.exported_state() if hasattr(model, "exported_state") else model.state_dict()
+        return {k: averaged.get(k, v) for k, v in state.items()}
 
 
 def _adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -299,7 +319,7 @@ class _Run:
         if state is None:
             return
         model.load_state_dict(state["model"])
-        self.ema.model.load_state_dict(state["ema"])
+        self.ema.load(state["ema"])
         self.opt.load_state_dict(state["optimizer"])
         self.start_step, self.history = int(state["step"]), list(state["history"])
         self.wall_before = float(state["wall_time"])
@@ -377,7 +397,7 @@ class _Run:
             self.hooks.report(metrics, None)
             return
         self.hooks.report(metrics, {
-            "model": _unwrap(self.model).state_dict(), "ema": self.ema.model.state_dict(),
+            "model": _unwrap(self.model).state_dict(), "ema": self.ema.exported(_unwrap(self.model)),
             "optimizer": self.opt.state_dict(), "step": step, "history": self.history,
             **self.rng.state(), "torch_rng": torch.get_rng_state(), "data": data,
             "wall_time": self.wall_before + elapsed})
