@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -237,6 +237,35 @@ def test_streamed_training_resumes_bit_exactly_and_records_its_data_position(tmp
     mean = (source["total"] / source["count"] / 127.5 - 1).float()
     assert torch.equal(b["ema"]["data_mean"], mean)
     assert straight.reports[-1]["skipped"] == 0
+
+
+@pytest.mark.parametrize("changed", [{"shuffle_buffer": 24}, {"open_shards": 3}])
+def test_a_stream_resumed_under_other_data_settings_neither_repeats_nor_skips(tmp_path, caplog,
+                                                                               changed):
+    """The position depends on ``shuffle_buffer`` and ``open_shards`` (not part of the run's
+    identity): under other values the resumed stream starts its next epoch, so the rest of the
+    run sees whole epochs, each sample once per epoch."""
+    import logging
+
+    paths = _shards(tmp_path, [9, 14, 11])  # 34 samples
+    hooks = LocalHooks(str(tmp_path / "run"))
+    run_loop(_expert_config(paths, 10, "stream"), hooks)  # 80 samples: into epoch 2
+    saved = hooks.load_state()["data"][0]["source"]
+    assert saved["layout"] == {"shuffle_buffer": 16, "open_shards": 2}
+    epoch = saved["position"]["block"]["epoch"]
+    resumed = _expert_config(paths, 20, "stream")
+    resumed = replace(resumed, data=replace(resumed.data, **changed))
+    with caplog.at_level(logging.WARNING, logger="hdd_ray"):
+        run_loop(resumed, hooks)
+    assert "data settings changed since the checkpoint" in caplog.text
+    position = hooks.load_state()["data"][0]["source"]["position"]
+    assert position["block"]["epoch"] == epoch + 1 + (80 // 34)  # 80 more: two whole epochs
+    # what the resumed stream reads: whole epochs from the next one on, each sample once
+    stream = StreamSource([(p, 0) for p in paths], HOW, resumed.data, seed=resumed.train.seed)
+    stream.start_epoch(epoch + 1)
+    keys = _keys(stream, 34 // 2, n=2)
+    stream.close()
+    assert sorted(keys) == [f"s{i:05d}" for i in range(34)]
 
 
 def test_the_router_streams_every_cluster_at_its_natural_frequency(tmp_path):

@@ -47,9 +47,11 @@ it) plus the number of the block's samples consumed. A resumed rank re-opens tho
 skips the records already read (without decoding), re-reads and re-shuffles the same block and
 continues at the next unconsumed sample: no sample is seen twice or left out, and the batches
 are the ones the uninterrupted run would have drawn. Every rank's position is checkpointed (the
-loop gathers them to rank 0); a resume with another number of workers starts the next epoch,
-and one that switched ``data.mode`` starts its source afresh, keeping the skip count
-(``hdd_ray.training.loop._restore_data``).
+loop gathers them to rank 0) with the settings it depends on (``data.shuffle_buffer`` and
+``data.open_shards``, which are not part of a run's identity); a resume with another number of
+workers or other such settings starts the next epoch (continuing the position would repeat some
+samples and skip others), and one that switched ``data.mode`` starts its source afresh, keeping
+the skip count (``hdd_ray.training.loop._restore_data``).
 
 **Skips.** A sample that fails to read or decode is skipped and counted, never raised: in the
 stream, damage is counted on the first pass over the data only (each damaged sample once, as
@@ -339,10 +341,17 @@ class StreamSource(BatchSource):
         """Running mean over the samples consumed so far (zeros before the first batch)."""
         return _mean_from_sum(self.total, self.count, self.how.latents)
 
+    def layout(self) -> dict[str, int]:
+        """The settings a position depends on (the blocks' size and the shards read into each):
+        a position is only continued under the same ones."""
+        return {"shuffle_buffer": int(self.settings.shuffle_buffer),
+                "open_shards": int(self.settings.open_shards)}
+
     def state(self) -> dict[str, Any]:
-        """Position, skip count and the running sum (see the module docstring)."""
-        return {"position": self.position, "skipped": self.skipped, "count": self.count,
-                "total": self.total.clone()}
+        """Position (with the :meth:`layout` it was taken under), skip count and the running
+        sum (see the module docstring)."""
+        return {"position": self.position, "layout": self.layout(), "skipped": self.skipped,
+                "count": self.count, "total": self.total.clone()}
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Continue at a recorded position (before the first batch)."""

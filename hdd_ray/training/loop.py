@@ -153,13 +153,21 @@ def _restore_data(task: _DataTask, rng: TrainingStreams, state: dict[str, Any], 
     checkpoint from before data states restarts the data instead: other ranks reseed by
     ``(seed, rank, step)`` (with another world size); a stream starts the epoch after the
     latest one recorded, or epoch 1 after the in-memory path (whose skip count already holds
-    all of the data's damage, which a stream counts on epoch 0 only). The skip count is kept:
-    rank 0 carries the checkpoint's total."""
+    all of the data's damage, which a stream counts on epoch 0 only), as does a stream whose
+    position was taken under other ``shuffle_buffer`` / ``open_shards`` settings. The skip
+    count is kept: rank 0 carries the checkpoint's total."""
     ranks = state.get("data")
     if rank == 0:
         rng.load(state)
     sources = [r["source"] for r in ranks or []]
     same_kind = bool(sources) and all(("position" in s) == task.data.streaming for s in sources)
+    if same_kind and isinstance(task.data, StreamSource):
+        saved = [s.get("layout") for s in sources]
+        if any(layout != task.data.layout() for layout in saved):
+            same_kind = False  # the position means other blocks now: start the next epoch
+            if rank == 0:
+                log.warning("data settings changed since the checkpoint (%s, now %s): the "
+                            "stream starts its next epoch", saved[0], task.data.layout())
     if ranks is not None and len(ranks) == world:
         if rank != 0:
             rng.load(ranks[rank]["rng"])
