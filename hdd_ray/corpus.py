@@ -10,6 +10,11 @@ reader inside their tasks.
 
 Damage never raises here: a tar cut short or an unreadable shard yields a sample dict with an
 ``__error__`` reason (``truncated_tar``, ``unreadable_shard``) so callers can count it.
+
+Shards are read through :class:`ShardReader`: :data:`READ_BUFFER_BYTES` per request (tarfile
+asks for 10 KB at a time, one ranged GET each on an object store), and a read that fails with an
+I/O error is retried from the same byte, with backoff, before it counts as damage (a dropped
+connection or a throttled request is not a damaged shard).
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ import fnmatch
 import hashlib
 import io
 import json
+import logging
 import posixpath
 import re
 import tarfile
+import time
 import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -29,11 +36,14 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from hdd_ray import storage
-from hdd_ray.errors import PrepareError
+from hdd_ray.errors import PrepareError, first_line
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEMO_NUM_SAMPLES",
     "PrepareError",
+    "ShardReader",
     "decode_image",
     "demo_caption",
     "encode_png",
@@ -67,6 +77,97 @@ DEMO_TEMPLATES = (
 # Same rule as webdataset / Ray Data: key = path up to the first dot of the base name.
 _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
+#: bytes fetched per request when a shard is read
+READ_BUFFER_BYTES = 8 << 20
+#: attempts at a shard read failing with an I/O error, and the first wait between two (doubled
+#: after each failure: 0.5, 1, 2 s)
+READ_ATTEMPTS = 4
+READ_BACKOFF_S = 0.5
+#: errors that no retry cures: the shard is not there (or not readable by us)
+_PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+class ShardReader:
+    """A shard's bytes for tarfile, fetched :data:`READ_BUFFER_BYTES` at a time.
+
+    A fetch that fails with a transient I/O error re-opens the shard at the byte it had reached
+    and tries again, :data:`READ_ATTEMPTS` times in all with exponential backoff from
+    :data:`READ_BACKOFF_S`, each retry logged; the last failure is raised (and counted as damage
+    by :func:`iter_tar`). A missing or forbidden shard is not retried.
+    """
+
+    def __init__(self, fs: pafs.FileSystem, path: str, url: str,
+                 buffer_bytes: int = READ_BUFFER_BYTES) -> None:
+        self.fs, self.path, self.url, self.buffer_bytes = fs, path, url, buffer_bytes
+        self.fetched, self.retries = 0, 0  # bytes fetched so far; retried fetches
+        self._file: Any = None
+        self._buffer = memoryview(b"")
+        self._eof = False
+        self._retrying(lambda: b"")  # opened now: a shard that is not there raises here
+
+    def _retrying(self, read: Any) -> bytes:
+        """``read()`` on the open shard (opened, or re-opened at :attr:`fetched`, first),
+        retried on transient I/O errors."""
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                if self._file is None:
+                    self._file = self.fs.open_input_file(self.path)
+                    if self.fetched:
+                        self._file.seek(self.fetched)
+                return bytes(read())
+            except _PERMANENT:
+                raise
+            except OSError as exc:
+                self._drop_file()
+                if attempt == READ_ATTEMPTS - 1:
+                    raise
+                wait = READ_BACKOFF_S * 2**attempt
+                self.retries += 1
+                log.warning("%s: read failed at byte %d (%s); retrying in %.1f s", self.url,
+                            self.fetched, first_line(exc), wait)
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def _fetch(self) -> bytes:
+        data = self._retrying(lambda: self._file.read(self.buffer_bytes))
+        self.fetched += len(data)
+        return data
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (all that is left when ``n`` is negative); ``b""`` at the end."""
+        parts, want = [], n if n is not None and n >= 0 else float("inf")
+        while want > 0:
+            if not self._buffer:
+                if self._eof:
+                    break
+                data = self._fetch()
+                if not data:
+                    self._eof = True
+                    break
+                self._buffer = memoryview(data)
+            take = self._buffer[:want] if want != float("inf") else self._buffer
+            parts.append(bytes(take))
+            self._buffer = self._buffer[len(take):]
+            want -= len(take)
+        return b"".join(parts)
+
+    def _drop_file(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
+
+    def close(self) -> None:
+        """Close the shard."""
+        self._drop_file()
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # --------------------------------------------------------------------------- listing
@@ -197,7 +298,7 @@ def iter_samples(
     """
     for path in [shards] if isinstance(shards, str) else shards:
         fs, inner = storage.resolve(path)
-        with fs.open_input_stream(inner) as f:
+        with ShardReader(fs, inner, path) as f:
             for sample in iter_tar(f, path, suffixes):
                 if include_damaged or "__error__" not in sample:
                     yield sample

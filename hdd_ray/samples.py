@@ -4,14 +4,19 @@ Training (:mod:`hdd_ray.training.data`), latent-space evaluation and the router'
 decode a sample the same way (:func:`decode_sample`: an image resized and cropped to the run's
 size, or a latent sample's ``latent.npy`` of the configured shape) and read a split the same way
 (:func:`read_samples`): a sample or shard that fails to read or decode is skipped and counted,
-never raised. :func:`read_cluster` holds a whole (small) split in memory as float32;
-:func:`read_decoded` decodes a latent split through the campaign's VAE.
+never raised, and logged once with its reason. :func:`iter_split` gives a split a batch at a
+time (memory bounded by the batch, whatever the split's size), :func:`iter_images` the same
+as evaluation compares it (latents decoded through the campaign's VAE), :func:`read_images` a
+bounded number of them together; :func:`read_cluster` holds a whole (small) split in memory as
+float32; :func:`read_decoded` decodes a latent split through the campaign's VAE.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +25,10 @@ import torch
 from torch import Tensor
 
 from hdd_ray.corpus import decode_image, iter_samples, prepare_image
-from hdd_ray.errors import NoUsableData
+from hdd_ray.errors import NoUsableData, first_line
 from hdd_ray.latents import LATENT_MEMBER, load_vae, vae_info
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from hdd_ray.config import CampaignConfig
@@ -76,29 +83,48 @@ def to_model_space(x: Tensor) -> Tensor:
     return x.float()
 
 
+def skip_reason(sample: dict[str, Any], exc: BaseException | str) -> str:
+    """One line saying which sample was skipped and why (for the log)."""
+    why = exc if isinstance(exc, str) else first_line(exc)
+    return f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '')!r} skipped: {why}"
+
+
 def read_samples(shards: list[Shard], how: Decoding, label_from_json: bool = False
                  ) -> tuple[list[np.ndarray], list[str], list[int], int]:
     """Every sample of ``shards`` decoded -> ``(arrays, captions, labels, skipped)``.
 
     A shard's label is every one of its samples' label, or (``label_from_json``) each sample's
-    ``cluster`` from its JSON. Damaged samples and unreadable shards are counted, never raised.
+    ``cluster`` from its JSON. Damaged samples and unreadable shards are counted, never raised,
+    and each skip is logged once with its reason.
     """
-    arrays, captions, labels, skipped = [], [], [], 0
+    arrays, captions, labels, skips = [], [], [], [0]
+    for arr, cap, lab in iter_decoded(shards, how, label_from_json, skips):
+        arrays.append(arr)
+        captions.append(cap)
+        labels.append(lab)
+    return arrays, captions, labels, skips[0]
+
+
+def iter_decoded(shards: list[Shard], how: Decoding, label_from_json: bool = False,
+                 skipped: list[int] | None = None) -> Iterator[tuple[np.ndarray, str, int]]:
+    """``(array, caption, label)`` of every usable sample of ``shards``, in order, one at a
+    time (:func:`read_samples`' labels); each skip is logged once with its reason and counted
+    in ``skipped[0]``."""
+    count = skipped if skipped is not None else [0]
     for path, label in shards:
         try:
             for sample in iter_samples(path, include_damaged=True):
                 try:
                     arr, cap = decode_sample(sample, how)
                     lab = int(json.loads(sample["json"])["cluster"]) if label_from_json else label
-                except Exception:
-                    skipped += 1
+                except Exception as exc:
+                    count[0] += 1
+                    log.warning("%s", skip_reason(sample, exc))
                     continue
-                arrays.append(arr)
-                captions.append(cap)
-                labels.append(lab)
-        except Exception:  # unreadable shard the reader could not even open
-            skipped += 1
-    return arrays, captions, labels, skipped
+                yield arr, cap, lab
+        except Exception as exc:  # unreadable shard the reader could not even open
+            count[0] += 1
+            log.warning("%s: shard skipped: %s", path, first_line(exc))
 
 
 def no_usable(shards: list[str], skipped: int, who: str = "") -> NoUsableData:
@@ -152,12 +178,41 @@ def read_cluster(
 def read_decoded(cfg: CampaignConfig, shards: list[str],
                  device: str | torch.device = "cpu") -> ClusterData:
     """A latent split of ``shards`` decoded through the campaign's VAE on ``device``: images
-    ``[N, C, H, W]`` in [-1, 1] on the CPU (what evaluation compares samples with)."""
+    ``[N, C, H, W]`` in [-1, 1] on the CPU (what evaluation compares samples with). The
+    latents stay on the host; each decoded batch comes back to it."""
     vae = load_vae(vae_info(cfg.latents), device)
     shape = vae.info.shape(cfg.corpus.image_size)
     split = read_cluster(shards, int(shape[1]), int(shape[0]), latents=True)
-    split.images = vae.decode(split.images.to(vae.device)).cpu()
+    split.images = vae.decode(split.images)
     return split
+
+
+#: samples per batch when evaluation reads a split a batch at a time (:func:`iter_images`)
+EVAL_READ_BATCH = 256
+
+
+def iter_images(cfg: CampaignConfig, shards: list[str], latents: dict[str, Any] | None,
+                device: str | torch.device = "cpu", batch_size: int | None = None,
+                limit: int | None = None) -> Iterator[ClusterData]:
+    """A split as evaluation compares it, a batch at a time (at most ``limit`` samples): the
+    images, or for a latent campaign (``latents``: the manifest's record) the latents decoded
+    through the campaign's VAE on ``device``, each batch back on the host. Memory holds one
+    batch (``batch_size``, else :data:`EVAL_READ_BATCH`) whatever the split's size."""
+    vae = load_vae(vae_info(cfg.latents), device) if latents else None
+    for batch in iter_split(shards, latents, cfg.corpus.image_size, cfg.corpus.channels,
+                            batch_size or EVAL_READ_BATCH, limit=limit):
+        if vae is not None:
+            batch.images = vae.decode(batch.images)
+        yield batch
+
+
+def read_images(cfg: CampaignConfig, shards: list[str], latents: dict[str, Any] | None,
+                device: str | torch.device = "cpu", limit: int | None = None) -> ClusterData:
+    """:func:`iter_images`' first ``limit`` samples together (labels from the samples' JSON)."""
+    parts = list(iter_images(cfg, shards, latents, device, limit=limit))
+    return ClusterData(torch.cat([p.images for p in parts]),
+                       [c for p in parts for c in p.captions],
+                       torch.cat([p.labels for p in parts]), parts[-1].skipped)
 
 
 def read_split(shards: list[str], latents: dict[str, Any] | None, image_size: int,
@@ -168,3 +223,36 @@ def read_split(shards: list[str], latents: dict[str, Any] | None, image_size: in
         c, h, _ = (int(v) for v in latents["shape"])
         return read_cluster(shards, h, c, label=label, latents=True)
     return read_cluster(shards, image_size, channels, label=label)
+
+
+def iter_split(shards: list[str], latents: dict[str, Any] | None, image_size: int,
+               channels: int, batch_size: int, label: int | None = None,
+               limit: int | None = None) -> Iterator[ClusterData]:
+    """:func:`read_split`'s samples ``batch_size`` at a time (the last batch may be smaller),
+    the first ``limit`` usable ones at most: memory holds one batch, whatever the split's
+    size. Raises :class:`NoUsableData` when nothing decodes."""
+    if latents:
+        c, h, _ = (int(v) for v in latents["shape"])
+        how = Decoding(h, c, True)
+    else:
+        how = Decoding(image_size, channels)
+    skips, batch, seen = [0], [], 0
+    sources = [(s, label if label is not None else -1) for s in shards]
+    for item in iter_decoded(sources, how, label is None, skips):
+        batch.append(item)
+        seen += 1
+        if len(batch) == batch_size or seen == limit:
+            yield _as_split(batch, skips[0])
+            batch = []
+        if seen == limit:
+            return
+    if batch:
+        yield _as_split(batch, skips[0])
+    elif not seen:
+        raise no_usable(shards, skips[0])
+
+
+def _as_split(items: list[tuple[np.ndarray, str, int]], skipped: int) -> ClusterData:
+    x = to_model_space(torch.from_numpy(np.stack([a for a, _, _ in items])))
+    return ClusterData(x, [c for _, c, _ in items], torch.tensor([lab for _, _, lab in items]),
+                       skipped)

@@ -353,3 +353,154 @@ def test_a_run_checkpointed_streaming_resumes_in_memory(tmp_path):
     assert final["data"][0]["source"] == {"skipped": 1} and hooks.reports[-1]["step"] == 30
     exact = MemorySource([(p, 0) for p in paths], HOW).mean()
     assert torch.equal(final["model"]["data_mean"], exact)  # not the stream's running mean
+
+
+# ------------------------------------------------------------------ object-store reads (wrapped)
+
+
+class _WrappedLocalFs:
+    """A pyarrow filesystem handler over the local disk whose opened files count their reads,
+    and whose first ``fail_reads`` reads (over all files) fail with a transient I/O error, as a
+    dropped connection to an object store would."""
+
+    def __init__(self, fail_reads: int = 0, always_fail: bool = False) -> None:
+        import pyarrow.fs as pafs
+
+        self.local = pafs.LocalFileSystem()
+        self.reads, self.opens, self.fail_reads, self.always_fail = 0, 0, fail_reads, always_fail
+
+    def _file(self, path: str):
+        import pyarrow as pa
+
+        outer, raw = self, open(path, "rb")  # noqa: SIM115 - closed by pyarrow's PythonFile
+
+        class Counting(io.RawIOBase):
+            def readable(self) -> bool:
+                return True
+
+            def seekable(self) -> bool:
+                return True
+
+            def seek(self, offset: int, whence: int = 0) -> int:
+                return raw.seek(offset, whence)
+
+            def tell(self) -> int:
+                return raw.tell()
+
+            def read(self, n: int = -1) -> bytes:
+                outer.reads += 1
+                if outer.always_fail or outer.fail_reads > 0:
+                    outer.fail_reads -= 1
+                    raise ConnectionResetError("connection reset by peer")
+                return raw.read(n)
+
+            def close(self) -> None:
+                raw.close()
+                super().close()
+
+        self.opens += 1
+        return pa.PythonFile(Counting(), mode="r")
+
+    # the handler interface (pyarrow.fs.FileSystemHandler), reads wrapped, the rest delegated
+    def get_type_name(self) -> str:
+        return "wrapped-local"
+
+    def normalize_path(self, path: str) -> str:
+        return path
+
+    def get_file_info(self, paths):
+        return self.local.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.local.get_file_info(selector)
+
+    def open_input_file(self, path: str):
+        return self._file(path)
+
+    def open_input_stream(self, path: str):
+        return self._file(path)
+
+    def __getattr__(self, name: str):
+        return getattr(self.local, name)
+
+
+def _through(monkeypatch, handler: _WrappedLocalFs) -> None:
+    """Every shard read of hdd_ray goes through ``handler`` (as to an object store)."""
+    import pyarrow.fs as pafs
+
+    from hdd_ray import storage
+
+    class Handler(pafs.FileSystemHandler):
+        pass
+
+    for name in ("get_type_name", "normalize_path", "get_file_info", "get_file_info_selector",
+                 "open_input_file", "open_input_stream", "create_dir", "delete_dir",
+                 "delete_dir_contents", "delete_root_dir_contents", "delete_file", "move",
+                 "copy_file", "open_output_stream", "open_append_stream"):
+        setattr(Handler, name, lambda self, *a, _n=name, **k: getattr(handler, _n)(*a, **k))
+    Handler.__eq__ = lambda self, other: self is other  # type: ignore[method-assign]
+    Handler.equals = lambda self, other: self is other  # type: ignore[attr-defined]
+    fs = pafs.PyFileSystem(Handler())
+    monkeypatch.setattr(storage, "resolve", lambda path: (fs, str(path)))
+
+
+def test_shards_are_read_in_large_buffered_requests(tmp_path, monkeypatch):
+    """tarfile reads 10 KB (or a header's 512 B) at a time: one ranged GET each on an object
+    store. Through the reader, one request per 8 MB (and one at the end)."""
+    from hdd_ray.corpus import iter_samples
+
+    paths = _shards(tmp_path, [200])
+    handler = _WrappedLocalFs()
+    _through(monkeypatch, handler)
+    assert len(list(iter_samples(paths[0]))) == 200
+    unbuffered = sum(1 for _ in range(200)) * 2 * 2  # header + data per member, 2 members
+    assert handler.opens == 1 and handler.reads <= 3, handler.reads
+    assert unbuffered > 100 * handler.reads
+    # the stream of a training run reads the same way
+    source = _stream(paths)
+    handler.reads = 0
+    assert len(_keys(source, 40)) == 200
+    source.close()
+    assert handler.reads <= 3 * len(paths) * 2  # every pass: a few requests per shard
+
+
+def test_transient_read_errors_are_retried_and_only_persistent_ones_count_as_damage(
+        tmp_path, monkeypatch, caplog):
+    import logging
+
+    from hdd_ray import corpus
+    from hdd_ray.samples import read_samples
+
+    monkeypatch.setattr(corpus, "READ_BACKOFF_S", 0.01)
+    paths = _shards(tmp_path, [12, 9])
+    flaky = _WrappedLocalFs(fail_reads=2)  # the first two requests fail, then all succeed
+    _through(monkeypatch, flaky)
+    with caplog.at_level(logging.WARNING, logger="hdd_ray"):
+        arrays, captions, _, skipped = read_samples([(p, 0) for p in paths], HOW)
+    assert skipped == 0 and sorted(captions) == [f"s{i:05d}" for i in range(21)]
+    retried = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert len(retried) == 2 and "connection reset by peer" in retried[0]
+    caplog.clear()
+    dead = _WrappedLocalFs(always_fail=True)  # a store that never answers: damage, told once
+    _through(monkeypatch, dead)
+    with caplog.at_level(logging.WARNING, logger="hdd_ray"):
+        _, captions, _, skipped = read_samples([(p, 0) for p in paths], HOW)
+    assert captions == [] and skipped == 2  # one unreadable shard each
+    assert dead.reads == corpus.READ_ATTEMPTS * 2  # every attempt, then given up
+    skips = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skips) == 2 and all("connection reset by peer" in m for m in skips)
+    assert all("\n" not in m for m in skips)
+
+
+def test_every_skipped_sample_of_a_stream_is_logged_once_with_its_reason(tmp_path, caplog):
+    import logging
+
+    paths = _with_a_damaged_shard(tmp_path)
+    source = _stream(paths)
+    total = 9 + 14 + 11 + 1  # good samples: two passes over them
+    with caplog.at_level(logging.WARNING, logger="hdd_ray"):
+        _keys(source, 2 * total // 5)
+    source.close()
+    skips = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert source.skipped == 1 and len(skips) == 1, skips  # once, though read on every pass
+    assert "bad-000.tar: sample 'broken' skipped:" in skips[0]

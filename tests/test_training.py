@@ -208,6 +208,91 @@ def test_mixture_of_ddpm_and_fm_experts_is_evaluated_and_tracked(trained):
     assert judge.reference.num_samples > len(judge.heldout)
 
 
+def test_the_judge_reads_the_training_split_a_batch_at_a_time_and_keeps_a_bounded_held_out(
+        trained, tmp_path, monkeypatch):
+    """At the paper's size the training split is terabytes of decoded images: the reference
+    statistics are running sums over batches, the same numbers as from the whole split in
+    memory; the judge keeps ``evaluation.num_samples`` held-out samples, not the split."""
+    from hdd_ray import samples
+    from hdd_ray.campaign import cluster_info, cluster_shards, load_manifest
+    from hdd_ray.evaluation.judge import Judge
+    from hdd_ray.evaluation.metrics import reference_stats
+
+    root = _copy(trained[0], tmp_path)
+    shutil.rmtree(root / "evaluation" / "reference_stats")  # the reference CLIP stays cached
+    cfg = _cfg(root, "evaluation.num_samples=40")
+    monkeypatch.setattr(samples, "EVAL_READ_BATCH", 50)
+    sizes, real = [], samples.iter_split
+
+    def watching(*args, **kwargs):
+        for batch in real(*args, **kwargs):
+            sizes.append(len(batch))
+            yield batch
+
+    monkeypatch.setattr(samples, "iter_split", watching)
+    judge = Judge(cfg)
+    manifest = load_manifest(cfg)
+    train_count = sum(int(cluster_info(manifest, c)["count"]) for c in range(3))
+    assert len(judge.heldout) == 40 and judge.decoded_train and judge.clip_info["loaded"]
+    assert judge.reference.num_samples == train_count > 20 * 50
+    assert max(sizes) <= 50  # never more than a batch of the split at once
+    shards = [s for c in range(3) for s in cluster_shards(cfg, manifest, c)]
+    whole = samples.read_cluster(shards, 8, 1)
+    in_memory = reference_stats(whole.images, judge.extractor, "whole")
+    assert in_memory.num_samples == train_count
+    assert torch.allclose(judge.reference.features_sum, in_memory.features_sum, rtol=1e-5)
+    assert torch.allclose(judge.reference.features_cov_sum, in_memory.features_cov_sum,
+                          rtol=1e-5, atol=1e-6)
+
+
+def test_router_accuracy_reads_a_bounded_sample_and_its_failure_never_fails_the_run(
+        trained, tmp_path, monkeypatch, caplog):
+    """The router's accuracy decodes at most ``max_samples`` held-out samples, a batch at a time
+    (at the paper's size the held-out split is 110k images); a report that fails after the
+    weights are exported is a warning: the run is trained, its description written."""
+    import logging
+    from types import SimpleNamespace
+
+    from hdd_ray import samples
+    from hdd_ray.campaign import load_router
+    from hdd_ray.evaluation.router import router_accuracy_by_t
+    from hdd_ray.training.checkpoints import FinalWeights
+    from hdd_ray.training.export import export_run
+
+    root, cfg, _, _ = trained
+    router = load_router(cfg)
+    decoded, real = [0], samples.decode_sample
+
+    def counting(*args, **kwargs):
+        decoded[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(samples, "decode_sample", counting)
+    few = router_accuracy_by_t(router, cfg, max_samples=40)
+    assert decoded[0] == 40 and len(few) == 10 and all(0 <= a <= 1 for a in few.values())
+    assert router_accuracy_by_t(router, cfg, max_samples=40) == few  # the same noise each time
+    decoded[0] = 0
+    full = router_accuracy_by_t(router, cfg)
+    held_out = decoded[0]
+    assert 40 < held_out < 4096 and full != few  # the whole (small) split: more samples
+
+    def broken(weights_path: str) -> dict:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 86 GiB\nmore detail")
+
+    job = SimpleNamespace(directory=str(tmp_path / "run"), report=broken, identity={"k": 3},
+                          kind="router", name="router-x", describe={}, json_name="router.json",
+                          executor="task")
+    weights = {k: v.detach() for k, v in router.state_dict().items()}
+    final = FinalWeights(weights, 150, [{"start_step": 0, "node_id": None}], 1.0)
+    with caplog.at_level(logging.WARNING, logger="hdd_ray"):
+        desc, extra = export_run(job, final, {"loss": 0.5}, None)
+    assert extra == {} and desc["steps"] == 150
+    assert json.loads((tmp_path / "run" / "router.json").read_text())["steps"] == 150
+    warned = [r.getMessage() for r in caplog.records if "no report" in r.getMessage()]
+    assert warned == ["router-x: no report on its weights: CUDA out of memory. Tried to "
+                      "allocate 86 GiB"]
+
+
 def test_foreign_expert_and_mismatched_weights_are_rejected(trained, tmp_path):
     root, cfg, _, _ = trained
     root = _copy(root, tmp_path)
@@ -270,10 +355,12 @@ def _state_when_checkpointed(d: Path, timeout: float = 240) -> dict:
 
 @pytest.fixture(scope="module")
 def failures(prepared, tmp_path_factory):
-    """One Ray Train launch of the three experts, each meeting its own fate: expert 1's worker
-    is SIGKILLed after its first registered checkpoint (Ray Train retries it), expert 2 has no
-    usable data (``max_failures: 0``: it fails at once), expert 0 trains undisturbed. One
-    launch for two tests: Ray Train's start-up is ~10 s of 2 cores per run.
+    """One Ray Train launch of the three experts, each meeting its own fate: expert 1 trains
+    DDP on two workers without caption dropout (``y_null`` then has a zero gradient, which DDP
+    needs of every parameter) and its rank 0 is SIGKILLed after its first registered checkpoint
+    (Ray Train restarts the group, which resumes), expert 2 has no usable data
+    (``max_failures: 0``: it fails at once), expert 0 trains undisturbed. One launch for two
+    tests: Ray Train's start-up is ~10 s of 2 cores per run.
 
     -> (statuses by cluster, expert 1's run directory, the killed checkpoint's state, steps,
     checkpoint interval)."""
@@ -282,7 +369,9 @@ def failures(prepared, tmp_path_factory):
         shard.write_bytes(b"this is not a tar archive" * 10)
     steps, every = 120, 40  # the kill follows the first checkpoint: 80 steps to spare
     cfg = _cfg(root, f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}",
+               "experts.train.caption_dropout=0",
                "experts.list=[{cluster: 0, steps: 40},"  # undisturbed: a short run will do
+               " {cluster: 1, resources: {num_workers: 2}},"
                " {cluster: 2, resources: {max_failures: 0}}]")
     runner, result, d = _train_in_background(cfg, root, only=[0, 1, 2])
     state = _state_when_checkpointed(d)
@@ -299,6 +388,7 @@ def test_killed_worker_resumes_from_its_last_checkpoint(failures):
     assert status.status == "trained", status.reason
     desc = json.loads((d / EXPERT_JSON).read_text())
     assert desc["steps"] == steps  # the exact configured step count
+    assert desc["world_size"] == desc["process_group_size"] == 2  # DDP at caption_dropout 0
     starts = [a["start_step"] for a in desc["attempts"]]
     assert len(starts) == 2 and starts[0] == 0
     assert starts[1] > 0, "restarted from step 0"

@@ -1,16 +1,20 @@
 """The judge of a campaign's mixtures: what scores samples, built once and shared.
 
-A :class:`Judge` holds the held-out split (its captions are the prompts, its images give the
-FID floor), the CLIP model (a real one from ``evaluation.clip_arch``/``clip_weights``, or the
-demo's reference CLIP, trained once per campaign and cached), the FID feature extractor and the
-training split's reference statistics (cached under ``<root>/evaluation/``: the training split is
-decoded only when a cache misses). Protocol: ``evaluation/README.md``. It turns samples into
+A :class:`Judge` holds the first ``evaluation.num_samples`` samples of the held-out split (their
+captions are the prompts, their images give the FID floor, taken at most at that many), the
+CLIP model (a real one from ``evaluation.clip_arch``/``clip_weights``, or the demo's reference
+CLIP, trained once per campaign on at most
+:data:`~hdd_ray.evaluation.reference_clip.MAX_TRAIN_SAMPLES` training samples, and cached), the
+FID feature extractor and the training split's reference statistics (running sums over the
+whole split, read a batch at a time; cached under ``<root>/evaluation/``: the training split is
+read only when a cache misses). Nothing it holds grows with the splits' sizes. Protocol: ``evaluation/README.md``. It turns samples into
 per-sample scores (features, CLIP scores, per-prompt diversities) and those into metrics with
 their 95 % bootstrap intervals (:mod:`hdd_ray.evaluation.statistics`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,8 +31,9 @@ if TYPE_CHECKING:
 __all__ = ["EVALUATION_VERSION", "Judge"]
 
 #: bumped when what ``metrics.json`` holds changes: a cached mixture of another version is
-#: evaluated again (2: intervals, FID and floor at one n, per-sample data)
-EVALUATION_VERSION = 2
+#: evaluated again (2: intervals, FID and floor at one n, per-sample data; 3: the held-out
+#: split read up to evaluation.num_samples, the reference statistics batch by batch)
+EVALUATION_VERSION = 3
 
 
 class Judge:
@@ -39,34 +44,36 @@ class Judge:
 
     def __init__(self, cfg: CampaignConfig, device: str | torch.device = "cpu") -> None:
         from hdd_ray.evaluation import build_extractor, get_reference_clip, reference_stats
-        from hdd_ray.samples import read_cluster
+        from hdd_ray.evaluation.reference_clip import MAX_TRAIN_SAMPLES
+        from hdd_ray.samples import iter_images, read_images
 
         self.cfg = cfg
         self.device = torch.device(device)
         manifest = load_manifest(cfg)
-        size, ch = cfg.corpus.image_size, cfg.corpus.channels
-
-        def read_images(shards: list[str]) -> ClusterData:
-            # latent space: the shards hold latents; FID, its floor and CLIP score compare
-            # decoded images (VAE reconstructions) with decoded samples
-            if manifest.get("latents"):
-                from hdd_ray.samples import read_decoded
-
-                return read_decoded(cfg, shards, self.device)
-            return read_cluster(shards, size, ch, label=None)
-
-        held = read_images(heldout_shards(cfg, manifest))
+        # latent space: the shards hold latents; FID, its floor and CLIP score compare decoded
+        # images (VAE reconstructions, decoded a batch at a time) with decoded samples
+        latents = manifest.get("latents")
+        ev = cfg.evaluation
+        held = read_images(cfg, heldout_shards(cfg, manifest), latents, self.device,
+                           limit=int(ev.num_samples))
         train_shards = [s for c in range(cfg.clustering.k) for s in cluster_shards(cfg, manifest, c)]
         self.heldout = held
         self.data_hash = str(manifest["data_hash"])
-        decoded: list[Any] = []  # not kept past __init__: the reference statistics suffice
+        read: list[ClusterData] = []  # the reference CLIP's sample: not kept past __init__
+        #: whether the training split had to be read (a cache missed)
+        self.decoded_train = False
 
-        def train() -> Any:  # the training split is decoded only when a cache misses
-            if not decoded:
-                decoded.append(read_images(train_shards))
-            return decoded[0]
+        def clip_sample() -> ClusterData:
+            self.decoded_train = True
+            if not read:
+                read.append(read_images(cfg, train_shards, latents, self.device,
+                                        limit=MAX_TRAIN_SAMPLES))
+            return read[0]
 
-        ev = cfg.evaluation
+        def train_batches() -> Iterator[Tensor]:
+            self.decoded_train = True
+            return (b.images for b in iter_images(cfg, train_shards, latents, self.device))
+
         self.clip_info: dict[str, Any] = {}
         if ev.clip_arch:  # a real CLIP (local weights or a named tag)
             from hdd_ray.towers import open_clip_model, open_clip_tokenizer
@@ -76,16 +83,14 @@ class Judge:
             self.tokenizer = open_clip_tokenizer(ev.clip_arch, keys["arch_key"])
         else:  # the demo's own reference CLIP, trained once per campaign
             self.clip, self.tokenizer, self.clip_info = get_reference_clip(
-                cfg.root, lambda: train().images, lambda: train().captions, held.images,
+                cfg.root, lambda: clip_sample().images, lambda: clip_sample().captions, held.images,
                 held.captions, data_hash=self.data_hash, device=self.device)
         clip_model = self.clip if ev.fid_extractor == "clip" and not ev.extractor_weights else None
         arch = ev.extractor_arch or (ev.clip_arch if ev.fid_extractor == "clip" else None)
         self.extractor = build_extractor(ev.fid_extractor, weights=ev.extractor_weights,
                                          arch=arch, clip_model=clip_model).to(self.device)
-        self.reference = reference_stats(lambda: train().images, self.extractor, self.data_hash,
+        self.reference = reference_stats(train_batches, self.extractor, self.data_hash,
                                          cache_dir=CampaignPaths(cfg.root).reference_stats)
-        #: whether the training split had to be decoded (a cache missed)
-        self.decoded_train = bool(decoded)
         self.frechet = self.reference.frechet()
         self._floor: dict[int, Interval] = {}
         self._heldout_features: Tensor | None = None

@@ -27,7 +27,7 @@ import json
 import os
 import re
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,16 +74,22 @@ def images_hash(images: Tensor) -> str:
 # --------------------------------------------------------------------------------------- FID
 
 
-def _feature_sums(images: Tensor, extractor: nn.Module, batch_size: int) -> tuple[Tensor, Tensor]:
-    """Sum of float64 features ``[D]`` and of their outer products ``[D, D]``, batch by batch."""
+def _feature_sums(images: Tensor | Iterable[Tensor], extractor: nn.Module,
+                  batch_size: int) -> tuple[Tensor, Tensor, int]:
+    """Sum of float64 features ``[D]``, of their outer products ``[D, D]``, and the count,
+    batch by batch (``images``: a tensor, or image batches as they are read)."""
     total = torch.zeros(int(extractor.num_features), dtype=torch.float64)
     outer = torch.zeros(total.numel(), total.numel(), dtype=torch.float64)
+    batches = ((images[i:i + batch_size] for i in range(0, images.shape[0], batch_size))
+               if isinstance(images, Tensor) else images)
+    count = 0
     with torch.no_grad():
-        for i in range(0, images.shape[0], batch_size):
-            f = extract_features(extractor, images[i : i + batch_size], batch_size).double()
+        for batch in batches:
+            f = extract_features(extractor, batch, batch_size).double()
             total += f.sum(0)
             outer += f.T @ f
-    return total, outer
+            count += int(f.shape[0])
+    return total, outer, count
 
 
 @dataclass
@@ -160,7 +166,7 @@ def _stats_file(extractor_name: str, data_hash: str) -> str:
 
 
 def reference_stats(
-    images: Tensor | Callable[[], Tensor],
+    images: Tensor | Callable[[], Tensor | Iterable[Tensor]],
     extractor: nn.Module,
     data_hash: str,
     cache_dir: str | None = None,
@@ -170,9 +176,9 @@ def reference_stats(
 
     The cache entry is ``<cache_dir>/<extractor name>-<data_hash[:16]>.safetensors`` (no pickles;
     local path or URI): a different extractor (or extractor weights, which its name encodes) or a
-    different data hash is a different entry. ``images`` may be a callable that loads them, so a
-    cached reference never needs its images in memory. ``cache_dir=None`` computes without
-    caching.
+    different data hash is a different entry. ``images`` may be a callable that loads them, or
+    that gives them batch by batch (the sums are running sums: a split of any size), so a
+    cached reference never reads its images. ``cache_dir=None`` computes without caching.
     """
     name = str(extractor.name)
     path = storage.join(cache_dir, _stats_file(name, data_hash)) if cache_dir else None
@@ -181,8 +187,8 @@ def reference_stats(
         if stats.extractor == name and stats.data_hash == data_hash:
             return stats
     imgs = images() if callable(images) else images
-    total, outer = _feature_sums(imgs, extractor, batch_size)
-    stats = ReferenceStats(extractor=name, data_hash=data_hash, num_samples=int(imgs.shape[0]),
+    total, outer, count = _feature_sums(imgs, extractor, batch_size)
+    stats = ReferenceStats(extractor=name, data_hash=data_hash, num_samples=count,
                            features_sum=total, features_cov_sum=outer, path=path)
     if path is not None:
         storage.write_bytes(path, stats.to_bytes())

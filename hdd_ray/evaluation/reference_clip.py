@@ -262,6 +262,11 @@ def retrieval_accuracy(
     }
 
 
+#: the reference CLIP trains on the first this many samples of the training split (the demo's
+#: whole split; a bounded sample of a large one, read and held once)
+MAX_TRAIN_SAMPLES = 16384
+
+
 def _settings(steps: int, batch_size: int, lr: float, seed: int, data_hash: str) -> dict:
     """What determines the reference CLIP's weights: a cached one is reused only if all match."""
     return {
@@ -273,6 +278,7 @@ def _settings(steps: int, batch_size: int, lr: float, seed: int, data_hash: str)
         "seed": seed,
         "data_hash": data_hash,
         "lr_schedule": LR_SCHEDULE,
+        "max_train_samples": MAX_TRAIN_SAMPLES,
     }
 
 

@@ -80,8 +80,16 @@ from torch import Tensor
 from hdd_ray import devices
 from hdd_ray.config import DATA_MODES, DataConfig
 from hdd_ray.corpus import iter_samples
-from hdd_ray.errors import ConfigError
-from hdd_ray.samples import Decoding, Shard, decode_sample, no_usable, read_samples, to_model_space
+from hdd_ray.errors import ConfigError, first_line
+from hdd_ray.samples import (
+    Decoding,
+    Shard,
+    decode_sample,
+    no_usable,
+    read_samples,
+    skip_reason,
+    to_model_space,
+)
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +189,7 @@ class _ShardStream:
     """One open shard: its records in order, and how many were read (damage included)."""
 
     def __init__(self, path: str, index: int, skip: int) -> None:
-        self.index, self.read = index, 0
+        self.index, self.read, self.path = index, 0, path
         self._it: Iterator[dict[str, Any]] | None = iter_samples(path, include_damaged=True)
         while self.read < skip and self.next() is not None:
             pass  # a resume: records already read, not decoded again
@@ -191,8 +199,9 @@ class _ShardStream:
             return None
         try:
             record = next(self._it, None)
-        except Exception:  # a shard that cannot be opened or listed: one damaged record
-            self._it, record = None, {"__key__": "", "__error__": "unreadable_shard"}
+        except Exception as exc:  # a shard that cannot be opened or listed: one damaged record
+            self._it, record = None, {"__key__": "", "__url__": self.path,
+                                      "__error__": f"unreadable_shard ({first_line(exc)})"}
         if record is not None:
             self.read += 1
         return record
@@ -237,6 +246,10 @@ class _Reader:
             return None
         return list(streams)
 
+    def who(self) -> str:
+        """`` for rank r of W`` with several ranks, else nothing (for messages)."""
+        return f" for rank {self.rank} of {self.world}" if self.world > 1 else ""
+
     def release(self) -> None:
         """Drop the shards kept open between blocks."""
         self._live = None
@@ -269,6 +282,9 @@ class _Reader:
                 taken += 1
                 if "__error__" in record:
                     damaged += 1
+                    if pos["epoch"] == 0:  # damage is counted (and told) on the first pass only
+                        log.warning("data%s: %s", self.who(),
+                                    skip_reason(record, str(record["__error__"])))
                 else:
                     block.append((record, self.shards[order[stream.index]][1]))
         live = [st for st in slots if st is not None]
@@ -423,7 +439,10 @@ class StreamSource(BatchSource):
             for start in range(offset, len(items), chunk):
                 results = pool.map(self._decode_one, items[start:start + chunk])
                 for j, result in enumerate(results, start):
-                    if result is None:
+                    if isinstance(result, str):  # undecodable: the reason
+                        if first_pass:
+                            log.warning("data%s: %s", self._who(), result)
+                        result = None
                         bad += 1
                         damage += first_pass
                     else:
@@ -443,15 +462,15 @@ class StreamSource(BatchSource):
             block_pos, offset = after, 0
 
     def _who(self) -> str:
-        world = self.reader.world
-        return f" for rank {self.reader.rank} of {world}" if world > 1 else ""
+        return self.reader.who()
 
-    def _decode_one(self, item: tuple[dict, int]) -> tuple[np.ndarray, str, int] | None:
+    def _decode_one(self, item: tuple[dict, int]) -> tuple[np.ndarray, str, int] | str:
+        """The decoded sample, or why it cannot be decoded."""
         record, label = item
         try:
             arr, caption = decode_sample(record, self.how)
-        except Exception:
-            return None
+        except Exception as exc:
+            return skip_reason(record, exc)
         return arr, caption, label
 
     def _batches(self, pool: ThreadPoolExecutor) -> None:

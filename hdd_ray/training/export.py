@@ -5,15 +5,19 @@ computed on them (the router's accuracy), then its description (``expert.json`` 
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from hdd_ray import storage
 from hdd_ray.campaign import WEIGHTS, file_sha256, record_verified
+from hdd_ray.errors import first_line
 from hdd_ray.models.expert import save_weights
 from hdd_ray.training.checkpoints import FinalWeights
 
 if TYPE_CHECKING:
     from hdd_ray.training.jobs import Job
+
+log = logging.getLogger(__name__)
 
 __all__ = ["export_run"]
 
@@ -25,7 +29,7 @@ def export_run(job: Job, final: FinalWeights, metrics: dict[str, Any],
     (no network is built, no frozen tower loaded, no optimizer state read)."""
     weights_path = storage.join(job.directory, WEIGHTS)
     save_weights(weights_path, final.weights)
-    extra = job.report(weights_path) if job.report else {}
+    extra = _reports(job, weights_path)
     history = list(final.history)
     node = {**history[-1], "resources": _node_resources(history[-1].get("node_id"))}
     desc = {
@@ -47,6 +51,18 @@ def export_run(job: Job, final: FinalWeights, metrics: dict[str, Any],
     # written last: its presence (with the weights) marks a finished, reusable run
     storage.write_json(storage.join(job.directory, job.json_name), desc)
     return desc, extra
+
+
+def _reports(job: Job, weights_path: str) -> dict[str, Any]:
+    """The run's reports on its exported weights; one that fails is a warning, never a failed
+    run (the weights are trained and saved: a relaunch would only fail the same way)."""
+    if job.report is None:
+        return {}
+    try:
+        return job.report(weights_path)
+    except Exception as exc:
+        log.warning("%s: no report on its weights: %s", job.name, first_line(exc))
+        return {}
 
 
 def _node_resources(node_id: str | None) -> dict[str, float]:
