@@ -295,8 +295,9 @@ def test_each_progress_line_is_printed_once_even_when_a_library_logs_on_the_root
 
 @pytest.mark.ray
 def test_mixtures_are_evaluated_in_parallel_tasks_with_the_metrics_of_one_task(campaign, tmp_path):
-    """Two mixtures: a first task builds the judge's caches, then one task per mixture; each
-    mixture's metrics equal those of the same mixture evaluated alone (seeded per mixture)."""
+    """Two mixtures: a first task builds (or loads) the judge's caches, then one task per
+    mixture; each mixture's metrics equal those of the same mixture evaluated alone (seeded per
+    mixture; the second evaluation loads the caches the first one built)."""
     import shutil
 
     from hdd_ray.ensemble import MixtureSpec
@@ -309,6 +310,8 @@ def test_mixtures_are_evaluated_in_parallel_tasks_with_the_metrics_of_one_task(c
     for label, routings in (("alone", ["topk"]), ("both", ["top1", "topk"])):
         copy = tmp_path / label
         shutil.copytree(root, copy, ignore=shutil.ignore_patterns("mixtures", "evaluation"))
+        if label == "both":  # the judge's caches the first evaluation built: loaded, not rebuilt
+            shutil.copytree(tmp_path / "alone" / "evaluation", copy / "evaluation")
         cfg = load_config(overrides=[f"root={copy}", *TINY, "evaluation.num_samples=32",
                                      "tracking.enabled=false"])
         specs = [MixtureSpec.from_config(cfg, [0], routing=r) for r in routings]

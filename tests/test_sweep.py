@@ -29,7 +29,7 @@ BASE = [
     # two at a time, as the demo: two Ray worker processes trained all 7 runs (reused, their
     # imports done), instead of 7 new ones importing torch at once on 2 cores
     "ray.max_concurrent_experts=2",
-    "evaluation.num_samples=96", "sampling.steps=4", "sampling.sampler=euler",
+    "evaluation.num_samples=64", "sampling.steps=4", "sampling.sampler=euler",
     "sweep.cpus_per_trial=1", "sweep.max_concurrent_trials=2", "sweep.k=[2]",
     "ray.executor=task",  # Ray Tune is under test here, not Ray Train (tests/test_training.py)
 ]
@@ -57,11 +57,11 @@ def prepared(prepared_campaign, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def first_sweep(prepared):
-    """Assignments with 0 or 1 DDPM expert (4 mixtures), ASHA rungs 64 -> 96 samples."""
+    """Assignments with 0 or 1 DDPM expert (4 mixtures), ASHA rungs 32 -> 64 samples."""
     from hdd_ray.sweep import run_sweep
 
     cfg = _cfg(prepared, "sweep.name=first", "sweep.mode=n_ddpm", "sweep.n_ddpm=[0,1]",
-               "sweep.asha.sample_counts=[64]")
+               "sweep.asha.sample_counts=[32]")
     return cfg, run_sweep(cfg, verbose=0)
 
 
@@ -104,7 +104,7 @@ def test_sweep_covers_assignments_and_trains_each_expert_once(first_sweep):
 
     variant, spec = load_mixture_spec(cfg, "first")
     assert spec.assignment(3) == result.best["assignment"]
-    assert spec.num_samples == 96 and variant.experts.ddpm_clusters == list(spec.ddpm_clusters)
+    assert spec.num_samples == 64 and variant.experts.ddpm_clusters == list(spec.ddpm_clusters)
     client, _ = _client(cfg)
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"ranking.md", "ranking.csv", "fid_clip_vs_num_ddpm.png"} <= artifacts
