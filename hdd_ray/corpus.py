@@ -246,7 +246,8 @@ def iter_tar(
 
     Only members whose suffix is in ``suffixes`` are kept (all when None). Damage is yielded,
     not raised: a member cut short (or a header cut so the archive has no end marker) gives
-    ``{"__key__": key, "__url__": url, "__error__": "truncated_tar"}`` for the sample it
+    ``{"__key__": key, "__url__": url, "__error__": "truncated_tar", "__detail__": <the read
+    error's first line, when there was one>}`` for the sample it
     belonged to and ends the shard; a stream that is not a tar at all gives one
     ``"unreadable_shard"`` record with an empty key.
     """
@@ -254,8 +255,9 @@ def iter_tar(
     counter = _CountingReader(fileobj)
     try:
         tar = tarfile.open(fileobj=counter, mode="r|*")  # type: ignore[call-overload]
-    except _READ_ERRORS:
-        yield {"__key__": "", "__url__": url, "__error__": "unreadable_shard"}
+    except _READ_ERRORS as exc:
+        yield {"__key__": "", "__url__": url, "__error__": "unreadable_shard",
+               "__detail__": first_line(exc)}
         return
     current: dict[str, Any] | None = None
     try:
@@ -273,9 +275,10 @@ def iter_tar(
             data = tar.extractfile(info).read()  # type: ignore[union-attr]
             if keep is None or suffix in keep:
                 current[suffix] = data
-    except _READ_ERRORS:
+    except _READ_ERRORS as exc:
         key = current["__key__"] if current is not None else ""
-        yield {"__key__": key, "__url__": url, "__error__": "truncated_tar"}
+        yield {"__key__": key, "__url__": url, "__error__": "truncated_tar",
+               "__detail__": first_line(exc)}
         return
     # tarfile ends quietly when a header is cut: a proper archive has a zero block after the
     # last member, so fewer bytes than that means the last sample may be incomplete.

@@ -63,7 +63,8 @@ def decode_sample(sample: dict[str, Any], how: Decoding) -> tuple[np.ndarray, st
     overflow them), stay float32.
     """
     if "__error__" in sample:
-        raise ValueError(sample["__error__"])
+        detail = sample.get("__detail__")
+        raise ValueError(sample["__error__"] + (f" ({detail})" if detail else ""))
     caption = sample.get(how.caption_key, b"").decode("utf-8")
     if how.latents:
         arr = np.load(io.BytesIO(sample[LATENT_MEMBER]), allow_pickle=False)

@@ -430,17 +430,13 @@ def _through(monkeypatch, handler: _WrappedLocalFs) -> None:
 
     from hdd_ray import storage
 
-    class Handler(pafs.FileSystemHandler):
-        pass
-
-    for name in ("get_type_name", "normalize_path", "get_file_info", "get_file_info_selector",
-                 "open_input_file", "open_input_stream", "create_dir", "delete_dir",
-                 "delete_dir_contents", "delete_root_dir_contents", "delete_file", "move",
-                 "copy_file", "open_output_stream", "open_append_stream"):
-        setattr(Handler, name, lambda self, *a, _n=name, **k: getattr(handler, _n)(*a, **k))
-    Handler.__eq__ = lambda self, other: self is other  # type: ignore[method-assign]
-    Handler.equals = lambda self, other: self is other  # type: ignore[attr-defined]
-    fs = pafs.PyFileSystem(Handler())
+    names = ("get_type_name", "normalize_path", "get_file_info", "get_file_info_selector",
+             "open_input_file", "open_input_stream", "create_dir", "delete_dir",
+             "delete_dir_contents", "delete_root_dir_contents", "delete_file", "move",
+             "copy_file", "open_output_stream", "open_append_stream")
+    methods = {n: (lambda self, *a, _n=n, **k: getattr(handler, _n)(*a, **k)) for n in names}
+    handler_class = type("Handler", (pafs.FileSystemHandler,), methods)
+    fs = pafs.PyFileSystem(handler_class())
     monkeypatch.setattr(storage, "resolve", lambda path: (fs, str(path)))
 
 

@@ -283,8 +283,9 @@ class _Reader:
                 if "__error__" in record:
                     damaged += 1
                     if pos["epoch"] == 0:  # damage is counted (and told) on the first pass only
-                        log.warning("data%s: %s", self.who(),
-                                    skip_reason(record, str(record["__error__"])))
+                        why = str(record["__error__"]) + (
+                            f" ({record['__detail__']})" if record.get("__detail__") else "")
+                        log.warning("data%s: %s", self.who(), skip_reason(record, why))
                 else:
                     block.append((record, self.shards[order[stream.index]][1]))
         live = [st for st in slots if st is not None]
