@@ -35,10 +35,6 @@ def ray_local():
     # Ray Train's controller polls its workers every 2 s: each run's start, checkpoints and end
     # waited on it (~3 s of a 1-worker run's ~13 s on 2 cores); a missed poll is harmless
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    # each Ray Train run starts a PreemptionWatcher actor (a process of its own) for drain
-    # notices: only tests/test_multinode.py drains a node, on its own cluster (whose nodes do
-    # not inherit RAY_* variables), so this instance goes without it
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -37,15 +37,18 @@ def test_ema_update_is_the_per_parameter_lerp_bit_for_bit():
         with torch.no_grad():
             for e, p in zip(reference.parameters(), model.parameters(), strict=True):
                 e.lerp_(p, 1 - 0.97)
-            for e, b in zip(reference.buffers(), model.buffers(), strict=True):
-                e.copy_(b)
-    for (name, a), b in zip(ema.model.state_dict().items(), reference.state_dict().values(),
-                            strict=True):
-        assert torch.equal(a, b), name
-    # loading a checkpoint into the average keeps updating the loaded tensors
-    ema.model.load_state_dict(model.state_dict())
+    averaged = ema.state_dict()
+    for name, b in reference.named_parameters():
+        assert torch.equal(averaged[name], b), name
+    # exported: the average in place of every parameter, the live model's buffers
+    exported = ema.exported(model)
+    assert torch.equal(exported["data_mean"], model.data_mean)
+    assert all(torch.equal(exported[k], v) for k, v in averaged.items())
+    # loading a checkpoint's weights into the average keeps updating the loaded tensors
+    ema.load(model.state_dict())
     ema.update(model)
-    assert torch.equal(ema.model.net.final_layer.linear.weight, model.net.final_layer.linear.weight)
+    assert torch.equal(ema.state_dict()["net.final_layer.linear.weight"],
+                       model.net.final_layer.linear.weight)
 
 
 def test_ema_refuses_another_architecture():

@@ -1,5 +1,8 @@
 """Training data for experts and the router: one interface, two ways to feed it.
 
+Long because the stream is one piece of state: its reader, its background producer and the
+exact resume of its position (with the settings the position depends on) belong together.
+
 The loop sees one :class:`BatchSource` (``next_batch(n, generator) -> (x0, captions, labels)``
 with ``x0`` float32 ``[n, C, H, W]`` in model space, ``state()`` / ``load_state()``,
 ``skipped``, ``mean()``), built by :func:`open_source`:
