@@ -97,8 +97,9 @@ class ShardReader:
     """
 
     def __init__(self, fs: pafs.FileSystem, path: str, url: str,
-                 buffer_bytes: int = READ_BUFFER_BYTES) -> None:
-        self.fs, self.path, self.url, self.buffer_bytes = fs, path, url, buffer_bytes
+                 buffer_bytes: int | None = None) -> None:
+        self.fs, self.path, self.url = fs, path, url
+        self.buffer_bytes = buffer_bytes or READ_BUFFER_BYTES
         self.fetched, self.retries = 0, 0  # bytes fetched so far; retried fetches
         self._file: Any = None
         self._buffer = memoryview(b"")

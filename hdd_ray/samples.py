@@ -237,15 +237,18 @@ def iter_split(shards: list[str], latents: dict[str, Any] | None, image_size: in
         how = Decoding(h, c, True)
     else:
         how = Decoding(image_size, channels)
+    if limit is not None and limit <= 0:
+        return
     skips, batch, seen = [0], [], 0
     sources = [(s, label if label is not None else -1) for s in shards]
     for item in iter_decoded(sources, how, label is None, skips):
         batch.append(item)
         seen += 1
-        if len(batch) == batch_size or seen == limit:
+        done = limit is not None and seen >= limit
+        if len(batch) == batch_size or done:
             yield _as_split(batch, skips[0])
             batch = []
-        if seen == limit:
+        if done:
             return
     if batch:
         yield _as_split(batch, skips[0])

@@ -363,11 +363,13 @@ class _WrappedLocalFs:
     and whose first ``fail_reads`` reads (over all files) fail with a transient I/O error, as a
     dropped connection to an object store would."""
 
-    def __init__(self, fail_reads: int = 0, always_fail: bool = False) -> None:
+    def __init__(self, fail_reads: int = 0, always_fail: bool = False,
+                 fail_on: tuple[int, ...] = ()) -> None:
         import pyarrow.fs as pafs
 
         self.local = pafs.LocalFileSystem()
         self.reads, self.opens, self.fail_reads, self.always_fail = 0, 0, fail_reads, always_fail
+        self.fail_on = set(fail_on)  # these reads (1-based, over every file) fail once
 
     def _file(self, path: str):
         import pyarrow as pa
@@ -389,6 +391,8 @@ class _WrappedLocalFs:
 
             def read(self, n: int = -1) -> bytes:
                 outer.reads += 1
+                if outer.reads in outer.fail_on:
+                    raise TimeoutError("read timed out")
                 if outer.always_fail or outer.fail_reads > 0:
                     outer.fail_reads -= 1
                     raise ConnectionResetError("connection reset by peer")
@@ -480,6 +484,14 @@ def test_transient_read_errors_are_retried_and_only_persistent_ones_count_as_dam
     assert skipped == 0 and sorted(captions) == [f"s{i:05d}" for i in range(21)]
     retried = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
     assert len(retried) == 2 and "connection reset by peer" in retried[0]
+    # a failure mid-shard: the shard is opened again and read on from the byte it had reached
+    monkeypatch.setattr(corpus, "READ_BUFFER_BYTES", 4096)
+    midway = _WrappedLocalFs(fail_on=(3, 7))
+    _through(monkeypatch, midway)
+    arrays2, captions2, _, skipped = read_samples([(p, 0) for p in paths], HOW)
+    assert skipped == 0 and captions2 == captions
+    assert all(np.array_equal(a, b) for a, b in zip(arrays2, arrays, strict=True))
+    assert midway.opens == 2 + 2  # each shard once, and once more after each failure
     caplog.clear()
     dead = _WrappedLocalFs(always_fail=True)  # a store that never answers: damage, told once
     _through(monkeypatch, dead)

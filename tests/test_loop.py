@@ -207,9 +207,32 @@ def test_the_ema_averages_trainable_weights_only_and_the_export_reads_its_file_a
     (run / TASK_CHECKPOINT / STATE_FILE).unlink()  # the export never needs it
     final = task_checkpoint_export(str(run))
     assert final.step == 10 and [h["start_step"] for h in final.history] == [0]
+    live = state["model"]  # the average is not the live weights; buffers are the live ones
+    assert any(not torch.equal(final.weights[k], live[k]) for k in final.weights
+               if k != "data_mean")
+    assert torch.equal(final.weights["data_mean"], live["data_mean"])
     trained = ExpertModel(cfg.expert.model, cfg.expert.text, 8, 1)  # its text encoder learned
     assert set(final.weights) == set(trained.exported_state())
     assert all(torch.equal(final.weights[k], ema_before[k]) for k in final.weights)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_the_null_caption_is_trained_only_with_caption_dropout(shard, tmp_path, dropout):
+    """Without caption dropout ``y_null`` is never used: it is not trained (DDP would wait for
+    its gradient; weight decay would shrink it), so it leaves the run as it was initialised."""
+    from hdd_ray.models.expert import ExpertModel
+
+    cfg = _config(shard, "fm_velocity", 10)
+    cfg.train.caption_dropout, cfg.train.weight_decay = dropout, 0.1
+    hooks = LocalHooks(str(tmp_path / "run"))
+    run_loop(cfg, hooks)
+    torch.manual_seed(cfg.train.seed)  # the loop's seed before it builds the model
+    fresh = ExpertModel(cfg.expert.model, cfg.expert.text, 8, 1)
+    trained = hooks.load_state()
+    unchanged = torch.equal(trained["model"]["net.y_null"], fresh.net.y_null)
+    assert unchanged == (dropout == 0)
+    assert torch.equal(trained["ema"]["net.y_null"], trained["model"]["net.y_null"]) == (
+        dropout == 0)  # not averaged either
 
 
 def test_learning_rate_schedules_warm_up_and_decay_by_step_alone(shard, tmp_path):

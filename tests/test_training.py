@@ -217,13 +217,15 @@ def test_the_judge_reads_the_training_split_a_batch_at_a_time_and_keeps_a_bounde
     memory; the judge keeps ``evaluation.num_samples`` held-out samples, not the split."""
     from hdd_ray import samples
     from hdd_ray.campaign import cluster_info, cluster_shards, load_manifest
-    from hdd_ray.evaluation.judge import Judge
+    from hdd_ray.evaluation import judge as judge_module
+    from hdd_ray.evaluation.judge import Judge, training_sample
     from hdd_ray.evaluation.metrics import reference_stats
 
     root = _copy(trained[0], tmp_path)
     shutil.rmtree(root / "evaluation" / "reference_stats")  # the reference CLIP stays cached
     cfg = _cfg(root, "evaluation.num_samples=40")
     monkeypatch.setattr(samples, "EVAL_READ_BATCH", 50)
+    monkeypatch.setattr(judge_module, "HELDOUT_MIN", 30)  # keeps max(num_samples, this)
     sizes, real = [], samples.iter_split
 
     def watching(*args, **kwargs):
@@ -245,6 +247,12 @@ def test_the_judge_reads_the_training_split_a_batch_at_a_time_and_keeps_a_bounde
     assert torch.allclose(judge.reference.features_sum, in_memory.features_sum, rtol=1e-5)
     assert torch.allclose(judge.reference.features_cov_sum, in_memory.features_cov_sum,
                           rtol=1e-5, atol=1e-6)
+    # the reference CLIP's bounded sample covers every cluster in proportion to its size
+    counts = [int(cluster_info(manifest, c)["count"]) for c in range(3)]
+    sample = training_sample(cfg, manifest, 300)
+    per_cluster = torch.bincount(sample.labels, minlength=3).tolist()
+    assert per_cluster == [300 * n // train_count for n in counts] and sum(per_cluster) <= 300
+    assert len(training_sample(cfg, manifest, 10**6)) == train_count  # small: the whole split
 
 
 def test_router_accuracy_reads_a_bounded_sample_and_its_failure_never_fails_the_run(
@@ -358,11 +366,11 @@ def _state_when_checkpointed(d: Path, timeout: float = 240) -> dict:
 @pytest.fixture(scope="module")
 def failures(prepared, tmp_path_factory):
     """One Ray Train launch of two experts, each meeting its own fate: expert 1 trains DDP on
-    two workers without caption dropout (``y_null`` then has a zero gradient, which DDP needs
-    of every parameter) and its rank 0 is SIGKILLed after its first registered checkpoint (Ray
-    Train restarts the group, which resumes and trains to the end), expert 2 has no usable data
-    (``max_failures: 0``: it fails at once, alone). One launch for two tests: Ray Train's
-    start-up is ~10 s of 2 cores per run.
+    two workers without caption dropout (``y_null`` is then never used: not trained, so DDP
+    does not wait for its gradient) and its rank 0 is SIGKILLed after its first registered
+    checkpoint (Ray Train restarts the group, which resumes and trains to the end), expert 2
+    has no usable data (``max_failures: 0``: it fails at once, alone). One launch for two
+    tests: Ray Train's start-up is ~10 s of 2 cores per run.
 
     -> (statuses by cluster, expert 1's run directory, the killed checkpoint's state, steps,
     checkpoint interval)."""

@@ -43,19 +43,11 @@ def sample_unit_time(
 
 
 def drop_captions(cond: dict[str, Tensor] | None, p: float, generator=None) -> dict | None:
-    """Mark a random fraction ``p`` of the batch as unconditional (``cond["drop"]``).
-
-    At ``p = 0`` the mask is set all False (no random draw): the null caption stays in the
-    graph with a zero gradient. DDP (``find_unused_parameters=False``) needs a gradient for
-    every trainable parameter at every step; without the mask ``y_null`` had none and the
-    second step of a multi-worker run failed."""
-    if cond is None:
+    """Mark a random fraction ``p`` of the batch as unconditional (``cond["drop"]``)."""
+    if cond is None or p <= 0:
         return cond
     ref = next(iter(cond.values()))
-    if p <= 0:
-        drop = torch.zeros(ref.shape[0], dtype=torch.bool, device=ref.device)
-    else:
-        drop = devices.rand(ref.shape[0], generator, ref.device) < p
+    drop = devices.rand(ref.shape[0], generator, ref.device) < p
     if "drop" in cond:
         drop = drop | cond["drop"]
     return {**cond, "drop": drop}

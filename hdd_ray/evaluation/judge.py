@@ -1,10 +1,11 @@
 """The judge of a campaign's mixtures: what scores samples, built once and shared.
 
-A :class:`Judge` holds the first ``evaluation.num_samples`` samples of the held-out split (their
-captions are the prompts, their images give the FID floor, taken at most at that many), the
+A :class:`Judge` holds the first ``max(evaluation.num_samples, HELDOUT_MIN)`` samples of the
+held-out split (their captions are the prompts, their images give the FID floor), the
 CLIP model (a real one from ``evaluation.clip_arch``/``clip_weights``, or the demo's reference
 CLIP, trained once per campaign on at most
-:data:`~hdd_ray.evaluation.reference_clip.MAX_TRAIN_SAMPLES` training samples, and cached), the
+:data:`~hdd_ray.evaluation.reference_clip.MAX_TRAIN_SAMPLES` training samples, every cluster in
+proportion, and cached), the
 FID feature extractor and the training split's reference statistics (running sums over the
 whole split, read a batch at a time; cached under ``<root>/evaluation/``: the training split is
 read only when a cache misses). Nothing it holds grows with the splits' sizes. Protocol: ``evaluation/README.md``. It turns samples into
@@ -20,7 +21,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from hdd_ray.campaign import CampaignPaths, cluster_shards, heldout_shards, load_manifest
+from hdd_ray.campaign import (
+    CampaignPaths,
+    cluster_info,
+    cluster_shards,
+    heldout_shards,
+    load_manifest,
+)
 from hdd_ray.evaluation import statistics
 from hdd_ray.evaluation.statistics import Interval
 
@@ -28,12 +35,33 @@ if TYPE_CHECKING:
     from hdd_ray.config import CampaignConfig
     from hdd_ray.samples import ClusterData
 
-__all__ = ["EVALUATION_VERSION", "Judge"]
+__all__ = ["EVALUATION_VERSION", "HELDOUT_MIN", "Judge", "training_sample"]
+
+#: held-out samples the judge keeps at least (more when ``evaluation.num_samples`` is larger):
+#: the FID floor and ``fid_n`` of an evaluation with more samples stop at this many
+HELDOUT_MIN = 4096
 
 #: bumped when what ``metrics.json`` holds changes: a cached mixture of another version is
 #: evaluated again (2: intervals, FID and floor at one n, per-sample data; 3: the held-out
 #: split read up to evaluation.num_samples, the reference statistics batch by batch)
 EVALUATION_VERSION = 3
+
+
+def training_sample(cfg: CampaignConfig, manifest: dict[str, Any], limit: int,
+                    device: str | torch.device = "cpu") -> ClusterData:
+    """At most ``limit`` samples of the training split as evaluation compares them, every
+    cluster in proportion to its size (the first samples of each): a bounded sample of a large
+    split that still covers every cluster (the whole split when it is smaller)."""
+    from hdd_ray.samples import ClusterData, read_images
+
+    counts = [int(cluster_info(manifest, c)["count"]) for c in range(cfg.clustering.k)]
+    total = max(1, sum(counts))
+    parts = [read_images(cfg, cluster_shards(cfg, manifest, c), manifest.get("latents"), device,
+                         limit=max(1, limit * n // total))
+             for c, n in enumerate(counts) if n > 0]
+    return ClusterData(torch.cat([p.images for p in parts]),
+                       [cap for p in parts for cap in p.captions],
+                       torch.cat([p.labels for p in parts]))
 
 
 class Judge:
@@ -55,7 +83,7 @@ class Judge:
         latents = manifest.get("latents")
         ev = cfg.evaluation
         held = read_images(cfg, heldout_shards(cfg, manifest), latents, self.device,
-                           limit=int(ev.num_samples))
+                           limit=max(int(ev.num_samples), HELDOUT_MIN))
         train_shards = [s for c in range(cfg.clustering.k) for s in cluster_shards(cfg, manifest, c)]
         self.heldout = held
         self.data_hash = str(manifest["data_hash"])
@@ -66,8 +94,7 @@ class Judge:
         def clip_sample() -> ClusterData:
             self.decoded_train = True
             if not read:
-                read.append(read_images(cfg, train_shards, latents, self.device,
-                                        limit=MAX_TRAIN_SAMPLES))
+                read.append(training_sample(cfg, manifest, MAX_TRAIN_SAMPLES, self.device))
             return read[0]
 
         def train_batches() -> Iterator[Tensor]:

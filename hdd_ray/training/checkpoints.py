@@ -94,7 +94,10 @@ def read_checkpoint(directory: str) -> dict[str, Any] | None:
         return None
     state = torch.load(io.BytesIO(storage.read_bytes(state_path)), map_location="cpu",
                        weights_only=True)
-    ema = read_export(storage.read_bytes(storage.join(directory, EMA_FILE)))
+    ema_path = storage.join(directory, EMA_FILE)
+    if "ema" in state and not storage.exists(ema_path):  # a checkpoint of the one-file layout
+        return state
+    ema = read_export(storage.read_bytes(ema_path))
     if ema.step != int(state["step"]):  # killed between its two files' replacements
         log.warning("%s: EMA file of step %d beside the state of step %d; the average goes on "
                     "from the EMA file's", directory, ema.step, int(state["step"]))

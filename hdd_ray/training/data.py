@@ -204,7 +204,8 @@ class _ShardStream:
             record = next(self._it, None)
         except Exception as exc:  # a shard that cannot be opened or listed: one damaged record
             self._it, record = None, {"__key__": "", "__url__": self.path,
-                                      "__error__": f"unreadable_shard ({first_line(exc)})"}
+                                      "__error__": "unreadable_shard",
+                                      "__detail__": first_line(exc)}
         if record is not None:
             self.read += 1
         return record
@@ -285,7 +286,9 @@ class _Reader:
                 taken += 1
                 if "__error__" in record:
                     damaged += 1
-                    if pos["epoch"] == 0:  # damage is counted (and told) on the first pass only
+                    # damage is counted (and told) on the first pass only; a read that failed
+                    # (an I/O error after every retry) is told in every pass
+                    if pos["epoch"] == 0 or record.get("__detail__"):
                         why = str(record["__error__"]) + (
                             f" ({record['__detail__']})" if record.get("__detail__") else "")
                         log.warning("data%s: %s", self.who(), skip_reason(record, why))

@@ -84,6 +84,11 @@ class ExpertTask(_DataTask):
         self.train = settings.train
         self.objective = get_objective(spec.objective, spec.schedule, self.train.timestep_sampling)
         self.model = ExpertModel(spec.model, spec.text, settings.image_size, settings.channels)
+        # without caption dropout the null caption is never used: it is not trained (DDP, with
+        # find_unused_parameters=False, would wait for its gradient at every step; AdamW's
+        # weight decay would shrink it)
+        if self.train.caption_dropout <= 0:
+            self.model.net.y_null.requires_grad_(False)
         self.data = self._open(settings, [(p, spec.cluster) for p in settings.shards],
                                settings.num_samples, rank, world, pin_memory)
         # exported with the weights: the conversion's prior E[x0] near t = 1 (streaming: the
@@ -162,8 +167,9 @@ def _restore_data(task: _DataTask, rng: TrainingStreams, state: dict[str, Any], 
     sources = [r["source"] for r in ranks or []]
     same_kind = bool(sources) and all(("position" in s) == task.data.streaming for s in sources)
     if same_kind and isinstance(task.data, StreamSource):
+        # a position recorded before layouts were saved (None) is taken as this one's
         saved = [s.get("layout") for s in sources]
-        if any(layout != task.data.layout() for layout in saved):
+        if any(layout not in (None, task.data.layout()) for layout in saved):
             same_kind = False  # the position means other blocks now: start the next epoch
             if rank == 0:
                 log.warning("data settings changed since the checkpoint (%s, now %s): the "
