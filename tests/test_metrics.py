@@ -279,11 +279,15 @@ def test_lpips_backbone_loads_weights_only_from_pth_or_safetensors(digits, tmp_p
     monkeypatch.setattr(tv_api, "load_state_dict_from_url", no_hub)
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_hub)
     varied = [digits["train"][:3], digits["train"][3:6]]
-    states = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        states.append(torchvision.models.alexnet(weights=None).state_dict())
-    torch.save(states[0], tmp_path / "a.pth")
+    # one file with torchvision's whole layout (classifier included); the others hold only the
+    # ``features.*`` LPIPS reads (the classifier is 95 % of AlexNet's 244 MB)
+    torch.manual_seed(0)
+    full = torchvision.models.alexnet(weights=None).state_dict()
+    torch.manual_seed(1)
+    other = {f"features.{k}": v for k, v in torchvision.models.alexnet(weights=None)
+             .features.state_dict().items()}
+    states = [{k: v for k, v in full.items() if k.startswith("features.")}, other]
+    torch.save(full, tmp_path / "a.pth")
     save_file({k: v.contiguous() for k, v in states[0].items()}, tmp_path / "a.safetensors")
     torch.save(states[1], tmp_path / "b.pth")
     value_pth = diversity(varied, lpips_weights=str(tmp_path / "a.pth"))[1]

@@ -348,9 +348,10 @@ def _backbone_from(state: dict[str, Tensor]) -> Iterator[None]:
 
     torchmetrics would build the backbone through torchvision's pretrained weights, which go
     through ``torch.hub.load_state_dict_from_url`` (a download, and ``weights_only=False``).
-    Here the backbone is built randomly initialised (no file, no network) and loaded from the
-    tensors given, strictly: a file that is not an AlexNet raises :class:`WeightsMismatch`. The
-    hook is process-global: don't build LPIPS from several threads at once.
+    Here the backbone is built on the meta device (no file, no network, no random
+    initialisation) and takes the tensors given, strictly: a file that is not an AlexNet raises
+    :class:`WeightsMismatch`. The hook is process-global: don't build LPIPS from several
+    threads at once.
     """
     from torchmetrics.functional.image import lpips as tm_lpips
 
@@ -360,9 +361,10 @@ def _backbone_from(state: dict[str, Tensor]) -> Iterator[None]:
     def local_features(net: str, pretrained: bool = False) -> nn.Sequential:
         if net != "alexnet":
             raise WeightsMismatch(f"lpips backbone: only alexnet is supported, not {net!r}")
-        module = build(net, pretrained=False)
+        with torch.device("meta"):  # no random init to overwrite (AlexNet's FC is 37M draws)
+            module = build(net, pretrained=False)
         try:
-            module.load_state_dict(features, strict=True)
+            module.load_state_dict(features, strict=True, assign=True)
         except RuntimeError as exc:
             raise WeightsMismatch(f"lpips backbone: not AlexNet weights "
                                   f"({str(exc).splitlines()[0][:200]})") from None
