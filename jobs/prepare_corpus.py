@@ -17,7 +17,7 @@ A real corpus on a cluster with GPUs (DINOv2 features, weights from a local file
 
     ray job submit --working-dir . -- python jobs/prepare_corpus.py \
         --config my_campaign.yaml root=s3://bucket/campaign \
-        corpus.source=webdataset corpus.uri='s3://bucket/laion/{00000..00127}.tar' \
+        corpus.uri='s3://bucket/laion/{00000..00127}.tar' \
         corpus.image_key=jpg clustering.embedder=dinov2 \
         clustering.embedder_arch=vit_large_patch14_dinov2 \
         clustering.embedder_weights=/mnt/weights/dinov2_vitl14.safetensors \

@@ -72,9 +72,14 @@ def prepared_campaign(tmp_path_factory, ray_local) -> PreparedCampaign:
 
     base = tmp_path_factory.mktemp("prepared")
     write_demo_corpus(str(base / "corpus"))
-    overrides = ("corpus.source=webdataset", f"corpus.uri={base / 'corpus'}", *CAMPAIGN)
+    # the default (demo) config with the shards given by corpus.uri alone: bring-your-own data
+    overrides = (f"corpus.uri={base / 'corpus'}", *CAMPAIGN)
     root = base / "root"
     manifest = prepare_corpus(load_config(overrides=[f"root={root}", *overrides,
                                                      "tracking.enabled=false"]))
     assert manifest["k"] == 3 and not manifest["reused"]
+    # those shards were used, not the built-in digits written into the root
+    shards = sorted(str(p) for p in (base / "corpus").glob("*.tar"))
+    assert manifest["corpus"]["source"] == "webdataset" and manifest["corpus"]["shards"] == shards
+    assert not (root / "corpus").exists()
     return PreparedCampaign(root, overrides)

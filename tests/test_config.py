@@ -24,6 +24,31 @@ def test_demo_config_loads_as_typed_dataclasses():
     assert cfg.sampling.conversion.x0_clamp == 1.0
 
 
+def test_corpus_uri_alone_selects_the_shards_and_the_demo_source_reads_none():
+    cfg = load_config(overrides=["corpus.uri=/data/shards/{00000..00009}.tar"])
+    assert cfg.corpus.source == "webdataset"
+    with pytest.raises(ConfigError) as info:  # a uri the demo source would ignore: refused
+        load_config(overrides=["corpus.source=demo", "corpus.uri=/data/shards"])
+    assert str(info.value).startswith("corpus.uri='/data/shards': corpus.source='demo' is")
+    with pytest.raises(ConfigError, match=r"corpus.uri=None: required"):
+        load_config(overrides=["corpus.source=webdataset"])
+
+
+def test_the_own_shards_template_marks_every_key_that_describes_the_data():
+    """Keys whose demo values describe the digits (8 px grayscale png) are set in the template
+    and marked SET, and the template loads as written."""
+    path = DEMO_CONFIG.parent / "own-shards.yaml"
+    lines = path.read_text().splitlines()
+    marked = {line.split(":")[0].strip() for line in lines if "# SET" in line}
+    assert {"uri", "image_key", "caption_key", "image_size", "channels", "k",
+            "embedder"} <= marked
+    cfg = load_config(path)
+    demo = load_config()
+    assert cfg.corpus.source == "webdataset"
+    for key in ("image_key", "image_size", "channels"):
+        assert getattr(cfg.corpus, key) != getattr(demo.corpus, key), key
+
+
 def test_conversion_config_defaults_are_the_librarys_and_cover_every_safeguard():
     """A campaign gets as_velocity's defaults, and every Safeguards field is a config key."""
     import dataclasses

@@ -17,7 +17,9 @@ LATENT_DTYPES = ("float16", "bfloat16")
 class CorpusConfig:
     """Where the image-caption pairs come from."""
 
-    source: str = "demo"  # demo | webdataset
+    # demo (the built-in digits) | webdataset (your shards at ``uri``); unset: webdataset when
+    # ``uri`` is given, else demo (:meth:`resolve`)
+    source: Optional[str] = None
     uri: Optional[str] = None  # shards: dir, file, brace pattern or s3:// gs:// URI
     image_key: str = "png"
     caption_key: str = "txt"
@@ -25,11 +27,20 @@ class CorpusConfig:
     channels: int = 1  # 1 = grayscale, 3 = RGB
     shard_size: int = 1000  # samples per written shard
 
+    def resolve(self) -> None:
+        """Set an unset ``source`` from ``uri``: shards given are shards used."""
+        if self.source is None:
+            self.source = "webdataset" if self.uri else "demo"
+
     def validate(self) -> None:
         """One-line :class:`ConfigError` on the first bad value of ``corpus``."""
         check_choice("corpus.source", self.source, CORPUS_SOURCES)
         if self.source == "webdataset" and not self.uri:
             raise ConfigError("corpus.uri=None: required when corpus.source='webdataset'")
+        if self.source == "demo" and self.uri:
+            raise ConfigError(f"corpus.uri={self.uri!r}: corpus.source='demo' is the built-in "
+                              "digits and reads no shards; for your own shards leave "
+                              "corpus.source unset (or set it to webdataset)")
         check_positive("corpus.image_size", self.image_size)
         if self.channels not in (1, 3):
             raise ConfigError(f"corpus.channels={self.channels!r}: allowed: 1, 3")

@@ -51,6 +51,7 @@ def load_config(
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _from_omegaconf(exc, "config") from None
+    cfg.corpus.resolve()  # type: ignore[attr-defined]
     validate(cfg)  # type: ignore[arg-type]
     return cfg  # type: ignore[return-value]
 

@@ -128,7 +128,7 @@ def build_manifest(
     *,
     fingerprint: str,
     uri: str,
-    num_shards: int,
+    shards: list[str],
     dim: int,
     km: dict[str, np.ndarray],
     n_fit: int,
@@ -138,7 +138,8 @@ def build_manifest(
     started: float,
     latents: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The manifest of a finished prepare run (everything but ``mlflow_run_id``).
+    """The manifest of a finished prepare run (everything but ``mlflow_run_id``); ``shards``
+    are the input shards it read (paths or URIs), listed in ``corpus.shards``.
 
     ``plan`` is the driver's per-sample plan, ``clusters`` its :func:`cluster_entries`,
     ``skipped`` the skip reasons and examples, ``started`` the stage's start time, ``latents``
@@ -152,7 +153,8 @@ def build_manifest(
         "k": cl.k,
         "image_size": corpus.image_size,
         "channels": corpus.channels,
-        "corpus": {"source": corpus.source, "uri": uri, "num_shards": num_shards,
+        "corpus": {"source": corpus.source, "uri": uri, "num_shards": len(shards),
+                   "shards": list(shards),
                    "image_key": corpus.image_key, "caption_key": corpus.caption_key},
         "embedder": {"name": cl.embedder, "arch": cl.embedder_arch,
                      "weights": cl.embedder_weights, "image_size": cl.embedder_image_size,

@@ -372,7 +372,7 @@ def _write_manifest(
                 .permute(0, 2, 3, 1).numpy()
     montage = write_montage(paths.clusters, clusters, decode=decode)
     manifest = build_manifest(
-        cfg, fingerprint=inputs.fingerprint, uri=inputs.uri, num_shards=len(inputs.shards),
+        cfg, fingerprint=inputs.fingerprint, uri=inputs.uri, shards=inputs.shards,
         dim=dim, km=km, n_fit=n_fit, plan=plan, skipped=skipped, clusters=clusters,
         started=started, latents=record,
     )
