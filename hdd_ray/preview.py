@@ -94,7 +94,7 @@ def expert_grid_png(cfg: CampaignConfig, expert_dir: str, prompts: list[str],
     repeated = [p for p in prompts for _ in range(per_prompt)]
     images = sample_expert(cfg, model, desc, repeated, device=pick_device(use_gpu))
     return save_grid(storage.join(expert_dir, GRID_FILE), images, repeated,
-                     per_row=per_prompt)
+                     per_row=per_prompt, max_pages=1)[0]
 
 
 def expert_grid(cfg: CampaignConfig, expert_dir: str, shards: list[str],

@@ -125,22 +125,18 @@ def _mixture(cfg: CampaignConfig,
 
 def _sample(cfg: CampaignConfig, args: argparse.Namespace, prompts: list[str],
             spec: MixtureSpec) -> int:
-    import dataclasses
-
     import torch
 
     from hdd_ray import storage
     from hdd_ray.devices import resolve_device
     from hdd_ray.ensemble import load_mixture, route
-    from hdd_ray.evaluation.grids import save_grid
+    from hdd_ray.evaluation.grids import page_path, save_grid
     from hdd_ray.progress import Progress
 
     device = resolve_device(args.device)
     images_prompts = [p for p in prompts for _ in range(args.num)]
     n = len(images_prompts)
-    # one batch: every router call sees every image, so the weights average per image
-    cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(
-        cfg.sampling, batch_size=max(cfg.sampling.batch_size, n)))
+    batch = cfg.sampling.batch_size  # the mixture samples batch after batch, in order
     mixture = load_mixture(cfg, spec.ddpm_clusters, device)
     k_clusters = cfg.clustering.k
     print(f"mixture {spec.assignment(k_clusters)} ({spec.routing}"
@@ -153,11 +149,12 @@ def _sample(cfg: CampaignConfig, args: argparse.Namespace, prompts: list[str],
     counted = [0]
     router = mixture.router_probs
 
-    with Progress(calls, "sampling", unit="evals") as bar:
+    with Progress(calls * -(-n // batch), "sampling", unit="evals") as bar:
         def recording_router(x_t, t):
             probs = router(x_t, t)
             w = route(probs.float(), spec.routing, spec.k, spec.threshold)
-            weights_sum[: w.shape[0]] += w.double().cpu()
+            start = (counted[0] // calls) * batch  # the batch this call belongs to
+            weights_sum[start: start + w.shape[0]] += w.double().cpu()
             counted[0] += 1
             bar.update()
             return probs
@@ -166,11 +163,11 @@ def _sample(cfg: CampaignConfig, args: argparse.Namespace, prompts: list[str],
         images = mixture.sample(images_prompts, seed=spec.seed, strategy=spec.routing,
                                 k=spec.k, threshold=spec.threshold, guidance=spec.guidance,
                                 steps=spec.steps)
-    weights = weights_sum / max(1, counted[0])
+    weights = weights_sum / calls
     out = args.out or _default_out(cfg.root, prompts[0])
     if not storage.is_uri(out):
         Path(out).resolve().parent.mkdir(parents=True, exist_ok=True)
-    save_grid(out, images, images_prompts, per_row=args.num)
+    pages = save_grid(out, images, images_prompts, per_row=args.num)
     names = [d.get("expert_id", f"cluster {c}") for c, (_, d) in enumerate(mixture.experts)]
     print("experts used per image (routing weights averaged over the trajectory):")
     for i, prompt in enumerate(images_prompts):
@@ -178,7 +175,7 @@ def _sample(cfg: CampaignConfig, args: argparse.Namespace, prompts: list[str],
         used.sort(reverse=True)
         text = ", ".join(f"{names[c]} {w:.2f}" for w, c in used)
         print(f"  [{i}] {prompt!r}: {text}")
-    print(f"wrote {out}")
+    print("wrote " + ", ".join(page_path(out, i) for i in range(len(pages))))
     return 0
 
 

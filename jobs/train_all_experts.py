@@ -39,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     from hdd_ray.training.launcher import train_campaign
 
     started = time.time()
-    with tracking.run(cfg, "train_all_experts", tags={"stage": "campaign"}) as parent:
+    # a launch that finds everything done (no stage, expert or mixture run under it) leaves
+    # no run behind
+    with tracking.run(cfg, "train_all_experts", tags={"stage": "campaign"},
+                      keep_without_children=False) as parent:
         tracking.log_config(parent, cfg)  # config.yaml + flattened params
         try:
             # checks its inputs before it joins or starts Ray (bad input: one line, no cluster)
@@ -49,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                                       parent_run_id=parent.run_id if parent else None)
         except (PrepareError, CampaignError) as exc:
             print(f"error: {exc}", file=sys.stderr)
+            _failed(parent)
             return 2
         print()
         print(format_table(statuses))
@@ -56,15 +60,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{len(statuses) - len(failed)}/{len(statuses)} runs ok in "
               f"{time.time() - started:.0f} s (campaign root: {cfg.root})")
         if failed:
+            _failed(parent)
             return 1
         if cfg.evaluation.enabled and not args.skip_router:
             try:
                 evaluate(cfg, campaign_assignments(cfg), parent.run_id if parent else None)
             except CampaignError as exc:  # e.g. evaluation.resources no local node can host
                 print(f"error: {exc}", file=sys.stderr)
+                _failed(parent)
                 return 2
     print(f"done in {time.time() - started:.0f} s")
     return 0
+
+
+def _failed(run: tracking.TrackedRun | None) -> None:
+    """A launch that failed keeps its campaign run, marked FAILED."""
+    if run is not None:
+        run.finish(ok=False)
 
 
 def evaluate(cfg: CampaignConfig, assignments: list[list[int]],

@@ -193,6 +193,24 @@ def test_mlflow_records_stay_with_the_campaign(campaign):
 
 
 @pytest.mark.ray
+def test_a_launch_that_finds_everything_done_adds_no_run(campaign, monkeypatch):
+    """The main job again on its finished campaign: prepare, experts and router are reused,
+    nothing runs under the new campaign run, so it is not kept; the first one stays."""
+    root, cwd, _ = campaign
+
+    def campaign_runs() -> list[tuple[str, str]]:
+        with sqlite3.connect(root / "mlflow.db") as db:
+            return db.execute("select run_uuid, status from runs where name = "
+                              "'train_all_experts' and lifecycle_stage = 'active'").fetchall()
+
+    before = campaign_runs()
+    assert [status for _, status in before] == ["FINISHED"]
+    monkeypatch.chdir(cwd)
+    assert _job("train_all_experts").main([f"root={root}", *TINY]) == 0
+    assert campaign_runs() == before
+
+
+@pytest.mark.ray
 def test_sample_job_writes_png_and_prints_weights(campaign, tmp_path, capsys):
     from PIL import Image
 
@@ -200,12 +218,14 @@ def test_sample_job_writes_png_and_prints_weights(campaign, tmp_path, capsys):
 
     root, _, _ = campaign
     out = tmp_path / "seven.png"
+    # 4 images in batches of 3 and 1: each image's weights come from its own batch
     rc = sample.main(["--prompt", "a handwritten digit seven", "--prompt", "the number 3",
-                      "--num", "2", "--steps", "3", "--out", str(out), f"root={root}", *TINY])
+                      "--num", "2", "--steps", "3", "--out", str(out), f"root={root}", *TINY,
+                      "sampling.batch_size=3"])
     captured = capsys.readouterr()
     text = captured.out
     assert rc == 0, captured.err + text
-    assert Image.open(out).size[0] > 0
+    assert Image.open(out).size[0] > 0 and f"wrote {out}" in text
     rows = [ln for ln in text.splitlines() if ln.strip().startswith("[")]
     assert len(rows) == 4
     for row in rows:  # each image: the experts it used, weights summing to 1 (top-2 of 2)

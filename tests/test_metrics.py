@@ -7,7 +7,9 @@ Everything runs offline on sklearn's digits (the demo corpus) with weights the t
 
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -310,6 +312,34 @@ def test_lpips_backbone_loads_weights_only_from_pth_or_safetensors(digits, tmp_p
     torch.save({"features.0.weight": torch.zeros(3, 3)}, tmp_path / "not-alexnet.pth")
     with pytest.raises(WeightsMismatch, match="not AlexNet weights"):
         diversity(varied, lpips_weights=str(tmp_path / "not-alexnet.pth"))
+
+
+def test_grids_enlarge_only_small_images_and_draw_every_prompt_on_pages(tmp_path, caplog):
+    import io
+
+    from PIL import Image
+
+    from hdd_ray.evaluation.grids import MIN_TILE, ROWS_PER_PAGE, page_path, save_grid
+
+    def size(png: bytes) -> tuple[int, int]:
+        return Image.open(io.BytesIO(png)).size
+
+    (digits,) = save_grid(str(tmp_path / "d.png"), torch.zeros(2, 1, 8, 8), ["a", "a"],
+                          per_row=2)
+    (large,) = save_grid(str(tmp_path / "l.png"), torch.zeros(1, 3, 256, 256), ["a"], per_row=1)
+    label = size(large)[0] - 258
+    assert size(digits) == (label + 2 * (MIN_TILE + 2), MIN_TILE + 2)  # 8 px enlarged 4x
+    assert size(large)[1] == 256 + 2  # 256 px at its size, not 1024
+    prompts = [f"prompt {i}" for i in range(2 * ROWS_PER_PAGE + 1)]
+    path = str(tmp_path / "g.png")
+    pages = save_grid(path, torch.zeros(len(prompts), 1, 8, 8), prompts, per_row=1)
+    assert len(pages) == 3 and size(pages[2])[1] == MIN_TILE + 2  # the last prompt, alone
+    assert [Path(page_path(path, i)).read_bytes() for i in range(3)] == pages
+    assert page_path(path, 2) == str(tmp_path / "g-p3.png")
+    with caplog.at_level(logging.INFO, logger="hdd_ray"):
+        assert len(save_grid(path, torch.zeros(len(prompts), 1, 8, 8), prompts, per_row=1,
+                             max_pages=1)) == 1
+    assert f"the first {ROWS_PER_PAGE} of {len(prompts)} prompts" in caplog.text
 
 
 # ------------------------------------------------------------------------------ extractors

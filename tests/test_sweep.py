@@ -96,6 +96,17 @@ def test_sweep_covers_assignments_and_trains_each_expert_once(first_sweep):
     assert len({r.data.tags["trial_id"] for r in runs}) == len(runs) == 4
     assert all(r.data.params["num_ddpm"] == str(r.data.params["assignment"].count("D"))
                for r in runs)
+    # every trial's run ended, those ASHA stopped at the first rung too (the driver ends them),
+    # with intervals, the diversity measure and the experts of the mixture
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    early = [r for r in runs if r.data.tags["num_samples"] == "32"]
+    assert all(r.data.tags.get("stopped_early") == "true" for r in early)
+    assert not any("stopped_early" in r.data.tags for r in runs if r not in early)
+    print(f"{len(early)} of {len(runs)} trials stopped at 32 samples")
+    for r in runs:
+        assert r.data.metrics["fid_low"] <= r.data.metrics["fid"] <= r.data.metrics["fid_high"]
+        assert r.data.tags["diversity_metric"].endswith("_diversity")
+        assert len(r.data.tags["experts"].split(",")) == 3
     # outputs: ranking, plot, best mixture (readable back as a spec)
     d = Path(result.directory)
     for name in ("ranking.csv", "ranking.md", "fid_clip_vs_num_ddpm.png", "best_mixture.json"):
@@ -108,6 +119,33 @@ def test_sweep_covers_assignments_and_trains_each_expert_once(first_sweep):
     client, _ = _client(cfg)
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"ranking.md", "ranking.csv", "fid_clip_vs_num_ddpm.png"} <= artifacts
+
+
+def test_trial_runs_left_running_are_ended_stopped_early_or_failed(tmp_path):
+    """A trial ASHA stops at an earlier rung (its actor ended mid-report) leaves its MLflow run
+    RUNNING; the driver ends it FINISHED with ``stopped_early``, a failed one FAILED with its
+    error, and leaves a run the trial ended itself as it is (real sqlite store, Tune's
+    ``Result`` as ``tuner.fit()`` returns it)."""
+    from ray.tune import Result
+
+    from hdd_ray.sweep.trial import _trial_run, close_trial_runs
+
+    cfg = load_config(overrides=[f"root={tmp_path / 'root'}", "sweep.name=closing"])
+    runs = {t: _trial_run(cfg, None, t, f"trial {t}", {"assignment": "F F"})
+            for t in ("stopped", "failed", "done")}
+    runs["done"].finish()
+    results = [Result(metrics={"trial_id": t, "num_samples": 32}, checkpoint=None, path="",
+                      error=RuntimeError("boom\nCUDA out of memory") if t == "failed" else None)
+               for t in runs]
+    assert close_trial_runs(cfg, results) == 2
+    client, _ = _client(cfg)
+    got = {t: client.get_run(r.run_id) for t, r in runs.items()}
+    assert got["stopped"].info.status == "FINISHED"
+    assert got["stopped"].data.tags["stopped_early"] == "true"
+    assert got["failed"].info.status == "FAILED"
+    assert got["failed"].data.tags["error"] == "CUDA out of memory"
+    assert got["done"].info.status == "FINISHED" and "stopped_early" not in got["done"].data.tags
+    assert close_trial_runs(cfg, results) == 0  # nothing left running
 
 
 def test_bad_search_space_fails_with_one_line_before_any_trial(tmp_path, capsys, monkeypatch):

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 GRID_FILE = "grid.png"
+#: pages of an evaluated mixture's grid (16 prompts each): a look at the samples, not all of
+#: them; the log says when prompts are left out
+GRID_PAGES = 2
 SAMPLES_FILE = "per_sample.safetensors"
 
 
@@ -148,21 +151,23 @@ def evaluate_mixture(
         "reference_hash": judge.data_hash,
         "reference_clip_retrieval": judge.clip_info.get("retrieval_top1"),
     }
-    grid = save_grid(storage.join(directory, GRID_FILE), samples, prompts)
+    grid = save_grid(storage.join(directory, GRID_FILE), samples, prompts,
+                     max_pages=GRID_PAGES)
     storage.write_bytes(storage.join(directory, SAMPLES_FILE), per_sample.to_bytes(replicates, plan))
     storage.write_json(storage.join(directory, METRICS_FILE), result)
     _track(cfg, result, grid, parent_run_id)
     return {**result, "reused": False}
 
 
-def _track(cfg: CampaignConfig, r: dict[str, Any], grid_png: bytes,
+def _track(cfg: CampaignConfig, r: dict[str, Any], grid_pngs: list[bytes],
            parent_run_id: str | None) -> None:
     from hdd_ray import tracking
 
     tags = {"stage": "mixture", "extractor": r["extractor"], "num_samples": str(r["num_samples"]),
             "reference_hash": r["reference_hash"], "sampler": r["sampler"],
             "steps": str(r["steps"]), "guidance": str(r["guidance"]),
-            "diversity_metric": r["diversity_metric"], "mixture_id": r["mixture_id"]}
+            "diversity_metric": r["diversity_metric"], "mixture_id": r["mixture_id"],
+            "experts": ",".join(r["experts"])}
     name = f"mixture {r['assignment']} {r['routing']}"
     with tracking.run(cfg, name, tags, parent_run_id=parent_run_id) as run:
         if run is None:
@@ -177,7 +182,8 @@ def _track(cfg: CampaignConfig, r: dict[str, Any], grid_png: bytes,
             "assignment": r["assignment"], "num_ddpm": r["num_ddpm"], "routing": r["routing"],
             "k": r["k"], "threshold": r["threshold"], "guidance": r["guidance"],
             "steps": r["steps"], "num_samples": r["num_samples"], "seed": r["seed"]})
-        run.log_image(grid_png, key="samples")
+        for page, png in enumerate(grid_pngs):
+            run.log_image(png, key="samples" if page == 0 else f"samples_p{page + 1}")
 
 
 def load_per_sample(mixtures_dir: str, mixture_id: str) -> tuple[

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from hdd_ray import storage
+from hdd_ray import storage, tracking
 from hdd_ray.campaign import CampaignPaths, with_assignment
 from hdd_ray.config import CampaignConfig, check_safe_name, to_yaml, validate_sweep
 from hdd_ray.errors import SweepError
@@ -21,7 +21,7 @@ from hdd_ray.sweep.space import (
     rungs,
     swept_values,
 )
-from hdd_ray.sweep.trial import sweep_trial
+from hdd_ray.sweep.trial import close_trial_runs, sweep_trial
 
 SPEC_FILE = "sweep_spec.json"
 
@@ -43,8 +43,6 @@ class SweepResult:
 
 def _sweep_parent(cfg: CampaignConfig) -> str | None:
     """The sweep's MLflow parent run (reused on restore)."""
-    from hdd_ray import tracking
-
     exp = tracking.connect(cfg)
     if exp is None:
         return None
@@ -153,6 +151,7 @@ def run_sweep(cfg: CampaignConfig, force: bool = False, verbose: int = 1) -> Swe
                                       verbose=verbose),
         )
     grid = tuner.fit()
+    tracking.warn_on_failure(close_trial_runs, cfg, grid)  # trials ASHA stopped, or failed
     errors = [r.error for r in grid if r.error is not None]
     rows = rank(grid, cfg)
     if errors and not rows:

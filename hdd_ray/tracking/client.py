@@ -184,6 +184,13 @@ class TrackedRun:
         except Exception as exc:
             self._keep(exc, status=status)
 
+    def status(self) -> str | None:
+        """The run's MLflow status (``RUNNING``, ``FINISHED``, ...); None when unreadable."""
+        try:
+            return str(self.client.get_run(self.run_id).info.status)
+        except Exception:
+            return None
+
 
 class Experiment:
     """A campaign's MLflow store and experiment (``tracking.experiment``)."""
@@ -222,11 +229,20 @@ class Experiment:
                        params: dict[str, Any] | None = None) -> TrackedRun:
         """The run whose ``key`` tags equal ``tags``'s (a resumed expert or a restarted trial
         continues it), else a new one as :meth:`create` makes it (params logged then only)."""
-        query = " and ".join(f"tags.{k} = {filter_literal(tags[k])}" for k in key)
+        found = self.find({k: tags[k] for k in key})
+        return found if found is not None else self.create(name, tags, parent=parent,
+                                                           params=params)
+
+    def find(self, tags: dict[str, str]) -> TrackedRun | None:
+        """The newest run of the experiment whose tags include ``tags``, else None."""
+        query = " and ".join(f"tags.{k} = {filter_literal(v)}" for k, v in tags.items())
         found = self.client.search_runs([self.experiment_id], query, max_results=1)
-        if found:
-            return self.run(found[0].info.run_id)
-        return self.create(name, tags, parent=parent, params=params)
+        return self.run(found[0].info.run_id) if found else None
+
+    def has_children(self, run_id: str) -> bool:
+        """Whether a run of the experiment names ``run_id`` as its parent."""
+        query = f"tags.`{PARENT_TAG}` = {filter_literal(run_id)}"
+        return bool(self.client.search_runs([self.experiment_id], query, max_results=1))
 
 
 def artifact_location(cfg: CampaignConfig) -> str | None:
@@ -313,11 +329,15 @@ def connect(cfg: CampaignConfig) -> Experiment | None:
 
 @contextlib.contextmanager
 def run(cfg: CampaignConfig, name: str, tags: dict[str, str] | None = None,
-        parent_run_id: str | None = None) -> Iterator[TrackedRun | None]:
+        parent_run_id: str | None = None,
+        keep_without_children: bool = True) -> Iterator[TrackedRun | None]:
     """A new run of the campaign for the duration of the block; ``None`` when disabled.
 
     Its parent is ``parent_run_id``, else the enclosing :func:`run` context's (a stage inside
-    the campaign run). It ends FINISHED, or FAILED when the block raises.
+    the campaign run). It ends FINISHED, or FAILED when the block raises (a block that ends
+    it itself, :meth:`TrackedRun.finish`, keeps its status). With
+    ``keep_without_children=False`` a block that ends without any run under it (a launch that
+    found everything done) deletes the run instead: no empty parents pile up.
     """
     exp = connect(cfg)
     active = None
@@ -338,7 +358,24 @@ def run(cfg: CampaignConfig, name: str, tags: dict[str, str] | None = None,
         raise
     finally:
         _enclosing.reset(token)
+    if active.status() not in ("RUNNING", None):  # the block ended it (e.g. FAILED): as it is
+        return
+    if not keep_without_children and not _has_children(exp, active.run_id):
+        try:
+            active.client.delete_run(active.run_id)
+            log.info("MLflow: run %r did nothing new: not kept", name)
+            return
+        except Exception as exc:
+            log.warning("MLflow: run %r could not be deleted (%s)", name, first_line(exc)[:200])
     active.finish()
+
+
+def _has_children(exp: Experiment, run_id: str) -> bool:
+    """:meth:`Experiment.has_children`, True when MLflow cannot say (keep the run)."""
+    try:
+        return exp.has_children(run_id)
+    except Exception:
+        return True
 
 
 def warn_on_failure(fn: Any, *args: Any, **kwargs: Any) -> None:
