@@ -114,6 +114,11 @@ def vae_info(latents: Any, image_size: int | None = None, channels: int | None =
     """
     if not latents.vae:
         raise ConfigError("latents.vae=None: no VAE configured (pixel space)")
+    import importlib.util
+
+    if importlib.util.find_spec("diffusers") is None:
+        raise ConfigError(f"latents.vae={latents.vae!r} needs the diffusers package: "
+                          "pip install 'hdd_ray[latents]'")
     root = os.path.abspath(os.path.expanduser(str(latents.vae)))
     folder = os.path.join(root, latents.subfolder) if latents.subfolder else root
     where = f"latents.vae={latents.vae!r}" + (f" (subfolder {latents.subfolder!r})"

@@ -58,7 +58,7 @@ def check_global_batch(what: str, batch_size: int, num_workers: int) -> None:
 def validate_sweep(cfg: CampaignConfig) -> None:
     """Check the sweep's search space (one-line :class:`ConfigError` on the first problem).
 
-    ``sweep.mode=optuna`` needs the ``optuna`` package (a main dependency; an environment built
+    ``sweep.mode=optuna`` needs the ``optuna`` package (the ``optuna`` extra; an environment
     without it fails here, before any training, naming the install command).
     """
     cfg.sweep.validate(cfg.clustering.k)
@@ -67,7 +67,7 @@ def validate_sweep(cfg: CampaignConfig) -> None:
 
         if importlib.util.find_spec("optuna") is None:
             raise ConfigError("sweep.mode=optuna needs the optuna package: "
-                              "pip install 'optuna>=3.6' (or pip install -e .)")
+                              "pip install 'hdd_ray[optuna]'")
     check_swept_routing(cfg)
 
 
