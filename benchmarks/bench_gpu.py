@@ -20,7 +20,13 @@
 4. **Sampling**: images/s of a K = 4 mixture (random weights, half ``ddpm_eps``) for top-1,
    top-2 and full routing, through ``Mixture.sample`` (target: top-2 <= 2.1x top-1's time).
 
-Results: ``benchmarks/out/bench_gpu.json`` (keys documented in ``benchmarks/README.md``).
+Results: ``benchmarks/out/bench_gpu.json`` (keys documented in ``benchmarks/README.md``),
+written after every stage, so a stage that crashes keeps what came before. On CUDA each stage
+runs in a process of its own (``--isolate``): the batch search's cached blocks and a stage's Ray
+workers cannot starve the next stage; a stage that fails records its error and the others
+run. The batch search counts any allocation failure as "does not fit" (cuBLAS and cuDNN
+workspaces, the host), not only torch's OutOfMemoryError. When a model misses the MFU target
+its training step is profiled (``--profile``) and the top kernels saved beside the JSON.
 ``--device cpu`` runs DiT-T/2, a few steps and batches of at most 4, skipping the campaign and
 the Ray comparison unless ``--campaign`` / ``--ray`` are given: it keeps the script alive in CI.
 """
@@ -33,6 +39,7 @@ import functools
 import io
 import json
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +50,9 @@ import torch
 #: dense bf16 tensor-core peak, TFLOP/s (no sparsity), matched against the CUDA device name
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "RTX 4090": 165.0, r"\bL4\b": 121.0}
 OUT = Path(__file__).resolve().parent / "out" / "bench_gpu.json"
+#: the stages, in the order they run (each in a process of its own with ``--isolate``)
+STAGES = ("campaign", "training", "ray_vs_bare", "sampling")
+TARGETS = {"mfu": 0.40, "ray_over_bare": 0.97, "top2_over_top1_time": 2.1}
 TEXT_LEN = 16  # caption tokens the expert's learned text encoder produces (config text.max_len)
 
 
@@ -157,27 +167,70 @@ def _timed_steps(size: str, batch: int, steps: int, device: torch.device, compil
     return out
 
 
+#: what an allocation that failed says, whichever library made it (the caching allocator,
+#: cuBLAS / cuDNN workspaces, a CUDA launch, the host)
+_OOM_WORDS = ("out of memory", "alloc_failed", "failed to allocate", "unable to allocate",
+              "cannot allocate memory", "cudaerrormemoryallocation")
+
+
 def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc)
+    """Whether ``exc`` is any allocation failure, not only torch's OutOfMemoryError."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError):
+        return True
+    text = str(exc).lower()
+    return any(word in text for word in _OOM_WORDS)
+
+
+def _release(device: torch.device) -> None:
+    """Give back what a finished (or failed) attempt held: its garbage, the CUDA cache."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
 
 
 def largest_batch(size: str, device: torch.device, start: int, limit: int) -> int:
-    """The largest power-of-two batch (from ``start``, at most ``limit``) whose step fits."""
+    """The largest power-of-two batch (from ``start``, at most ``limit``) whose step fits.
+
+    Any allocation failure counts as "does not fit" (:func:`_is_oom`); the failed attempt's
+    memory is released before the next (the exception is dropped first: its traceback holds
+    the attempt's tensors)."""
     best, batch = 0, start
     while batch <= limit:
+        oom = False
         try:
             _timed_steps(size, batch, 1, device, False)
-            best, batch = batch, batch * 2
-        except RuntimeError as exc:
+        except (RuntimeError, MemoryError) as exc:
             if not _is_oom(exc):
                 raise
+            oom = True
+        _release(device)
+        if oom:
             break
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        best, batch = batch, batch * 2
     if best == 0:
         raise SystemExit(f"{size}: not even a batch of {start} fits on {device}")
     return best
+
+
+def profile_steps(size: str, batch: int, device: torch.device, path: Path,
+                  steps: int = 3) -> str:
+    """Profile ``steps`` training steps; write the top kernels (by device time, else CPU time)
+    to ``path``; returns the path. What a missed MFU target is looked at with."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    with profile(activities=activities) as prof:
+        _timed_steps(size, batch, steps, device, False)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{size}, batch {batch}, {steps} steps on {device} (+2 warm-up)\n"
+                    + prof.key_averages().table(sort_by=key, row_limit=25))
+    _release(device)
+    return str(path)
 
 
 def training_table(args: argparse.Namespace, device: torch.device, peak: float | None) -> list:
@@ -190,12 +243,19 @@ def training_table(args: argparse.Namespace, device: torch.device, peak: float |
                              phases=True)
         flops = 3 * batch * dit_forward_flops(size, 32, 4, _text_dim(), TEXT_LEN)
         achieved = flops * timed["steps_per_s"] / 1e12
+        mfu = achieved / peak if peak else None
+        missed = mfu is not None and mfu < TARGETS["mfu"]
+        profile = None
+        if args.profile == "always" or (args.profile == "missed" and missed):
+            name = f"bench_gpu_profile_{size.replace('/', '-')}.txt"
+            where = Path(args.profile_dir) if args.profile_dir else Path(args.out).parent
+            profile = profile_steps(size, batch, device, where / name)
         rows.append({"model": size, "input": [4, 32, 32], "batch": batch,
                      "compile": bool(args.compile), "steps_per_s": timed["steps_per_s"],
                      "samples_per_s": timed["steps_per_s"] * batch,
                      "model_tflop_per_step": flops / 1e12, "achieved_tflops": achieved,
-                     "mfu": achieved / peak if peak else None,
-                     "phases_ms": split["phases_ms"]})
+                     "mfu": mfu, "phases_ms": split["phases_ms"], "profile": profile})
+        _release(device)
         print(f"  {size} batch {batch}: {timed['steps_per_s']:.2f} steps/s, "
               f"{achieved:.2f} TFLOP/s" + (f", MFU {achieved / peak:.1%}" if peak else ""),
               flush=True)
@@ -384,6 +444,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ray", action=argparse.BooleanOptionalAction, default=None,
                    help="Ray Train versus the bare loop (default: on CUDA only)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="each stage in a process of its own (default: on CUDA only)")
+    p.add_argument("--profile", choices=("missed", "always", "never"), default="missed",
+                   help="save a profile of the training step: when MFU misses its target")
+    p.add_argument("--only", choices=STAGES, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--profile-dir", default=None, help=argparse.SUPPRESS)  # default: --out's
     args = p.parse_args(argv)
     from hdd_ray.devices import resolve_device
 
@@ -404,8 +470,42 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     args.campaign = cuda if args.campaign is None else args.campaign
     args.ray = cuda if args.ray is None else args.ray
+    args.isolate = cuda if args.isolate is None else args.isolate
     args.device = device
     return args
+
+
+def _stage(name: str, args: argparse.Namespace, device: torch.device, peak: float | None,
+           tmp: str) -> Any:
+    """One stage's result (a skipped stage says so)."""
+    if name == "campaign":
+        return campaign(args, device, tmp) if args.campaign else {
+            "skipped": "off (--campaign to run it)"}
+    if name == "training":
+        return training_table(args, device, peak)
+    if name == "ray_vs_bare":
+        return ray_vs_bare(args, device, tmp) if args.ray else {
+            "skipped": "off (--ray to run it)"}
+    return sampling_table(args, device)
+
+
+def _isolated(name: str, argv: list[str], tmp: str, beside: Path) -> Any:
+    """Run stage ``name`` in a fresh interpreter (this script with ``--only``): whatever it
+    held on the GPU (cached blocks, Ray workers) is gone when it exits. A stage that fails
+    gives ``{"error": its last line}``, and the others still run."""
+    import subprocess
+
+    out = Path(tmp) / f"{name}.json"
+    rest = [a for i, a in enumerate(argv) if a != "--out" and (i == 0 or argv[i - 1] != "--out")
+            and not a.startswith("--out=")]
+    proc = subprocess.run([sys.executable, __file__, *rest, "--only", name, "--out", str(out),
+                           "--profile-dir", str(beside)],
+                          stdout=None, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0 or not out.exists():
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        print(proc.stderr[-3000:], flush=True)
+        return {"error": lines[-1] if lines else f"exit status {proc.returncode}"}
+    return json.loads(out.read_text())[name]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -419,22 +519,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if args.only:  # one stage, in the process the isolated run started for it
+        with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
+            result = {args.only: _stage(args.only, args, device, peak, tmp)}
+        path.write_text(json.dumps(result, indent=2))
+        return result
     out: dict[str, Any] = {"device": str(device), "gpu_name": name, "peak_tflops": peak,
                            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                           "targets": {"mfu": 0.40, "ray_over_bare": 0.97,
-                                       "top2_over_top1_time": 2.1}}
+                           "targets": dict(TARGETS), "isolated": bool(args.isolate)}
+    argv = list(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         started = time.perf_counter()
         print(f"bench_gpu on {device} ({name or 'cpu'}), peak {peak} TFLOP/s", flush=True)
-        out["campaign"] = campaign(args, device, tmp) if args.campaign else {
-            "skipped": "off (--campaign to run it)"}
-        out["training"] = training_table(args, device, peak)
-        out["ray_vs_bare"] = ray_vs_bare(args, device, tmp) if args.ray else {
-            "skipped": "off (--ray to run it)"}
-        out["sampling"] = sampling_table(args, device)
-        out["wall_s"] = time.perf_counter() - started
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
+        for stage in STAGES:  # the JSON is written after every stage: a crash keeps the rest
+            skipped = (stage == "campaign" and not args.campaign) or (
+                stage == "ray_vs_bare" and not args.ray)
+            if args.isolate and not skipped:
+                out[stage] = _isolated(stage, argv, tmp, path.parent)
+            else:
+                out[stage] = _stage(stage, args, device, peak, tmp)
+                _release(device)
+            out["wall_s"] = time.perf_counter() - started
+            path.write_text(json.dumps(out, indent=2))
     print(f"wrote {args.out} ({out['wall_s']:.0f} s)")
     return out
 

@@ -41,13 +41,29 @@ def test_peak_table_names_the_gpus_it_knows():
     assert bench_gpu.peak_tflops("NVIDIA L40S", 362.0) == 362.0
 
 
+def test_every_allocation_failure_counts_as_out_of_memory():
+    for message in ("CUDA out of memory. Tried to allocate 2.00 GiB",
+                    "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+                    "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+                    "[enforce fail at alloc_cpu.cpp:117] err == 0. DefaultCPUAllocator: can't "
+                    "allocate memory: you tried to allocate 1 bytes. Error code 12 (Cannot "
+                    "allocate memory)"):
+        assert bench_gpu._is_oom(RuntimeError(message)), message
+    assert bench_gpu._is_oom(MemoryError())
+    assert not bench_gpu._is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
 def test_cpu_smoke_run_writes_every_section_of_its_json(tmp_path):
+    """As on a GPU: each stage in its own process, the profile saved beside the JSON."""
     out = tmp_path / "bench_gpu.json"
     proc = subprocess.run([sys.executable, str(BENCH / "bench_gpu.py"), "--device", "cpu",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+                           "--isolate", "--profile", "always", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert result["device"] == "cpu" and result["peak_tflops"] is None
+    assert result["device"] == "cpu" and result["peak_tflops"] is None and result["isolated"]
+    profile = Path(result["training"][0]["profile"])
+    assert profile.parent == tmp_path and "Self CPU" in profile.read_text()
     assert set(result) >= {"campaign", "training", "ray_vs_bare", "sampling", "targets"}
     row = result["training"][0]
     assert row["model"] == "DiT-T/2" and row["steps_per_s"] > 0 and row["mfu"] is None
