@@ -107,6 +107,20 @@ def test_every_sample_lands_in_exactly_one_cluster_or_heldout(demo):
     assert manifest["skipped"] == {"count": 0, "reasons": {}, "examples": []}
 
 
+def test_shards_hold_their_cluster_in_a_shuffled_order(demo):
+    """Not a run of neighbouring keys: the digits' keys follow the source's order, so a
+    key-ordered shard would hold one stretch of the corpus (the stream mixes 16 shards)."""
+    cfg, _ = demo
+    rows = _written_samples(Path(cfg.root) / "clusters")
+    for folder in {f for f, _, _ in rows}:
+        keys = [k for f, k, _ in rows if f == folder]  # shard after shard, as written
+        numbers = np.array([int(k.split("-")[1]) for k in keys])
+        assert keys != sorted(keys), folder
+        # spread: the first shard's keys cover the folder's whole key range, not its start
+        first = numbers[: min(len(numbers), cfg.corpus.shard_size)]
+        assert first.max() - first.min() > 0.8 * (numbers.max() - numbers.min()), folder
+
+
 def test_cluster_shards_load_as_arrays(demo):
     cfg, manifest = demo
     images, captions = load_cluster_arrays(cfg.root, 3)

@@ -197,26 +197,27 @@ class AttachPlan:
     """
 
     def __init__(self, plan: pa.Table) -> None:
-        cols = [plan[c].to_pylist() for c in ("key", "url", "dest", "shard", "cluster")]
-        self.plan = {(k, u): (d, s, c) for k, u, d, s, c in zip(*cols, strict=True)}
+        cols = [plan[c].to_pylist() for c in ("key", "url", "dest", "shard", "cluster", "pos")]
+        self.plan = {(k, u): (d, s, c, p) for k, u, d, s, c, p in zip(*cols, strict=True)}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """Embedded rows -> rows with ``dest``, ``shard``, ``cluster``."""
+        """Embedded rows -> rows with ``dest``, ``shard``, ``cluster``, ``pos``."""
         hits = [self.plan.get(ku) for ku in zip(batch["key"].to_pylist(),
                                                 batch["url"].to_pylist(), strict=True)]
         keep = [i for i, h in enumerate(hits) if h is not None]
         out = batch.take(pa.array(keep, pa.int64()))
         return out.append_column("dest", pa.array([hits[i][0] for i in keep], pa.string())) \
             .append_column("shard", pa.array([hits[i][1] for i in keep], pa.int64())) \
-            .append_column("cluster", pa.array([hits[i][2] for i in keep], pa.int64()))
+            .append_column("cluster", pa.array([hits[i][2] for i in keep], pa.int64())) \
+            .append_column("pos", pa.array([hits[i][3] for i in keep], pa.int64()))
 
 
 def _write_shard_group(batch: dict[str, np.ndarray], clusters_dir: str,
                        latent: bool = False) -> dict[str, list]:
-    """Write pass: one group = one output shard, samples in key order; ``latent``: samples
-    hold the ``latent.npy`` member instead of the image."""
+    """Write pass: one group = one output shard, samples in the plan's (shuffled) order;
+    ``latent``: samples hold the ``latent.npy`` member instead of the image."""
     dest, shard = str(batch["dest"][0]), int(batch["shard"][0])
-    order = np.argsort(batch["key"], kind="stable")
+    order = np.argsort(batch["pos"], kind="stable")
     samples, seen = [], set()
     for i in order:
         if batch["key"][i] in seen:  # the same key twice in one tar: keep one copy
@@ -307,7 +308,7 @@ def write_pass(cfg: CampaignConfig, embed_dir: str, clusters_dir: str, plan_df: 
     from ray.data.expressions import col
 
     plan = pa.Table.from_pandas(
-        plan_df[["key", "url", "dest", "shard", "cluster"]], preserve_index=False
+        plan_df[["key", "url", "dest", "shard", "cluster", "pos"]], preserve_index=False
     )
     n_shards = plan_df.groupby(["dest", "shard"]).ngroups
     log.info("prepare: writing %d samples into %d shards under %s",

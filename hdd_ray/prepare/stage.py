@@ -316,7 +316,10 @@ def _assign(embed_dir: str, ok: Any, centroids: np.ndarray, cfg: CampaignConfig)
 
 
 def _plan(ok: Any, dists: np.ndarray, cl: ClusteringConfig, shard_size: int) -> Any:
-    """Each sample's cluster, distance, split, destination folder and shard (key order)."""
+    """Each sample's cluster, distance, split, destination folder, position in it (a shuffled
+    order fixed by ``clustering.seed``) and shard."""
+    import pandas as pd
+
     cluster, distance = assign_clusters(dists, cl.balance_cap)
     counts = np.bincount(cluster, minlength=cl.k)
     if (counts == 0).any():
@@ -328,8 +331,15 @@ def _plan(ok: Any, dists: np.ndarray, cl: ClusteringConfig, shard_size: int) -> 
     plan = ok.assign(cluster=cluster, distance=distance,
                      split=np.where(held, HELDOUT, "train"),
                      dest=np.where(held, HELDOUT, cluster.astype(str)))
-    plan = plan.sort_values(["dest", "key"], kind="stable").reset_index(drop=True)
-    plan["shard"] = plan.groupby("dest").cumcount() // shard_size
+    # shuffled order within each destination (a fixed permutation of the keys, from the seed):
+    # a shard holds a sample of its whole cluster, not a run of neighbouring keys, and the
+    # training stream mixes clusters' shards that look alike
+    plan["rank"] = pd.util.hash_pandas_object(plan["key"], index=False,
+                                              hash_key=f"hdd-ray-{cl.seed:08d}"[:16])
+    plan = plan.sort_values(["dest", "rank", "key", "url"], kind="stable").reset_index(drop=True)
+    plan = plan.drop(columns="rank")
+    plan["pos"] = plan.groupby("dest").cumcount()
+    plan["shard"] = plan["pos"] // shard_size
     plan["shard_path"] = [f"{d}/shard-{s:06d}.tar"
                           for d, s in zip(plan["dest"], plan["shard"], strict=True)]
     return plan
@@ -456,5 +466,5 @@ def _kmeans_settings(cfg: CampaignConfig) -> dict[str, Any]:
         "k": cl.k, "fine_centroids": cl.fine_centroids, "fit_sample_cap": cl.fit_sample_cap,
         "kmeans_iters": cl.kmeans_iters, "balance_cap": cl.balance_cap,
         "heldout_fraction": cl.heldout_fraction, "seed": cl.seed,
-        "shard_size": cfg.corpus.shard_size,
+        "shard_size": cfg.corpus.shard_size, "shard_order": "shuffled",
     }
