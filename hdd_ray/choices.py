@@ -60,33 +60,68 @@ ROUTER_SIZES: dict[str, dict] = {
 
 #: the objective-assignment notation: one letter per cluster
 ASSIGNMENT_LETTERS = {"D": "ddpm_eps", "F": "fm_velocity"}
+#: in a mixture's assignment: the cluster's expert is left out (retired)
+RETIRED_LETTER = "-"
+
+
+def parse_mixture(text: str, k: int, key: str = "assignment") -> tuple[list[int], list[int]]:
+    """``"D F - D"`` -> ``(ddpm clusters, retired clusters)``: one letter (or objective name)
+    per cluster, ``D`` = ``ddpm_eps``, ``F`` = ``fm_velocity``, ``-`` = the expert is left
+    out of the mixture (retired). Raises :class:`ConfigError` naming ``key`` on an unknown
+    letter, a wrong length or every expert retired."""
+    tokens = text.replace(",", " ").split()
+    if len(tokens) == 1 and len(tokens[0]) > 1 and tokens[0] not in ASSIGNMENT_LETTERS.values():
+        tokens = list(tokens[0])
+    names = {**ASSIGNMENT_LETTERS, **{o: o for o in ASSIGNMENT_LETTERS.values()},
+             RETIRED_LETTER: RETIRED_LETTER}
+    for c, tok in enumerate(tokens):
+        if tok not in names:
+            raise ConfigError(f"{key}={text!r}: unknown objective {tok!r} for cluster {c}, "
+                              "allowed: D (ddpm_eps), F (fm_velocity), - (left out)")
+    if len(tokens) != k:
+        raise ConfigError(f"{key}={text!r}: {len(tokens)} objectives, expected one per cluster "
+                          f"(clustering.k={k})")
+    retired = [c for c, tok in enumerate(tokens) if tok == RETIRED_LETTER]
+    if len(retired) == k:
+        raise ConfigError(f"{key}={text!r}: every expert left out; keep at least one")
+    return [c for c, tok in enumerate(tokens) if names[tok] == "ddpm_eps"], retired
 
 
 def parse_assignment(text: str, k: int, key: str = "assignment") -> list[int]:
     """``"D F F D"`` (or ``"DFFD"``, or objective names) -> the clusters using ``ddpm_eps``.
 
     One letter (or objective name) per cluster: ``D`` = ``ddpm_eps``, ``F`` = ``fm_velocity``.
-    Raises :class:`ConfigError` naming ``key`` on an unknown objective or a wrong length.
+    Raises :class:`ConfigError` naming ``key`` on an unknown objective or a wrong length (a
+    ``-`` too: this assignment trains experts; mixtures take :func:`parse_mixture`).
     """
-    tokens = text.replace(",", " ").split()
-    if len(tokens) == 1 and len(tokens[0]) > 1 and tokens[0] not in ASSIGNMENT_LETTERS.values():
-        tokens = list(tokens[0])
-    names = {**ASSIGNMENT_LETTERS, **{o: o for o in ASSIGNMENT_LETTERS.values()}}
-    for c, tok in enumerate(tokens):
-        if tok not in names:
-            raise ConfigError(f"{key}={text!r}: unknown objective {tok!r} for cluster {c}, "
-                              "allowed: D (ddpm_eps), F (fm_velocity)")
-    if len(tokens) != k:
-        raise ConfigError(f"{key}={text!r}: {len(tokens)} objectives, expected one per cluster "
-                          f"(clustering.k={k})")
-    return [c for c, tok in enumerate(tokens) if names[tok] == "ddpm_eps"]
+    ddpm, retired = parse_mixture(text, k, key)
+    if retired:
+        raise ConfigError(f"{key}={text!r}: '-' (an expert left out) is for mixtures, not "
+                          "here: give every cluster D or F")
+    return ddpm
 
 
-def format_assignment(ddpm_clusters: Iterable[int], k: int) -> str:
-    """The readable objective per cluster, e.g. ``D F F D F F F F`` (inverse of
-    :func:`parse_assignment`)."""
-    ddpm = set(ddpm_clusters)
-    return " ".join("D" if c in ddpm else "F" for c in range(k))
+def format_assignment(ddpm_clusters: Iterable[int], k: int,
+                      retired: Iterable[int] = ()) -> str:
+    """The readable objective per cluster, e.g. ``D F - D F F F F`` (inverse of
+    :func:`parse_mixture`)."""
+    ddpm, out = set(ddpm_clusters), set(retired)
+    return " ".join(RETIRED_LETTER if c in out else "D" if c in ddpm else "F" for c in range(k))
+
+
+def check_retired(retired: Iterable[int], k: int, routing: str, top_k: int,
+                  where: str = "") -> None:
+    """Retired clusters in ``0..k-1``, at least one expert kept, and top-``top_k`` routing
+    over no more experts than are kept (one-line :class:`ConfigError`)."""
+    out = sorted(set(retired))
+    if any(not 0 <= c < k for c in out):
+        raise ConfigError(f"{where}retired={out}: clusters are 0..{k - 1} (clustering.k={k})")
+    kept = k - len(out)
+    if kept < 1:
+        raise ConfigError(f"{where}retired={out}: every expert left out; keep at least one")
+    if routing == "topk" and top_k > kept:
+        raise ConfigError(f"{where}k={top_k}: top-k routing over {kept} kept experts "
+                          f"({len(out)} of {k} left out)")
 
 
 def check_routing(routing: str, k: int, threshold: float | None, num_clusters: int,

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from hdd_ray import devices
-from hdd_ray.choices import STRATEGIES, check_routing, format_assignment
+from hdd_ray.choices import STRATEGIES, check_retired, check_routing, format_assignment
 from hdd_ray.diffusion.convert import VelocityField
 from hdd_ray.errors import MixtureError
 
@@ -53,6 +53,8 @@ class MixtureSpec:
     steps: int
     num_samples: int
     seed: int = 0
+    #: clusters whose experts are left out: their routing weight masked, the rest renormalised
+    retired: tuple[int, ...] = ()
 
     @classmethod
     def from_config(cls, cfg: CampaignConfig, ddpm_clusters: Sequence[int] | None = None,
@@ -74,15 +76,17 @@ class MixtureSpec:
         :func:`hdd_ray.choices.check_routing`: a one-line ``ConfigError`` whose names ``where``
         prefixes (``"--"`` for a job's flags)."""
         given = {key: value for key, value in values.items() if value is not None}
-        if "ddpm_clusters" in given:
-            given["ddpm_clusters"] = tuple(sorted(given["ddpm_clusters"]))
+        for key in ("ddpm_clusters", "retired"):
+            if key in given:
+                given[key] = tuple(sorted({int(c) for c in given[key]}))
         spec = dataclasses.replace(self, **given)
         check_routing(spec.routing, spec.k, spec.threshold, num_clusters, where)
+        check_retired(spec.retired, num_clusters, spec.routing, spec.k, where)
         return spec
 
     def assignment(self, num_clusters: int) -> str:
-        """Readable objective per cluster, e.g. ``D F F D F F F F``."""
-        return format_assignment(self.ddpm_clusters, num_clusters)
+        """Readable objective per cluster, e.g. ``D F - D F F F F`` (``-``: left out)."""
+        return format_assignment(self.ddpm_clusters, num_clusters, self.retired)
 
 
 def route(probs: Tensor, strategy: str, k: int = 2, threshold: float | None = None) -> Tensor:
@@ -194,9 +198,16 @@ class Mixture:
     into the batch's prompts, so sparse routing can hand each expert just its samples.
     """
 
-    def __init__(self, experts: list[tuple[ExpertModel, dict]], router: RouterModel,
-                 cfg: CampaignConfig, device: str | torch.device = "cpu") -> None:
-        self.experts = experts  # (ExpertModel, expert.json) per cluster, in cluster order
+    def __init__(self, experts: list[tuple[ExpertModel | None, dict]], router: RouterModel,
+                 cfg: CampaignConfig, device: str | torch.device = "cpu",
+                 retired: Sequence[int] = ()) -> None:
+        # (ExpertModel, expert.json) per cluster, in cluster order; a retired cluster's model
+        # is None (never loaded, never called: its routing weight is zero)
+        self.experts = experts
+        self.retired = tuple(sorted({int(c) for c in retired}))
+        if any(experts[c][0] is not None for c in self.retired) or any(
+                m is None for c, (m, _) in enumerate(experts) if c not in self.retired):
+            raise ValueError("a retired cluster's model must be None, and only a retired one's")
         self.router = router
         self.cfg = cfg
         self.device = torch.device(device)  # where the networks are (load_mixture puts them)
@@ -206,8 +217,9 @@ class Mixture:
 
     @property
     def assignment(self) -> str:
-        """The objectives per cluster as a readable string, e.g. ``D F F D F F F F``."""
-        return " ".join("D" if d["objective"].startswith("ddpm") else "F" for _, d in self.experts)
+        """The objectives per cluster as a readable string, e.g. ``D F - D F F F F``."""
+        return " ".join("-" if c in self.retired else "D" if d["objective"].startswith("ddpm")
+                        else "F" for c, (_, d) in enumerate(self.experts))
 
     def fields(self, prompts: list[str], guidance: float,
                device: str | torch.device) -> list[VelocityField]:
@@ -215,8 +227,11 @@ class Mixture:
         from hdd_ray.diffusion import Safeguards, get_objective, guided
 
         safeguards = Safeguards(**dataclasses.asdict(self.cfg.sampling.conversion))
-        out = []
+        out: list[VelocityField] = []
         for model, desc in self.experts:
+            if model is None:  # retired: routed a zero weight, so never evaluated
+                out.append(_retired_field)
+                continue
             objective = get_objective(desc["objective"], desc["schedule"])
             tok = model.tokenize(prompts, device)
             # the captions' token features do not change over the ODE steps: encode them once
@@ -237,6 +252,10 @@ class Mixture:
 
         with devices.autocast(x_t.device, self.mixed_precision):
             logits = self.router(x_t, t * FM_TIME_SCALE)
+        if self.retired:  # left-out experts get no weight; the others share it in proportion
+            logits = logits.float().index_fill(1, torch.tensor(self.retired,
+                                                               device=logits.device),
+                                               float("-inf"))
         return torch.softmax(logits.float(), dim=1).to(x_t.dtype)
 
     @torch.no_grad()
@@ -266,14 +285,14 @@ class Mixture:
         from hdd_ray.diffusion import sample_ode
 
         s = self.cfg.sampling
-        spec = MixtureSpec.from_config(self.cfg).override(
+        spec = MixtureSpec.from_config(self.cfg, retired=self.retired).override(
             self.cfg.clustering.k, routing=strategy, k=k, threshold=threshold, guidance=guidance,
             steps=steps)
         device = self.device if device is None else torch.device(device)
         from hdd_ray.latents import to_pixels
 
         # the experts' input shape: the latent shape in latent space (expert.json)
-        desc = self.experts[0][1] if self.experts else {}
+        desc = next((d for m, d in self.experts if m is not None), {})
         c = int(desc.get("channels", self.cfg.corpus.channels))
         size = int(desc.get("image_size", self.cfg.corpus.image_size))
         latent = bool(desc.get("latents"))
@@ -293,6 +312,10 @@ class Mixture:
         return torch.cat(out)
 
 
+def _retired_field(x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+    raise RuntimeError("a retired expert was evaluated: its routing weight must be zero")
+
+
 def _check_one_vae(manifest: dict, experts: list[tuple[ExpertModel, dict]],
                    wanted: list[tuple[ResolvedExpert, str]]) -> None:
     """Refuse (one line) a mixture whose experts were trained against different VAEs (or
@@ -305,11 +328,13 @@ def _check_one_vae(manifest: dict, experts: list[tuple[ExpertModel, dict]],
 
 
 def load_mixture(cfg: CampaignConfig, ddpm_clusters: Sequence[int] | None = None,
-                 device: str | torch.device = "cpu") -> Mixture:
+                 device: str | torch.device = "cpu", retired: Sequence[int] = ()) -> Mixture:
     """Assemble a mixture from the campaign's expert cache and router, its networks on ``device``.
 
-    ``ddpm_clusters`` picks the objective assignment (default: the config's). Every expert it
-    needs must already be trained; otherwise one line names the missing ones and the fix.
+    ``ddpm_clusters`` picks the objective assignment (default: the config's); ``retired``
+    clusters are left out (not loaded, need not be trained; the router's weight for them is
+    masked and the rest renormalised). Every expert it needs must already be trained;
+    otherwise one line names the missing ones and the fix.
     """
     from hdd_ray import storage
     from hdd_ray.campaign import (
@@ -327,18 +352,24 @@ def load_mixture(cfg: CampaignConfig, ddpm_clusters: Sequence[int] | None = None
         cfg = with_assignment(cfg, ddpm_clusters)
     manifest = load_manifest(cfg)
     paths = CampaignPaths(cfg.root)
+    out = set(retired)
+    check_retired(out, cfg.clustering.k, "full", 1)
     wanted = [(e, expert_id(cfg, e, manifest)) for e in resolve_experts(cfg)]
-    missing = [eid for _, eid in wanted
-               if not storage.exists(storage.join(paths.expert_dir(eid), EXPERT_JSON))]
+    missing = [eid for e, eid in wanted if e.cluster not in out
+               and not storage.exists(storage.join(paths.expert_dir(eid), EXPERT_JSON))]
     if missing:
         raise MixtureError(
             f"experts not trained yet: {', '.join(missing)} "
             f"(run `python jobs/train_all_experts.py root={cfg.root} ...` with this assignment)"
         )
-    experts = []
-    for _, eid in wanted:
+    experts: list[tuple[ExpertModel | None, dict]] = []
+    for e, eid in wanted:
+        if e.cluster in out:
+            experts.append((None, {"expert_id": eid, "cluster": e.cluster, "retired": True}))
+            continue
         model, desc = load_expert(paths.expert_dir(eid))
         experts.append((model.to(device), desc))
     router = load_router(cfg, manifest).to(device)
-    _check_one_vae(manifest, experts, wanted)
-    return Mixture(experts, router, cfg, device)
+    kept = [(x, w) for x, w in zip(experts, wanted, strict=True) if x[0] is not None]
+    _check_one_vae(manifest, [x for x, _ in kept], [w for _, w in kept])
+    return Mixture(experts, router, cfg, device, retired=sorted(out))

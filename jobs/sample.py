@@ -11,9 +11,10 @@ r"""Your prompts to images: sample a trained campaign's mixture and write a PNG 
 
 The mixture is the campaign's own (``experts.ddpm_clusters`` of the config), another objective
 assignment (``--assignment "D F F D ..."``: one letter per cluster, D = ddpm_eps, F =
-fm_velocity), or a sweep's best (``--mixture NAME``: ``<root>/sweeps/NAME/best_mixture.json``,
+fm_velocity, ``-`` = that expert left out: its routing weight is masked and the others
+renormalised, no training), or a sweep's best (``--mixture NAME``: ``<root>/sweeps/NAME/best_mixture.json``,
 whose routing, k, threshold, guidance, steps and seed are the defaults; the flags override them).
-Every expert it needs must be trained (``python jobs/train_all_experts.py``).
+Every expert it uses must be trained (``python jobs/train_all_experts.py``).
 
 Prints, for each image, the experts it used with their routing weights: the blend weights of
 the routing strategy (``--routing``, ``--k``), **averaged over the sampling trajectory** (every
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         ("--num", {"type": int, "default": 4, "help": "images per prompt (default 4)"}),
         ("--seed", {"type": int, "default": None, "help": "noise seed (default sampling.seed)"}),
         ("--assignment", {"default": None, "metavar": "'D F F D ...'",
-                          "help": "objective per cluster (default: experts.ddpm_clusters)"}),
+                          "help": "objective per cluster, '-' leaves an expert out "
+                                  "(default: experts.ddpm_clusters)"}),
         ("--mixture", {"default": None, "metavar": "NAME",
                        "help": "a sweep's best mixture (sweep name or best_mixture.json path)"}),
         ("--routing", {"default": None, "choices": list(STRATEGIES)}),
@@ -105,7 +107,7 @@ def _mixture(cfg: CampaignConfig,
     """The campaign (a sweep's variant with ``--mixture``) and the mixture to sample: the
     config's or the sweep's best, its assignment replaced by ``--assignment``, its routing,
     guidance, steps and seed by the flags given (checked: one line naming the flag)."""
-    from hdd_ray.choices import parse_assignment
+    from hdd_ray.choices import parse_mixture
     from hdd_ray.ensemble import MixtureSpec
 
     if args.mixture:
@@ -115,9 +117,10 @@ def _mixture(cfg: CampaignConfig,
     else:
         spec = MixtureSpec.from_config(cfg)
     k_clusters = cfg.clustering.k
-    ddpm = (parse_assignment(args.assignment, k_clusters, "--assignment") if args.assignment
-            else None)
-    return cfg, spec.override(k_clusters, "--", ddpm_clusters=ddpm, routing=args.routing,
+    ddpm, retired = (parse_mixture(args.assignment, k_clusters, "--assignment")
+                     if args.assignment else (None, None))
+    return cfg, spec.override(k_clusters, "--", ddpm_clusters=ddpm, retired=retired,
+                              routing=args.routing,
                               k=args.k, threshold=args.threshold, guidance=args.guidance,
                               steps=args.steps,
                               seed=args.seed if args.seed is not None else cfg.sampling.seed)
@@ -137,7 +140,7 @@ def _sample(cfg: CampaignConfig, args: argparse.Namespace, prompts: list[str],
     images_prompts = [p for p in prompts for _ in range(args.num)]
     n = len(images_prompts)
     batch = cfg.sampling.batch_size  # the mixture samples batch after batch, in order
-    mixture = load_mixture(cfg, spec.ddpm_clusters, device)
+    mixture = load_mixture(cfg, spec.ddpm_clusters, device, retired=spec.retired)
     k_clusters = cfg.clustering.k
     print(f"mixture {spec.assignment(k_clusters)} ({spec.routing}"
           + (f", k={spec.k}" if spec.routing == "topk" else "")

@@ -547,3 +547,64 @@ def test_sparse_execution_evaluates_each_expert_only_on_its_routed_samples(strat
     assert sum(mix.evaluations) == per_step * batch * steps
     assert sum(n for _, n in calls) == per_step * batch * steps
     assert torch.isfinite(x).all()
+
+
+def test_a_mixture_assignment_may_leave_experts_out():
+    from hdd_ray.choices import format_assignment, parse_assignment, parse_mixture
+    from hdd_ray.config import ConfigError
+
+    assert parse_mixture("D F - D", 4) == ([0, 3], [2])
+    assert parse_mixture("DF-D", 4) == ([0, 3], [2])
+    assert format_assignment([0, 3], 4, [2]) == "D F - D"
+    with pytest.raises(ConfigError, match="every expert left out"):
+        parse_mixture("- - -", 3)
+    with pytest.raises(ConfigError, match="'-' .* is for mixtures"):  # training needs them all
+        parse_assignment("D - F", 3)
+
+
+@pytest.mark.parametrize("strategy,k", [("topk", 2), ("full", 2), ("top1", 1)])
+def test_a_retired_expert_gets_zero_weight_at_every_step_and_is_never_run(strategy, k):
+    """No training: the router's output for the left-out expert is masked and the others
+    renormalised, in proportion; its network is not even loaded (None)."""
+    from hdd_ray.config import load_config
+    from hdd_ray.ensemble import Mixture, MixtureSpec, route
+    from hdd_ray.errors import ConfigError
+    from hdd_ray.models.expert import ExpertModel, RouterModel
+
+    cfg = load_config(overrides=["clustering.k=3", "experts.ddpm_clusters=[]", "sampling.steps=3",
+                                 "sampling.sampler=euler",
+                                 f"sampling.routing={strategy}", f"sampling.k={k}"])
+    text = {"encoder": "learned", "arch": None, "pretrained": None, "dim": 32, "depth": 1,
+            "vocab_size": 64, "max_len": 8}
+    torch.manual_seed(0)
+    experts = [(ExpertModel("DiT-T/2", text, 8, 1).eval() if c != 1 else None,
+                {"objective": "fm_velocity", "schedule": None, "image_size": 8, "channels": 1})
+               for c in range(3)]
+    router = RouterModel("router-T", 8, 1, 3).eval()
+    with torch.no_grad():  # a router that prefers the retired expert: masking must still win
+        router.net.head.bias[1] = 5.0
+    mixture = Mixture(experts, router, cfg, retired=[1])
+    seen = []
+    probs_of = mixture.router_probs
+
+    def recording(x_t, t):
+        p = probs_of(x_t, t)
+        full = torch.softmax(mixture.router(x_t, t * 1000.0).float(), dim=1)
+        kept = full[:, [0, 2]] / full[:, [0, 2]].sum(dim=1, keepdim=True)
+        assert torch.allclose(p[:, [0, 2]].float(), kept, atol=1e-5)  # renormalised in proportion
+        seen.append(route(p.float(), strategy, k))
+        return p
+
+    mixture.router_probs = recording
+    images = mixture.sample(["a", "b", "c", "d"], seed=0)
+    assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all()
+    assert len(seen) == 3
+    for w in seen:
+        assert (w[:, 1] == 0).all() and torch.allclose(w.sum(dim=1), torch.ones(4))
+    assert mixture.last_evaluations[1] == 0 and mixture.assignment == "F - F"
+    spec = MixtureSpec.from_config(cfg, retired=[1])
+    assert spec.assignment(3) == "F - F"
+    with pytest.raises(ConfigError, match="top-k routing over 1 kept experts"):
+        MixtureSpec.from_config(load_config(overrides=["clustering.k=3", "sampling.k=2",
+                                                       "experts.ddpm_clusters=[]"]),
+                                retired=[0, 2])

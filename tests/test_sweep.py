@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from hdd_ray.config import load_config
+from hdd_ray.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.ray
@@ -146,6 +146,23 @@ def test_trial_runs_left_running_are_ended_stopped_early_or_failed(tmp_path):
     assert got["failed"].data.tags["error"] == "CUDA out of memory"
     assert got["done"].info.status == "FINISHED" and "stopped_early" not in got["done"].data.tags
     assert close_trial_runs(cfg, results) == 0  # nothing left running
+
+
+def test_a_sweep_can_search_which_experts_to_keep(tmp_path):
+    """``sweep.retire`` is a Tune dimension (left-out sets), read back by each trial; a sweep
+    without it keeps the description (and so the restorability) it had before."""
+    from hdd_ray.sweep.space import describe, param_space, trial_retired
+
+    cfg = _cfg(tmp_path / "root", "sweep.retire=[[],[2],[0,1]]")
+    space = param_space(cfg)
+    assert space["retired"] == {"grid_search": ["", "2", "0,1"]}
+    assert [trial_retired({"retired": v}) for v in space["retired"]["grid_search"]] == [
+        [], [2], [0, 1]]
+    assert describe(cfg)["sweep"]["retire"] == [[], [2], [0, 1]]
+    assert "retire" not in describe(_cfg(tmp_path / "root"))["sweep"]
+    assert "retired" not in param_space(_cfg(tmp_path / "root"))
+    with pytest.raises(ConfigError, match=r"sweep.retire\[1\]=\[0, 1, 2\]: clusters to leave"):
+        _cfg(tmp_path / "root", "sweep.retire=[[],[0,1,2]]").sweep.validate(3)
 
 
 def test_bad_search_space_fails_with_one_line_before_any_trial(tmp_path, capsys, monkeypatch):

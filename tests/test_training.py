@@ -157,6 +157,22 @@ def test_campaign_trains_every_expert_and_router_then_reuses_them(trained):
     assert mtimes == {p: p.stat().st_mtime for d in experts.values() for p in d.rglob("*")}
 
 
+def test_a_mixture_may_leave_an_expert_out_without_training(trained):
+    """``D - F``: expert 1 is not loaded, never evaluated, and not among the mixture's experts
+    (its id, and so the cache entry, differs from the full mixture's)."""
+    from hdd_ray.ensemble import MixtureSpec
+    from hdd_ray.evaluation.mixture import evaluate_mixture
+
+    _, cfg, _, _ = trained
+    spec = MixtureSpec.from_config(cfg, num_samples=16, steps=3, retired=[1])
+    result = evaluate_mixture(cfg, spec)
+    assert result["assignment"] == "D - F" and result["retired"] == [1]
+    assert result["expert_evaluations"][1] == 0 and result["expert_share"][1] == 0
+    assert len(result["experts"]) == 2 and not any("c1-" in e for e in result["experts"])
+    assert result["mixture_id"] != evaluate_mixture(
+        cfg, MixtureSpec.from_config(cfg, num_samples=16, steps=3))["mixture_id"]
+
+
 def test_mixture_of_ddpm_and_fm_experts_is_evaluated_and_tracked(trained):
     from mlflow.tracking import MlflowClient
 

@@ -87,6 +87,9 @@ class SweepConfig:
     guidance: Optional[List[float]] = None
     steps: Optional[List[int]] = None
     schedule: Optional[List[str]] = None  # VP schedule of the ddpm_eps experts
+    # sets of clusters whose experts a mixture leaves out, searched like the lists above:
+    # [[], [3]] = every expert, and every expert but cluster 3's (None = keep every expert)
+    retire: Optional[List[List[int]]] = None
     max_concurrent_trials: int = 2
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0  # > 0: each trial samples and scores its mixture on its GPU
@@ -110,7 +113,11 @@ class SweepConfig:
         for i, text in enumerate(self.assignments):
             parse_assignment(text, k, f"sweep.assignments[{i}]")
         check_positive("sweep.num_samples", self.num_samples)
-        for key in ("routing", "k", "guidance", "steps", "schedule"):
+        for i, out in enumerate(self.retire or []):
+            if any(not 0 <= c < k for c in out) or len(set(out)) >= k:
+                raise ConfigError(f"sweep.retire[{i}]={list(out)}: clusters to leave out, in "
+                                  f"0..{k - 1}, keeping at least one (clustering.k={k})")
+        for key in ("routing", "k", "guidance", "steps", "schedule", "retire"):
             if getattr(self, key) is not None and not getattr(self, key):
                 raise ConfigError(f"sweep.{key}=[]: must list at least one value (or be unset)")
         for i, r in enumerate(self.routing or []):

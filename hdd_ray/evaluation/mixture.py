@@ -57,7 +57,8 @@ def mixture_id(cfg: CampaignConfig, spec: MixtureSpec, expert_ids: list[str],
                router: str | None = None, device_type: str = "cpu") -> str:
     """Deterministic id of an evaluated mixture: the cache key of ``mixtures/<id>/``.
 
-    It hashes everything its numbers depend on: the spec, the experts' ids, the router's id
+    It hashes everything its numbers depend on: the spec (its left-out experts too), the ids
+    of the experts it uses, the router's id
     (``router``: a retrained router is evaluated again), the sampler, the conversion, the FID
     extractor and the CLIP model (architecture, and local weights by content: replaced weights
     are evaluated again), bf16 sampling when it applies (``device_type`` ``cuda``), and
@@ -67,7 +68,10 @@ def mixture_id(cfg: CampaignConfig, spec: MixtureSpec, expert_ids: list[str],
 
     ev = cfg.evaluation
     bf16 = device_type == "cuda" and cfg.sampling.mixed_precision == "bf16"
-    digest = short_hash({"spec": dataclasses.asdict(spec), "experts": expert_ids,
+    described = dataclasses.asdict(spec)
+    if not spec.retired:  # a mixture of every expert keeps the id it had before retirement
+        del described["retired"]
+    digest = short_hash({"spec": described, "experts": expert_ids,
                          "sampler": cfg.sampling.sampler, "shift": cfg.sampling.time_shift,
                          "conversion": dataclasses.asdict(cfg.sampling.conversion),
                          "extractor": ev.fid_extractor, "router": router,
@@ -99,7 +103,8 @@ def evaluate_mixture(
 
     manifest = load_manifest(cfg)
     variant = with_assignment(cfg, list(spec.ddpm_clusters))
-    ids = [expert_id(variant, e, manifest) for e in resolve_experts(variant)]
+    ids = [expert_id(variant, e, manifest) for e in resolve_experts(variant)
+           if e.cluster not in spec.retired]
     device_type = (judge.device if judge is not None else torch.device(device)).type
     mid = mixture_id(cfg, spec, ids, router=router_id(cfg, manifest), device_type=device_type)
     directory = CampaignPaths(cfg.root).mixture_dir(mid)
@@ -114,7 +119,7 @@ def evaluate_mixture(
                     "evaluating again", mid, cached.get("evaluation_version"), EVALUATION_VERSION)
 
     judge = judge or Judge(cfg, device)
-    mixture = load_mixture(cfg, spec.ddpm_clusters, judge.device)
+    mixture = load_mixture(cfg, spec.ddpm_clusters, judge.device, retired=spec.retired)
     prompts = judge.prompts(spec.num_samples)
     started = time.time()
     with sampling_progress(mixture, len(prompts), spec.steps, cfg.sampling.sampler,
@@ -140,6 +145,7 @@ def evaluate_mixture(
         "num_ddpm": len(spec.ddpm_clusters),
         **dataclasses.asdict(spec),
         "ddpm_clusters": list(spec.ddpm_clusters),
+        "retired": list(spec.retired),
         "experts": ids,
         **scores,
         "expert_share": [e / total for e in evals],

@@ -26,7 +26,8 @@ def best_spec(cfg: CampaignConfig, row: dict[str, Any]) -> dict[str, Any]:
                  "k": int(row["k"]),
                  "threshold": cfg.sampling.threshold if row["routing"] == "threshold" else None,
                  "guidance": float(row["guidance"]), "steps": int(row["steps"]),
-                 "num_samples": int(row["num_samples"]), "seed": cfg.sampling.seed},
+                 "num_samples": int(row["num_samples"]), "seed": cfg.sampling.seed,
+                 "retired": list(row.get("retired", []))},
         "metrics": {key: row.get(key) for key in ("fid_n", "fid", "fid_low", "fid_high",
                                                   "fid_floor", "clip_score", "clip_score_low",
                                                   "clip_score_high", "diversity", "diversity_low",
@@ -54,7 +55,8 @@ def load_mixture_spec(cfg: CampaignConfig,
     saved = storage.read_json(path)
     spec = dict(saved["spec"])
     spec["ddpm_clusters"] = tuple(spec["ddpm_clusters"])
-    for c in spec["ddpm_clusters"]:
+    spec["retired"] = tuple(spec.get("retired", ()))
+    for c in (*spec["ddpm_clusters"], *spec["retired"]):
         if not 0 <= c < cfg.clustering.k:
             raise ConfigError(f"{path}: cluster id {c} outside 0..{cfg.clustering.k - 1}")
     return with_assignment(cfg, spec["ddpm_clusters"], saved["schedule"]), MixtureSpec(**spec)

@@ -12,7 +12,7 @@ from hdd_ray.campaign import CampaignPaths
 from hdd_ray.choices import format_assignment
 from hdd_ray.config import CampaignConfig
 from hdd_ray.sweep.best import BEST_FILE, best_spec
-from hdd_ray.sweep.space import rungs, trial_assignment
+from hdd_ray.sweep.space import rungs, trial_assignment, trial_retired
 
 RANKING_COLUMNS = ("rank", "assignment", "num_ddpm", "schedule", "routing", "k", "guidance",
                    "steps", "num_samples", "fid_n", "fid", "fid_floor", "fid_vs_best",
@@ -27,9 +27,10 @@ def rank(grid: Any, cfg: CampaignConfig) -> list[dict[str, Any]]:
         m, c = result.metrics or {}, result.config or {}
         if "fid" not in m:
             continue
-        ddpm = trial_assignment(c, cfg.clustering.k)
+        ddpm, retired = trial_assignment(c, cfg.clustering.k), trial_retired(c)
         rows.append({
-            "assignment": format_assignment(ddpm, cfg.clustering.k), "num_ddpm": len(ddpm),
+            "assignment": format_assignment(ddpm, cfg.clustering.k, retired),
+            "num_ddpm": len(ddpm), "retired": retired,
             "ddpm_clusters": ddpm, "schedule": c["schedule"], "routing": c["routing"],
             "k": c["k"], "guidance": c["guidance"], "steps": c["steps"],
             "num_samples": m["num_samples"], "fid": m["fid"], "fid_floor": m.get("fid_floor"),

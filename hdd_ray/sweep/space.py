@@ -60,6 +60,9 @@ def param_space(cfg: CampaignConfig) -> dict[str, Any]:
         key: (pick(values) if len(values) > 1 else values[0])
         for key, values in swept_values(cfg).items()
     }
+    if sw.retire:  # which experts to keep: "" (all), "3", "2,5", ...
+        sets = [retired_text(r) for r in sw.retire]
+        space["retired"] = pick(sets) if len(sets) > 1 or search else sets[0]
     if search and not sw.n_ddpm:  # each cluster's objective drawn on its own
         for c in range(k):
             space[f"c{c}"] = tune.choice(["D", "F"])
@@ -83,6 +86,17 @@ def trial_assignment(config: dict[str, Any], k: int) -> list[int]:
     if "assignment" in config:
         return parse_assignment(config["assignment"], k)
     return [c for c in range(k) if config[f"c{c}"] == "D"]
+
+
+def retired_text(retired: Any) -> str:
+    """A set of left-out clusters as a Tune value: ``"2,5"`` (``""``: none)."""
+    return ",".join(str(int(c)) for c in sorted(set(retired)))
+
+
+def trial_retired(config: dict[str, Any]) -> list[int]:
+    """The left-out clusters of one trial's config (``sweep.retire``), sorted."""
+    text = str(config.get("retired") or "")
+    return sorted(int(c) for c in text.split(",") if c.strip())
 
 
 def rungs(cfg: CampaignConfig) -> list[int]:
@@ -114,8 +128,11 @@ def describe(cfg: CampaignConfig) -> dict[str, Any]:
                        for e in to_dict(cfg.experts).get("list", [])]
     router = without(to_dict(cfg.router), "resources", "data")
     router["train"] = without_later_defaults(router["train"])
-    return {"sweep": without(to_dict(cfg.sweep), "max_concurrent_trials", "cpus_per_trial",
-                             "gpus_per_trial"),
+    sweep = without(to_dict(cfg.sweep), "max_concurrent_trials", "cpus_per_trial",
+                    "gpus_per_trial")
+    if sweep.get("retire") is None:  # a sweep from before the setting keeps its description
+        sweep.pop("retire", None)
+    return {"sweep": sweep,
             "latents": config_settings(cfg), "data_hash": _data_hash(cfg),
             "num_samples": cfg.evaluation.num_samples, "k": cfg.clustering.k,
             "corpus": to_dict(cfg.corpus), "clustering": without(to_dict(cfg.clustering),

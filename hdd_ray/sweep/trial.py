@@ -11,7 +11,7 @@ from hdd_ray import storage
 from hdd_ray.campaign import CampaignPaths, with_assignment
 from hdd_ray.choices import format_assignment
 from hdd_ray.config import CampaignConfig
-from hdd_ray.sweep.space import rungs, trial_assignment
+from hdd_ray.sweep.space import rungs, trial_assignment, trial_retired
 
 if TYPE_CHECKING:
     from hdd_ray.tracking import TrackedRun
@@ -79,11 +79,11 @@ def sweep_trial(config: dict[str, Any], cfg: CampaignConfig,
     torch.set_num_threads(max(1, int(round(cfg.sweep.cpus_per_trial))))
     device = pick_device(cfg.sweep.gpus_per_trial > 0)  # Tune gave the trial its GPU(s)
     k = cfg.clustering.k
-    ddpm = trial_assignment(config, k)
+    ddpm, retired = trial_assignment(config, k), trial_retired(config)
     var = with_assignment(cfg, ddpm, config["schedule"])
     quiet = dataclasses.replace(var, tracking=dataclasses.replace(var.tracking, enabled=False))
     trial_id = tune.get_context().get_trial_id() or "local"
-    params = {"assignment": format_assignment(ddpm, k), "num_ddpm": len(ddpm),
+    params = {"assignment": format_assignment(ddpm, k, retired), "num_ddpm": len(ddpm),
               "schedule": config["schedule"], "routing": config["routing"], "k": config["k"],
               "guidance": config["guidance"], "steps": config["steps"], "trial_id": trial_id}
     run = _trial_run(cfg, parent_run_id, trial_id,
@@ -94,7 +94,8 @@ def sweep_trial(config: dict[str, Any], cfg: CampaignConfig,
     for n in counts:
         spec = MixtureSpec.from_config(var, ddpm, routing=config["routing"], k=config["k"],
                                        guidance=float(config["guidance"]),
-                                       steps=int(config["steps"]), num_samples=n)
+                                       steps=int(config["steps"]), num_samples=n,
+                                       retired=retired)
         result = evaluate_mixture(quiet, spec, judge)
         metrics = {key: float(result[key]) for key in ("fid", "fid_floor", "clip_score",
                                                        "diversity", "images_per_second")
