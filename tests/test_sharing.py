@@ -1,5 +1,7 @@
-"""A mixture in one folder, without a campaign or Ray: its towers (open_clip text-tower files and
-the VAE), referenced by content or copied."""
+"""Sharing a mixture without a campaign or Ray: the folder's towers (open_clip text-tower files,
+referenced by content or copied), the ``champion`` alias of a real MLflow (sqlite) registry, and
+``sweep.register_as``. The export of a trained campaign, its MLflow model and a damaged folder
+are tested on tests/test_training.py's trained campaign."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 from hdd_ray.config import load_config
-from hdd_ray.errors import MixtureError
+from hdd_ray.errors import ConfigError, MixtureError
 
 
 def _campaign(tmp_path: Path, text: dict, *overrides: str, size: int = 8, channels: int = 1,
@@ -152,3 +154,46 @@ def test_the_vae_is_referenced_by_content_or_carried_in_the_folder(tmp_path):
     assert "\n" not in str(info.value) and "--copy-towers" in str(info.value)
     assert torch.equal(Mixture.from_folder(str(copied)).sample(["a red square"], seed=2),
                        expected)
+
+
+def test_champion_moves_only_to_a_lower_fid_under_the_same_evaluation_settings(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from hdd_ray.registry import CHAMPION, promote
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # a real registry
+    client.create_registered_model("digits")
+    source = tmp_path / "model"
+    source.mkdir()
+
+    def register(**tags: str) -> str:
+        return str(client.create_model_version("digits", str(source), tags=tags).version)
+
+    def champion() -> str:
+        return str(client.get_model_version_by_alias("digits", CHAMPION).version)
+
+    assert promote(client, "digits", register()) == (
+        False, "not evaluated (no FID): the champion is left as it is")
+    first = register(fid="5.0", evaluation_key="a")
+    assert promote(client, "digits", first)[0] and champion() == first
+    assert promote(client, "digits", first) == (False, f"version {first} is the champion already")
+    worse = register(fid="6.0", evaluation_key="a")
+    assert promote(client, "digits", worse) == (False, "FID 6 is not below the champion's 5")
+    other = register(fid="1.0", evaluation_key="b")  # another extractor, N or corpus
+    moved, why = promote(client, "digits", other)
+    assert not moved and "other settings" in why and champion() == first
+    better = register(fid="4.5", evaluation_key="a")
+    assert promote(client, "digits", better) == (True, "FID 4.5 < the champion's 5")
+    assert champion() == better
+
+
+def test_sweep_register_as_is_a_safe_name_and_not_part_of_the_sweeps_identity(tmp_path):
+    from hdd_ray.sweep import describe
+
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["sweep.register_as=my model/v2"])
+    assert str(info.value).startswith("sweep.register_as='my model/v2'")
+    plain = load_config(overrides=[f"root={tmp_path}"])
+    named = load_config(overrides=[f"root={tmp_path}", "sweep.register_as=digits"])
+    assert named.sweep.register_as == "digits"
+    assert describe(plain) == describe(named)  # a finished sweep restores with it set
