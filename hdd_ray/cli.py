@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from hdd_ray import storage
+from hdd_ray.choices import STRATEGIES
 from hdd_ray.config import DEMO_CONFIG, CampaignConfig, ConfigError, load_config
 from hdd_ray.progress import configure_logging
 
@@ -57,6 +58,16 @@ def parse_job_args(
               file=sys.stderr)
     return cfg, args
 
+
+#: the flags that override a mixture's sampling settings (``MixtureSpec.override`` checks them)
+MIXTURE_FLAGS: list[tuple[str, dict[str, Any]]] = [
+    ("--routing", {"default": None, "choices": list(STRATEGIES)}),
+    ("--k", {"type": int, "default": None, "help": "experts per sample for topk"}),
+    ("--threshold", {"type": float, "default": None}),
+    ("--guidance", {"type": float, "default": None, "help": "classifier-free guidance"}),
+    ("--steps", {"type": int, "default": None, "help": "ODE steps"}),
+    ("--seed", {"type": int, "default": None, "help": "noise seed (default sampling.seed)"}),
+]
 
 _OVERRIDE = re.compile(r"^[+~]?[A-Za-z_][\w.\[\]]*=")
 

@@ -13,7 +13,7 @@ per-cluster velocities this is the exact velocity of the whole data distribution
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,7 @@ from hdd_ray.diffusion.convert import VelocityField
 from hdd_ray.errors import MixtureError
 
 if TYPE_CHECKING:
-    from hdd_ray.config import CampaignConfig, ResolvedExpert
+    from hdd_ray.config import CampaignConfig
     from hdd_ray.models.expert import ExpertModel, RouterModel
 
 #: ``router(x_t, t) -> p(k | x_t, t)`` as probabilities ``[B, K]``
@@ -215,6 +215,18 @@ class Mixture:
         self.mixed_precision = getattr(cfg.sampling, "mixed_precision", "no")
         self.last_evaluations: list[int] = [0] * len(experts)
 
+    @classmethod
+    def from_folder(cls, path: str, device: str | torch.device = "cpu") -> Mixture:
+        """A mixture exported to one folder (``jobs/export_mixture.py``), its networks on
+        ``device``: every file checked against the folder's sha256 manifest, its towers (a VAE,
+        text-tower files) read from the folder's copies or checked by content at their recorded
+        paths (:func:`hdd_ray.mixture_folder.read_folder`). Needs no campaign and no tracker;
+        a damaged or missing file is a one-line :class:`MixtureError` naming it."""
+        from hdd_ray.mixture_folder import read_folder
+
+        experts, router, cfg = read_folder(path, device)
+        return cls(experts, router, cfg, device)
+
     @property
     def assignment(self) -> str:
         """The objectives per cluster as a readable string, e.g. ``D F - D F F F F``."""
@@ -317,14 +329,37 @@ def _retired_field(x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
 
 
 def _check_one_vae(manifest: dict, experts: list[tuple[ExpertModel, dict]],
-                   wanted: list[tuple[ResolvedExpert, str]]) -> None:
+                   ids: list[str]) -> None:
     """Refuse (one line) a mixture whose experts were trained against different VAEs (or
     against another VAE than the campaign's prepared corpus)."""
     from hdd_ray.latents import check_same_vae
 
     named = [(f"expert {eid}", desc.get("latents"))
-             for (_, desc), (_, eid) in zip(experts, wanted, strict=True)]
+             for (_, desc), eid in zip(experts, ids, strict=True)]
     check_same_vae([*named, ("the prepared corpus", manifest.get("latents"))])
+
+
+def trained_experts(cfg: CampaignConfig, manifest: dict,
+                    skip: Collection[int] = ()) -> list[tuple[str, str]]:
+    """``(expert id, its directory)`` of every cluster's expert of the campaign ``cfg`` (its
+    objective assignment), in cluster order. Every one but the ``skip`` clusters' (left out of
+    the mixture) must be trained already; otherwise one line (:class:`MixtureError`) names the
+    missing ones and the fix."""
+    from hdd_ray import storage
+    from hdd_ray.campaign import EXPERT_JSON, CampaignPaths, expert_id
+    from hdd_ray.config import resolve_experts
+
+    paths = CampaignPaths(cfg.root)
+    wanted = [(eid, paths.expert_dir(eid))
+              for eid in (expert_id(cfg, e, manifest) for e in resolve_experts(cfg))]
+    missing = [eid for c, (eid, d) in enumerate(wanted)
+               if c not in skip and not storage.exists(storage.join(d, EXPERT_JSON))]
+    if missing:
+        raise MixtureError(
+            f"experts not trained yet: {', '.join(missing)} "
+            f"(run `python jobs/train_all_experts.py root={cfg.root} ...` with this assignment)"
+        )
+    return wanted
 
 
 def load_mixture(cfg: CampaignConfig, ddpm_clusters: Sequence[int] | None = None,
@@ -336,40 +371,23 @@ def load_mixture(cfg: CampaignConfig, ddpm_clusters: Sequence[int] | None = None
     masked and the rest renormalised). Every expert it needs must already be trained;
     otherwise one line names the missing ones and the fix.
     """
-    from hdd_ray import storage
-    from hdd_ray.campaign import (
-        EXPERT_JSON,
-        CampaignPaths,
-        expert_id,
-        load_expert,
-        load_manifest,
-        load_router,
-        with_assignment,
-    )
-    from hdd_ray.config import resolve_experts
+    from hdd_ray.campaign import load_expert, load_manifest, load_router, with_assignment
 
     if ddpm_clusters is not None:
         cfg = with_assignment(cfg, ddpm_clusters)
     manifest = load_manifest(cfg)
-    paths = CampaignPaths(cfg.root)
     out = set(retired)
     check_retired(out, cfg.clustering.k, "full", 1)
-    wanted = [(e, expert_id(cfg, e, manifest)) for e in resolve_experts(cfg)]
-    missing = [eid for e, eid in wanted if e.cluster not in out
-               and not storage.exists(storage.join(paths.expert_dir(eid), EXPERT_JSON))]
-    if missing:
-        raise MixtureError(
-            f"experts not trained yet: {', '.join(missing)} "
-            f"(run `python jobs/train_all_experts.py root={cfg.root} ...` with this assignment)"
-        )
+    wanted = trained_experts(cfg, manifest, skip=out)
     experts: list[tuple[ExpertModel | None, dict]] = []
-    for e, eid in wanted:
-        if e.cluster in out:
-            experts.append((None, {"expert_id": eid, "cluster": e.cluster, "retired": True}))
+    for c, (eid, directory) in enumerate(wanted):
+        if c in out:  # left out: never loaded (it need not be trained)
+            experts.append((None, {"expert_id": eid, "cluster": c, "retired": True}))
             continue
-        model, desc = load_expert(paths.expert_dir(eid))
+        model, desc = load_expert(directory)
         experts.append((model.to(device), desc))
     router = load_router(cfg, manifest).to(device)
-    kept = [(x, w) for x, w in zip(experts, wanted, strict=True) if x[0] is not None]
-    _check_one_vae(manifest, [x for x, _ in kept], [w for _, w in kept])
+    kept = [(x, eid) for c, (x, (eid, _)) in enumerate(zip(experts, wanted, strict=True))
+            if c not in out]
+    _check_one_vae(manifest, [x for x, _ in kept], [eid for _, eid in kept])
     return Mixture(experts, router, cfg, device, retired=sorted(out))

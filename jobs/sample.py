@@ -5,6 +5,7 @@ r"""Your prompts to images: sample a trained campaign's mixture and write a PNG 
         --num 8 --seed 1 --routing top1 --guidance 3 --steps 32 --out sevens_and_threes.png
     python jobs/sample.py --prompts my_prompts.txt --assignment "D F F D F F F F" --out grid.png
     python jobs/sample.py --prompt "a handwritten 4" --mixture objectives   # a sweep's best
+    python jobs/sample.py --mixture-dir digits-mixture --prompt "a handwritten 4"  # an export
     python jobs/sample.py --config jobs/configs/<campaign>.yaml root=s3://bucket/c --prompt "..."
     ray job submit --working-dir . -- python jobs/sample.py root=/abs/path/runs/demo \
         --prompt "a handwritten digit seven" --out /abs/path/seven.png
@@ -13,8 +14,10 @@ The mixture is the campaign's own (``experts.ddpm_clusters`` of the config), ano
 assignment (``--assignment "D F F D ..."``: one letter per cluster, D = ddpm_eps, F =
 fm_velocity, ``-`` = that expert left out: its routing weight is masked and the others
 renormalised, no training), or a sweep's best (``--mixture NAME``: ``<root>/sweeps/NAME/best_mixture.json``,
-whose routing, k, threshold, guidance, steps and seed are the defaults; the flags override them).
-Every expert it uses must be trained (``python jobs/train_all_experts.py``).
+whose routing, k, threshold, guidance, steps and seed are the defaults; the flags override them),
+or a folder ``jobs/export_mixture.py`` wrote (``--mixture-dir PATH``: its own settings, the flags
+over them; no campaign is needed and the default ``--out`` is ``./samples/``). Every expert it
+uses must be trained (``python jobs/train_all_experts.py``).
 
 Prints, for each image, the experts it used with their routing weights: the blend weights of
 the routing strategy (``--routing``, ``--k``), **averaged over the sampling trajectory** (every
@@ -73,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "(default: experts.ddpm_clusters)"}),
         ("--mixture", {"default": None, "metavar": "NAME",
                        "help": "a sweep's best mixture (sweep name or best_mixture.json path)"}),
+        ("--mixture-dir", {"default": None, "metavar": "PATH",
+                           "help": "a mixture folder (jobs/export_mixture.py)"}),
         ("--routing", {"default": None, "choices": list(STRATEGIES)}),
         ("--k", {"type": int, "default": None, "help": "experts per sample for topk"}),
         ("--threshold", {"type": float, "default": None}),
@@ -110,7 +115,16 @@ def _mixture(cfg: CampaignConfig,
     from hdd_ray.choices import parse_mixture
     from hdd_ray.ensemble import MixtureSpec
 
-    if args.mixture:
+    if args.mixture_dir:  # an exported folder: its own settings, the flags over them
+        from hdd_ray.errors import ConfigError
+        from hdd_ray.mixture_folder import folder_config
+
+        if args.mixture or args.assignment:
+            raise ConfigError("--mixture-dir: a mixture folder has its own assignment "
+                              "(no --mixture or --assignment with it)")
+        cfg = folder_config(args.mixture_dir)
+        spec = MixtureSpec.from_config(cfg)
+    elif args.mixture:
         from hdd_ray.sweep import load_mixture_spec
 
         cfg, spec = load_mixture_spec(cfg, args.mixture)
@@ -132,7 +146,7 @@ def _sample(cfg: CampaignConfig, args: argparse.Namespace, prompts: list[str],
 
     from hdd_ray import storage
     from hdd_ray.devices import resolve_device
-    from hdd_ray.ensemble import load_mixture, route
+    from hdd_ray.ensemble import Mixture, load_mixture, route
     from hdd_ray.evaluation.grids import page_path, save_grid
     from hdd_ray.progress import Progress
 
@@ -140,7 +154,8 @@ def _sample(cfg: CampaignConfig, args: argparse.Namespace, prompts: list[str],
     images_prompts = [p for p in prompts for _ in range(args.num)]
     n = len(images_prompts)
     batch = cfg.sampling.batch_size  # the mixture samples batch after batch, in order
-    mixture = load_mixture(cfg, spec.ddpm_clusters, device, retired=spec.retired)
+    mixture = (Mixture.from_folder(args.mixture_dir, device) if args.mixture_dir
+               else load_mixture(cfg, spec.ddpm_clusters, device, retired=spec.retired))
     k_clusters = cfg.clustering.k
     print(f"mixture {spec.assignment(k_clusters)} ({spec.routing}"
           + (f", k={spec.k}" if spec.routing == "topk" else "")
@@ -167,7 +182,7 @@ def _sample(cfg: CampaignConfig, args: argparse.Namespace, prompts: list[str],
                                 k=spec.k, threshold=spec.threshold, guidance=spec.guidance,
                                 steps=spec.steps)
     weights = weights_sum / calls
-    out = args.out or _default_out(cfg.root, prompts[0])
+    out = args.out or _default_out("." if args.mixture_dir else cfg.root, prompts[0])
     if not storage.is_uri(out):
         Path(out).resolve().parent.mkdir(parents=True, exist_ok=True)
     pages = save_grid(out, images, images_prompts, per_row=args.num)

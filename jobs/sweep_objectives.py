@@ -12,6 +12,8 @@ Other search spaces:
     python jobs/sweep_objectives.py sweep.name=routing sweep.mode=list \\
         'sweep.assignments=["D F F D F F F F"]' sweep.routing=[top1,topk] sweep.guidance=[1.0,2.0]
     python jobs/sweep_objectives.py evaluation.num_samples=1024 sweep.asha.sample_counts=[256]
+    python jobs/sweep_objectives.py sweep.register_as=digits   # the best -> MLflow registry,
+        # alias champion when its FID is lower than the last champion's (same evaluation)
 On a running Ray cluster (the job joins it through RAY_ADDRESS):
     ray job submit --working-dir . -- python jobs/sweep_objectives.py root=/abs/path/runs/demo
     (an absolute root or a bucket: the job runs in a copy of the working directory)
@@ -66,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"best: {result.best['assignment']} ({result.best['routing']}, "
               f"FID {result.best['fid']:.3f}); evaluate it again with "
               f"`python evaluation/evaluate_mixture.py --mixture {cfg.sweep.name}`")
+    reg = result.registered  # sweep.register_as
+    if reg is not None:
+        print(f"registered {reg.name} version {reg.version}: {reg.reason}"
+              + (f" -> alias champion (models:/{reg.name}@champion)" if reg.champion else ""))
     return 0
 
 

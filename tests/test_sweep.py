@@ -222,3 +222,39 @@ def test_interrupted_sweep_restores_without_redoing_finished_trials(first_sweep,
     assert len(set(root.glob("mixtures/*/metrics.json")) - before) == 4
     runs = _trial_runs(cfg, result.parent_run_id)
     assert len(runs) == len({r.data.tags["trial_id"] for r in runs}) == 4
+
+
+def test_the_sweeps_best_is_registered_as_the_champion_and_exported(first_sweep, tmp_path):
+    """``sweep.register_as`` on the finished sweep (restored: the name is no part of what
+    defines it) exports the best to one folder, registers it and makes it the champion; the
+    same best again keeps its version; ``jobs/export_mixture.py --best`` exports it too."""
+    import importlib
+
+    from hdd_ray.sharing import register_best
+    from hdd_ray.sweep import run_sweep
+
+    cfg, result = first_sweep
+    root = Path(cfg.root)
+    named = _cfg(root, "sweep.name=first", "sweep.mode=n_ddpm", "sweep.n_ddpm=[0,1]",
+                 "sweep.asha.sample_counts=[32]", "sweep.register_as=digits")
+    again = run_sweep(named, verbose=0)
+    assert again.restored and again.best["mixture_id"] == result.best["mixture_id"]
+    registered = again.registered
+    assert (registered.name, registered.version, registered.champion) == ("digits", "1", True)
+    client, _ = _client(cfg)
+    version = client.get_model_version_by_alias("digits", "champion")
+    assert version.tags["mixture_id"] == result.best["mixture_id"]
+    assert float(version.tags["fid"]) == result.best["fid"] and version.tags["evaluation_key"]
+    described = json.loads((root / "sweeps" / "first" / "mixture" / "mixture.json").read_text())
+    assert described["assignment"] == result.best["assignment"]
+    assert described["source"]["sweep"] == "first"
+    assert described["metrics"]["fid"] == result.best["fid"]
+    repeat = register_best(named, result.parent_run_id)
+    assert repeat.version == "1" and "champion already" in repeat.reason
+    assert len(client.search_model_versions("name = 'digits'")) == 1
+    export = importlib.import_module("jobs.export_mixture")
+    out = tmp_path / "best"
+    assert export.main(["--best", "first", "--out", str(out), *_overrides(root),
+                        "tracking.enabled=false"]) == 0
+    exported = json.loads((out / "mixture.json").read_text())
+    assert exported["metrics"] == described["metrics"] and exported["spec"] == described["spec"]

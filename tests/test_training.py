@@ -707,3 +707,144 @@ def test_a_run_begun_as_a_task_resumes_under_ray_train(prepared, tmp_path):
     starts = [a["start_step"] for a in desc["attempts"]]
     assert desc["executor"] == "train" and desc["steps"] == steps
     assert starts[0] == 0 and starts[-1] == reached
+
+
+# ------------------------------------------------------------------ a mixture in one folder
+
+#: the trained campaign's settings (``trained``) and the mixture evaluated above (48 samples,
+#: 6 steps), as a job's command line
+EXPORT = [*BASE, "experts.train.steps=30", "experts.train.checkpoint_every=15",
+          "router.train.steps=150", "router.train.checkpoint_every=75", "sampling.steps=6",
+          "evaluation.num_samples=48"]
+PROMPTS = ["a handwritten digit seven", "the number 3, handwritten", "a handwritten 0"]
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    """The campaign's evaluated mixture (D F F) exported once by jobs/export_mixture.py, logged
+    to the campaign's MLflow store and registered as ``digits``."""
+    import importlib
+
+    from hdd_ray.ensemble import MixtureSpec
+    from hdd_ray.evaluation.mixture import evaluate_mixture
+
+    root, cfg, _, _ = trained
+    # the evaluation of test_mixture_of_ddpm_and_fm_experts_... (reused when it ran)
+    evaluate_mixture(cfg, MixtureSpec.from_config(cfg, num_samples=48, steps=6))
+    out = tmp_path_factory.mktemp("export") / "digits"
+    export = importlib.import_module("jobs.export_mixture")
+    assert export.main(["--out", str(out), "--register", "digits", f"root={root}", *EXPORT]) == 0
+    return out
+
+
+def test_an_exported_mixture_samples_the_campaigns_images_anywhere_without_the_campaign(
+        trained, exported, tmp_path, monkeypatch, capsys):
+    """Exported without MLflow (``exported`` evaluated the mixture: the card has metrics)."""
+    import importlib
+
+    import hdd_ray
+    from hdd_ray.ensemble import load_mixture
+
+    root, cfg, _, _ = trained
+    export = importlib.import_module("jobs.export_mixture")
+    first = tmp_path / "first"
+    assert export.main(["--out", str(first), f"root={root}", *EXPORT,
+                        "tracking.enabled=false"]) == 0
+    assert "MLflow: not logged" in capsys.readouterr().out
+    # every file is in the manifest with its sha256; the card has the metrics' intervals
+    manifest = json.loads((first / "manifest.json").read_text())
+    files = {p.relative_to(first).as_posix() for p in first.rglob("*") if p.is_file()}
+    assert set(manifest["files"]) == files - {"manifest.json"}
+    assert {"README.md", "mixture.json", "montage.png", "router/router.json",
+            "router/weights.safetensors", "experts/c0/expert.json",
+            "experts/c2/weights.safetensors"} <= files
+    described = json.loads((first / "mixture.json").read_text())
+    m = described["metrics"]
+    assert described["assignment"] == "D F F" and m["fid_low"] <= m["fid"] <= m["fid_high"]
+    card = (first / "README.md").read_text()
+    assert f"| {m['fid']:.4g} | [{m['fid_low']:.4g}, {m['fid_high']:.4g}] |" in card
+    assert "![the clusters, one row each](montage.png)" in card
+    reference = load_mixture(cfg).sample(PROMPTS, seed=3, steps=6)  # the folder: its 6 steps
+
+    # the folder moved; the campaign out of reach; loaded and sampled from another directory
+    moved = tmp_path / "far" / "mixture"
+    shutil.move(first, moved)
+    away = root.with_name(root.name + "-away")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    root.rename(away)
+    try:
+        mixture = hdd_ray.Mixture.from_folder("../far/mixture")
+        images = mixture.sample(PROMPTS, seed=3)
+        sample = importlib.import_module("jobs.sample")
+        assert sample.main(["--mixture-dir", "../far/mixture", "--prompt", PROMPTS[0],
+                            "--num", "2", "--device", "cpu"]) == 0
+    finally:
+        away.rename(root)
+    assert torch.equal(images, reference)
+    assert mixture.assignment == "D F F" and len(list((elsewhere / "samples").glob("*.png"))) == 1
+
+
+def test_a_damaged_mixture_folder_is_refused_in_one_line_naming_the_file(exported, tmp_path,
+                                                                         capsys):
+    import importlib
+
+    import hdd_ray
+    from hdd_ray.errors import MixtureError
+
+    sample = importlib.import_module("jobs.sample")
+    for rel, damage in (("experts/c1/weights.safetensors", "flip"),
+                        ("experts/c0/expert.json", "flip"), ("router/router.json", "delete"),
+                        ("mixture.json", "flip")):
+        folder = tmp_path / rel.replace("/", "_")
+        shutil.copytree(exported, folder)
+        path = folder / rel
+        if damage == "flip":
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0x01
+            path.write_bytes(bytes(data))
+        else:
+            path.unlink()
+        with pytest.raises(MixtureError) as refused:
+            hdd_ray.Mixture.from_folder(str(folder))
+        message = str(refused.value)
+        assert len(message.splitlines()) == 1 and str(path) in message, message
+        assert sample.main(["--mixture-dir", str(folder), "--prompt", "a 7", "--device",
+                            "cpu", "--out", str(tmp_path / "no.png")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and str(path) in err[0], err
+    assert not (tmp_path / "no.png").exists()
+
+
+def test_the_export_is_a_registered_mlflow_model_that_loads_and_draws_images(
+        trained, exported, monkeypatch):
+    import mlflow.pyfunc
+    import numpy as np
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    import hdd_ray
+    from hdd_ray import tracking
+    from hdd_ray.registry import to_uint8
+
+    _, cfg, _, _ = trained
+    uri = tracking.tracking_uri(cfg)  # the campaign's sqlite store
+    client = MlflowClient(uri)
+    version = client.get_model_version_by_alias("digits", "champion")  # the first: champion
+    described = json.loads((exported / "mixture.json").read_text())
+    assert version.tags["mixture_id"] == described["metrics"]["mixture_id"]
+    assert float(version.tags["fid"]) == pytest.approx(described["metrics"]["fid"])
+    assert version.tags["evaluation_key"] == described["evaluation_key"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    model = mlflow.pyfunc.load_model("models:/digits@champion")
+    assert model.metadata.get_input_schema().input_names() == ["prompt", "seed"]
+    assert model.metadata.get_output_schema().inputs[0].shape == (-1, 8, 8, 1)
+    frame = pd.DataFrame({"prompt": PROMPTS[:2], "seed": [5, 5]})
+    images = model.predict(frame)
+    assert images.dtype == np.uint8 and images.shape == (2, 8, 8, 1)
+    expected = to_uint8(hdd_ray.Mixture.from_folder(str(exported)).sample(PROMPTS[:2], seed=5))
+    np.testing.assert_array_equal(images, expected)
+    # a row without a seed uses the folder's; params change the steps
+    assert model.predict(pd.DataFrame({"prompt": ["a 4"]}), params={"steps": 2}).shape == (
+        1, 8, 8, 1)

@@ -16,12 +16,17 @@ if TYPE_CHECKING:
     from hdd_ray.models.expert import ExpertModel, RouterModel
 
 
-def load_expert(directory: str) -> tuple[ExpertModel, dict[str, Any]]:
-    """An exported expert (safetensors + expert.json), checked against its description."""
+def load_expert(directory: str,
+                text: dict[str, Any] | None = None) -> tuple[ExpertModel, dict[str, Any]]:
+    """An exported expert (safetensors + expert.json), checked against its description.
+
+    ``text``: the text encoder settings to build in place of the description's (a mixture
+    folder's towers where they lie now); the description is returned as written."""
     from hdd_ray.models.expert import ExpertModel, load_weights
 
     desc = storage.read_json(storage.join(directory, EXPERT_JSON))
-    model = ExpertModel(desc["architecture"], desc["text"], desc["image_size"], desc["channels"])
+    model = ExpertModel(desc["architecture"], text or desc["text"], desc["image_size"],
+                        desc["channels"])
     load_weights(model, storage.join(directory, WEIGHTS), f"expert {desc['expert_id']}",
                  sha256=desc.get("weights_sha256"))  # in full: never the verified cache
     return model.eval(), desc

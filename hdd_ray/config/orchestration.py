@@ -95,11 +95,16 @@ class SweepConfig:
     gpus_per_trial: float = 0.0  # > 0: each trial samples and scores its mixture on its GPU
     asha: AshaConfig = field(default_factory=AshaConfig)
     seed: int = 0
+    # a registered model name: the best mixture is registered in MLflow's Model Registry and
+    # the alias ``champion`` moves to it when its FID is lower (hdd_ray.registry)
+    register_as: Optional[str] = None
 
     def validate(self, k: int) -> None:
         """One-line :class:`ConfigError` on the first bad value of the search space; ``k`` is
         ``clustering.k`` (assignments have one objective per cluster)."""
         check_safe_name("sweep.name", self.name)
+        if self.register_as is not None:
+            check_safe_name("sweep.register_as", self.register_as)
         check_choice("sweep.mode", self.mode, SWEEP_MODES)
         if self.mode == "n_ddpm" and not self.n_ddpm:
             raise ConfigError(

@@ -23,6 +23,10 @@ The flow of :func:`run_sweep`:
    ``Tuner.restore`` finishes the remaining trials without redoing finished ones.
 5. The best mixture is saved as ``<root>/sweeps/<name>/best_mixture.json``;
    :func:`load_mixture_spec` reads it back (``evaluation/evaluate_mixture.py --mixture NAME``).
+6. With ``sweep.register_as: NAME`` the best mixture is exported to ``<root>/sweeps/<name>/
+   mixture``, registered as a version of ``NAME`` in MLflow's Model Registry, and the alias
+   ``champion`` moves to it when its FID is lower under the same evaluation settings
+   (:func:`hdd_ray.sharing.register_best`).
 
 The package: :mod:`~hdd_ray.sweep.space` (the search space and what defines a sweep),
 :mod:`~hdd_ray.sweep.trial` (one trial), :mod:`~hdd_ray.sweep.driver` (:func:`run_sweep`),

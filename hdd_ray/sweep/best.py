@@ -36,6 +36,19 @@ def best_spec(cfg: CampaignConfig, row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def best_file(cfg: CampaignConfig, name_or_path: str, flag: str = "--mixture") -> str:
+    """The ``best_mixture.json`` of a sweep name (``<root>/sweeps/<name>/``) or a path to
+    such a file; :class:`SweepError` (one line, naming ``flag``) when it does not exist."""
+    path = name_or_path
+    if not (name_or_path.endswith(".json") and storage.exists(name_or_path)):
+        path = storage.join(CampaignPaths(storage.absolute(cfg.root)).sweep_dir(name_or_path),
+                            BEST_FILE)
+    if not storage.exists(path):
+        raise SweepError(f"{flag} {name_or_path!r}: no {path} (run jobs/sweep_objectives.py "
+                         f"sweep.name={name_or_path} first, or give a JSON path)")
+    return path
+
+
 def load_mixture_spec(cfg: CampaignConfig,
                       name_or_path: str) -> tuple[CampaignConfig, MixtureSpec]:
     """A saved mixture -> ``(campaign variant, MixtureSpec)``.
@@ -45,13 +58,7 @@ def load_mixture_spec(cfg: CampaignConfig,
     """
     from hdd_ray.ensemble import MixtureSpec
 
-    path = name_or_path
-    if not (name_or_path.endswith(".json") and storage.exists(name_or_path)):
-        path = storage.join(CampaignPaths(storage.absolute(cfg.root)).sweep_dir(name_or_path),
-                            BEST_FILE)
-    if not storage.exists(path):
-        raise SweepError(f"--mixture {name_or_path!r}: no {path} (run jobs/sweep_objectives.py "
-                         f"sweep.name={name_or_path} first, or give a JSON path)")
+    path = best_file(cfg, name_or_path)
     saved = storage.read_json(path)
     spec = dict(saved["spec"])
     spec["ddpm_clusters"] = tuple(spec["ddpm_clusters"])

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from hdd_ray.sweep.space import (
 from hdd_ray.sweep.trial import close_trial_runs, sweep_trial
 
 SPEC_FILE = "sweep_spec.json"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,6 +41,7 @@ class SweepResult:
     parent_run_id: str | None
     restored: bool
     failed_trials: int = 0
+    registered: Any = None  # sweep.register_as: the version (hdd_ray.registry.Logged)
 
 
 def _sweep_parent(cfg: CampaignConfig) -> str | None:
@@ -160,7 +163,24 @@ def run_sweep(cfg: CampaignConfig, force: bool = False, verbose: int = 1) -> Swe
     table = write_outputs(cfg, rows, parent)
     return SweepResult(rows=rows, best=rows[0] if rows else None, table=table,
                        directory=directory, trainings=trained, experts_needed=needed,
-                       parent_run_id=parent, restored=restored, failed_trials=len(errors))
+                       parent_run_id=parent, restored=restored, failed_trials=len(errors),
+                       registered=_register(cfg, rows, parent))
+
+
+def _register(cfg: CampaignConfig, rows: list[dict[str, Any]], parent: str | None) -> Any:
+    """``sweep.register_as``: the best full-N mixture registered in MLflow's Model Registry
+    (:func:`hdd_ray.sharing.register_best`); a failure is one warning line, never a failed
+    sweep (its results are written)."""
+    if not cfg.sweep.register_as or all(r["stopped_early"] for r in rows):
+        return None
+    from hdd_ray.sharing import register_best
+
+    try:
+        return register_best(cfg, parent)
+    except Exception as exc:
+        log.warning("sweep.register_as=%s: not registered: %s", cfg.sweep.register_as,
+                    _one_line(exc))
+        return None
 
 
 def _one_line(exc: BaseException) -> str:

@@ -114,7 +114,8 @@ def describe(cfg: CampaignConfig) -> dict[str, Any]:
     shift and dtype: not where it lies), the prepared corpus's ``data_hash`` (None before it is
     prepared), and where precision changes results (bf16 applies only on GPUs: the experts',
     the router's and the trials'). Only how fast things run is left out (resources other than
-    GPUs, data loading: ``experts.data`` / ``router.data``, concurrency, CPUs per trial). The
+    GPUs, data loading: ``experts.data`` / ``router.data``, concurrency, CPUs per trial), and so is
+    the model name the best is registered as (``sweep.register_as``). The
     tracking and Ray sections and the campaign's name and root change no number.
     """
     from hdd_ray.latents import config_settings
@@ -129,7 +130,7 @@ def describe(cfg: CampaignConfig) -> dict[str, Any]:
     router = without(to_dict(cfg.router), "resources", "data")
     router["train"] = without_later_defaults(router["train"])
     sweep = without(to_dict(cfg.sweep), "max_concurrent_trials", "cpus_per_trial",
-                    "gpus_per_trial")
+                    "gpus_per_trial", "register_as")
     if sweep.get("retire") is None:  # a sweep from before the setting keeps its description
         sweep.pop("retire", None)
     return {"sweep": sweep,
