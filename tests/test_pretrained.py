@@ -601,3 +601,80 @@ def test_network_resolution_follows_the_objective_the_mode_and_the_config(tmp_pa
         NetworkSpec("eps", "cosine", "ddpm_step")
     assert network("experts.network.parameterization=x0",
                    "experts.network.schedule=cosine") == NetworkSpec("x0", "cosine")
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory):
+    import io
+
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from hdd_ray.corpus import write_tar
+
+    digits = load_digits()
+    samples = []
+    for i in np.nonzero(digits.target == 3)[0][:32]:
+        buf = io.BytesIO()
+        Image.fromarray((digits.images[i] * 15.9).astype(np.uint8)).save(buf, "PNG")
+        samples.append({"__key__": f"d{i:05d}", "png": buf.getvalue(), "txt": b"a three",
+                        "json": json.dumps({"cluster": 0}).encode()})
+    path = tmp_path_factory.mktemp("shards") / "shard-000000.tar"
+    write_tar(str(path), samples)
+    return str(path)
+
+
+def test_a_run_starts_from_its_init_and_resumes_without_reading_it_again(tmp_path, shard):
+    """The loop loads the init into a new run only: a run resumed after the file is gone ends
+    bit-identical to one trained straight; a file changed since the launch is refused."""
+    from dataclasses import asdict
+
+    from hdd_ray.campaign import expert_start
+    from hdd_ray.config import resolve_experts
+    from hdd_ray.training.loop import LocalHooks, run_loop
+    from hdd_ray.training.settings import RunSettings
+
+    path = tmp_path / "dit.pt"
+    torch.save(dit_state(channels=1), path)
+    cfg = _cfg(tmp_path, f"experts.init={path}", "experts.adaln=zero",
+               "experts.ddpm_clusters=[]")
+    e = resolve_experts(cfg)[0]
+    start = expert_start(cfg, e)
+
+    def settings(steps: int) -> RunSettings:
+        train = dict(e.train, steps=steps, checkpoint_every=3, batch_size=8)
+        return RunSettings.from_dict({
+            "kind": "expert", "expert": asdict(e), "train": train, "image_size": 8,
+            "channels": 1, "shards": [shard], "torch_threads": 1,
+            "start": {"init": start.init, "mode": start.mode,
+                      "network": start.network.as_dict(), "conversion": start.conversion}})
+
+    straight, split = LocalHooks(str(tmp_path / "a")), LocalHooks(str(tmp_path / "b"))
+    first = run_loop(settings(6), straight)
+    assert math.isfinite(first["loss"])
+    run_loop(settings(3), split)
+    torch.save(dit_state(seed=5, channels=1), path)  # changed: a resume never reads it
+    run_loop(settings(6), split)
+    a, b = straight.load_state(), split.load_state()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    with pytest.raises(WeightsMismatch, match="changed since the launch"):
+        run_loop(settings(6), LocalHooks(str(tmp_path / "c")))
+
+
+def test_router_init_is_a_finished_router_checked_before_ray_and_in_its_id(tmp_path):
+    from hdd_ray.campaign import router_id
+    from hdd_ray.errors import ConfigError
+    from hdd_ray.models.expert import RouterModel
+    from hdd_ray.training.starts import check_campaign_starts
+
+    folder = tmp_path / "router"
+    folder.mkdir()
+    save_weights(str(folder / "weights.safetensors"), RouterModel("router-T", 8, 1, 8).state_dict())
+    (folder / "router.json").write_text("{}")
+    check_campaign_starts(_cfg(tmp_path, f"router.init={folder}"))
+    with pytest.raises(ConfigError, match=r"^router.init=.*net.head.weight has shape \[8, "):
+        check_campaign_starts(_cfg(tmp_path, f"router.init={folder}", "clustering.k=4"))
+    manifest = {"data_hash": "h", "clusters": []}
+    assert router_id(_cfg(tmp_path, f"router.init={folder}"), manifest) != \
+        router_id(_cfg(tmp_path), manifest)
