@@ -32,6 +32,32 @@ STRATEGIES = ("full", "top1", "topk", "threshold")
 TEXT_ENCODER_KINDS = ("learned", "open_clip")
 #: FID feature extractors (``evaluation.fid_extractor``)
 EXTRACTOR_KINDS = ("clip", "inception", "dinov2")
+#: how an expert starts from ``experts.init`` (``experts.init_mode``): ``exact`` keeps the
+#: checkpoint's network (its parameterisation and time) and converts it inside the loss; ``paper``
+#: re-initialises the head and feeds time as round(999 t) (the HDD paper's way)
+INIT_MODES = ("exact", "paper")
+#: the DiT's timestep modulation (``experts.adaln``): PixArt's AdaLN-Single (one shared
+#: ``t_block``) or the original DiT's per-block AdaLN-Zero
+ADALN_VARIANTS = ("single", "zero")
+#: what an expert's network predicts (``experts.network.parameterization``): ``auto`` = the
+#: init's (exact mode), else the objective's own (``velocity`` for fm_velocity, ``eps`` for ddpm_eps)
+NETWORK_PARAMETERIZATIONS = ("auto", "velocity", "eps", "x0", "v")
+#: how a network reads time: ``native`` (tau, or 1000 t), ``ddpm_step`` (the integer step of
+#: a 1,000-step DDPM checkpoint: tau - 1), ``paper`` (round(999 t), the HDD paper's)
+TIME_CONVENTIONS = ("native", "ddpm_step", "paper")
+#: named public checkpoints ``experts.init`` may give instead of a path: resolved to a file of
+#: this name in ``$HDD_RAY_WEIGHTS`` (default ``~/weights``), never downloaded at run time;
+#: the value is where to fetch it once
+PRETRAINED_TAGS: dict[str, tuple[str, str]] = {
+    "DiT-XL-2-256": ("DiT-XL-2-256x256.pt",
+                     "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"),
+    "DiT-XL-2-512": ("DiT-XL-2-512x512.pt",
+                     "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt"),
+    "PixArt-XL-2-256": ("PixArt-XL-2-256x256.pth",
+                        "the PixArt-alpha/PixArt-alpha repository on the Hugging Face Hub"),
+    "PixArt-XL-2-512": ("PixArt-XL-2-512x512.pth",
+                        "the PixArt-alpha/PixArt-alpha repository on the Hugging Face Hub"),
+}
 
 
 def _dit_sizes() -> dict[str, dict]:

@@ -236,7 +236,8 @@ class Mixture:
     def fields(self, prompts: list[str], guidance: float,
                device: str | torch.device) -> list[VelocityField]:
         """Each expert as a guided flow-matching velocity field over ``cond = {"index": [B]}``."""
-        from hdd_ray.diffusion import Safeguards, get_objective, guided
+        from hdd_ray.campaign import expert_objective
+        from hdd_ray.diffusion import Safeguards, guided
 
         safeguards = Safeguards(**dataclasses.asdict(self.cfg.sampling.conversion))
         out: list[VelocityField] = []
@@ -244,7 +245,7 @@ class Mixture:
             if model is None:  # retired: routed a zero weight, so never evaluated
                 out.append(_retired_field)
                 continue
-            objective = get_objective(desc["objective"], desc["schedule"])
+            objective = expert_objective(desc)  # with the network it predicts
             tok = model.tokenize(prompts, device)
             # the captions' token features do not change over the ODE steps: encode them once
             tokens = model.encode_text(tok["ids"], tok["mask"])

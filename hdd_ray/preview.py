@@ -62,13 +62,14 @@ def sample_expert(cfg: CampaignConfig, model: ExpertModel, desc: dict[str, Any],
     """One image per prompt from ``model`` alone (an :class:`ExpertModel` described by its
     ``expert.json`` fields ``desc``), decoded to pixels in [-1, 1], on the CPU."""
     from hdd_ray import devices
-    from hdd_ray.diffusion import Safeguards, get_objective, guided, sample_ode
+    from hdd_ray.campaign import expert_objective
+    from hdd_ray.diffusion import Safeguards, guided, sample_ode
     from hdd_ray.latents import to_pixels
 
     s = cfg.sampling
     device = torch.device(device)
     model = model.to(device).eval()
-    objective = get_objective(desc["objective"], desc.get("schedule"))
+    objective = expert_objective(desc)
     safeguards = Safeguards(**dataclasses.asdict(s.conversion))
     tok = model.tokenize(prompts, device)
     tokens = model.encode_text(tok["ids"], tok["mask"])

@@ -45,10 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
         argv = [*DEMO_DEFAULTS, *argv]  # later overrides win
     cfg, args = parse_job_args(__doc__, argv)
-    from hdd_ray.errors import CampaignError, PrepareError, SweepError
+    from hdd_ray.errors import CampaignError, ConfigError, PrepareError, SweepError
     from hdd_ray.prepare import prepare_corpus
     from hdd_ray.sweep import run_sweep
+    from hdd_ray.training.starts import check_campaign_starts
 
+    try:  # pretrained starts read and fitted (shapes only) before Ray takes anything
+        check_campaign_starts(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     started = time.time()
     init_ray(cfg)
     try:

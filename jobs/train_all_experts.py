@@ -33,11 +33,17 @@ def main(argv: list[str] | None = None) -> int:
         ("--skip-router", {"action": "store_true", "help": "train the experts only"}),
     ])
     from hdd_ray.campaign import campaign_assignments
-    from hdd_ray.errors import CampaignError, PrepareError
+    from hdd_ray.errors import CampaignError, ConfigError, PrepareError
     from hdd_ray.prepare import prepare_corpus
     from hdd_ray.progress import format_table
     from hdd_ray.training.launcher import train_campaign
+    from hdd_ray.training.starts import check_campaign_starts
 
+    try:  # pretrained starts read and fitted (shapes only) before Ray takes anything
+        check_campaign_starts(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     started = time.time()
     # a launch that finds everything done (no stage, expert or mixture run under it) leaves
     # no run behind

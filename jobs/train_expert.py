@@ -26,13 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     ])
     from hdd_ray.campaign import expert_id, load_manifest
     from hdd_ray.config import resolve_experts
-    from hdd_ray.errors import CampaignError
+    from hdd_ray.errors import CampaignError, ConfigError
     from hdd_ray.progress import format_table
     from hdd_ray.training.launcher import train_campaign
+    from hdd_ray.training.starts import check_campaign_starts
 
     try:
         manifest = load_manifest(cfg)
-    except CampaignError as exc:
+        check_campaign_starts(cfg)  # its start read and fitted before Ray takes anything
+    except (CampaignError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     experts = resolve_experts(cfg)

@@ -20,6 +20,7 @@ from hdd_ray.campaign.artifacts import (
     SETTLED_NS,
     VERIFIED_FILE,
     WEIGHTS,
+    content_identity,
     existing_state,
     file_sha256,
     read_description,
@@ -40,7 +41,6 @@ from hdd_ray.campaign.identity import (
     NON_IDENTITY_TRAIN_KEYS,
     applied_precision,
     campaign_assignments,
-    content_identity,
     expert_id,
     expert_identity,
     model_shape,
@@ -50,7 +50,14 @@ from hdd_ray.campaign.identity import (
     with_assignment,
     without_later_defaults,
 )
-from hdd_ray.campaign.loading import load_expert, load_router
+from hdd_ray.campaign.loading import expert_objective, load_expert, load_router
+from hdd_ray.campaign.starts import (
+    ExpertStart,
+    check_starts,
+    describe_router_init,
+    expert_start,
+    start_identity,
+)
 
 __all__ = [
     "EXPERT_JSON",
@@ -62,14 +69,19 @@ __all__ = [
     "VERIFIED_FILE",
     "WEIGHTS",
     "CampaignPaths",
+    "ExpertStart",
     "applied_precision",
     "campaign_assignments",
+    "check_starts",
     "cluster_info",
     "cluster_shards",
     "content_identity",
+    "describe_router_init",
     "existing_state",
     "expert_id",
     "expert_identity",
+    "expert_objective",
+    "expert_start",
     "file_sha256",
     "heldout_shards",
     "load_expert",
@@ -82,6 +94,7 @@ __all__ = [
     "router_identity",
     "safetensors_problem",
     "short_hash",
+    "start_identity",
     "verified_sha256",
     "weights_problem",
     "with_assignment",

@@ -28,6 +28,31 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+#: content hashes of local files, keyed by (absolute path, inode, size, mtime_ns, ctime_ns):
+#: ids are computed many times per launch, a large weights file is read once per process.
+#: ctime cannot be set back (``cp -p`` and ``os.utime`` keep the mtime, not the ctime)
+_CONTENT_HASHES: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def content_identity(value: str | None) -> Any:
+    """What a weights or config reference contributes to an identity: the SHA-256 of a local
+    file's (or a local folder's) content, so a file replaced under the same name changes the
+    id and a moved one does not; a tag or a URI as given (``None`` stays ``None``)."""
+    if not value or storage.is_uri(str(value)) or not os.path.exists(str(value)):
+        return value
+    path = os.path.abspath(str(value))
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, n) for d, _, names in os.walk(path) for n in names)
+    h = hashlib.sha256()
+    for f in files:
+        st = os.stat(f)
+        key = (f, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if key not in _CONTENT_HASHES:
+            _CONTENT_HASHES[key] = file_sha256(f)
+        h.update(f"{os.path.relpath(f, path)}\t{_CONTENT_HASHES[key]}\n".encode())
+    return {"sha256": h.hexdigest()}
+
+
 def existing_state(directory: str, identity: dict[str, Any], json_name: str) -> tuple[str, str]:
     """``(state, reason)`` of a run directory (an expert's or the router's).
 

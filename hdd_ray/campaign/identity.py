@@ -13,13 +13,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from hdd_ray import storage
-from hdd_ray.campaign.artifacts import file_sha256
+from hdd_ray.campaign.artifacts import content_identity
 from hdd_ray.campaign.directory import cluster_info
+from hdd_ray.campaign.starts import describe_router_init, expert_start, start_identity
 from hdd_ray.config import to_dict
 
 if TYPE_CHECKING:
@@ -58,31 +57,6 @@ def _identity_train(train: dict[str, Any]) -> dict[str, Any]:
             if k not in NON_IDENTITY_TRAIN_KEYS}
 
 
-#: content hashes of local files, keyed by (absolute path, inode, size, mtime_ns, ctime_ns):
-#: ids are computed many times per launch, a large weights file is read once per process.
-#: ctime cannot be set back (``cp -p`` and ``os.utime`` keep the mtime, not the ctime)
-_CONTENT_HASHES: dict[tuple[str, int, int, int, int], str] = {}
-
-
-def content_identity(value: str | None) -> Any:
-    """What a weights or config reference contributes to an identity: the SHA-256 of a local
-    file's (or a local folder's) content, so a file replaced under the same name changes the
-    id and a moved one does not; a tag or a URI as given (``None`` stays ``None``)."""
-    if not value or storage.is_uri(str(value)) or not os.path.exists(str(value)):
-        return value
-    path = os.path.abspath(str(value))
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(d, n) for d, _, names in os.walk(path) for n in names)
-    h = hashlib.sha256()
-    for f in files:
-        st = os.stat(f)
-        key = (f, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        if key not in _CONTENT_HASHES:
-            _CONTENT_HASHES[key] = file_sha256(f)
-        h.update(f"{os.path.relpath(f, path)}\t{_CONTENT_HASHES[key]}\n".encode())
-    return {"sha256": h.hexdigest()}
-
-
 def applied_precision(train: dict[str, Any], resources: dict[str, Any]) -> str:
     """The precision a run actually trains in: ``bf16`` only when it asks for GPUs (bf16
     autocast is a no-op on CPUs, :func:`hdd_ray.devices.autocast`), else ``fp32``."""
@@ -106,7 +80,8 @@ def expert_identity(cfg: CampaignConfig, expert: ResolvedExpert,
     """Everything that determines the expert's weights (resources excluded).
 
     The data hash is its own cluster's, so re-clustering that leaves a cluster unchanged keeps
-    its expert. Local pretrained files (the open_clip text tower's weights or config) count by
+    its expert. Its start (:mod:`hdd_ray.campaign.starts`): a different init is a different
+    expert, counted by content, never by path. Local pretrained files (the open_clip text tower's weights or config) count by
     content. Precision counts as applied: ``"precision": "bf16"`` is added only when bf16
     autocast really runs (GPUs asked for), so CPU ids are those of earlier releases.
 
@@ -131,6 +106,9 @@ def expert_identity(cfg: CampaignConfig, expert: ResolvedExpert,
     if applied_precision(expert.train, expert.resources or {}) == "bf16":
         identity["precision"] = "bf16"
     identity.update(_latent_identity(manifest))
+    # its start: the init's format and content hash, mode, AdaLN variant, network (nothing
+    # for a scratch expert of the objective's own network: its id is unchanged)
+    identity.update(start_identity(expert_start(cfg, expert), expert))
     return identity
 
 
@@ -167,6 +145,8 @@ def router_identity(cfg: CampaignConfig, manifest: dict[str, Any]) -> dict[str, 
     if applied_precision(train, to_dict(cfg.router.resources)) == "bf16":
         identity["precision"] = "bf16"
     identity.update(_latent_identity(manifest))
+    if cfg.router.init:  # a router fine-tuned from another: by content
+        identity["init"] = {"sha256": describe_router_init(cfg.router.init)}
     return identity
 
 

@@ -13,6 +13,7 @@ from hdd_ray.errors import CampaignError
 
 if TYPE_CHECKING:
     from hdd_ray.config import CampaignConfig
+    from hdd_ray.diffusion import Objective
     from hdd_ray.models.expert import ExpertModel, RouterModel
 
 
@@ -26,10 +27,20 @@ def load_expert(directory: str,
 
     desc = storage.read_json(storage.join(directory, EXPERT_JSON))
     model = ExpertModel(desc["architecture"], text or desc["text"], desc["image_size"],
-                        desc["channels"])
+                        desc["channels"], adaln=desc.get("adaln") or "single")
     load_weights(model, storage.join(directory, WEIGHTS), f"expert {desc['expert_id']}",
                  sha256=desc.get("weights_sha256"))  # in full: never the verified cache
     return model.eval(), desc
+
+
+def expert_objective(desc: dict[str, Any]) -> Objective:
+    """A finished expert's objective (``expert.json``'s ``objective`` and ``schedule``) with
+    the network it predicts (``network``; experts exported before it was recorded: the
+    objective's own), the one reader of how an expert becomes a velocity field."""
+    from hdd_ray.diffusion import get_objective
+
+    return get_objective(desc["objective"], desc.get("schedule"),
+                         network=desc.get("network") or None)
 
 
 def load_router(cfg: CampaignConfig, manifest: dict[str, Any] | None = None) -> RouterModel:

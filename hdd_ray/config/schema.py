@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from hdd_ray.config.data import ClusteringConfig, CorpusConfig, LatentsConfig
 from hdd_ray.config.inference import EvaluationConfig, SamplingConfig
 from hdd_ray.config.orchestration import RayConfig, SweepConfig, TrackingConfig
+from hdd_ray.config.pretrained import resolve_init
 from hdd_ray.config.rules import plain
 from hdd_ray.config.training import ExpertsConfig, RouterConfig, merge_resources
 
@@ -49,6 +50,12 @@ class ResolvedExpert:
     text: Dict[str, Any]
     train: Dict[str, Any]
     resources: Dict[str, Any]
+    # where it starts (hdd_ray.campaign.starts resolves what that makes of it): the checkpoint
+    # as configured (None: from scratch), the mode, the AdaLN variant, experts.network
+    init: Optional[str] = None
+    init_mode: str = "exact"
+    adaln: str = "single"
+    network: Optional[Dict[str, Any]] = None
 
 
 def resolve_experts(cfg: CampaignConfig | DictConfig) -> List[ResolvedExpert]:
@@ -70,6 +77,7 @@ def resolve_experts(cfg: CampaignConfig | DictConfig) -> List[ResolvedExpert]:
         resources = plain(ex.resources)
         if o is not None and o.resources is not None:
             resources = plain(merge_resources(ex.resources, o.resources))
+        init = o.init if o is not None and o.init is not None else ex.init
         out.append(
             ResolvedExpert(
                 index=c,
@@ -80,6 +88,11 @@ def resolve_experts(cfg: CampaignConfig | DictConfig) -> List[ResolvedExpert]:
                 text=plain(ex.text),
                 train=train,
                 resources=resources,
+                init=resolve_init(f"experts.list (cluster {c}).init" if o is not None
+                                  and o.init is not None else "experts.init", init),
+                init_mode=ex.init_mode,
+                adaln=ex.adaln,
+                network=plain(ex.network),
             )
         )
     return out

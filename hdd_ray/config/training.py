@@ -10,13 +10,16 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hdd_ray.choices import (
+    ADALN_VARIANTS,
     DIT_SIZES,
+    INIT_MODES,
     OBJECTIVE_NAMES,
     ROUTER_SIZES,
     SCHEDULE_NAMES,
     TEXT_ENCODER_KINDS,
     TIMESTEP_SAMPLING,
 )
+from hdd_ray.config.pretrained import NetworkConfig, check_init_exists
 from hdd_ray.config.rules import (
     check_choice,
     check_fraction,
@@ -156,6 +159,7 @@ class ExpertSpec:
     lr: Optional[float] = None
     # keys of ResourcesConfig, merged over ``experts.resources`` (only the keys given change)
     resources: Optional[Dict[str, Any]] = None
+    init: Optional[str] = None  # this expert's start ("none": from scratch); None = experts.init
 
     def validate(self, prefix: str, k: int, default_resources: ResourcesConfig) -> None:
         """One-line :class:`ConfigError` naming ``prefix`` (``experts.list[i]``); ``k`` is
@@ -174,6 +178,7 @@ class ExpertSpec:
         if self.resources is not None:
             merged = merge_resources(default_resources, self.resources, f"{prefix}.resources")
             OmegaConf.to_object(merged).validate(f"{prefix}.resources")
+        check_init_exists(f"{prefix}.init", self.init)
 
 
 @dataclass
@@ -189,6 +194,12 @@ class ExpertsConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     data: DataConfig = field(default_factory=DataConfig)
     list: List[ExpertSpec] = field(default_factory=list)
+    # where the experts start (README, "Pretrained starts"): a DiT .pt, PixArt .pth, hdd_ray
+    # expert or diffusers folder, a URI or a named tag; None = from scratch
+    init: Optional[str] = None
+    init_mode: str = "exact"  # exact (the checkpoint's network, converted in the loss) | paper
+    adaln: str = "single"  # single (PixArt's AdaLN-Single) | zero (the original DiT's AdaLN-Zero)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
 
     def validate(self, k: int) -> None:
         """One-line :class:`ConfigError` on the first bad value of ``experts``; cluster ids
@@ -200,6 +211,10 @@ class ExpertsConfig:
             if not 0 <= cid < k:
                 raise ConfigError(f"experts.ddpm_clusters[{i}]={cid}: cluster id outside "
                                   f"0..{k - 1} (clustering.k={k})")
+        check_choice("experts.init_mode", self.init_mode, INIT_MODES)
+        check_choice("experts.adaln", self.adaln, ADALN_VARIANTS)
+        self.network.validate()
+        check_init_exists("experts.init", self.init)
         self.text.validate()
         self.train.validate("experts.train")
         self.resources.validate("experts.resources")
@@ -221,10 +236,12 @@ class RouterConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(caption_dropout=0.0))
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    init: Optional[str] = None  # a finished hdd_ray router (folder or safetensors) to start from
 
     def validate(self) -> None:
         """One-line :class:`ConfigError` on the first bad value of ``router``."""
         check_choice("router.model", self.model, tuple(ROUTER_SIZES))
+        check_init_exists("router.init", self.init)
         self.train.validate("router.train")
         self.resources.validate("router.resources")
         self.data.validate("router.data")

@@ -11,6 +11,7 @@ from hdd_ray.diffusion.convert import (
     edge_snr,
     vp_query,
 )
+from hdd_ray.diffusion.networks import NETWORK_OUTPUTS, NetworkSpec
 from hdd_ray.diffusion.objectives import (
     FM_TIME_SCALE,
     OBJECTIVES,
@@ -35,6 +36,7 @@ from hdd_ray.diffusion.schedules import (
 __all__ = [
     "BEYOND_EDGE",
     "FM_TIME_SCALE",
+    "NETWORK_OUTPUTS",
     "OBJECTIVES",
     "PARAMETERIZATIONS",
     "SAMPLERS",
@@ -44,6 +46,7 @@ __all__ = [
     "DDPMEps",
     "FMVelocity",
     "LinearSchedule",
+    "NetworkSpec",
     "Objective",
     "Safeguards",
     "VPSchedule",

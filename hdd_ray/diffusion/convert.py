@@ -225,5 +225,6 @@ def _clamp_x0(v: Tensor, x_t: Tensor, t: Tensor, c: float | None) -> Tensor:
     # x0 = x_t - t v; where the clamp moves it to x0c, v becomes (x_t - x0c) / t
     # = v + (x0 - x0c) / t, which leaves v bit-for-bit unchanged where x0 was in range
     x0 = torch.addcmul(x_t, tb, v, value=-1)
-    excess = x0.sub_(x0.clamp(-c, c))
+    # in place at sampling; out of place inside a loss (clamp's backward needs x0)
+    excess = x0 - x0.clamp(-c, c) if x0.requires_grad else x0.sub_(x0.clamp(-c, c))
     return torch.addcdiv(v, excess, tb.clamp_min(_TINY))

@@ -7,6 +7,13 @@ the target and the mapping to the network's time input.
 * ``fm_velocity``: ``x_t = (1 - t) x0 + t eps``, t ~ U(0, 1) or logit-normal, the network sees
   ``1000 t`` (the same numeric range as ``tau``) and predicts ``v = eps - x0``.
 
+An objective names the loss; the network it trains may predict something else
+(:class:`~hdd_ray.diffusion.networks.NetworkSpec`: a pretrained DDPM checkpoint's ``eps`` on its
+own schedule and time convention). A ``fm_velocity`` objective with a VP network reads the
+network through the conversion (:func:`~hdd_ray.diffusion.convert.as_velocity`) inside its loss,
+with the sampling conversion's settings and the expert's data mean, so its velocity at step 0
+is exactly the converted network's and sampling reads it the same way.
+
 Caption dropout (for classifier-free guidance) sets ``cond["drop"]`` on a random fraction of the
 batch; models replace those captions with their learned null caption.
 """
@@ -22,10 +29,8 @@ from torch import Tensor
 from hdd_ray import devices
 from hdd_ray.choices import TIMESTEP_SAMPLING
 from hdd_ray.diffusion.convert import Predictor, Safeguards, VelocityField, as_velocity
+from hdd_ray.diffusion.networks import FM_TIME_SCALE, NetworkSpec  # noqa: F401 - re-exported
 from hdd_ray.diffusion.schedules import VPSchedule, get_schedule, per_sample
-
-#: the flow-matching time is fed to networks multiplied by this (same range as DDPM's tau)
-FM_TIME_SCALE = 1000.0
 
 Network = Callable[[Tensor, Tensor, Any], Tensor]
 
@@ -59,8 +64,13 @@ class Objective:
     name: str = ""
     parameterization: str = ""
 
-    def __init__(self, timestep_sampling: str = "uniform") -> None:
+    def __init__(self, timestep_sampling: str = "uniform", network: NetworkSpec | None = None,
+                 safeguards: Safeguards | None = None) -> None:
         self.timestep_sampling = timestep_sampling
+        #: what the trained network predicts and how it reads time (default: the objective's own)
+        self.network = network or NetworkSpec.native(self.name, None)
+        #: the conversion's settings where the loss reads a VP network as a velocity
+        self.safeguards = safeguards
 
     def sample_time(self, n: int, device, generator=None) -> Tensor:
         """Native training times for a batch of ``n``."""
@@ -75,8 +85,13 @@ class Objective:
         raise NotImplementedError
 
     def network_time(self, time: Tensor) -> Tensor:
-        """The value fed to the network's timestep embedding."""
-        return time
+        """The value fed to the network's timestep embedding (its time convention)."""
+        return self.network.network_time(time)
+
+    def prediction(self, net: Network, x: Tensor, time: Tensor, cond: Any,
+                   prior_mean: Tensor | None = None) -> Tensor:
+        """What the loss compares with :meth:`target`: the network's output at ``time``."""
+        return net(x, self.network_time(time), cond)
 
     def loss(
         self,
@@ -85,13 +100,16 @@ class Objective:
         cond: dict[str, Tensor] | None = None,
         caption_dropout: float = 0.0,
         generator: torch.Generator | None = None,
+        prior_mean: Tensor | None = None,
     ) -> Tensor:
-        """Mean squared error of the network's prediction on a freshly noised batch."""
+        """Mean squared error of the network's prediction on a freshly noised batch;
+        ``prior_mean`` (the expert's data mean) is the conversion's, for a VP network trained
+        with the flow-matching loss."""
         time = self.sample_time(x0.shape[0], x0.device, generator)
         eps = devices.randn(x0.shape, generator, x0.device, x0.dtype)
         x = self.noise(x0, eps, time)
         cond = drop_captions(cond, caption_dropout, generator)
-        pred = net(x, self.network_time(time), cond)
+        pred = self.prediction(net, x, time, cond, prior_mean)
         return torch.mean((pred.float() - self.target(x0, eps, time).float()) ** 2)
 
     def predictor(self, net: Network) -> Predictor:
@@ -112,9 +130,12 @@ class DDPMEps(Objective):
     name = "ddpm_eps"
     parameterization = "eps"
 
-    def __init__(self, schedule: VPSchedule | str = "linear", timestep_sampling: str = "uniform"):
-        super().__init__(timestep_sampling)
+    def __init__(self, schedule: VPSchedule | str = "linear", timestep_sampling: str = "uniform",
+                 network: NetworkSpec | None = None) -> None:
         self.schedule = get_schedule(schedule) if isinstance(schedule, str) else schedule
+        # an eps network on this schedule; a pretrained one keeps its time convention
+        time = network.time if network is not None else "native"
+        super().__init__(timestep_sampling, NetworkSpec("eps", self.schedule.name, time))
 
     def sample_time(self, n: int, device, generator=None) -> Tensor:
         return sample_unit_time(n, self.timestep_sampling, device, generator) * self.schedule.T
@@ -137,6 +158,25 @@ class FMVelocity(Objective):
     name = "fm_velocity"
     parameterization = "velocity"
 
+    def __init__(self, timestep_sampling: str = "uniform", network: NetworkSpec | None = None,
+                 safeguards: Safeguards | None = None) -> None:
+        super().__init__(timestep_sampling, network, safeguards)
+        self._schedule = get_schedule(self.network.schedule) if self.network.is_vp else None
+
+    def prediction(self, net: Network, x: Tensor, time: Tensor, cond: Any,
+                   prior_mean: Tensor | None = None) -> Tensor:
+        if not self.network.is_vp:
+            return net(x, self.network_time(time), cond)
+        # the network read as a velocity exactly as sampling reads it (the conversion)
+        return self.velocity_field(net, self.safeguards, prior_mean)(x, time, cond)
+
+    def velocity_field(self, net: Network, safeguards: Safeguards | None = None,
+                       prior_mean: Tensor | None = None) -> VelocityField:
+        if not self.network.is_vp:
+            return as_velocity(self.predictor(net), "velocity", None, safeguards)
+        return as_velocity(lambda x, tau, cond: net(x, self.network.network_time(tau), cond),
+                           self.network.parameterization, self._schedule, safeguards, prior_mean)
+
     def sample_time(self, n: int, device, generator=None) -> Tensor:
         return sample_unit_time(n, self.timestep_sampling, device, generator)
 
@@ -147,19 +187,22 @@ class FMVelocity(Objective):
     def target(self, x0: Tensor, eps: Tensor, time: Tensor) -> Tensor:
         return eps - x0
 
-    def network_time(self, time: Tensor) -> Tensor:
-        return time * FM_TIME_SCALE
 
 
 OBJECTIVES: dict[str, type[Objective]] = {"ddpm_eps": DDPMEps, "fm_velocity": FMVelocity}
 
 
 def get_objective(
-    name: str, schedule: str | None = "linear", timestep_sampling: str = "uniform"
+    name: str, schedule: str | None = "linear", timestep_sampling: str = "uniform",
+    network: NetworkSpec | dict[str, Any] | None = None, safeguards: Safeguards | None = None,
 ) -> Objective:
-    """The objective called ``name``; ``schedule`` is used by VP objectives only."""
+    """The objective called ``name``; ``schedule`` is used by VP objectives only. ``network``
+    (a spec or its dict, as ``expert.json`` records it; default: the objective's own) is what
+    the network predicts; ``safeguards`` are the conversion's settings inside a flow-matching
+    loss over a VP network (sampling's ``sampling.conversion``)."""
+    spec = NetworkSpec.from_dict(network, name, schedule) if network is not None else None
     if name == "ddpm_eps":
-        return DDPMEps(schedule or "linear", timestep_sampling)
+        return DDPMEps(schedule or "linear", timestep_sampling, spec)
     if name == "fm_velocity":
-        return FMVelocity(timestep_sampling)
+        return FMVelocity(timestep_sampling, spec, safeguards)
     raise ValueError(f"unknown objective {name!r}, allowed: {', '.join(OBJECTIVES)}")

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from hdd_ray import devices
-from hdd_ray.diffusion import Safeguards, get_objective, guided
+from hdd_ray.campaign import expert_objective
+from hdd_ray.diffusion import Safeguards, guided
 from hdd_ray.diffusion.convert import VelocityField
 
 #: flow-matching times of the curves: 0..1 with t = 1 and several points in 0.95..1
@@ -38,7 +39,7 @@ def expert_field(model: Any, desc: Mapping[str, Any], captions: Sequence[str], g
                  safeguards: Safeguards | None = None, use_mean: bool = True) -> VelocityField:
     """An exported expert (``campaign.load_expert``'s pair) as a guided velocity field over
     ``cond = {"index": [B]}`` into ``captions``; ``use_mean`` passes its data mean (if any)."""
-    objective = get_objective(desc["objective"], desc.get("schedule"))
+    objective = expert_objective(desc)
     tok = model.tokenize(list(captions))
     with torch.no_grad():
         tokens = model.encode_text(tok["ids"], tok["mask"])

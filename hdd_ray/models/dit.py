@@ -179,9 +179,13 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), hidden_size)
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
 
+    def modulation(self, t0: Tensor) -> Tensor:
+        """Shift, scale and gate of attention and MLP, [B, 6, C], from ``t0`` [B, 6*C]."""
+        return self.scale_shift_table[None] + t0.reshape(t0.shape[0], 6, -1)
+
     def forward(self, x: Tensor, y: Tensor, t0: Tensor, mask: Tensor) -> Tensor:
         """``x`` [B, N, C], ``y`` [B, L, C] caption, ``t0`` [B, 6*C], ``mask`` [B, L]."""
-        mod = self.scale_shift_table[None] + t0.reshape(x.shape[0], 6, -1)
+        mod = self.modulation(t0)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
         x = x + gate_msa * self.attn(_modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + self.cross_attn(x, y, mask)
@@ -213,9 +217,13 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
 
+    def modulation(self, t: Tensor) -> Tensor:
+        """Shift and scale of the output, [B, 2, C], from the timestep embedding ``t`` [B, C]."""
+        return self.scale_shift_table[None] + t[:, None]
+
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         """``x`` [B, N, C], ``t`` [B, C] -> [B, N, p*p*out]."""
-        shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)
+        shift, scale = self.modulation(t).chunk(2, dim=1)
         return self.linear(_modulate(self.norm_final(x), shift, scale))
 
 

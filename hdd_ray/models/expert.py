@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from hdd_ray import storage
 from hdd_ray.errors import WeightsMismatch
-from hdd_ray.models import build_dit, build_router, build_text_encoder
+from hdd_ray.models import build_router, build_text_encoder
+from hdd_ray.models.adaln_zero import build_expert_dit
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +27,12 @@ class ExpertModel(nn.Module):
 
     The ``learned`` text encoder is trained with the expert (part of its weights); an
     ``open_clip`` tower is frozen and loaded from its own weights, so it is not exported.
+    ``adaln``: the DiT's modulation, ``single`` (PixArt's) or ``zero`` (the original DiT's,
+    :mod:`hdd_ray.models.adaln_zero`).
     """
 
-    def __init__(self, model: str, text: dict[str, Any], image_size: int, channels: int) -> None:
+    def __init__(self, model: str, text: dict[str, Any], image_size: int, channels: int,
+                 adaln: str = "single") -> None:
         super().__init__()
         kind = text["encoder"]
         if kind == "learned":
@@ -39,7 +43,8 @@ class ExpertModel(nn.Module):
         else:
             self.text = build_text_encoder("open_clip", arch=text["arch"], pretrained=text["pretrained"])
         self.text_frozen = kind != "learned"
-        self.net = build_dit(model, input_size=image_size, in_channels=channels, text_dim=self.text.dim)
+        self.net = build_expert_dit(model, input_size=image_size, in_channels=channels,
+                                    text_dim=self.text.dim, adaln=adaln)
         # E[x0] of the cluster's training data: the conversion's prior near t = 1
         self.register_buffer("data_mean", torch.zeros(channels, image_size, image_size))
         self.has_data_mean = False

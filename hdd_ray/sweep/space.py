@@ -5,6 +5,7 @@ results: a restore must match it)."""
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Any
 
 from hdd_ray import storage
@@ -123,11 +124,11 @@ def describe(cfg: CampaignConfig) -> dict[str, Any]:
     def without(d: dict[str, Any], *keys: str) -> dict[str, Any]:
         return {k: v for k, v in d.items() if k not in keys}
 
-    experts = without(to_dict(cfg.experts), "resources", "list", "data")
+    experts = _starts(without(to_dict(cfg.experts), "resources", "list", "data"))
     experts["train"] = without_later_defaults(experts["train"])
-    experts["list"] = [without(e, "resources", "data")
+    experts["list"] = [_starts(without(e, "resources", "data"))
                        for e in to_dict(cfg.experts).get("list", [])]
-    router = without(to_dict(cfg.router), "resources", "data")
+    router = _starts(without(to_dict(cfg.router), "resources", "data"))
     router["train"] = without_later_defaults(router["train"])
     sweep = without(to_dict(cfg.sweep), "max_concurrent_trials", "cpus_per_trial",
                     "gpus_per_trial", "register_as")
@@ -145,6 +146,28 @@ def describe(cfg: CampaignConfig) -> dict[str, Any]:
             "gpus": {"experts": _uses_gpus(cfg.experts.resources, cfg.experts.list),
                      "router": cfg.router.resources.gpus_per_worker > 0,
                      "trials": cfg.sweep.gpus_per_trial > 0}}
+
+
+#: start settings left out of a sweep's description at these (default) values, so sweeps
+#: described before starts existed are restored
+START_DEFAULTS = {"init": None, "init_mode": "exact", "adaln": "single",
+                  "network": {"parameterization": "auto", "schedule": None}}
+
+
+def _starts(section: dict[str, Any]) -> dict[str, Any]:
+    """``section`` without the start settings at their defaults, and a local ``init`` by the
+    content of its weights (a moved file is the same start)."""
+    out = {k: v for k, v in section.items()
+           if not (k in START_DEFAULTS and v == START_DEFAULTS[k])}
+    init = out.get("init")
+    if init and not storage.is_uri(str(init)):
+        from hdd_ray.campaign.starts import weights_sha256
+        from hdd_ray.config.pretrained import resolve_init
+
+        path = resolve_init("experts.init", init)
+        if path is not None and os.path.exists(path):
+            out["init"] = {"sha256": weights_sha256(path)}
+    return out
 
 
 def _data_hash(cfg: CampaignConfig) -> str | None:

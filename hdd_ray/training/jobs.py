@@ -21,8 +21,10 @@ from hdd_ray.campaign import (
     CampaignPaths,
     cluster_info,
     cluster_shards,
+    describe_router_init,
     expert_id,
     expert_identity,
+    expert_start,
     model_shape,
     router_id,
     router_identity,
@@ -86,6 +88,7 @@ def expert_job(cfg: CampaignConfig, expert: ResolvedExpert, manifest: dict[str, 
     count = int(cluster_info(manifest, expert.cluster)["count"])
     empty = not shards or count == 0
     size, ch = model_shape(cfg, manifest)
+    start = expert_start(cfg, expert)
     return Job(
         kind="expert", name=expert_id(cfg, expert, manifest), cluster=expert.cluster,
         objective=expert.objective + (f"/{expert.schedule}" if expert.schedule else ""),
@@ -96,11 +99,18 @@ def expert_job(cfg: CampaignConfig, expert: ResolvedExpert, manifest: dict[str, 
             # how the worker reads its shards (hdd_ray.training.data): memory or stream
             data=data_settings(to_dict(cfg.experts.data)),
             expert=expert, shards=shards, num_samples=count,
+            start={"init": start.init, "mode": start.mode,
+                   "network": start.network.as_dict(), "conversion": start.conversion},
             **_common(cfg, expert.resources, manifest)),
         describe={"cluster": expert.cluster, "objective": expert.objective,
                   "schedule": expert.schedule, "architecture": expert.model, "text": expert.text,
                   "image_size": size, "channels": ch, "data_hash": identity["data_hash"],
                   "num_samples": count, "resources": expert.resources,
+                  # what its network predicts (read by every velocity field), its modulation,
+                  # and where it started: format, path, sha256 and mode (None: scratch)
+                  "network": start.network.as_dict(), "adaln": expert.adaln,
+                  "conversion": start.conversion,
+                  "init": {**start.init, "mode": start.mode} if start.init else None,
                   **_latents_describe(manifest)},
         tags={"kind": "expert", "cluster": str(expert.cluster), "objective": expert.objective},
         executor=cfg.ray.executor,
@@ -114,6 +124,8 @@ def router_job(cfg: CampaignConfig, manifest: dict[str, Any]) -> Job:
     its own resources on the exported weights (:func:`hdd_ray.training.reports.router_accuracy`)."""
     train, resources = to_dict(cfg.router.train), to_dict(cfg.router.resources)
     (size, ch), k = model_shape(cfg, manifest), cfg.clustering.k
+    init = ({"path": cfg.router.init, "sha256": describe_router_init(cfg.router.init)}
+            if cfg.router.init else None)
     return Job(
         kind="router", name=router_id(cfg, manifest), cluster=None, objective="cross-entropy",
         storage_path=CampaignPaths(cfg.root).router, json_name=ROUTER_JSON,
@@ -123,9 +135,11 @@ def router_job(cfg: CampaignConfig, manifest: dict[str, Any]) -> Job:
             router_model=cfg.router.model, num_clusters=k,
             cluster_shards={c: cluster_shards(cfg, manifest, c) for c in range(k)},
             cluster_counts={c: int(cluster_info(manifest, c)["count"]) for c in range(k)},
+            start={"init": init} if init else None,
             **_common(cfg, resources, manifest)),
         describe={"architecture": cfg.router.model, "k": k, "image_size": size, "channels": ch,
-                  "data_hash": str(manifest["data_hash"]), **_latents_describe(manifest)},
+                  "data_hash": str(manifest["data_hash"]), "init": init,
+                  **_latents_describe(manifest)},
         tags={"kind": "router"},
         executor=cfg.ray.executor,
         report=lambda weights: {"top1_accuracy_by_t": router_accuracy(cfg, weights, resources)},

@@ -35,13 +35,14 @@ from torch import Tensor, nn
 from hdd_ray import devices, tracking
 from hdd_ray.config import check_global_batch
 from hdd_ray.devices import TrainingStreams
-from hdd_ray.diffusion import FM_TIME_SCALE, get_objective, per_sample
+from hdd_ray.diffusion import FM_TIME_SCALE, per_sample
 from hdd_ray.models.expert import ExpertModel, RouterModel
 from hdd_ray.optim import learning_rate
 from hdd_ray.samples import Decoding
 from hdd_ray.training.data import BatchSource, StreamSource, open_source
 from hdd_ray.training.hooks import Hooks, LocalHooks, RayTrainHooks, TaskHooks
 from hdd_ray.training.settings import RunSettings
+from hdd_ray.training.starts import expert_objective, load_start
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +75,20 @@ class _DataTask:
 
 
 class ExpertTask(_DataTask):
-    """An expert: its cluster's data and its own objective's loss."""
+    """An expert: its cluster's data and its own objective's loss; a new run (``fresh``) of an
+    expert with a start loads its checkpoint first (:mod:`hdd_ray.training.starts`)."""
 
     def __init__(self, settings: RunSettings, rank: int = 0, world: int = 1,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, fresh: bool = True) -> None:
         spec = settings.expert
         if spec is None:
             raise ValueError("an expert run needs its expert (RunSettings.expert)")
         self.train = settings.train
-        self.objective = get_objective(spec.objective, spec.schedule, self.train.timestep_sampling)
-        self.model = ExpertModel(spec.model, spec.text, settings.image_size, settings.channels)
+        self.objective = expert_objective(settings)
+        self.model = ExpertModel(spec.model, spec.text, settings.image_size, settings.channels,
+                                 adaln=spec.adaln)
+        if fresh:  # a resumed run's checkpoint holds its weights: the init is not read again
+            load_start(self.model, settings)
         # without caption dropout the null caption is never used: it is not trained (DDP, with
         # find_unused_parameters=False, would wait for its gradient at every step; AdamW's
         # weight decay would shrink it)
@@ -105,7 +110,7 @@ class ExpertTask(_DataTask):
             inner.set_data_mean(self.data.mean()[None])
         cond = inner.tokenize(captions, device)
         return self.objective.loss(model, x0.to(device, non_blocking=True), cond,
-                                   self.train.caption_dropout, rng.noise)
+                                   self.train.caption_dropout, rng.noise, inner.prior_mean())
 
 
 class RouterTask(_DataTask):
@@ -114,10 +119,12 @@ class RouterTask(_DataTask):
     It reads all clusters as one pool at their natural frequencies (hdd_ray.training.data)."""
 
     def __init__(self, settings: RunSettings, rank: int = 0, world: int = 1,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, fresh: bool = True) -> None:
         self.train = settings.train
         k = settings.num_clusters
         self.model = RouterModel(settings.router_model, settings.image_size, settings.channels, k)
+        if fresh:
+            load_start(self.model, settings)
         shards = [(p, c) for c in range(k) for p in settings.cluster_shards.get(c) or []]
         counts = settings.cluster_counts
         total = sum(int(n) for n in counts.values()) if counts else None
@@ -304,7 +311,9 @@ class _Run:
         torch.manual_seed(tr.seed + self.rank)
 
         kind = ExpertTask if settings.kind == "expert" else RouterTask
-        self.task = kind(settings, self.rank, self.world, pin_memory=use_cuda)
+        state = hooks.load_state()
+        self.task = kind(settings, self.rank, self.world, pin_memory=use_cuda,
+                         fresh=state is None)
         model = self.task.model.to(self.device)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.opt = _adamw(self.trainable, tr.lr, tr.weight_decay)
@@ -312,7 +321,7 @@ class _Run:
         self.rng = TrainingStreams(tr.seed, self.rank, self.device)
         self.batch = rank_batch_size(tr.batch_size, self.world)
         self.start_step, self.history, self.wall_before = 0, [], 0.0
-        self._resume(model)
+        self._resume(model, state)
         self.history.append({"start_step": self.start_step, "time": time.time(),
                              **_node_info(self.device)})
 
@@ -328,8 +337,7 @@ class _Run:
         self.scheduled = tr.lr_schedule != "constant" or tr.warmup_steps > 0
         self.last: dict[str, Any] = {}
 
-    def _resume(self, model: nn.Module) -> None:
-        state = self.hooks.load_state()
+    def _resume(self, model: nn.Module, state: dict[str, Any] | None) -> None:
         if state is None:
             return
         model.load_state_dict(state["model"])

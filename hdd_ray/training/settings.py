@@ -45,6 +45,11 @@ class RunSettings:
     # (:class:`hdd_ray.tracking.MetricBuffer`'s target) and the run's directory
     tracking: dict[str, Any] | None = None
     run_directory: str | None = None
+    # where a new run starts (hdd_ray.campaign.starts, resolved by the launcher): ``init``
+    # ({"path", "format", "sha256"} or None), ``mode``, ``network`` (what the network predicts)
+    # and ``conversion`` (the loss's conversion settings); the router's: ``init`` only.
+    # None: from scratch, the objective's own network
+    start: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> RunSettings:
@@ -68,4 +73,5 @@ class RunSettings:
             cluster_shards={int(c): list(p or []) for c, p in shards.items()},
             cluster_counts={int(c): int(n) for c, n in counts.items()} if counts else None,
             tracking=config.get("tracking"), run_directory=config.get("run_directory"),
+            start=config.get("start") or None,
         )
