@@ -14,7 +14,7 @@ from typing import Any
 
 from hdd_ray import storage
 from hdd_ray.choices import STRATEGIES
-from hdd_ray.config import DEMO_CONFIG, CampaignConfig, ConfigError, load_config
+from hdd_ray.config import CampaignConfig, ConfigError, config_path, load_config
 from hdd_ray.progress import configure_logging
 
 
@@ -37,7 +37,8 @@ def parse_job_args(
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=describe_effective(argv) if wants_help else None,
     )
-    parser.add_argument("--config", default=None, help="campaign YAML (default: the demo)")
+    parser.add_argument("--config", default=None,
+                        help="campaign YAML, or a shipped config's name (default: the demo)")
     parser.add_argument("--force", action="store_true", help="recompute instead of reusing")
     for name, kwargs in extra or []:
         parser.add_argument(name, **kwargs)
@@ -107,7 +108,7 @@ def describe_effective(argv: list[str]) -> str:
     from omegaconf import OmegaConf
 
     path, overrides = _split_argv(argv)
-    file_path = path or str(DEMO_CONFIG)
+    file_path = str(config_path(path))  # a shipped config's name too
     shown = os.path.relpath(file_path) if not os.path.relpath(file_path).startswith("..") \
         else file_path
     note = ""

@@ -258,3 +258,37 @@ def test_a_per_expert_step_count_is_checked_against_the_warm_up():
                                           r"be below its train\.steps=50$"):
         load_config(overrides=["experts.train.warmup_steps=100",
                                "experts.list=[{cluster: 1, steps: 50}]"])
+
+
+def test_the_wheel_carries_the_configs_and_every_job_with_its_console_script(tmp_path):
+    """A non-editable install has what the jobs need: the shipped configs inside the package,
+    every module the console scripts name, LICENSE and the version (built offline, no deps)."""
+    import zipfile
+
+    import hdd_ray
+
+    repo = DEMO_CONFIG.parents[2]
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                            "--no-build-isolation", "-q", "-w", str(tmp_path), str(repo)],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = tmp_path.glob("hdd_ray-*.whl")
+    assert wheel.name.startswith(f"hdd_ray-{hdd_ray.__version__}-")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for config in ("demo", "paper-8x-xl", "single-gpu-24gb", "own-shards"):
+        assert f"hdd_ray/configs/{config}.yaml" in names, config
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
+    jobs = {line.split("=")[1].strip().split(":")[0] for line in scripts.splitlines()
+            if line.startswith("hdd-")}
+    assert {"hdd_ray.commands.train_all_experts", "hdd_ray.commands.sample",
+            "hdd_ray.commands.export_mixture"} <= jobs
+    for module in jobs:  # every module a console script runs, and what the jobs import
+        assert module.replace(".", "/") + ".py" in names, module
+    assert {"hdd_ray/cli.py", "hdd_ray/config/loading.py", "hdd_ray/training/launcher.py"} <= names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE")
+               for n in names)
+    # by name, from any directory: what a console script does after `pip install .`
+    assert load_config("paper-8x-xl").name == "paper-8x-xl"
+    with pytest.raises(ConfigError, match="shipped configs, by name: demo, own-shards"):
+        load_config("no-such-campaign")

@@ -46,7 +46,7 @@ def test_help_shows_effective_values_and_their_source(capsys, monkeypatch):
     lines = {ln.split("=")[0].strip(): ln for ln in out.out.splitlines() if " = " in ln}
     # the demo config's values, not the schema's defaults, with the file they come from
     assert "[0, 3]" in lines["experts.ddpm_clusters"]
-    assert "jobs/configs/demo.yaml" in lines["experts.ddpm_clusters"]
+    assert "hdd_ray/configs/demo.yaml" in lines["experts.ddpm_clusters"]
     import yaml
 
     demo = yaml.safe_load((ROOT / "jobs/configs/demo.yaml").read_text())

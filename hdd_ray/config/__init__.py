@@ -1,7 +1,7 @@
 """Typed campaign configuration: OmegaConf structured dataclasses, YAML + dotlist, validation.
 
 A campaign is described by one :class:`CampaignConfig`. It is loaded from a YAML file (the
-demo campaign ``jobs/configs/demo.yaml`` when none is given), overridden from the command line
+demo campaign ``hdd_ray/configs/demo.yaml`` when none is given), overridden from the command line
 with ``key=value`` items (``experts.train.steps=2000``, ``experts.ddpm_clusters=[0,3]``) and
 validated before anything else runs. Every problem raises :class:`ConfigError` with one line
 that names the key path, the bad value and what is allowed.
@@ -37,7 +37,14 @@ from hdd_ray.config.inference import (
     EvaluationResources,
     SamplingConfig,
 )
-from hdd_ray.config.loading import CONFIG_DIR, DEMO_CONFIG, REPO_ROOT, load_config, to_dict, to_yaml
+from hdd_ray.config.loading import (
+    CONFIG_DIR,
+    DEMO_CONFIG,
+    config_path,
+    load_config,
+    to_dict,
+    to_yaml,
+)
 from hdd_ray.config.orchestration import (
     EXECUTORS,
     SWEEP_MODES,
@@ -79,7 +86,7 @@ __all__ = [
     "LATENT_DTYPES",
     "LR_SCHEDULES",
     "MIXED_PRECISION",
-    "REPO_ROOT",
+    "config_path",
     "SAFE_NAME",
     "SWEEP_MODES",
     "AshaConfig",

@@ -17,9 +17,21 @@ from hdd_ray.config.schema import CampaignConfig
 from hdd_ray.config.validation import validate
 from hdd_ray.errors import ConfigError, first_line
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = REPO_ROOT / "jobs" / "configs"
+#: the campaign configs shipped inside the package (``jobs/configs`` in a checkout links here)
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
+
+
+def config_path(path: str | Path | None) -> Path:
+    """The file of ``--config``: a path, or the name of a shipped config (``paper-8x-xl``,
+    ``single-gpu-24gb``, ``own-shards``, ``demo``); None = the demo's."""
+    if path is None:
+        return DEMO_CONFIG
+    given = Path(path)
+    shipped = CONFIG_DIR / f"{given.name}.yaml"
+    if not given.is_file() and given.suffix == "" and len(given.parts) == 1 and shipped.is_file():
+        return shipped
+    return given
 
 
 def load_config(
@@ -30,9 +42,10 @@ def load_config(
     Returns a validated :class:`CampaignConfig` object (plain dataclasses, not a DictConfig).
     Raises :class:`ConfigError` with a one-line message on any problem.
     """
-    path = Path(path) if path is not None else DEMO_CONFIG
+    path = config_path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError(f"config file not found: {path} (shipped configs, by name: {shipped})")
     schema = OmegaConf.structured(CampaignConfig)
     try:
         file_cfg = OmegaConf.load(path)
