@@ -221,11 +221,13 @@ class Mixture:
         ``device``: every file checked against the folder's sha256 manifest, its towers (a VAE,
         text-tower files) read from the folder's copies or checked by content at their recorded
         paths (:func:`hdd_ray.mixture_folder.read_folder`). Needs no campaign and no tracker;
-        a damaged or missing file is a one-line :class:`MixtureError` naming it."""
+        a damaged or missing file is a one-line :class:`MixtureError` naming it. Experts the
+        exported mixture left out are left out here too."""
         from hdd_ray.mixture_folder import read_folder
 
         experts, router, cfg = read_folder(path, device)
-        return cls(experts, router, cfg, device)
+        retired = [c for c, (model, _) in enumerate(experts) if model is None]
+        return cls(experts, router, cfg, device, retired=retired)
 
     @property
     def assignment(self) -> str:

@@ -284,10 +284,12 @@ def folder_config(path: str, described: dict[str, Any] | None = None) -> Campaig
 
 
 def read_folder(path: str, device: str | torch.device = "cpu") -> tuple[
-        list[tuple[ExpertModel, dict[str, Any]]], RouterModel, CampaignConfig]:
+        list[tuple[ExpertModel | None, dict[str, Any]]], RouterModel, CampaignConfig]:
     """Load a mixture folder -> ``(experts with their cards, router, settings)``, the networks
     on ``device``, after checking every file against the manifest and the towers by content
-    (module docstring). :meth:`~hdd_ray.ensemble.Mixture.from_folder` builds the mixture."""
+    (module docstring). One entry per cluster: a cluster the mixture leaves out (its spec's
+    ``retired``) has no model (``None``) and a card saying so.
+    :meth:`~hdd_ray.ensemble.Mixture.from_folder` builds the mixture."""
     from hdd_ray.latents import check_same_vae
 
     folder = _folder(path)
@@ -296,10 +298,14 @@ def read_folder(path: str, device: str | torch.device = "cpu") -> tuple[
     cfg = folder_config(folder, described)
     _check_vae(folder, described.get("latents"), cfg)
     text = _usable_text_towers(folder, described.get("text_towers") or [])
-    experts = []
+    kept = {int(e["cluster"]): e for e in described["experts"]}
+    experts: list[tuple[ExpertModel | None, dict[str, Any]]] = []
     try:  # weights that do not load (their checksum, their shapes) are the folder's damage
-        for entry in described["experts"]:
-            rel = entry["folder"]
+        for cluster in range(cfg.clustering.k):
+            if cluster not in kept:
+                experts.append((None, {"cluster": cluster, "retired": True}))
+                continue
+            rel = kept[cluster]["folder"]
             desc = _read_json(folder, f"{rel}/{EXPERT_JSON}")
             _check_weights(folder, files, rel, desc)
             settings = {k: text.get(v, v) if k in _TEXT_KEYS else v
@@ -309,7 +315,8 @@ def read_folder(path: str, device: str | torch.device = "cpu") -> tuple[
         router = _load_router(folder, files, described["router"]["folder"]).to(device)
     except WeightsMismatch as exc:
         raise MixtureError(str(exc)) from None
-    check_same_vae([*((f"expert {d['expert_id']}", d.get("latents")) for _, d in experts),
+    check_same_vae([*((f"expert {d['expert_id']}", d.get("latents"))
+                      for m, d in experts if m is not None),
                     ("the folder's VAE", described.get("latents"))])
     return experts, router, cfg
 

@@ -63,7 +63,9 @@ def export_mixture(cfg: CampaignConfig, spec: MixtureSpec, out: str, copy_towers
 
     folder = os.path.abspath(os.path.expanduser(out))
     manifest = load_manifest(cfg)
-    experts = trained_experts(cfg, manifest)
+    experts = [(eid, d) for c, (eid, d) in enumerate(trained_experts(cfg, manifest,
+                                                                     spec.retired))
+               if c not in spec.retired]  # the experts it uses: none of those it leaves out
     rid = router_id(cfg, manifest)
     router = CampaignPaths(cfg.root).router_dir(rid)
     if not storage.exists(storage.join(router, ROUTER_JSON)):
@@ -79,8 +81,9 @@ def export_mixture(cfg: CampaignConfig, spec: MixtureSpec, out: str, copy_towers
 
     mixture = {
         "name": cfg.name, "hdd_ray_version": __version__,
-        "assignment": format_assignment(spec.ddpm_clusters, k),
-        "spec": {**dataclasses.asdict(spec), "ddpm_clusters": list(spec.ddpm_clusters)},
+        "assignment": format_assignment(spec.ddpm_clusters, k, spec.retired),
+        "spec": {**dataclasses.asdict(spec), "ddpm_clusters": list(spec.ddpm_clusters),
+                 "retired": list(spec.retired)},
         "sampling": sampling, "k": k,
         "image": {"size": cfg.corpus.image_size, "channels": cfg.corpus.channels},
         "mixture_id": (metrics or {}).get("mixture_id") or mixture_id,
@@ -212,6 +215,9 @@ def model_card(m: dict[str, Any]) -> str:
         *(f"| {e['cluster']} | {e['objective']} | {e.get('schedule') or ''} | {e['expert_id']} "
           f"| {e.get('architecture', '')} | {e.get('text_encoder', '')} | {e.get('steps', '')} "
           f"| {e.get('num_samples', '')} |" for e in m["experts"]), "",
+        *([f"Left out (`-`): cluster {', '.join(str(c) for c in spec['retired'])}: no "
+           "weights here; the router's weight for it is masked and the rest renormalised.", ""]
+          if spec.get("retired") else []),
         f"Router: `{m['router']['router_id']}` ({m['router'].get('architecture', '')}).", "",
         "## Sampling", "",
         f"{spec['routing']} routing" + (f" (k = {spec['k']})" if spec["routing"] == "topk" else "")

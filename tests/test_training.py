@@ -786,6 +786,28 @@ def test_an_exported_mixture_samples_the_campaigns_images_anywhere_without_the_c
     assert mixture.assignment == "D F F" and len(list((elsewhere / "samples").glob("*.png"))) == 1
 
 
+def test_an_export_leaves_out_the_experts_its_mixture_leaves_out(trained, tmp_path):
+    import importlib
+
+    import hdd_ray
+    from hdd_ray.ensemble import load_mixture
+
+    root, cfg, _, _ = trained
+    export = importlib.import_module("jobs.export_mixture")
+    out = tmp_path / "retired"
+    assert export.main(["--assignment", "D - F", "--out", str(out), f"root={root}", *EXPORT,
+                        "tracking.enabled=false"]) == 0
+    described = json.loads((out / "mixture.json").read_text())
+    assert described["assignment"] == "D - F" and described["spec"]["retired"] == [1]
+    assert [e["cluster"] for e in described["experts"]] == [0, 2]
+    assert not (out / "experts" / "c1").exists()
+    assert "Left out (`-`): cluster 1" in (out / "README.md").read_text()
+    mixture = hdd_ray.Mixture.from_folder(str(out))
+    assert mixture.assignment == "D - F" and mixture.retired == (1,)
+    reference = load_mixture(cfg, retired=[1]).sample(PROMPTS, seed=1, steps=6)
+    assert torch.equal(mixture.sample(PROMPTS, seed=1), reference)
+
+
 def test_a_damaged_mixture_folder_is_refused_in_one_line_naming_the_file(exported, tmp_path,
                                                                          capsys):
     import importlib

@@ -4,6 +4,7 @@ register it in MLflow's Model Registry.
     python jobs/export_mixture.py --out digits-mixture              # the config's mixture
     python jobs/export_mixture.py --best objectives --out best      # a sweep's best mixture
     python jobs/export_mixture.py --assignment "D F F D F F F F" --routing top1 --out m
+    python jobs/export_mixture.py --assignment "D - F D F F F F" --out m   # expert 1 left out
     python jobs/export_mixture.py --out m --copy-towers             # carry the VAE / text towers
     python jobs/export_mixture.py --out m --register digits         # + a registered version
     python jobs/export_mixture.py --config jobs/configs/<campaign>.yaml root=s3://bucket/c \
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         ("--copy-towers", {"action": "store_true",
                            "help": "copy the VAE and text-tower files into the folder"}),
         ("--assignment", {"metavar": "'D F F D ...'",
-                          "help": "objective per cluster (default: experts.ddpm_clusters)"}),
+                          "help": "objective per cluster, '-' leaves an expert out "
+                                  "(default: experts.ddpm_clusters)"}),
         *MIXTURE_FLAGS,  # --routing, --k, --threshold, --guidance, --steps, --seed
         ("--best", {"metavar": "SWEEP",
                     "help": "a sweep's best mixture (its name, or a best_mixture.json)"}),
@@ -77,7 +79,7 @@ def _spec(cfg: CampaignConfig, args: argparse.Namespace) -> tuple[
     changes it), the flags given in place of its settings (checked)."""
     from hdd_ray import storage
     from hdd_ray.campaign import with_assignment
-    from hdd_ray.choices import parse_assignment
+    from hdd_ray.choices import parse_mixture
     from hdd_ray.ensemble import MixtureSpec
     from hdd_ray.errors import ConfigError
 
@@ -92,8 +94,9 @@ def _spec(cfg: CampaignConfig, args: argparse.Namespace) -> tuple[
         evaluated = storage.read_json(best_file(cfg, args.best, "--best")).get("mixture_id")
         cfg, spec = load_mixture_spec(cfg, args.best)
     else:
-        ddpm = parse_assignment(args.assignment, k, "--assignment") if args.assignment else None
-        spec = MixtureSpec.from_config(cfg, ddpm)
+        ddpm, retired = (parse_mixture(args.assignment, k, "--assignment") if args.assignment
+                         else (None, None))
+        spec = MixtureSpec.from_config(cfg, ddpm, retired=retired)
         cfg = with_assignment(cfg, spec.ddpm_clusters)
     given = spec.override(k, "--", routing=args.routing, k=args.k, threshold=args.threshold,
                           guidance=args.guidance, steps=args.steps, seed=args.seed)

@@ -117,13 +117,14 @@ def _mixture(cfg: CampaignConfig,
 
     if args.mixture_dir:  # an exported folder: its own settings, the flags over them
         from hdd_ray.errors import ConfigError
-        from hdd_ray.mixture_folder import folder_config
+        from hdd_ray.mixture_folder import folder_config, read_mixture
 
         if args.mixture or args.assignment:
             raise ConfigError("--mixture-dir: a mixture folder has its own assignment "
                               "(no --mixture or --assignment with it)")
         cfg = folder_config(args.mixture_dir)
-        spec = MixtureSpec.from_config(cfg)
+        spec = MixtureSpec.from_config(  # with the experts it leaves out
+            cfg, retired=read_mixture(args.mixture_dir)["spec"].get("retired"))
     elif args.mixture:
         from hdd_ray.sweep import load_mixture_spec
 
