@@ -519,7 +519,15 @@ def test_each_bad_file_gets_one_line_naming_the_key_before_ray(tmp_path):
         assert line.startswith(f"experts.init='{path}'") and says in line, (name, line)
         assert "\n" not in line, name
     with pytest.raises(ConfigError, match=r"^experts.init='/nowhere/x.pt': no such file"):
-        _cfg(tmp_path, "experts.init=/nowhere/x.pt")
+        check_campaign_starts(_cfg(tmp_path, "experts.init=/nowhere/x.pt"))
+    os.environ["HDD_RAY_WEIGHTS"] = str(tmp_path / "weights")
+    try:
+        with pytest.raises(ConfigError, match=r"^experts.init='DiT-XL-2-256': .*"
+                                              r"DiT-XL-2-256x256.pt does not exist; nothing is "
+                                              r"downloaded at run time: fetch it once from https"):
+            check_campaign_starts(_cfg(tmp_path, "experts.init=DiT-XL-2-256"))
+    finally:
+        del os.environ["HDD_RAY_WEIGHTS"]
     good = str(tmp_path / "bad" / "whole.pt")
     check_campaign_starts(_cfg(tmp_path, f"experts.init={good}", "experts.adaln=zero"))
 
@@ -678,3 +686,20 @@ def test_router_init_is_a_finished_router_checked_before_ray_and_in_its_id(tmp_p
     manifest = {"data_hash": "h", "clusters": []}
     assert router_id(_cfg(tmp_path, f"router.init={folder}"), manifest) != \
         router_id(_cfg(tmp_path), manifest)
+
+
+def test_paper_campaign_starts_every_expert_from_the_dit_its_cluster_setup_fetches():
+    from pathlib import Path
+
+    from hdd_ray.config import load_config, resolve_experts
+
+    repo = Path(__file__).resolve().parent.parent
+    cfg = load_config(repo / "jobs" / "configs" / "paper-8x-xl.yaml")
+    inits = {e.init for e in resolve_experts(cfg)}
+    assert inits == {"/home/ray/weights/DiT-XL-2-256x256.pt"}
+    assert cfg.experts.init_mode == "exact" and cfg.experts.adaln == "single"
+    assert "start from scratch" not in (repo / "jobs" / "configs" / "paper-8x-xl.yaml").read_text()
+    for cloud in ("aws", "gcp"):
+        setup = (repo / "clusters" / f"{cloud}.yaml").read_text()
+        assert "-P /home/ray/weights https://dl.fbaipublicfiles.com/DiT/models/" \
+               "DiT-XL-2-256x256.pt" in setup

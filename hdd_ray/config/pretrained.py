@@ -61,29 +61,27 @@ def weights_dir() -> str:
 
 
 def resolve_init(key: str, value: Optional[str]) -> Optional[str]:
-    """The checkpoint ``value`` names (a path or URI as given, a tag as its local file), or
-    ``None`` (from scratch: unset or ``"none"``). A tag whose file is missing is a one-line
-    :class:`ConfigError` naming ``key``, the file and where to fetch it once."""
+    """The checkpoint ``value`` names: a path or URI as given, a tag as its file in
+    :func:`weights_dir`, or ``None`` (from scratch: unset or ``"none"``). Nothing is read: a
+    config names files of the machines that train (:func:`check_init_exists` checks them)."""
     if value is None or str(value).strip() in ("", SCRATCH):
         return None
     value = str(value).strip()
     if value in PRETRAINED_TAGS:
-        name, source = PRETRAINED_TAGS[value]
-        path = os.path.join(weights_dir(), name)
-        if not os.path.exists(path):
-            raise ConfigError(f"{key}={value!r}: {path} does not exist; nothing is downloaded at "
-                              f"run time: fetch it once from {source} into {weights_dir()} "
-                              f"(or set ${WEIGHTS_ENV})")
-        return path
+        return os.path.join(weights_dir(), PRETRAINED_TAGS[value][0])
     return value
 
 
 def check_init_exists(key: str, value: Optional[str]) -> None:
-    """One-line :class:`ConfigError` when ``value`` names a local file or folder that is not
-    there (a URI is read later, before Ray starts: :mod:`hdd_ray.campaign.starts`)."""
+    """One-line :class:`ConfigError` naming ``key`` when ``value`` names a local file or folder
+    that is not there (a tag: where to fetch its file once). URIs are read later."""
     path = resolve_init(key, value)
-    if path is None or "://" in path:
+    if path is None or "://" in path or os.path.exists(os.path.expanduser(path)):
         return
-    if not os.path.exists(os.path.expanduser(path)):
-        raise ConfigError(f"{key}={value!r}: no such file or folder (a DiT .pt, PixArt .pth, "
-                          "hdd_ray expert or diffusers folder; nothing is downloaded)")
+    if str(value).strip() in PRETRAINED_TAGS:
+        name, source = PRETRAINED_TAGS[str(value).strip()]
+        raise ConfigError(f"{key}={value!r}: {path} does not exist; nothing is downloaded at "
+                          f"run time: fetch it once from {source} into {weights_dir()} "
+                          f"(or set ${WEIGHTS_ENV})")
+    raise ConfigError(f"{key}={value!r}: no such file or folder (a DiT .pt, PixArt .pth, "
+                      "hdd_ray expert or diffusers folder; nothing is downloaded)")

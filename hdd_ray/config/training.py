@@ -19,7 +19,7 @@ from hdd_ray.choices import (
     TEXT_ENCODER_KINDS,
     TIMESTEP_SAMPLING,
 )
-from hdd_ray.config.pretrained import NetworkConfig, check_init_exists
+from hdd_ray.config.pretrained import NetworkConfig
 from hdd_ray.config.rules import (
     check_choice,
     check_fraction,
@@ -178,7 +178,6 @@ class ExpertSpec:
         if self.resources is not None:
             merged = merge_resources(default_resources, self.resources, f"{prefix}.resources")
             OmegaConf.to_object(merged).validate(f"{prefix}.resources")
-        check_init_exists(f"{prefix}.init", self.init)
 
 
 @dataclass
@@ -214,7 +213,6 @@ class ExpertsConfig:
         check_choice("experts.init_mode", self.init_mode, INIT_MODES)
         check_choice("experts.adaln", self.adaln, ADALN_VARIANTS)
         self.network.validate()
-        check_init_exists("experts.init", self.init)
         self.text.validate()
         self.train.validate("experts.train")
         self.resources.validate("experts.resources")
@@ -241,7 +239,6 @@ class RouterConfig:
     def validate(self) -> None:
         """One-line :class:`ConfigError` on the first bad value of ``router``."""
         check_choice("router.model", self.model, tuple(ROUTER_SIZES))
-        check_init_exists("router.init", self.init)
         self.train.validate("router.train")
         self.resources.validate("router.resources")
         self.data.validate("router.data")

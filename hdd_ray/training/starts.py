@@ -75,7 +75,12 @@ def check_campaign_starts(cfg: CampaignConfig) -> None:
 
     from hdd_ray.campaign import check_starts
     from hdd_ray.config import resolve_experts
+    from hdd_ray.config.pretrained import check_init_exists
 
+    check_init_exists("experts.init", cfg.experts.init)
+    for i, spec in enumerate(cfg.experts.list):
+        check_init_exists(f"experts.list[{i}].init", spec.init)
+    check_init_exists("router.init", cfg.router.init)
     k = cfg.clustering.k
     variants = [replace(cfg, experts=replace(cfg.experts, ddpm_clusters=ddpm))
                 for ddpm in ([], list(range(k)))]
