@@ -98,13 +98,16 @@ def plain_loop(corpus: Path, cfg, out_dir: Path) -> int:
 
 def save_vae(directory: Path, size: str = "tiny") -> Path:
     """A random AutoencoderKL saved as a local diffusers folder: ``tiny`` (2 blocks, 4 latent
-    channels, /2) or ``sd`` (sd-vae-ft-mse's architecture: 4 blocks 128-512, /8)."""
+    channels, /2), ``tiny8`` (4 narrow blocks 4-16, 4 latent channels, /8: sd-vae-ft-mse's
+    downsampling at a CPU's cost) or ``sd`` (sd-vae-ft-mse's architecture: 4 blocks 128-512, /8)."""
     import torch
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
     if size == "tiny":
         kw = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
+    elif size == "tiny8":
+        kw = dict(block_out_channels=(4, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
     else:
         kw = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                   norm_num_groups=32)
