@@ -51,6 +51,7 @@ from hdd_ray.config.schema import CampaignConfig, ResolvedExpert, resolve_expert
 from hdd_ray.config.training import (
     DATA_MODES,
     LR_SCHEDULES,
+    MICRO_BATCH_AUTO,
     MIXED_PRECISION,
     DataConfig,
     ExpertsConfig,
@@ -63,6 +64,7 @@ from hdd_ray.config.training import (
 )
 from hdd_ray.config.validation import (
     check_global_batch,
+    check_micro_batch_size,
     check_swept_routing,
     validate,
     validate_sweep,
@@ -78,6 +80,7 @@ __all__ = [
     "EXECUTORS",
     "LATENT_DTYPES",
     "LR_SCHEDULES",
+    "MICRO_BATCH_AUTO",
     "MIXED_PRECISION",
     "REPO_ROOT",
     "SAFE_NAME",
@@ -104,6 +107,7 @@ __all__ = [
     "TrackingConfig",
     "TrainConfig",
     "check_global_batch",
+    "check_micro_batch_size",
     "check_safe_name",
     "check_swept_routing",
     "load_config",
