@@ -43,11 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
         argv = [*DEMO_DEFAULTS, *argv]  # later overrides win
     cfg, args = parse_job_args(__doc__, argv)
-    from hdd_ray.errors import CampaignError, PrepareError, SweepError
+    from hdd_ray.errors import CampaignError, ConfigError, PrepareError, SweepError
     from hdd_ray.prepare import prepare_corpus
     from hdd_ray.sweep import run_sweep
+    from hdd_ray.training.memory import preflight
 
     started = time.time()
+    try:
+        preflight(cfg)  # the memory plans: one that cannot fit is refused before Ray starts
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     init_ray(cfg)
     try:
         prepare_corpus(cfg)

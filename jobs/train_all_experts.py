@@ -33,11 +33,17 @@ def main(argv: list[str] | None = None) -> int:
         ("--skip-router", {"action": "store_true", "help": "train the experts only"}),
     ])
     from hdd_ray.campaign import campaign_assignments
-    from hdd_ray.errors import CampaignError, PrepareError
+    from hdd_ray.errors import CampaignError, ConfigError, PrepareError
     from hdd_ray.prepare import prepare_corpus
     from hdd_ray.progress import format_table
     from hdd_ray.training.launcher import train_campaign
+    from hdd_ray.training.memory import preflight
 
+    try:  # every run's memory plan: one that cannot fit is refused before anything starts
+        preflight(cfg, router=not args.skip_router)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     started = time.time()
     with tracking.run(cfg, "train_all_experts", tags={"stage": "campaign"}) as parent:
         tracking.log_config(parent, cfg)  # config.yaml + flattened params

@@ -9,11 +9,16 @@ the target and the mapping to the network's time input.
 
 Caption dropout (for classifier-free guidance) sets ``cond["drop"]`` on a random fraction of the
 batch; models replace those captions with their learned null caption.
+
+``loss`` is :meth:`Objective.draw` (every random draw of a batch: times, noise, dropout) then
+:meth:`NoisedBatch.loss`; the training loop draws a worker's batch once and runs it in
+micro-batches (:meth:`NoisedBatch.split`), so how a step is split changes no draw.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,6 +58,38 @@ def drop_captions(cond: dict[str, Tensor] | None, p: float, generator=None) -> d
     return {**cond, "drop": drop}
 
 
+def _rows(cond: dict[str, Tensor] | None, start: int, stop: int) -> dict[str, Tensor] | None:
+    return None if cond is None else {k: v[start:stop] for k, v in cond.items()}
+
+
+@dataclass(frozen=True)
+class NoisedBatch:
+    """A drawn batch: the network's input ``x`` at network ``time`` with ``cond``, and the
+    ``target`` it should predict (:meth:`Objective.draw`)."""
+
+    x: Tensor
+    time: Tensor
+    cond: dict[str, Tensor] | None
+    target: Tensor
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def split(self, size: int) -> list[NoisedBatch]:
+        """Consecutive micro-batches of at most ``size`` samples (the batch itself if it fits)."""
+        n = len(self)
+        if size >= n:
+            return [self]
+        return [NoisedBatch(self.x[i:i + size], self.time[i:i + size],
+                            _rows(self.cond, i, i + size), self.target[i:i + size])
+                for i in range(0, n, size)]
+
+    def loss(self, net: Network) -> Tensor:
+        """Mean squared error of ``net``'s prediction over this batch (in float32)."""
+        pred = net(self.x, self.time, self.cond)
+        return torch.mean((pred.float() - self.target.float()) ** 2)
+
+
 class Objective:
     """A training objective and the way its network is read as a velocity field."""
 
@@ -87,12 +124,21 @@ class Objective:
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Mean squared error of the network's prediction on a freshly noised batch."""
+        return self.draw(x0, cond, caption_dropout, generator).loss(net)
+
+    def draw(
+        self,
+        x0: Tensor,
+        cond: dict[str, Tensor] | None = None,
+        caption_dropout: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> NoisedBatch:
+        """Every draw of a training batch, in this order: times, noise, caption dropout."""
         time = self.sample_time(x0.shape[0], x0.device, generator)
         eps = devices.randn(x0.shape, generator, x0.device, x0.dtype)
         x = self.noise(x0, eps, time)
         cond = drop_captions(cond, caption_dropout, generator)
-        pred = net(x, self.network_time(time), cond)
-        return torch.mean((pred.float() - self.target(x0, eps, time).float()) ** 2)
+        return NoisedBatch(x, self.network_time(time), cond, self.target(x0, eps, time))
 
     def predictor(self, net: Network) -> Predictor:
         """``net`` as a native predictor ``predict(x_in, native_time, cond)``."""
