@@ -6,38 +6,42 @@ backward pass saves, estimated from the architecture alone (no network is built)
 * **state** (bytes per parameter): fp32 weights (4), gradients (4), AdamW's two moments (8),
   the EMA of the *trainable* parameters (4); a frozen text tower's weights (4, nothing else);
   DDP's gradient buckets (4) with more than one worker; under bf16 autocast the bf16 copies of
-  the matmul weights that autocast makes once per forward and the backward keeps (2). The
-  gradients are counted as always there (they are, from the second micro-step of a step on).
+  the weights that autocast makes once per forward and the backward keeps (2; with
+  checkpointing those outside the blocks and one block's). The gradients are counted as always
+  there (they are from a step's second micro-batch on; on the first the peak is lower).
 * **activations per sample**, block by block, each tensor the backward keeps at its dtype: under
   bf16 autocast the matmul inputs (cast copies), outputs, attention outputs and the MLP's hidden
-  layer are bf16 (``a = 2`` bytes), the residual stream and the LayerNorm outputs fp32 (``r``,
-  the residual-stream dtype; the adds promote to fp32); in fp32 every tensor is 4 bytes. The
-  attention kernels are the fused ones (flash / memory-efficient: the output and a
+  layer are bf16 (``a = 2`` bytes), the residual stream and the LayerNorm outputs fp32 (``r =
+  4``, the residual-stream dtype: the adds promote to fp32); in fp32 every tensor is 4 bytes.
+  The attention kernels are the fused ones (flash / memory-efficient: the output and a
   log-sum-exp are kept, never the N x L score matrix). A DiT block (AdaLN-Single: the shared
   ``t0`` modulation, so no per-block timestep MLP; self-attention, cross-attention to L text
-  tokens, MLP of ratio m) keeps, with N tokens of width C::
+  tokens, MLP of ratio m) keeps, with N tokens of width C and H heads::
 
-      5r NC (LN1, LN2 outputs, the three residuals) + 10a NC (modulated inputs, qkv, attention
-      outputs, proj and fc2 outputs kept for the gates, q) + a NC (the cast residual, bf16 only)
-      + 2a mNC (MLP hidden, before and after GELU) + 2a LC (cross-attention k, v)
-      + 8HN (log-sum-exp) + 16N (LayerNorm statistics)
+      4r NC  (LN1 and LN2 outputs, the residual after cross-attention, the block's output)
+      + 12a NC (modulated inputs, qkv, self-attention output and its copy in the heads'
+                layout, proj and fc2 outputs kept for the gates, q and its input,
+                cross-attention output)
+      + 2a mNC (the MLP's hidden layer before and after GELU) + 2a LC (cross-attention k, v)
+      + 8HN (log-sum-exps) + 16N (LayerNorm statistics)
 
   An encoder block (the router, the learned text encoder) has no modulation, gates or
-  cross-attention. Outside the blocks: the patch embedding, the caption projection, the final
-  layer and the loss.
+  cross-attention: ``2r NC + 7a NC + 2a mNC``. Outside the blocks: the patch embedding, the
+  timestep path, the caption projection (and a learned text encoder), the final layer, the loss.
 * **activation checkpointing** (``train.activation_checkpointing``): a forward keeps each block's
   input only (``r NC`` per block); the backward recomputes one block at a time, so one block's
   activations are added once.
-* **transients** of the backward pass: the gradients flowing through one block (the residual
-  stream's and the MLP hidden layer's).
+* **transients** of the backward pass: the gradients flowing along the residual stream and its
+  branch (``2r NC``; ``r NC`` with checkpointing, where they replace the block's activations).
 
 What is not a tensor (the CUDA context, kernels' workspaces, the caching allocator's
 fragmentation) is the plan's margin: ``usable = (gpu_memory_gb - 1.5) * 0.9`` GB.
 
-The estimate is measured against the peak of live tensor storage of a forward and backward
-(``tests/test_memory.py``: within 20 % on CPU, fp32 and bf16 autocast, with and without
-checkpointing). ``train.micro_batch_size: auto`` takes the fewest micro-steps whose balanced
-micro-batch fits: ``ceil(batch / k)`` samples for the smallest such ``k``.
+Measured against the peak of live tensor storage of a micro-step's forward and backward
+(``tests/test_memory.py``, CPU, fp32 and bf16 autocast, with and without checkpointing): the
+estimate is 0-18 % above it (CPU's flash attention keeps the copy counted above; CUDA's may
+not). ``train.micro_batch_size: auto`` takes the fewest micro-steps whose micro-batch fits:
+``ceil(batch / k)`` samples for the smallest such ``k`` (:func:`balanced`).
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ GB = 1e9  # gpu_memory_gb counts decimal gigabytes, as GPUs are sold (a "24 GB" 
 RESERVED_GB = 1.5
 #: the caching allocator's fragmentation, and what the estimate leaves out
 HEADROOM = 0.10
-#: caption tokens of the learned text encoder's attention heads
+#: attention heads of the learned text encoder (hdd_ray.models.LearnedTextEncoder's default)
 LEARNED_TEXT_HEADS = 4
 
 
@@ -100,17 +104,16 @@ class Network:
 
     def trainable_params(self) -> int:
         """Parameters the optimizer trains (those of ``hdd_ray.models``, counted)."""
-        c, m, p, ch = self.hidden, self.mlp, self.patch, self.channels
+        c, p, ch = self.hidden, self.patch, self.channels
         patch_in = ch * p * p * c + c
         temb = 256 * c + c + c * c + c
+        blocks = self.depth * _block_params(self)
         if self.kind == "router":
-            block = 4 * c * c + 4 * c + 2 * c * m + m + c + 4 * c
-            return (patch_in + c + temb + self.depth * block + 2 * c
+            return (patch_in + c + temb + blocks + 2 * c
                     + c * self.num_classes + self.num_classes)
         d = self.text_dim
-        block = _dit_block_params(c, m)
         total = (patch_in + temb + 6 * c * c + 6 * c + d * c + c + c * c + c + d
-                 + self.depth * block + 2 * c + c * p * p * ch + p * p * ch)
+                 + blocks + 2 * c + c * p * p * ch + p * p * ch)
         if self.final_conv:
             total += ch * ch * 9 + ch
         if self.text_depth:  # the learned encoder, trained with the expert
@@ -126,25 +129,20 @@ def _encoder_block(n: int, c: int, m: int, heads: int, a: int, r: int) -> int:
     return 2 * r * n * c + 7 * a * n * c + 2 * a * m * n + 4 * heads * n + 16 * n
 
 
-def _dit_block_params(c: int, m: int) -> int:
-    return 8 * c * c + 2 * c * m + 15 * c + m
-
-
-def _dit_block(net: Network, a: int, r: int) -> int:
-    """Bytes a DiT block keeps per sample (module docstring): the LN1 and LN2 outputs, the
-    residual after cross-attention and the block's output (``r``); the modulated inputs, qkv,
-    the self-attention output and its copy in the heads' layout, proj and fc2 outputs (kept for
-    the gates), q and its input, the cross-attention output (``a``); the MLP's hidden layer;
-    the cross-attention's k and v over L text tokens; log-sum-exps and LayerNorm statistics."""
+def _block(net: Network, a: int, r: int) -> int:
+    """Bytes a block keeps per sample (the DiT's: the module docstring's sum)."""
     n, c, m, ell = net.tokens, net.hidden, net.mlp, net.text_tokens
+    if net.kind == "router":
+        return _encoder_block(n, c, m, net.heads, a, r)
     return (4 * r * n * c + 12 * a * n * c + 2 * a * m * n + 2 * a * ell * c
             + 8 * net.heads * n + 16 * n)
 
 
-def _block(net: Network, a: int, r: int) -> int:
-    if net.kind == "router":
-        return _encoder_block(net.tokens, net.hidden, net.mlp, net.heads, a, r)
-    return _dit_block(net, a, r)
+def _block_params(net: Network) -> int:
+    c, m = net.hidden, net.mlp
+    if net.kind == "router":  # two LayerNorms with affine weights, attention, MLP
+        return 4 * c * c + 4 * c + 2 * c * m + m + c + 4 * c
+    return 8 * c * c + 2 * c * m + 15 * c + m  # attention, cross-attention, MLP, the table
 
 
 def _outside(net: Network, a: int, r: int) -> int:
@@ -181,13 +179,6 @@ class Estimate:
     def total(self) -> int:
         """Everything at the peak, in bytes."""
         return sum(self.state.values()) + self.batch + self.activations + self.transient
-
-
-def _block_params(net: Network) -> int:
-    c, m = net.hidden, net.mlp
-    if net.kind == "router":
-        return 4 * c * c + 4 * c + 2 * c * m + m + c + 4 * c
-    return _dit_block_params(c, m)
 
 
 def estimate(net: Network, micro_batch: int, precision: str = "fp32",
