@@ -192,6 +192,20 @@ def open_clip_tokenizer(arch: str, key: str = "arch") -> Any:
     return open_clip.get_tokenizer(open_clip_arch(arch, key))
 
 
+def open_clip_text_config(arch: str, key: str = "arch") -> dict[str, Any]:
+    """The text tower's settings of open_clip architecture ``arch`` (a name or a config
+    ``.json``): ``width``, ``layers``, ``heads``, ``context_length``, ``vocab_size``,
+    ``mlp_ratio``, with open_clip's defaults filled in; nothing is built or downloaded."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg
+
+    cfg = open_clip.get_model_config(open_clip_arch(arch, key)) or {}
+    text = CLIPTextCfg(**cfg.get("text_cfg", {}))
+    return {"width": text.width, "layers": text.layers, "heads": text.heads,
+            "context_length": text.context_length, "vocab_size": text.vocab_size,
+            "mlp_ratio": text.mlp_ratio}
+
+
 # --------------------------------------------------------------------------- timm / DINOv2
 
 

@@ -38,6 +38,7 @@ from hdd_ray.campaign.directory import (
 )
 from hdd_ray.campaign.identity import (
     LATER_TRAIN_DEFAULTS,
+    MEMORY_TRAIN_KEYS,
     NON_IDENTITY_TRAIN_KEYS,
     applied_precision,
     campaign_assignments,
@@ -62,6 +63,7 @@ from hdd_ray.campaign.starts import (
 __all__ = [
     "EXPERT_JSON",
     "LATER_TRAIN_DEFAULTS",
+    "MEMORY_TRAIN_KEYS",
     "NON_IDENTITY_TRAIN_KEYS",
     "REQUIRED_KEYS",
     "ROUTER_JSON",

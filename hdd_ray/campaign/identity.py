@@ -24,9 +24,13 @@ from hdd_ray.config import to_dict
 if TYPE_CHECKING:
     from hdd_ray.config import CampaignConfig, ResolvedExpert
 
+#: how a step fits in GPU memory (micro-batches, recomputed activations): the same samples, noise
+#: and mean loss (hdd_ray.training.memory), so left out of identities and of a sweep's
+#: description, like the world size
+MEMORY_TRAIN_KEYS = ("micro_batch_size", "activation_checkpointing")
 #: training settings that change neither an expert's nor the router's weights, so they are left
 #: out of identities: changing them keeps the cached run
-NON_IDENTITY_TRAIN_KEYS = ("checkpoint_every", "compile")
+NON_IDENTITY_TRAIN_KEYS = ("checkpoint_every", "compile", *MEMORY_TRAIN_KEYS)
 
 
 def short_hash(obj: Any, n: int = 10) -> str:
@@ -46,10 +50,11 @@ LATER_TRAIN_DEFAULTS = {"lr_schedule": "constant", "warmup_steps": 0}
 
 
 def without_later_defaults(train: dict[str, Any]) -> dict[str, Any]:
-    """``train`` without the keys of :data:`LATER_TRAIN_DEFAULTS` left at those values: what a
-    recipe recorded before the keys existed (an id, a sweep's description) compares equal to."""
-    return {k: v for k, v in train.items()
-            if not (k in LATER_TRAIN_DEFAULTS and v == LATER_TRAIN_DEFAULTS[k])}
+    """``train`` without the keys of :data:`LATER_TRAIN_DEFAULTS` left at those values, and
+    without :data:`MEMORY_TRAIN_KEYS`: what a recipe recorded before the keys existed (an id, a
+    sweep's description) compares equal to."""
+    return {k: v for k, v in train.items() if k not in MEMORY_TRAIN_KEYS
+            and not (k in LATER_TRAIN_DEFAULTS and v == LATER_TRAIN_DEFAULTS[k])}
 
 
 def _identity_train(train: dict[str, Any]) -> dict[str, Any]:

@@ -48,10 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     from hdd_ray.errors import CampaignError, ConfigError, PrepareError, SweepError
     from hdd_ray.prepare import prepare_corpus
     from hdd_ray.sweep import run_sweep
+    from hdd_ray.training.memory import preflight
     from hdd_ray.training.starts import check_campaign_starts
 
-    try:  # pretrained starts read and fitted (shapes only) before Ray takes anything
+    try:  # pretrained starts read and fitted (shapes only), the memory plans: before Ray
         check_campaign_starts(cfg)
+        preflight(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

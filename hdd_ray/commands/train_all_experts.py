@@ -37,10 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     from hdd_ray.prepare import prepare_corpus
     from hdd_ray.progress import format_table
     from hdd_ray.training.launcher import train_campaign
+    from hdd_ray.training.memory import preflight
     from hdd_ray.training.starts import check_campaign_starts
 
-    try:  # pretrained starts read and fitted (shapes only) before Ray takes anything
-        check_campaign_starts(cfg)
+    try:  # pretrained starts read and fitted (shapes only), every run's memory plan: a plan
+        check_campaign_starts(cfg)  # that cannot fit is refused before anything starts
+        preflight(cfg, router=not args.skip_router)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -24,11 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_job_args(__doc__, argv, extra=[
         ("--expert", {"required": True, "help": "expert index (cluster) or expert id"}),
     ])
-    from hdd_ray.campaign import expert_id, load_manifest
+    from hdd_ray.campaign import expert_id, load_manifest, model_shape
     from hdd_ray.config import resolve_experts
     from hdd_ray.errors import CampaignError, ConfigError
     from hdd_ray.progress import format_table
     from hdd_ray.training.launcher import train_campaign
+    from hdd_ray.training.memory import preflight
     from hdd_ray.training.starts import check_campaign_starts
 
     try:
@@ -44,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         ids = ", ".join(expert_id(cfg, e, manifest) for e in experts)
         print(f"error: --expert {args.expert!r} is neither an index 0..{len(experts) - 1} "
               f"nor an id of this campaign ({ids})", file=sys.stderr)
+        return 2
+    try:  # its memory plan: refused in one line before Ray starts when it cannot fit
+        preflight(cfg, model_shape(cfg, manifest), experts=[chosen[0].index], router=False)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     init_ray(cfg)
     statuses = train_campaign(cfg, only=[chosen[0].index], include_router=False)

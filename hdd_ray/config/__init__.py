@@ -58,6 +58,7 @@ from hdd_ray.config.schema import CampaignConfig, ResolvedExpert, resolve_expert
 from hdd_ray.config.training import (
     DATA_MODES,
     LR_SCHEDULES,
+    MICRO_BATCH_AUTO,
     MIXED_PRECISION,
     DataConfig,
     ExpertsConfig,
@@ -70,6 +71,7 @@ from hdd_ray.config.training import (
 )
 from hdd_ray.config.validation import (
     check_global_batch,
+    check_micro_batch_size,
     check_swept_routing,
     validate,
     validate_sweep,
@@ -85,6 +87,7 @@ __all__ = [
     "EXECUTORS",
     "LATENT_DTYPES",
     "LR_SCHEDULES",
+    "MICRO_BATCH_AUTO",
     "MIXED_PRECISION",
     "config_path",
     "SAFE_NAME",
@@ -111,6 +114,7 @@ __all__ = [
     "TrackingConfig",
     "TrainConfig",
     "check_global_batch",
+    "check_micro_batch_size",
     "check_safe_name",
     "check_swept_routing",
     "load_config",

@@ -37,6 +37,9 @@ class CampaignConfig:
 
 # --------------------------------------------------------------------------- resolved experts
 
+#: the ``train`` keys an ``experts.list`` entry overrides
+SPEC_TRAIN_KEYS = ("steps", "batch_size", "lr", "micro_batch_size", "activation_checkpointing")
+
 
 @dataclass(frozen=True)
 class ResolvedExpert:
@@ -71,7 +74,7 @@ def resolve_experts(cfg: CampaignConfig | DictConfig) -> List[ResolvedExpert]:
         )
         schedule = (o.schedule if o and o.schedule else None) or ex.schedule
         train = plain(ex.train)
-        for key in ("steps", "batch_size", "lr"):
+        for key in SPEC_TRAIN_KEYS:
             if o is not None and getattr(o, key) is not None:
                 train[key] = getattr(o, key)
         resources = plain(ex.resources)

@@ -30,6 +30,8 @@ from hdd_ray.config.rules import (
 from hdd_ray.errors import ConfigError, first_line
 
 MIXED_PRECISION = ("no", "bf16")
+#: ``train.micro_batch_size``'s one named value: the most the declared GPU memory fits
+MICRO_BATCH_AUTO = "auto"
 LR_SCHEDULES = ("constant", "cosine")
 DATA_MODES = ("auto", "memory", "stream")
 
@@ -39,7 +41,9 @@ class TrainConfig:
     """Optimisation settings shared by experts and the router."""
 
     steps: int = 400
-    batch_size: int = 64  # global: one micro-step's samples summed over the run's workers
+    # global: the samples of one optimizer step summed over the run's workers (times
+    # grad_accum, which draws that many batches per step)
+    batch_size: int = 64
     lr: float = 3e-4
     # "constant", or "cosine": lr * (1 + cos(pi * step / steps)) / 2, after a linear warm-up of
     # ``warmup_steps`` (both schedules)
@@ -47,6 +51,12 @@ class TrainConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     grad_accum: int = 1
+    # how a step fits in GPU memory, not part of a run's identity (the same samples, noise and
+    # mean loss; hdd_ray/training/memory.py): samples per worker per forward, "auto" = the most
+    # that resources.gpu_memory_gb fits (the whole per-worker batch when none is declared);
+    # and recomputing each transformer block in the backward pass instead of keeping it
+    micro_batch_size: Any = MICRO_BATCH_AUTO
+    activation_checkpointing: bool = False
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
@@ -71,6 +81,13 @@ class TrainConfig:
         check_fraction(f"{prefix}.caption_dropout", self.caption_dropout)
         check_choice(f"{prefix}.timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
         check_choice(f"{prefix}.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        check_micro_batch(f"{prefix}.micro_batch_size", self.micro_batch_size)
+
+
+def check_micro_batch(key: str, value: Any) -> None:
+    """One-line :class:`ConfigError` unless ``value`` is ``auto`` or an integer >= 1."""
+    if value != MICRO_BATCH_AUTO and not (is_int(value) and value >= 1):
+        raise ConfigError(f"{key}={value!r}: must be 'auto' or an integer >= 1")
 
 
 @dataclass
@@ -85,6 +102,9 @@ class ResourcesConfig:
     label_selector: Dict[str, str] = field(default_factory=dict)
     max_failures: int = 3
     max_preemption_failures: int = -1  # -1 = keep retrying preemptions
+    # GPU memory of the nodes a worker lands on, in GB (1e9 bytes, as sold: 24, 80): the memory
+    # plan's budget (train.micro_batch_size: auto), checked against the device in the worker
+    gpu_memory_gb: Optional[float] = None
 
     def validate(self, prefix: str) -> None:
         """One-line :class:`ConfigError` naming ``prefix`` (``experts.resources``, ...)."""
@@ -93,6 +113,11 @@ class ResourcesConfig:
             raise ConfigError(f"{prefix}.num_workers={self.num_workers!r}: must be an integer >= 1")
         check_positive(f"{prefix}.cpus_per_worker", self.cpus_per_worker, strict=False)
         check_positive(f"{prefix}.gpus_per_worker", self.gpus_per_worker, strict=False)
+        if self.gpu_memory_gb is not None:
+            check_positive(f"{prefix}.gpu_memory_gb", self.gpu_memory_gb)
+            if not self.gpus_per_worker:
+                raise ConfigError(f"{prefix}.gpu_memory_gb={self.gpu_memory_gb:g}: declared for "
+                                  f"workers without a GPU ({prefix}.gpus_per_worker=0)")
         for name, amount in self.custom.items():
             check_positive(f"{prefix}.custom.{name}", amount, strict=False)
         for key in ("max_failures", "max_preemption_failures"):  # Ray Train: -1 = unlimited
@@ -157,6 +182,9 @@ class ExpertSpec:
     steps: Optional[int] = None
     batch_size: Optional[int] = None
     lr: Optional[float] = None
+    # how this expert fits its node's GPU (train.micro_batch_size, train.activation_checkpointing)
+    micro_batch_size: Optional[Any] = None
+    activation_checkpointing: Optional[bool] = None
     # keys of ResourcesConfig, merged over ``experts.resources`` (only the keys given change)
     resources: Optional[Dict[str, Any]] = None
     init: Optional[str] = None  # this expert's start ("none": from scratch); None = experts.init
@@ -175,6 +203,8 @@ class ExpertSpec:
         for key in ("steps", "batch_size", "lr"):
             if getattr(self, key) is not None:
                 check_positive(f"{prefix}.{key}", getattr(self, key))
+        if self.micro_batch_size is not None:
+            check_micro_batch(f"{prefix}.micro_batch_size", self.micro_batch_size)
         if self.resources is not None:
             merged = merge_resources(default_resources, self.resources, f"{prefix}.resources")
             OmegaConf.to_object(merged).validate(f"{prefix}.resources")

@@ -3,6 +3,8 @@ then the rules between sections), :func:`validate_sweep` the sweep against the r
 
 from __future__ import annotations
 
+from typing import Any
+
 from hdd_ray.choices import check_routing
 from hdd_ray.config.rules import check_safe_name
 from hdd_ray.config.schema import CampaignConfig, resolve_experts
@@ -26,11 +28,15 @@ def validate(cfg: CampaignConfig) -> None:
     for e in resolve_experts(cfg):
         check_global_batch(f"experts (cluster {e.cluster})", e.train["batch_size"],
                            e.resources["num_workers"])
+        check_micro_batch_size(f"experts (cluster {e.cluster})", e.train["batch_size"],
+                               e.train["micro_batch_size"], e.resources["num_workers"])
         if int(e.train.get("warmup_steps", 0)) >= int(e.train["steps"]):  # a per-expert steps
             raise ConfigError(
                 f"experts (cluster {e.cluster}): train.warmup_steps={e.train['warmup_steps']} "
                 f"must be below its train.steps={e.train['steps']}")
     check_global_batch("router", cfg.router.train.batch_size, cfg.router.resources.num_workers)
+    check_micro_batch_size("router", cfg.router.train.batch_size,
+                           cfg.router.train.micro_batch_size, cfg.router.resources.num_workers)
     cfg.sampling.validate(k)
     cfg.evaluation.validate(k)
     cfg.tracking.validate()
@@ -53,6 +59,18 @@ def check_global_batch(what: str, batch_size: int, num_workers: int) -> None:
         raise ConfigError(
             f"{what}: train.batch_size={batch_size} is the global batch and must split evenly "
             f"over resources.num_workers={num_workers}: make it a multiple of {num_workers}")
+
+
+def check_micro_batch_size(what: str, batch_size: int, micro_batch_size: Any,
+                           num_workers: int) -> None:
+    """A given ``train.micro_batch_size`` (samples per worker per forward) is at most the
+    per-worker batch, ``batch_size / num_workers``. One-line :class:`ConfigError` otherwise."""
+    share = batch_size // max(1, num_workers)
+    if isinstance(micro_batch_size, int) and micro_batch_size > share:
+        raise ConfigError(
+            f"{what}: train.micro_batch_size={micro_batch_size} is more than the per-worker "
+            f"batch {share} (train.batch_size={batch_size} / resources.num_workers="
+            f"{num_workers}): use at most {share}, or auto")
 
 
 def validate_sweep(cfg: CampaignConfig) -> None:

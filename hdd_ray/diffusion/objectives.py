@@ -16,11 +16,16 @@ is exactly the converted network's and sampling reads it the same way.
 
 Caption dropout (for classifier-free guidance) sets ``cond["drop"]`` on a random fraction of the
 batch; models replace those captions with their learned null caption.
+
+``loss`` is :meth:`Objective.draw` (every random draw of a batch: times, noise, dropout) then
+:meth:`NoisedBatch.loss`; the training loop draws a worker's batch once and runs it in
+micro-batches (:meth:`NoisedBatch.split`), so how a step is split changes no draw.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -56,6 +61,44 @@ def drop_captions(cond: dict[str, Tensor] | None, p: float, generator=None) -> d
     if "drop" in cond:
         drop = drop | cond["drop"]
     return {**cond, "drop": drop}
+
+
+def _rows(cond: dict[str, Tensor] | None, start: int, stop: int) -> dict[str, Tensor] | None:
+    return None if cond is None else {k: v[start:stop] for k, v in cond.items()}
+
+
+@dataclass(frozen=True)
+class NoisedBatch:
+    """A drawn batch: the network's input ``x`` at network ``time`` with ``cond``, and the
+    ``target`` it should predict (:meth:`Objective.draw`)."""
+
+    x: Tensor
+    time: Tensor  # the objective's native time (the network reads its own convention of it)
+    cond: dict[str, Tensor] | None
+    target: Tensor
+    objective: Objective
+    #: the expert's data mean: the conversion's prior, where the loss reads a VP network as a
+    #: velocity (an fm_velocity expert started from an eps checkpoint)
+    prior_mean: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def split(self, size: int) -> list[NoisedBatch]:
+        """Consecutive micro-batches of at most ``size`` samples (the batch itself if it fits)."""
+        n = len(self)
+        if size >= n:
+            return [self]
+        return [NoisedBatch(self.x[i:i + size], self.time[i:i + size],
+                            _rows(self.cond, i, i + size), self.target[i:i + size],
+                            self.objective, self.prior_mean)
+                for i in range(0, n, size)]
+
+    def loss(self, net: Network) -> Tensor:
+        """Mean squared error of ``net``'s prediction over this batch (in float32), the
+        prediction as the objective reads its network (:meth:`Objective.prediction`)."""
+        pred = self.objective.prediction(net, self.x, self.time, self.cond, self.prior_mean)
+        return torch.mean((pred.float() - self.target.float()) ** 2)
 
 
 class Objective:
@@ -105,12 +148,22 @@ class Objective:
         """Mean squared error of the network's prediction on a freshly noised batch;
         ``prior_mean`` (the expert's data mean) is the conversion's, for a VP network trained
         with the flow-matching loss."""
+        return self.draw(x0, cond, caption_dropout, generator, prior_mean).loss(net)
+
+    def draw(
+        self,
+        x0: Tensor,
+        cond: dict[str, Tensor] | None = None,
+        caption_dropout: float = 0.0,
+        generator: torch.Generator | None = None,
+        prior_mean: Tensor | None = None,
+    ) -> NoisedBatch:
+        """Every draw of a training batch, in this order: times, noise, caption dropout."""
         time = self.sample_time(x0.shape[0], x0.device, generator)
         eps = devices.randn(x0.shape, generator, x0.device, x0.dtype)
         x = self.noise(x0, eps, time)
         cond = drop_captions(cond, caption_dropout, generator)
-        pred = self.prediction(net, x, time, cond, prior_mean)
-        return torch.mean((pred.float() - self.target(x0, eps, time).float()) ** 2)
+        return NoisedBatch(x, time, cond, self.target(x0, eps, time), self, prior_mean)
 
     def predictor(self, net: Network) -> Predictor:
         """``net`` as a native predictor ``predict(x_in, native_time, cond)``."""

@@ -5,6 +5,11 @@ embedder, zero-initialised output) and PixArt-alpha (``PixArtBlock``, ``T2IFinal
 ``CaptionEmbedder``): one timestep embedder and one ``t_block`` shared by every block, each block
 adding its own learned ``scale_shift_table`` to the shared modulation.
 
+``activation_checkpointing`` (``train.activation_checkpointing``): each block's activations
+are recomputed in the backward pass instead of kept (``torch.utils.checkpoint``, non-reentrant),
+so a forward keeps only the blocks' inputs; same values and gradients, ~1/3 more compute
+(:mod:`hdd_ray.training.memory`).
+
 The network is agnostic to the objective: it maps ``(x, t, cond)`` to a tensor shaped like ``x``
 and the caller decides whether that is ``eps`` or a velocity. ``t`` is *network time*, a float
 (DDPM ``tau`` in [0, 1000] or flow-matching ``t * 1000``), never rounded.
@@ -17,6 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from hdd_ray.choices import DIT_SIZES
 
@@ -31,6 +37,7 @@ __all__ = [
     "TimestepEmbedder",
     "build_dit",
     "count_parameters",
+    "run_blocks",
     "sincos_pos_embed_2d",
     "timestep_embedding",
 ]
@@ -77,6 +84,22 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> Tensor:
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters of ``module`` (works on the meta device)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def run_blocks(blocks: nn.ModuleList, h: Tensor, *args: Tensor | None,
+               checkpointed: bool = False) -> Tensor:
+    """``h`` through every block of ``blocks`` (each called as ``block(h, *args)``).
+
+    ``checkpointed`` (while gradients are recorded): each block through
+    ``torch.utils.checkpoint`` (non-reentrant; autocast state restored on recompute), so only
+    its input is kept and its activations are recomputed in the backward pass.
+    """
+    for block in blocks:
+        if checkpointed and torch.is_grad_enabled():
+            h = checkpoint(block, h, *args, use_reentrant=False)
+        else:
+            h = block(h, *args)
+    return h
 
 
 def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -249,10 +272,13 @@ class DiT(nn.Module):
         text_dim: int,
         mlp_ratio: float = 4.0,
         final_conv: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size={input_size} is not divisible by patch_size={patch_size}")
+        #: recompute each block's activations in the backward pass (not part of the weights)
+        self.activation_checkpointing = activation_checkpointing
         self.input_size, self.in_channels, self.patch_size = input_size, in_channels, patch_size
         self.hidden_size, self.text_dim = hidden_size, text_dim
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
@@ -321,8 +347,7 @@ class DiT(nn.Module):
         temb = self.t_embedder(t)
         t0 = self.t_block(temb)
         y, mask = self.embed_caption(cond)
-        for block in self.blocks:
-            h = block(h, y, t0, mask)
+        h = run_blocks(self.blocks, h, y, t0, mask, checkpointed=self.activation_checkpointing)
         out = self.unpatchify(self.final_layer(h, temb))
         return out if self.final_conv is None else self.final_conv(out)
 

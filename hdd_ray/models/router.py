@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from hdd_ray.choices import ROUTER_SIZES
-from hdd_ray.models.dit import EncoderBlock, TimestepEmbedder, sincos_pos_embed_2d
+from hdd_ray.models.dit import EncoderBlock, TimestepEmbedder, run_blocks, sincos_pos_embed_2d
 
 __all__ = ["ROUTER_SIZES", "Router", "build_router"]
 
@@ -21,6 +21,7 @@ class Router(nn.Module):
 
     ``forward(x_t, t)``: ``x_t`` [B, C, H, W], ``t`` [B] float network time -> logits [B, K].
     The timestep embedding is added to the CLS token, which every patch can attend to.
+    ``activation_checkpointing``: each block recomputed in the backward pass (as the DiT's).
     """
 
     def __init__(
@@ -33,11 +34,13 @@ class Router(nn.Module):
         depth: int = 4,
         num_heads: int = 4,
         mlp_ratio: float = 4.0,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size={input_size} is not divisible by patch_size={patch_size}")
         self.num_experts = num_experts
+        self.activation_checkpointing = activation_checkpointing
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.register_buffer(
             "pos_embed",
@@ -64,8 +67,7 @@ class Router(nn.Module):
         h = self.x_embedder(x_t).flatten(2).transpose(1, 2) + self.pos_embed
         cls = self.cls_token + self.t_embedder(t)[:, None]
         h = torch.cat([cls.to(h.dtype), h], dim=1)
-        for block in self.blocks:
-            h = block(h)
+        h = run_blocks(self.blocks, h, checkpointed=self.activation_checkpointing)
         return self.head(self.norm(h[:, 0]))
 
 

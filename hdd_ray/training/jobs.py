@@ -31,6 +31,7 @@ from hdd_ray.campaign import (
 )
 from hdd_ray.config import CampaignConfig, ResolvedExpert, TrainConfig, to_dict
 from hdd_ray.training.data import data_settings
+from hdd_ray.training.memory import expert_plan, router_plan
 from hdd_ray.training.reports import router_accuracy
 from hdd_ray.training.settings import RunSettings
 
@@ -70,7 +71,9 @@ def _common(cfg: CampaignConfig, resources: dict[str, Any],
     return {"image_size": size, "channels": channels,
             "latents": manifest.get("latents") or None,
             "use_gpu": resources["gpus_per_worker"] > 0,
-            "torch_threads": max(1, int(round(float(resources["cpus_per_worker"]))))}
+            "torch_threads": max(1, int(round(float(resources["cpus_per_worker"])))),
+            "gpu_memory_gb": resources.get("gpu_memory_gb"),
+            "gpus_per_worker": float(resources["gpus_per_worker"])}
 
 
 def _latents_describe(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -115,7 +118,10 @@ def expert_job(cfg: CampaignConfig, expert: ResolvedExpert, manifest: dict[str, 
         tags={"kind": "expert", "cluster": str(expert.cluster), "objective": expert.objective},
         executor=cfg.ray.executor,
         precheck_error=(f"cluster {expert.cluster} has no usable data "
-                        f"({paths.cluster_dir(expert.cluster)} is empty)") if empty else "",
+                        f"({paths.cluster_dir(expert.cluster)} is empty)") if empty else
+        # the memory plan (hdd_ray.training.memory): refused here, before Ray waits for a GPU
+        (expert_plan(cfg, expert, (size, ch)).refusal()
+         if expert.resources.get("gpu_memory_gb") else ""),
     )
 
 
@@ -142,5 +148,7 @@ def router_job(cfg: CampaignConfig, manifest: dict[str, Any]) -> Job:
                   **_latents_describe(manifest)},
         tags={"kind": "router"},
         executor=cfg.ray.executor,
+        precheck_error=(router_plan(cfg, (size, ch)).refusal()
+                        if resources.get("gpu_memory_gb") else ""),
         report=lambda weights: {"top1_accuracy_by_t": router_accuracy(cfg, weights, resources)},
     )

@@ -11,9 +11,13 @@ autocast and DDP on GPUs, and metrics to MLflow (:class:`hdd_ray.tracking.Metric
 the tracking URI passed in: workers do not inherit the driver's). Who runs it answers through
 its hooks (:mod:`hdd_ray.training.hooks`: Ray Train, one Ray task, or a plain process); the
 checkpoints of either executor are :mod:`hdd_ray.training.checkpoints`' business.
-``train.batch_size`` is the global batch of a micro-step, split evenly over the run's workers
-(:func:`rank_batch_size`); every random draw goes through :mod:`hdd_ray.devices` (generators on
-the device of the tensors they feed). Data comes from one
+``train.batch_size`` is the global batch of an accumulation chunk (``grad_accum`` chunks per
+step), split evenly over the run's workers (:func:`rank_batch_size`); a worker draws its share
+once per chunk and runs it in micro-batches of ``train.micro_batch_size`` (the memory plan,
+:mod:`hdd_ray.training.memory`), each micro-batch's loss weighted by its share of the chunk, so
+the step's gradient is the mean over the global batch however it is split, and DDP
+synchronises on the step's last micro-batch only. Every random draw goes through
+:mod:`hdd_ray.devices` (generators on the device of the tensors they feed). Data comes from one
 :class:`hdd_ray.training.data.BatchSource` per rank (in memory or streamed); every rank's data
 position and generators are gathered into rank 0's checkpoint, and the samples skipped as
 damaged are reported as ``skipped``.
@@ -35,12 +39,13 @@ from torch import Tensor, nn
 from hdd_ray import devices, tracking
 from hdd_ray.config import check_global_batch
 from hdd_ray.devices import TrainingStreams
-from hdd_ray.diffusion import FM_TIME_SCALE, per_sample
+from hdd_ray.diffusion import FM_TIME_SCALE, NoisedBatch, per_sample
 from hdd_ray.models.expert import ExpertModel, RouterModel
 from hdd_ray.optim import learning_rate
 from hdd_ray.samples import Decoding
 from hdd_ray.training.data import BatchSource, StreamSource, open_source
 from hdd_ray.training.hooks import Hooks, LocalHooks, RayTrainHooks, TaskHooks
+from hdd_ray.training.memory import Network, expert_network, router_network, worker_plan
 from hdd_ray.training.settings import RunSettings
 from hdd_ray.training.starts import expert_objective, load_start
 
@@ -57,9 +62,11 @@ LOG_EVERY = 10
 
 
 class _DataTask:
-    """What experts and the router share: a :class:`BatchSource` over their shards."""
+    """What experts and the router share: a :class:`BatchSource` over their shards, and the
+    shape of their network for the memory plan."""
 
     data: BatchSource
+    network: Network
 
     def _open(self, settings: RunSettings, shards: list[tuple[str, int]],
               num_samples: int | None, rank: int, world: int, pin_memory: bool) -> BatchSource:
@@ -94,6 +101,9 @@ class ExpertTask(_DataTask):
         # weight decay would shrink it)
         if self.train.caption_dropout <= 0:
             self.model.net.y_null.requires_grad_(False)
+        self.model.net.activation_checkpointing = bool(self.train.activation_checkpointing)
+        self.network = expert_network(spec.model, spec.text, settings.image_size,
+                                      settings.channels)
         self.data = self._open(settings, [(p, spec.cluster) for p in settings.shards],
                                settings.num_samples, rank, world, pin_memory)
         # exported with the weights: the conversion's prior E[x0] near t = 1 (streaming: the
@@ -101,15 +111,15 @@ class ExpertTask(_DataTask):
         if not self.data.streaming:
             self.model.set_data_mean(self.data.mean()[None])
 
-    def loss(self, model: nn.Module, batch_size: int, rng: TrainingStreams,
-             device: torch.device) -> Tensor:
-        """The objective's loss on the next batch."""
+    def draw(self, model: nn.Module, batch_size: int, rng: TrainingStreams,
+             device: torch.device) -> NoisedBatch:
+        """The next batch, noised by the objective (every draw of it made here)."""
         x0, captions, _ = self.data.next_batch(batch_size, rng.data)
         inner = _unwrap(model)
         if self.data.streaming:
             inner.set_data_mean(self.data.mean()[None])
         cond = inner.tokenize(captions, device)
-        return self.objective.loss(model, x0.to(device, non_blocking=True), cond,
+        return self.objective.draw(x0.to(device, non_blocking=True), cond,
                                    self.train.caption_dropout, rng.noise, inner.prior_mean())
 
 
@@ -125,21 +135,44 @@ class RouterTask(_DataTask):
         self.model = RouterModel(settings.router_model, settings.image_size, settings.channels, k)
         if fresh:
             load_start(self.model, settings)
+        self.model.net.activation_checkpointing = bool(self.train.activation_checkpointing)
+        self.network = router_network(settings.router_model, settings.image_size,
+                                      settings.channels, k)
         shards = [(p, c) for c in range(k) for p in settings.cluster_shards.get(c) or []]
         counts = settings.cluster_counts
         total = sum(int(n) for n in counts.values()) if counts else None
         self.data = self._open(settings, shards, total, rank, world, pin_memory)
 
-    def loss(self, model: nn.Module, batch_size: int, rng: TrainingStreams,
-             device: torch.device) -> Tensor:
-        """Cross-entropy of the clusters of the next batch, noised at uniform times."""
+    def draw(self, model: nn.Module, batch_size: int, rng: TrainingStreams,
+             device: torch.device) -> LabelledBatch:
+        """The next batch with its clusters, noised at uniform times on the flow-matching path."""
         x0, _, labels = self.data.next_batch(batch_size, rng.data)
         x0, labels = x0.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         t = devices.rand(batch_size, rng.noise, device)
         eps = devices.randn(x0.shape, rng.noise, device)
         tb = per_sample(t, x0)
-        logits = model((1 - tb) * x0 + tb * eps, t * FM_TIME_SCALE)
-        return nn.functional.cross_entropy(logits.float(), labels)
+        return LabelledBatch((1 - tb) * x0 + tb * eps, t * FM_TIME_SCALE, labels)
+
+
+class LabelledBatch:
+    """The router's drawn batch: ``x_t`` at network time ``time`` and its cluster ``labels``."""
+
+    def __init__(self, x: Tensor, time: Tensor, labels: Tensor) -> None:
+        self.x, self.time, self.labels = x, time, labels
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def split(self, size: int) -> list[LabelledBatch]:
+        """Consecutive micro-batches of at most ``size`` samples (itself if it fits)."""
+        if size >= len(self):
+            return [self]
+        return [LabelledBatch(self.x[i:i + size], self.time[i:i + size],
+                              self.labels[i:i + size]) for i in range(0, len(self), size)]
+
+    def loss(self, model: nn.Module) -> Tensor:
+        """Cross-entropy of ``model``'s logits against the clusters (mean over this batch)."""
+        return nn.functional.cross_entropy(model(self.x, self.time).float(), self.labels)
 
 
 def _data_states(task: _DataTask, rng: TrainingStreams, world: int) -> list[dict[str, Any]]:
@@ -320,6 +353,12 @@ class _Run:
         self.ema = EMA(model, tr.ema_decay)
         self.rng = TrainingStreams(tr.seed, self.rank, self.device)
         self.batch = rank_batch_size(tr.batch_size, self.world)
+        self.plan = worker_plan(self.task.network, tr, self.batch, self.world, self.device,
+                                settings.gpu_memory_gb, settings.gpus_per_worker,
+                                settings.kind)
+        self.micro = int(self.plan.micro_batch or self.batch)
+        if self.rank == 0 and self.micro < self.batch:
+            log.info("memory plan: %s", self.plan.line())
         self.start_step, self.history, self.wall_before = 0, [], 0.0
         self._resume(model, state)
         self.history.append({"start_step": self.start_step, "time": time.time(),
@@ -382,18 +421,25 @@ class _Run:
         return self.last
 
     def step(self, step: int) -> float:
-        """One optimizer step at 0-based ``step`` (``grad_accum`` micro-steps) -> its loss."""
+        """One optimizer step at 0-based ``step`` -> its loss: ``grad_accum`` chunks of the
+        per-worker batch, each drawn once and run in micro-batches of at most ``self.micro``
+        samples, each loss weighted by its share of the step (the mean over the step's
+        samples); DDP synchronises on the last micro-batch only."""
         tr, model, accum = self.tr, self.model, self.tr.grad_accum
         model.train()
         total = 0.0
-        for micro in range(accum):
-            sync = (contextlib.nullcontext() if (self.world == 1 or micro == accum - 1)
-                    else model.no_sync())
-            with sync:
-                with self.autocast:
-                    loss = self.task.loss(model, self.batch, self.rng, self.device) / accum
-                loss.backward()
-            total += float(loss.detach())
+        for chunk in range(accum):
+            parts = self.task.draw(model, self.batch, self.rng, self.device).split(self.micro)
+            for i, part in enumerate(parts):
+                last = chunk == accum - 1 and i == len(parts) - 1
+                sync = (contextlib.nullcontext() if (self.world == 1 or last)
+                        else model.no_sync())
+                with sync:
+                    with self.autocast:
+                        # a whole chunk: / accum, as before micro-batches (the same bits)
+                        loss = part.loss(model) / (accum * self.batch / len(part))
+                    loss.backward()
+                total += float(loss.detach())
         if tr.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable, tr.grad_clip)
         if self.scheduled:

@@ -32,6 +32,10 @@ class RunSettings:
     latents: dict[str, Any] | None = None
     use_gpu: bool = False
     torch_threads: int = 1
+    # the memory plan's budget (resources.gpu_memory_gb, GB; None = the device's own) and the
+    # share of a GPU each worker gets (hdd_ray.training.memory.worker_plan)
+    gpu_memory_gb: float | None = None
+    gpus_per_worker: float = 0.0
     # an expert: what it is, its cluster's shards and their sample count
     expert: ResolvedExpert | None = None
     shards: list[str] = field(default_factory=list)
@@ -66,6 +70,8 @@ class RunSettings:
             data=data_settings(config.get("data")), latents=config.get("latents") or None,
             use_gpu=bool(config.get("use_gpu", False)),
             torch_threads=int(config.get("torch_threads", 1)),
+            gpu_memory_gb=config.get("gpu_memory_gb"),
+            gpus_per_worker=float(config.get("gpus_per_worker", 0.0) or 0.0),
             expert=ResolvedExpert(**expert) if expert else None,
             shards=list(config.get("shards") or []), num_samples=config.get("num_samples"),
             router_model=str(config.get("model") or ""),
