@@ -55,7 +55,7 @@ it must exceed every stage's 1x peak (``data_exceeds_rss_1x``). MB here are MiB.
 
 Targets: every ``rss_ratio`` <= 1.25; ``time_ratio`` <= 8.8 for prepare and evaluation, <= 1.2
 for the expert and router stages (equal steps). Raw numbers: ``benchmarks/out/bench_scale.json``.
-It also prints the memory plan of ``jobs/configs/paper-8x-xl.yaml`` on a 24 GB and an 80 GB GPU.
+It also prints the memory plan of ``hdd_ray/configs/paper-8x-xl.yaml`` on a 24 GB and an 80 GB GPU.
 """
 
 from __future__ import annotations
@@ -383,16 +383,15 @@ def overrides_for(root: Path, corpus: Path, vae: Path, clip: tuple[Path, Path],
 
 
 def memory_plan_lines(config: Path) -> list[str]:
-    """The memory plan of ``config``'s experts on a 24 GB and an 80 GB GPU (issue 24), from the
-    training memory planner when this tree has it."""
-    try:  # the planner is being built on another branch: wired here once it is merged
-        from hdd_ray.training.memory import memory_plan  # type: ignore[import-not-found]
-    except ImportError:
-        return ["memory plan: not available in this tree"]
+    """The memory plan of ``config``'s runs on a 24 GB and an 80 GB GPU (issue 24): one line per
+    run from the training memory planner (:mod:`hdd_ray.training.memory`)."""
     from hdd_ray.config import load_config
+    from hdd_ray.training.memory import describe_plans
 
     cfg = load_config(config)
-    return [f"{gb} GB GPU: {memory_plan(cfg, gpu_memory_gb=gb)}" for gb in (24, 80)]
+    # the SD-VAE's 32x32x4 latents of 256 px images (its folder is on the training nodes only)
+    return [f"{gb} GB GPU:\n{describe_plans(cfg, gpu_memory_gb=gb, shape=(32, 4))}"
+            for gb in (24, 80)]
 
 
 def data_mb(num_train: int, image_size: int, channels: int = 3, itemsize: int = 4) -> float:
@@ -471,7 +470,9 @@ def main() -> None:
         result["failed"] = str(exc)
         print(exc, file=sys.stderr)
     result.update(summarize(runs, "1x", f"{args.factor}x", args.image_size))
-    result["memory_plan"] = memory_plan_lines(REPO / "jobs" / "configs" / "paper-8x-xl.yaml")
+    from hdd_ray.config import CONFIG_DIR
+
+    result["memory_plan"] = memory_plan_lines(CONFIG_DIR / "paper-8x-xl.yaml")
     result["wall_s"] = round(time.time() - started, 1)
     result["load_after"] = os.getloadavg()
     out = Path(args.out)
