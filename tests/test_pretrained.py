@@ -538,13 +538,18 @@ def test_the_job_refuses_a_bad_init_in_one_line_before_ray(tmp_path, capsys):
 
     path, _ = _bad_files(tmp_path)["shapes"]
     job = importlib.import_module("jobs.train_all_experts")
+
+    def ray_up() -> bool:  # the session's shared instance may already run (other tests)
+        ray = sys.modules.get("ray")
+        return ray is not None and ray.is_initialized()
+
+    before = ray_up()
     code = job.main([f"root={tmp_path / 'root'}", "experts.model=DiT-T/2",
                      "tracking.enabled=false", f"experts.init={path}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: experts.init=")
-    ray = sys.modules.get("ray")
-    assert ray is None or not ray.is_initialized()
-    assert not (tmp_path / "root" / "clusters").exists()
+    assert ray_up() == before  # the job started no Ray instance
+    assert not (tmp_path / "root").exists()  # nor prepared (or wrote) anything
 
 
 def test_the_init_enters_the_identity_by_content_and_the_description(tmp_path):
