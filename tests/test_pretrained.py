@@ -571,6 +571,7 @@ def test_the_init_enters_the_identity_by_content_and_the_description(tmp_path):
 
     a = ident(f"experts.init={tmp_path / 'a.pt'}")
     assert a.startswith("c1-fm-") and a == ident(f"experts.init={tmp_path / 'moved' / 'a.pt'}")
+    assert a == ident(f"experts.init=file://{tmp_path / 'a.pt'}")  # a URI: read, hashed alike
     assert a != ident(f"experts.init={tmp_path / 'b.pt'}") != ident()
     assert a != ident(f"experts.init={tmp_path / 'a.pt'}", "experts.init_mode=paper")
     assert a != ident(f"experts.init={tmp_path / 'a.pt'}", "sampling.conversion.x0_clamp=0.5")

@@ -60,8 +60,8 @@ def weights_dir() -> str:
     return os.path.expanduser(os.environ.get(WEIGHTS_ENV) or "~/weights")
 
 
-def resolve_init(key: str, value: Optional[str]) -> Optional[str]:
-    """The checkpoint ``value`` names: a path or URI as given, a tag as its file in
+def resolve_init(value: Optional[str]) -> Optional[str]:
+    """The checkpoint ``value`` names: a path (``file://`` too) or URI as given, a tag as its file in
     :func:`weights_dir`, or ``None`` (from scratch: unset or ``"none"``). Nothing is read: a
     config names files of the machines that train (:func:`check_init_exists` checks them)."""
     if value is None or str(value).strip() in ("", SCRATCH):
@@ -69,13 +69,13 @@ def resolve_init(key: str, value: Optional[str]) -> Optional[str]:
     value = str(value).strip()
     if value in PRETRAINED_TAGS:
         return os.path.join(weights_dir(), PRETRAINED_TAGS[value][0])
-    return value
+    return value[len("file://"):] if value.startswith("file://") else value  # a local path
 
 
 def check_init_exists(key: str, value: Optional[str]) -> None:
     """One-line :class:`ConfigError` naming ``key`` when ``value`` names a local file or folder
     that is not there (a tag: where to fetch its file once). URIs are read later."""
-    path = resolve_init(key, value)
+    path = resolve_init(value)
     if path is None or "://" in path or os.path.exists(os.path.expanduser(path)):
         return
     if str(value).strip() in PRETRAINED_TAGS:

@@ -91,8 +91,7 @@ def resolve_experts(cfg: CampaignConfig | DictConfig) -> List[ResolvedExpert]:
                 text=plain(ex.text),
                 train=train,
                 resources=resources,
-                init=resolve_init(f"experts.list (cluster {c}).init" if o is not None
-                                  and o.init is not None else "experts.init", init),
+                init=resolve_init(init),
                 init_mode=ex.init_mode,
                 adaln=ex.adaln,
                 network=plain(ex.network),

@@ -71,7 +71,11 @@ class Checkpoint:
 
 def _load_bytes(data: bytes | None, path: str, meta: bool) -> dict[str, Any]:
     """A safetensors or torch file (its bytes, or a local ``path`` read lazily) -> its object."""
-    head = data[:8] if data is not None else open(path, "rb").read(8)
+    if data is not None:
+        head = data[:8]
+    else:
+        with open(path, "rb") as f:
+            head = f.read(8)
     if len(head) < 8:
         raise WeightsMismatch(f"empty or truncated ({len(head)} bytes)")
     if head[:4] != b"PK\x03\x04" and 0 < int.from_bytes(head, "little") < 100_000_000:

@@ -164,7 +164,7 @@ def _starts(section: dict[str, Any]) -> dict[str, Any]:
         from hdd_ray.campaign.starts import weights_sha256
         from hdd_ray.config.pretrained import resolve_init
 
-        path = resolve_init("experts.init", init)
+        path = resolve_init(init)
         if path is not None and os.path.exists(path):
             out["init"] = {"sha256": weights_sha256(path)}
     return out
