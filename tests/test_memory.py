@@ -30,6 +30,16 @@ from hdd_ray.training import memory
 from hdd_ray.training.loop import EMA, LocalHooks, run_loop
 from hdd_ray.training.settings import RunSettings
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny networks: one thread is ~20x faster than two (no OpenMP spinning on 2 cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ----------------------------------------------------------------------- measuring live storage
 
 
@@ -373,6 +383,20 @@ def test_a_plan_that_cannot_fit_one_sample_is_refused_before_ray_naming_key_and_
     assert "activation_checkpointing" not in line  # it would not fit with it either
     assert refusal(16).endswith("declare a larger GPU, or set "
                                 "experts.train.activation_checkpointing=true (12.8 GB)")
+    # the launcher refuses such a run before it waits for a GPU (its status line's reason)
+    from hdd_ray.training.jobs import expert_job
+
+    cfg = load_config(CONFIG_DIR / "paper-8x-xl.yaml", overrides=[
+        f"root={tmp_path}", "experts.list=[{cluster: 5, resources: {gpu_memory_gb: 12}}]"])
+    latents = {"identity": "v", "shape": [4, 32, 32], "scaling_factor": 0.18215,
+               "shift_factor": 0.0, "dtype": "float16"}
+    manifest = {"data_hash": "d", "latents": latents, "clusters": [
+        {"cluster": c, "count": 10, "hash": "h", "shards": [f"{c}/shard-000000.tar"]}
+        for c in (4, 5)]}
+    expert = resolve_experts(cfg)[5]
+    job = expert_job(cfg, expert, manifest)
+    assert job.precheck_error == refusal(12)
+    assert expert_job(cfg, resolve_experts(cfg)[4], manifest).precheck_error == ""
     # the job says so before it starts MLflow, prepares anything or starts Ray
     from hdd_ray.commands import train_all_experts as job
 
@@ -395,7 +419,8 @@ def test_the_worker_checks_the_device_it_got(monkeypatch, caplog):
     assert "resources.gpu_memory_gb=24 but NVIDIA L4 has 22.5 GB" in caplog.text
     assert p.gpu_memory_gb == 22.5 and p.fits and p.micro_batch < 13
     Props.total_memory = 10e9
-    with pytest.raises(RuntimeError, match="needs 1[0-9.]+ GB for one sample"):
+    with pytest.raises(RuntimeError, match=r"^NVIDIA L4 \(total memory, GB\)=10: expert needs "
+                                           r"1[0-9.]+ GB for one sample"):
         memory.worker_plan(net, train, 64, 1, cuda, None, 1.0, "expert")
     cpu = memory.worker_plan(net, train, 64, 1, torch.device("cpu"), 24.0, 1.0, "expert")
     assert cpu.micro_batch == 64 and cpu.precision == "fp32"

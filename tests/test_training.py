@@ -383,7 +383,8 @@ def _state_when_checkpointed(d: Path, timeout: float = 240) -> dict:
 def failures(prepared, tmp_path_factory):
     """One Ray Train launch of two experts, each meeting its own fate: expert 1 trains DDP on
     two workers without caption dropout (``y_null`` is then never used: not trained, so DDP
-    does not wait for its gradient) and its rank 0 is SIGKILLed after its first registered
+    does not wait for its gradient), in two micro-batches of 8 per worker (the first under
+    ``no_sync``), and its rank 0 is SIGKILLed after its first registered
     checkpoint (Ray Train restarts the group, which resumes and trains to the end), expert 2
     has no usable data (``max_failures: 0``: it fails at once, alone). One launch for two
     tests: Ray Train's start-up is ~10 s of 2 cores per run.
@@ -396,7 +397,7 @@ def failures(prepared, tmp_path_factory):
     steps, every = 120, 40  # the kill follows the first checkpoint: 80 steps to spare
     cfg = _cfg(root, f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}",
                "experts.train.caption_dropout=0",
-               "experts.list=[{cluster: 1, resources: {num_workers: 2}},"
+               "experts.list=[{cluster: 1, micro_batch_size: 8, resources: {num_workers: 2}},"
                " {cluster: 2, resources: {max_failures: 0}}]")
     runner, result, d = _train_in_background(cfg, root, only=[1, 2])
     state = _state_when_checkpointed(d)

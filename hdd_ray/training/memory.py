@@ -479,20 +479,20 @@ def worker_plan(net: Network, train: Any, rank_batch: int, world: int, device: A
     import torch
 
     precision = "bf16" if device.type == "cuda" and train.mixed_precision == "bf16" else "fp32"
-    memory = None
+    memory, key = None, "resources.gpu_memory_gb"
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         actual = props.total_memory / GB
-        memory = actual
-        if gpu_memory_gb is not None:
-            if actual < 0.99 * gpu_memory_gb:
+        if gpu_memory_gb is None or actual < 0.99 * gpu_memory_gb:
+            memory, key = actual, f"{props.name} (total memory, GB)"
+            if gpu_memory_gb is not None:
                 log.warning("resources.gpu_memory_gb=%g but %s has %.1f GB: planning for %.1f GB",
                             gpu_memory_gb, props.name, actual, actual)
-            memory = min(actual, gpu_memory_gb)
+        else:
+            memory = gpu_memory_gb
     p = plan(net, rank_batch, train.micro_batch_size, precision,
              bool(train.activation_checkpointing), memory, gpus_per_worker or 1.0,
-             int(train.grad_accum), world, what=what,
-             memory_key="resources.gpu_memory_gb (the device's)")
+             int(train.grad_accum), world, what=what, memory_key=key)
     if p.micro_batch is None:
         raise RuntimeError(p.refusal())
     if p.usable is not None and not p.fits:
