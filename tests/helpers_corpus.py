@@ -55,3 +55,25 @@ def load_cluster_arrays(
         rel = manifest["clusters"][k]["shards"]
     shards = [storage.join(paths.clusters, r) for r in rel]
     return load_shard_arrays(shards, int(manifest["channels"]))
+
+
+def write_digit_shard(path: str, digit: int, count: int, caption: str) -> str:
+    """One WebDataset shard of the first ``count`` demo scans of ``digit`` (PNG, ``caption``,
+    cluster 0), as prepare writes a cluster's shard; returns ``path``."""
+    import io
+    import json
+
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from hdd_ray.corpus import write_tar
+
+    digits = load_digits()
+    samples = []
+    for i in np.nonzero(digits.target == digit)[0][:count]:
+        buf = io.BytesIO()
+        Image.fromarray((digits.images[i] * 15.9).astype(np.uint8)).save(buf, "PNG")
+        samples.append({"__key__": f"d{i:05d}", "png": buf.getvalue(),
+                        "txt": caption.encode(), "json": json.dumps({"cluster": 0}).encode()})
+    write_tar(path, samples)
+    return path

@@ -9,28 +9,19 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers_corpus import write_digit_shard
 from PIL import Image
-from sklearn.datasets import load_digits
 
 from hdd_ray.config import load_config, resolve_experts
-from hdd_ray.corpus import iter_samples, write_tar
+from hdd_ray.corpus import iter_samples
 from hdd_ray.training.loop import LocalHooks, run_loop
 from hdd_ray.training.settings import RunSettings
 
 
 @pytest.fixture(scope="module")
 def shard(tmp_path_factory):
-    digits = load_digits()
-    samples = []
-    for i in np.nonzero(digits.target == 3)[0][:64]:
-        buf = io.BytesIO()
-        Image.fromarray((digits.images[i] * 15.9).astype(np.uint8)).save(buf, "PNG")
-        samples.append({"__key__": f"d{i:05d}", "png": buf.getvalue(),
-                        "txt": b"a handwritten digit three",
-                        "json": json.dumps({"cluster": 0}).encode()})
-    path = tmp_path_factory.mktemp("shards") / "shard-000000.tar"
-    write_tar(str(path), samples)
-    return str(path)
+    return write_digit_shard(str(tmp_path_factory.mktemp("shards") / "shard-000000.tar"),
+                             3, 64, "a handwritten digit three")
 
 
 def _config(shard: str, objective: str, steps: int) -> RunSettings:

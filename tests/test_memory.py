@@ -6,21 +6,16 @@ CPU only; each test a few seconds."""
 from __future__ import annotations
 
 import contextlib
-import io
-import json
 from dataclasses import asdict
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from sklearn.datasets import load_digits
+from helpers_corpus import write_digit_shard
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from hdd_ray.config import CONFIG_DIR, load_config, resolve_experts
-from hdd_ray.corpus import write_tar
 from hdd_ray.diffusion import get_objective
 from hdd_ray.errors import ConfigError
 from hdd_ray.models import build_dit, build_router, count_parameters
@@ -225,17 +220,8 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
 
 @pytest.fixture(scope="module")
 def shard(tmp_path_factory):
-    digits = load_digits()
-    samples = []
-    for i in np.nonzero(digits.target == 5)[0][:48]:
-        buf = io.BytesIO()
-        Image.fromarray((digits.images[i] * 15.9).astype(np.uint8)).save(buf, "PNG")
-        samples.append({"__key__": f"d{i:05d}", "png": buf.getvalue(),
-                        "txt": b"a handwritten digit five",
-                        "json": json.dumps({"cluster": 0}).encode()})
-    path = tmp_path_factory.mktemp("shards") / "shard-000000.tar"
-    write_tar(str(path), samples)
-    return str(path)
+    return write_digit_shard(str(tmp_path_factory.mktemp("shards") / "shard-000000.tar"),
+                             5, 48, "a handwritten digit five")
 
 
 def _settings(shard: str, **train) -> RunSettings:

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers_corpus import write_digit_shard
 
 from hdd_ray.diffusion import Safeguards, as_velocity, get_objective, get_schedule
 from hdd_ray.diffusion.networks import NetworkSpec
@@ -619,23 +620,8 @@ def test_network_resolution_follows_the_objective_the_mode_and_the_config(tmp_pa
 
 @pytest.fixture(scope="module")
 def shard(tmp_path_factory):
-    import io
-
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    from hdd_ray.corpus import write_tar
-
-    digits = load_digits()
-    samples = []
-    for i in np.nonzero(digits.target == 3)[0][:32]:
-        buf = io.BytesIO()
-        Image.fromarray((digits.images[i] * 15.9).astype(np.uint8)).save(buf, "PNG")
-        samples.append({"__key__": f"d{i:05d}", "png": buf.getvalue(), "txt": b"a three",
-                        "json": json.dumps({"cluster": 0}).encode()})
-    path = tmp_path_factory.mktemp("shards") / "shard-000000.tar"
-    write_tar(str(path), samples)
-    return str(path)
+    return write_digit_shard(str(tmp_path_factory.mktemp("shards") / "shard-000000.tar"),
+                             3, 32, "a three")
 
 
 def test_a_run_starts_from_its_init_and_resumes_without_reading_it_again(tmp_path, shard):
