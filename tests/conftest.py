@@ -1,6 +1,8 @@
-"""Shared fixtures: one local Ray instance and one prepared demo campaign for the whole test
-session. The repository root is on ``sys.path``: tests import the jobs as modules
-(``importlib.import_module("jobs.train_expert")``) and call their ``main(argv)`` in process."""
+"""Shared fixtures: one local Ray instance and one prepared demo campaign for each test process
+(the suite runs on two pytest-xdist workers, ``pyproject.toml``), and the order in which test
+modules start (the longest first). The repository root is on ``sys.path``: tests import the
+jobs as modules (``importlib.import_module("jobs.train_expert")``) and call their
+``main(argv)`` in process."""
 
 from __future__ import annotations
 
@@ -16,11 +18,26 @@ if str(REPO_ROOT) not in sys.path:  # tests also run from a plain checkout (no p
     sys.path.insert(0, str(REPO_ROOT))
 
 
+#: the modules that take longest (CPU-seconds on 2 cores), started first so that neither worker
+#: is left with a long module at the end; every other module follows in collection order
+LONGEST_FIRST = ("test_multinode.py", "test_preemption.py", "test_training.py", "test_sweep.py",
+                 "test_prepare.py", "test_overfit.py", "test_hardening.py", "test_latents.py",
+                 "test_first_run.py", "test_clusters.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests of :data:`LONGEST_FIRST`'s modules first, in its order (a stable sort: the same
+    order in every worker, as pytest-xdist requires)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(scope="session")
 def ray_local():
-    """A fresh local Ray instance (2 CPUs, no dashboard), shared by every test that asks.
+    """A fresh local Ray instance (2 CPUs, no dashboard), shared by every test of this process
+    that asks.
 
-    Starting Ray costs several seconds on 2 cores, so it happens once per session.
+    Starting Ray costs several seconds on 2 cores, so it happens once per test process.
     ``address="local"`` always starts a new instance: a leftover ``/tmp/ray`` cluster file
     from a killed cluster cannot capture the tests.
     """

@@ -1,6 +1,7 @@
 """Experts and the router as independent, preemptible Ray Train runs (real local Ray, CPU), and
-the same runs as Ray tasks (``ray.executor=task``: same weights, killed and retried, resumed
-across executors).
+the same runs as Ray tasks (``ray.executor=task``: the same weights), the local instance's
+queue, and a mixture exported to one folder. Killed workers, drivers and tasks:
+tests/test_preemption.py.
 
 The session's prepared demo campaign (K = 3, tests/conftest.py) is copied per test; each test
 trains few, tiny runs. Ray Train where it is under test (DDP, killed workers, its checkpoints,
@@ -11,72 +12,33 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
-import time
-from pathlib import Path
 
 import pytest
 import torch
+from helpers_training import (
+    BASE,
+    ROOT,
+    campaign_cfg,
+    copy_root,
+    expert_dirs,
+)
 
 from hdd_ray import storage
 from hdd_ray.campaign import EXPERT_JSON, WEIGHTS, load_expert
-from hdd_ray.config import load_config
 from hdd_ray.models.expert import WeightsMismatch, load_weights
-from hdd_ray.training.checkpoints import STATE_FILE
 from hdd_ray.training.launcher import train_campaign
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.ray
-
-BASE = [
-    "clustering.k=3", "clustering.fine_centroids=12", "sampling.k=2",
-    "experts.ddpm_clusters=[0]", "experts.train.batch_size=32",
-    "experts.resources.cpus_per_worker=0.25", "router.resources.cpus_per_worker=0.25",
-    "ray.max_concurrent_experts=0",  # all at once: the kill tests need every run started
-    "evaluation.enabled=false",
-    "ray.executor=train",  # this module tests Ray Train (the task executor: explicitly, below)
-]
-
-
-def _cfg(root: Path, *extra: str):
-    return load_config(overrides=[f"root={root}", *BASE, *extra])
 
 
 @pytest.fixture(scope="module")
 def prepared(prepared_campaign):
     """The session's demo campaign with K = 3 clusters (tests/conftest.py): copy, never write."""
     return prepared_campaign.root
-
-
-def _copy(prepared: Path, tmp_path: Path) -> Path:
-    root = tmp_path / "root"
-    shutil.copytree(prepared, root)
-    return root
-
-
-def _expert_dirs(root: Path) -> dict[int, Path]:
-    out = {}
-    for d in (root / "experts").iterdir():
-        if d.is_dir() and d.name.startswith("c"):
-            out[int(d.name.split("-")[0][1:])] = d
-    return out
-
-
-def _checkpoints(d: Path) -> list[Path]:
-    return sorted(d.glob("checkpoint_*"))
-
-
-def _registered(d: Path) -> bool:
-    snapshot = d / "checkpoint_manager_snapshot.json"
-    try:
-        return any(c.name in snapshot.read_text() for c in _checkpoints(d))
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -87,15 +49,15 @@ def trained(prepared, tmp_path_factory):
     beside them by a second launcher (two Ray Train start-ups less: ~14 s each on 2 cores)."""
     from hdd_ray import tracking
 
-    root = _copy(prepared, tmp_path_factory.mktemp("trained"))
-    cfg = _cfg(root, "experts.train.steps=30", "experts.train.checkpoint_every=15",
+    root = copy_root(prepared, tmp_path_factory.mktemp("trained"))
+    cfg = campaign_cfg(root, "experts.train.steps=30", "experts.train.checkpoint_every=15",
                "router.train.steps=150", "router.train.checkpoint_every=75",
                # expert 2 runs DDP on two workers: its process group must hold only those two
                "experts.list=[{cluster: 2, resources: {num_workers: 2, cpus_per_worker: 0.25}}]",
                # two Ray Train runs side by side (each run's process group beside another's):
                # four at once only made their start-ups fight over the 2 cores (-15 %)
                "ray.max_concurrent_experts=2")
-    as_task = _cfg(root, "experts.train.steps=30", "experts.train.checkpoint_every=15",
+    as_task = campaign_cfg(root, "experts.train.steps=30", "experts.train.checkpoint_every=15",
                    "router.train.steps=150", "router.train.checkpoint_every=75",
                    "ray.executor=task")
     with tracking.run(cfg, "campaign-test") as parent:
@@ -116,7 +78,7 @@ def test_campaign_trains_every_expert_and_router_then_reuses_them(trained):
 
     root, cfg, statuses, parent_id = trained
     assert [s.status for s in statuses] == ["trained"] * 4, [s.reason for s in statuses]
-    experts = _expert_dirs(root)
+    experts = expert_dirs(root)
     assert sorted(experts) == [0, 1, 2]
     for cluster, d in experts.items():
         desc = json.loads((d / EXPERT_JSON).read_text())
@@ -237,9 +199,9 @@ def test_the_judge_reads_the_training_split_a_batch_at_a_time_and_keeps_a_bounde
     from hdd_ray.evaluation.judge import Judge, training_sample
     from hdd_ray.evaluation.metrics import reference_stats
 
-    root = _copy(trained[0], tmp_path)
+    root = copy_root(trained[0], tmp_path)
     shutil.rmtree(root / "evaluation" / "reference_stats")  # the reference CLIP stays cached
-    cfg = _cfg(root, "evaluation.num_samples=40")
+    cfg = campaign_cfg(root, "evaluation.num_samples=40")
     monkeypatch.setattr(samples, "EVAL_READ_BATCH", 50)
     monkeypatch.setattr(judge_module, "HELDOUT_MIN", 30)  # keeps max(num_samples, this)
     sizes, real = [], samples.iter_split
@@ -321,11 +283,11 @@ def test_router_accuracy_reads_a_bounded_sample_and_its_failure_never_fails_the_
 
 def test_foreign_expert_and_mismatched_weights_are_rejected(trained, tmp_path):
     root, cfg, _, _ = trained
-    root = _copy(root, tmp_path)
-    cfg = _cfg(root, "experts.train.steps=30", "experts.train.checkpoint_every=15",
+    root = copy_root(root, tmp_path)
+    cfg = campaign_cfg(root, "experts.train.steps=30", "experts.train.checkpoint_every=15",
                "router.train.steps=150", "router.train.checkpoint_every=75",
                "experts.list=[{cluster: 2, resources: {num_workers: 2, cpus_per_worker: 0.25}}]")
-    experts = _expert_dirs(root)
+    experts = expert_dirs(root)
     # an expert on storage that belongs to another campaign is rejected with one line
     desc_path = experts[1] / EXPERT_JSON
     desc = json.loads(desc_path.read_text())
@@ -351,135 +313,6 @@ def test_foreign_expert_and_mismatched_weights_are_rejected(trained, tmp_path):
     assert "\n" not in str(info.value)
     after = narrower_text.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing half-loaded
-
-
-def _train_in_background(cfg, root: Path, cluster: int = 1, only: list[int] | None = None):
-    """``train_campaign`` of one expert (or of ``only``) in a thread -> (thread, result dict
-    (``s``: statuses), the run directory of expert ``cluster`` once it exists)."""
-    result: dict = {}
-    runner = threading.Thread(target=lambda: result.update(
-        s=train_campaign(cfg, only=only or [cluster], include_router=False)))
-    runner.start()
-    while not (root / "experts").exists() or cluster not in _expert_dirs(root):
-        time.sleep(0.1)
-    return runner, result, _expert_dirs(root)[cluster]
-
-
-def _state_when_checkpointed(d: Path, timeout: float = 240) -> dict:
-    """The state of the first checkpoint Ray Train has registered (an unregistered one may be
-    lost when the worker dies, and the run would rightly restart from step 0)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for ckpt in _checkpoints(d) if d.exists() and _registered(d) else []:
-            try:
-                return torch.load(ckpt / STATE_FILE, weights_only=True)
-            except Exception:
-                pass  # still being written
-        time.sleep(0.2)
-    raise AssertionError(f"no checkpoint appeared in {d}")
-
-
-@pytest.fixture(scope="module")
-def failures(prepared, tmp_path_factory):
-    """One Ray Train launch of two experts, each meeting its own fate: expert 1 trains DDP on
-    two workers without caption dropout (``y_null`` is then never used: not trained, so DDP
-    does not wait for its gradient), in two micro-batches of 8 per worker (the first under
-    ``no_sync``), and its rank 0 is SIGKILLed after its first registered
-    checkpoint (Ray Train restarts the group, which resumes and trains to the end), expert 2
-    has no usable data (``max_failures: 0``: it fails at once, alone). One launch for two
-    tests: Ray Train's start-up is ~10 s of 2 cores per run.
-
-    -> (statuses by cluster, expert 1's run directory, the killed checkpoint's state, steps,
-    checkpoint interval)."""
-    root = _copy(prepared, tmp_path_factory.mktemp("failures"))
-    for shard in (root / "clusters" / "2").glob("*.tar"):
-        shard.write_bytes(b"this is not a tar archive" * 10)
-    steps, every = 120, 40  # the kill follows the first checkpoint: 80 steps to spare
-    cfg = _cfg(root, f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}",
-               "experts.train.caption_dropout=0",
-               "experts.list=[{cluster: 1, micro_batch_size: 8, resources: {num_workers: 2}},"
-               " {cluster: 2, resources: {max_failures: 0}}]")
-    runner, result, d = _train_in_background(cfg, root, only=[1, 2])
-    state = _state_when_checkpointed(d)
-    os.kill(state["history"][-1]["pid"], signal.SIGKILL)  # expert 1's training worker, mid-run
-    runner.join(timeout=400)
-    return {s.cluster: s for s in result["s"]}, d, state, steps, every
-
-
-def test_killed_worker_resumes_from_its_last_checkpoint(failures):
-    statuses, d, state, steps, every = failures
-    assert state["step"] < steps - every, "the run got too far before the kill"
-    pid = state["history"][-1]["pid"]
-    status = statuses[1]
-    assert status.status == "trained", status.reason
-    desc = json.loads((d / EXPERT_JSON).read_text())
-    assert desc["steps"] == steps  # the exact configured step count
-    assert desc["world_size"] == desc["process_group_size"] == 2  # DDP at caption_dropout 0
-    starts = [a["start_step"] for a in desc["attempts"]]
-    assert len(starts) == 2 and starts[0] == 0
-    assert starts[1] > 0, "restarted from step 0"
-    assert starts[1] % every == 0  # from a checkpoint: lost at most one interval
-    print(f"killed pid {pid} after step {state['step']}; resumed at step {starts[1]}")
-
-
-def test_killed_streaming_worker_resumes_its_data_stream_exactly(prepared, tmp_path):
-    """Streaming forced on: after a kill the step count is exact and the data stream continues
-    from its recorded position (the final position is the uninterrupted stream's). The stream's
-    state is the loop's: the run is a Ray task, retried after the kill."""
-    from hdd_ray.campaign import cluster_shards, load_manifest
-    from hdd_ray.config import to_dict
-    from hdd_ray.samples import Decoding
-    from hdd_ray.training.data import StreamSource, data_settings
-
-    root = _copy(prepared, tmp_path)
-    steps, every = 150, 50
-    cfg = _cfg(root, f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}",
-               "experts.data.mode=stream", "experts.data.shuffle_buffer=64",
-               "experts.data.open_shards=2", "tracking.enabled=false", "ray.executor=task")
-    runner, result, d = _train_in_background(cfg, root)
-    state = _task_state_when_checkpointed(d)
-    assert state["step"] < steps - every, "the run got too far before the kill"
-    os.kill(state["history"][-1]["pid"], signal.SIGKILL)
-    runner.join(timeout=400)
-    assert result["s"][0].status == "trained", result["s"][0].reason
-    desc = json.loads((d / EXPERT_JSON).read_text())
-    starts = [a["start_step"] for a in desc["attempts"]]
-    assert desc["steps"] == steps and len(starts) == 2 and starts[1] > 0
-    assert desc["skipped_samples"] == 0
-    from hdd_ray.training.checkpoints import TASK_CHECKPOINT
-
-    final = torch.load(d / TASK_CHECKPOINT / STATE_FILE, weights_only=True)
-    (data,) = final["data"]
-    # the same stream, uninterrupted, in this process
-    reference = StreamSource([(p, 1) for p in cluster_shards(cfg, load_manifest(cfg), 1)],
-                             Decoding(8, 1), data_settings(to_dict(cfg.experts.data)),
-                             seed=cfg.experts.train.seed)
-    for _ in range(steps):
-        reference.next_batch(cfg.experts.train.batch_size)
-    reference.close()
-    assert data["source"]["count"] == reference.count == steps * cfg.experts.train.batch_size
-    assert data["source"]["position"] == reference.position
-    assert torch.equal(data["source"]["total"], reference.total)
-
-
-def test_expert_without_usable_data_fails_alone_under_ray_train(failures):
-    by_cluster = failures[0]  # expert 2's shards are not tar archives
-    assert by_cluster[1].status == "trained"  # launched with it, trained to the end regardless
-    assert by_cluster[2].status == "failed"
-    assert "no usable samples" in by_cluster[2].reason and "\n" not in by_cluster[2].reason
-
-
-def test_expert_without_usable_data_fails_alone_as_a_task(prepared, tmp_path):
-    root = _copy(prepared, tmp_path)
-    for shard in (root / "clusters" / "1").glob("*.tar"):
-        shard.write_bytes(b"this is not a tar archive" * 10)
-    cfg = _cfg(root, "experts.train.steps=20", "experts.train.checkpoint_every=10",
-               "experts.resources.max_failures=0", "ray.executor=task")
-    statuses = train_campaign(cfg, only=[0, 1], include_router=False)
-    by_cluster = {s.cluster: s for s in statuses}
-    assert by_cluster[0].status == "trained"
-    assert by_cluster[1].status == "failed"
-    assert "no usable samples" in by_cluster[1].reason and "\n" not in by_cluster[1].reason
 
 
 def test_local_instance_queues_runs_that_do_not_fit_together():
@@ -523,10 +356,10 @@ def test_campaign_on_a_local_instance_runs_experts_that_fill_it_one_at_a_time(
         prepared, tmp_path, monkeypatch):
     from hdd_ray.training import launcher
 
-    root = _copy(prepared, tmp_path)
+    root = copy_root(prepared, tmp_path)
     # each expert asks for both CPUs of the local instance: the launcher must start one at a time
     # (the local gate queues runs of either executor: here Ray tasks)
-    cfg = _cfg(root, "experts.train.steps=10", "experts.train.checkpoint_every=10",
+    cfg = campaign_cfg(root, "experts.train.steps=10", "experts.train.checkpoint_every=10",
                "tracking.enabled=false", "experts.resources.cpus_per_worker=2",
                "ray.executor=task")
     lock, running, peak = threading.Lock(), [0], [0]
@@ -549,8 +382,8 @@ def test_campaign_on_a_local_instance_runs_experts_that_fill_it_one_at_a_time(
 
 
 def test_expert_larger_than_the_local_instance_fails_before_ray_train(prepared, tmp_path):
-    root = _copy(prepared, tmp_path)
-    cfg = _cfg(root, "experts.train.steps=20", "tracking.enabled=false",
+    root = copy_root(prepared, tmp_path)
+    cfg = campaign_cfg(root, "experts.train.steps=20", "tracking.enabled=false",
                "experts.list=[{cluster: 1, resources: {cpus_per_worker: 64}}]")
     (status,) = train_campaign(cfg, only=[1], include_router=False)
     assert status.status == "failed" and "\n" not in status.reason
@@ -560,52 +393,10 @@ def test_expert_larger_than_the_local_instance_fails_before_ray_train(prepared, 
     assert not (root / "experts").exists() or not any((root / "experts").iterdir())
 
 
-def test_killed_driver_rerun_resumes_the_partial_experts(prepared_campaign, tmp_path):
-    """The job (its own local Ray instance, reusing the prepared corpus) is killed once every
-    expert has a checkpoint; the rerun resumes all three. The runs are Ray tasks: what is under
-    test is the campaign's state on storage, not Ray Train."""
-    from hdd_ray.training.checkpoints import TASK_CHECKPOINT, TASK_METRICS
-
-    root = prepared_campaign.copy(tmp_path)
-    steps, every = 100, 20  # the kill follows every expert's first checkpoint
-    common = [f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}",
-              "tracking.enabled=false", "ray.executor=task"]
-    # a relative root, as the README's commands give it: the job resolves it against its cwd
-    args = [f"root={root.relative_to(tmp_path)}", *BASE, *prepared_campaign.overrides, *common]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train_all_experts.py"),
-                             "--skip-router", *args], cwd=tmp_path, env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            dirs = _expert_dirs(root) if (root / "experts").exists() else {}
-            # a task's checkpoint is complete once its metrics file is written (after the state)
-            if len(dirs) == 3 and all((d / TASK_CHECKPOINT / TASK_METRICS).exists()
-                                      for d in dirs.values()):
-                break
-            assert proc.poll() is None, "the job ended before it could be killed"
-            time.sleep(0.3)
-        else:
-            raise AssertionError("no checkpoints appeared")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray instance it started
-        proc.wait()
-    assert not list(root.glob("experts/*/expert.json"))
-    statuses = train_campaign(_cfg(root, *common), include_router=False)
-    assert [s.status for s in statuses] == ["resumed"] * 3, [s.reason for s in statuses]
-    for d in _expert_dirs(root).values():
-        desc = json.loads((d / EXPERT_JSON).read_text())
-        starts = [a["start_step"] for a in desc["attempts"]]
-        assert desc["steps"] == steps and starts[0] == 0 and starts[-1] >= every
-
-
 def test_train_expert_job_rejects_an_unknown_expert(prepared, tmp_path, capsys):
     import importlib
 
-    root = _copy(prepared, tmp_path)
+    root = copy_root(prepared, tmp_path)
     train_expert = importlib.import_module("jobs.train_expert")  # in process: no Ray needed
     assert train_expert.main(["--expert", "7", f"root={root}", *BASE]) == 2
     err = capsys.readouterr().err
@@ -624,21 +415,6 @@ def test_train_expert_job_rejects_an_unknown_expert(prepared, tmp_path, capsys):
     assert storage.exists(str(root / "clusters" / "manifest.json"))
 
 
-# ------------------------------------------------------------------ ray.executor=task
-
-
-def _task_state_when_checkpointed(d: Path, timeout: float = 240) -> dict:
-    """The state of the task executor's first checkpoint of run directory ``d``."""
-    from hdd_ray.training.checkpoints import TASK_CHECKPOINT, TASK_METRICS
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if (d / TASK_CHECKPOINT / TASK_METRICS).exists():  # written after its state
-            return torch.load(d / TASK_CHECKPOINT / STATE_FILE, weights_only=True)
-        time.sleep(0.1)
-    raise AssertionError(f"no task checkpoint appeared in {d}")
-
-
 def test_task_executor_trains_the_same_weights_as_ray_train(trained, tmp_path):
     """Expert 1 of the trained campaign (a Ray Train run) trained again as a Ray task on a copy
     without it: the same expert id, bit-identical exported weights (same loop, seeds and thread
@@ -646,15 +422,15 @@ def test_task_executor_trains_the_same_weights_as_ray_train(trained, tmp_path):
     from safetensors.torch import load_file
 
     trained_root = trained[0]
-    root = _copy(trained_root, tmp_path)
-    shutil.rmtree(_expert_dirs(root)[1])
-    cfg = _cfg(root, "experts.train.steps=30", "experts.train.checkpoint_every=15",
+    root = copy_root(trained_root, tmp_path)
+    shutil.rmtree(expert_dirs(root)[1])
+    cfg = campaign_cfg(root, "experts.train.steps=30", "experts.train.checkpoint_every=15",
                "ray.executor=task", "tracking.enabled=false")
     (status,) = train_campaign(cfg, only=[1], include_router=False)
     assert status.status == "trained", status.reason
     out = {}
     for executor, top in (("task", root), ("train", trained_root)):
-        d = _expert_dirs(top)[1]
+        d = expert_dirs(top)[1]
         desc = json.loads((d / EXPERT_JSON).read_text())
         assert desc["executor"] == executor and desc["steps"] == 30
         assert (d / "checkpoint_manager_snapshot.json").exists() == (executor == "train")
@@ -663,51 +439,6 @@ def test_task_executor_trains_the_same_weights_as_ray_train(trained, tmp_path):
     assert task_id == train_id  # the executor is not part of what the expert is
     assert task_w.keys() == train_w.keys()
     assert all(torch.equal(task_w[k], train_w[k]) for k in task_w)
-
-
-def test_killed_task_is_retried_from_its_last_checkpoint(prepared, tmp_path):
-    root = _copy(prepared, tmp_path)
-    steps, every = 150, 50
-    cfg = _cfg(root, f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}",
-               "ray.executor=task", "tracking.enabled=false")
-    runner, result, d = _train_in_background(cfg, root)
-    state = _task_state_when_checkpointed(d)
-    assert state["step"] < steps - every, "the run got too far before the kill"
-    os.kill(state["history"][-1]["pid"], signal.SIGKILL)  # the task's worker process
-    runner.join(timeout=400)
-    status = result["s"][0]
-    assert status.status == "trained", status.reason
-    desc = json.loads((d / EXPERT_JSON).read_text())
-    starts = [a["start_step"] for a in desc["attempts"]]
-    assert desc["steps"] == steps and len(starts) == 2 and starts[0] == 0
-    assert starts[1] > 0 and starts[1] % every == 0, starts  # from a checkpoint, not from 0
-    assert desc["attempts"][1]["pid"] != desc["attempts"][0]["pid"]
-
-
-def test_a_run_begun_as_a_task_resumes_under_ray_train(prepared, tmp_path):
-    """No retries: the killed task fails the run; the next launch, switched to Ray Train,
-    resumes from the task's checkpoint (and the progress lines read it)."""
-    from hdd_ray.training.checkpoints import latest_checkpoint_step
-
-    root = _copy(prepared, tmp_path)
-    steps, every = 150, 50  # the kill follows the first checkpoint: 100 steps to spare
-    common = [f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}",
-              "tracking.enabled=false"]
-    cfg = _cfg(root, *common, "ray.executor=task", "experts.resources.max_failures=0")
-    runner, result, d = _train_in_background(cfg, root)
-    state = _task_state_when_checkpointed(d)
-    os.kill(state["history"][-1]["pid"], signal.SIGKILL)
-    runner.join(timeout=400)
-    assert result["s"][0].status == "failed"
-    assert not (d / EXPERT_JSON).exists()
-    reached = latest_checkpoint_step(str(d))
-    assert reached is not None and reached >= state["step"]
-    (status,) = train_campaign(_cfg(root, *common), only=[1], include_router=False)
-    assert status.status == "resumed", status.reason
-    desc = json.loads((d / EXPERT_JSON).read_text())
-    starts = [a["start_step"] for a in desc["attempts"]]
-    assert desc["executor"] == "train" and desc["steps"] == steps
-    assert starts[0] == 0 and starts[-1] == reached
 
 
 # ------------------------------------------------------------------ a mixture in one folder
