@@ -262,3 +262,85 @@ def test_learning_rate_schedules_warm_up_and_decay_by_step_alone(shard, tmp_path
     plain = LocalHooks(str(tmp_path / "plain"))  # no schedule: other weights
     run_loop(_config(shard, "fm_velocity", 30), plain)
     assert not all(torch.equal(a["ema"][k], plain.load_state()["ema"][k]) for k in a["ema"])
+
+
+def test_a_training_step_reads_nothing_back_from_the_device_between_logging_intervals(
+        shard, tmp_path, monkeypatch):
+    """On a GPU a host read of a tensor (``.item()``, ``float()``, ``bool()``, ``.tolist()``,
+    ``.nonzero()``) waits for every kernel queued before it: the loop may read its losses once
+    per logging interval, never inside a step. Counted on CPU by patching those methods. The
+    data sources' own reads are not counted: they read host tensors on every device (sample
+    indices drawn by the rank's CPU data generator, hdd_ray/training/data.py), which never
+    wait on the GPU."""
+    import sys
+
+    from hdd_ray.training import data, loop
+
+    reads = {"in_step": [], "elsewhere": 0}
+    inside = [False]
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            host_data = sys._getframe(1).f_code.co_filename == data.__file__
+            if inside[0] and not host_data:
+                reads["in_step"].append(name)
+            else:
+                reads["elsewhere"] += 1
+            return real(self, *args, **kwargs)
+        return read
+
+    for name in ("item", "__float__", "__int__", "__bool__", "tolist", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    real_step = loop._Run.step
+
+    def step(self, *args, **kwargs):
+        inside[0] = True
+        try:
+            return real_step(self, *args, **kwargs)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(loop._Run, "step", step)
+    hooks = LocalHooks(str(tmp_path / "run"))
+    for objective in ("fm_velocity", "ddpm_eps"):  # each objective's batch and loss
+        run_loop(_config(shard, objective, 20), LocalHooks(str(tmp_path / objective)))
+    assert reads["in_step"] == []
+    assert reads["elsewhere"] > 0  # the patch sees reads: those of the logging intervals
+    last = run_loop(_config(shard, "fm_velocity", 20), hooks)
+    assert last["loss"] == last["loss"] and last["loss"] > 0  # a real, finite smoothed loss
+
+
+def test_a_model_that_fails_to_compile_trains_eagerly_after_one_warning_line(monkeypatch, caplog):
+    """``train.compile`` is on by default (applied on CUDA): a compiler failure at the first
+    call runs that same call eagerly, with one warning line, and every later call too; an
+    error the eager model raises as well still fails the step."""
+    import logging
+
+    from hdd_ray.config import TrainConfig
+    from hdd_ray.training.speed import CompiledOrEager, unwrap
+
+    assert TrainConfig().compile is True
+    calls = []
+
+    def broken_compile(model):
+        def compiled(*args, **kwargs):
+            calls.append("compiled")
+            raise RuntimeError("backend='inductor' raised:\nCppCompileError: no C++ compiler")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    net = torch.nn.Linear(3, 2)
+    model = CompiledOrEager(net)
+    x = torch.randn(4, 3)
+    with caplog.at_level(logging.WARNING, logger="hdd_ray"):
+        assert torch.equal(model(x), net(x))
+        assert torch.equal(model(x), net(x))
+    assert calls == ["compiled"]  # tried once, eager from then on
+    warned = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
+    assert warned == ["torch.compile failed (RuntimeError: backend='inductor' raised:): "
+                      "training without it"]
+    assert unwrap(model) is net and model.train(False) is model and not net.training
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        model(torch.randn(4, 5))  # the eager model's own error

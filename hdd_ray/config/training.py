@@ -63,7 +63,9 @@ class TrainConfig:
     timestep_sampling: str = "uniform"  # uniform | logit_normal
     checkpoint_every: int = 100
     mixed_precision: str = "bf16"  # bf16 autocast on GPU; ignored on CPU
-    compile: bool = False
+    # torch.compile of the training step's model, on CUDA only (ignored on CPU); a failure to
+    # compile trains eagerly after one warning line (hdd_ray/training/speed.py)
+    compile: bool = True
     seed: int = 0
 
     def validate(self, prefix: str) -> None:

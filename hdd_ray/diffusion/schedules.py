@@ -67,15 +67,22 @@ class LinearSchedule(VPSchedule):
         log_abar = torch.cat([zero, torch.cumsum(torch.log1p(-betas), 0)])
         self._knots = torch.arange(self.T + 1, dtype=torch.float64)
         self._neg_log_abar = -log_abar  # increasing in tau
+        #: the two tables on each device they were asked on: copied once, not at every step
+        self._on: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def _tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if device not in self._on:
+            self._on[device] = (self._knots.to(device), self._neg_log_abar.to(device))
+        return self._on[device]
 
     def alpha_bar(self, tau: Tensor) -> Tensor:
         t64 = tau.to(torch.float64)
-        knots, nla = self._knots.to(t64.device), self._neg_log_abar.to(t64.device)
+        knots, nla = self._tables(t64.device)
         return torch.exp(-_interp(t64, knots, nla)).to(_out_dtype(tau))
 
     def tau_of_alpha_bar(self, abar: Tensor, clamp: bool = True) -> Tensor:
         a64 = abar.to(torch.float64)
-        knots, nla = self._knots.to(a64.device), self._neg_log_abar.to(a64.device)
+        knots, nla = self._tables(a64.device)
         tau = _interp(-torch.log(a64), nla, knots)
         if clamp:
             tau = tau.clamp(0.0, float(self.T))

@@ -51,7 +51,10 @@ class ExpertModel(nn.Module):
 
     def set_data_mean(self, images: Tensor) -> None:
         """Record the mean image of the training data ``[N, C, H, W]`` (exported with the weights)."""
-        self.data_mean.copy_(images.mean(0))
+        mean = images.mean(0)
+        if self.data_mean.is_cuda and not mean.is_cuda:  # a stream's, every step: no host wait
+            mean = mean.pin_memory()
+        self.data_mean.copy_(mean, non_blocking=True)
         self.has_data_mean = True
 
     def prior_mean(self) -> Tensor | None:
@@ -76,7 +79,11 @@ class ExpertModel(nn.Module):
         """Captions -> ``{"ids", "mask"}`` for :meth:`forward`."""
         tok = self.text.tokenizer(list(captions))
         ids, mask = tok if isinstance(tok, tuple) else (tok, tok != 0)
-        return {"ids": ids.to(device), "mask": mask.to(device)}
+        if device is None:
+            return {"ids": ids, "mask": mask}
+        if torch.device(device).type == "cuda":  # pinned: a copy that does not block the host
+            ids, mask = ids.pin_memory(), mask.pin_memory()
+        return {"ids": ids.to(device, non_blocking=True), "mask": mask.to(device, non_blocking=True)}
 
     def encode_text(self, ids: Tensor, mask: Tensor) -> Tensor:
         """Caption token features (precompute them once when sampling many steps)."""

@@ -16,6 +16,9 @@ Either executor resumes from the newest checkpoint of the run, its own or the ot
 from __future__ import annotations
 
 import logging
+import os
+import platform
+import socket
 import tempfile
 from typing import Any
 
@@ -167,3 +170,27 @@ def _quiet_report_log() -> None:
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
     except Exception:  # private module: best effort only
         pass
+
+
+def node_info(device: torch.device) -> dict[str, Any]:
+    """Where this attempt runs (host, platform, device, pid, GPU name, Ray node id): each
+    attempt's entry of a run's history."""
+    info: dict[str, Any] = {"hostname": socket.gethostname(), "platform": platform.platform(),
+                            "device": str(device), "pid": os.getpid()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():  # get_runtime_context() would start Ray
+        info["node_id"] = ray.get_runtime_context().get_node_id()
+    return info
+
+
+def process_group_info() -> dict[str, Any]:
+    """Size of this run's collective group: an expert's group holds only its own workers."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return {"pg_world_size": dist.get_world_size(), "pg_backend": str(dist.get_backend())}
+    return {"pg_world_size": 1, "pg_backend": "none"}

@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import platform
-import socket
 import time
 from typing import Any
 
@@ -44,9 +41,17 @@ from hdd_ray.models.expert import ExpertModel, RouterModel
 from hdd_ray.optim import learning_rate
 from hdd_ray.samples import Decoding
 from hdd_ray.training.data import BatchSource, StreamSource, open_source
-from hdd_ray.training.hooks import Hooks, LocalHooks, RayTrainHooks, TaskHooks
+from hdd_ray.training.hooks import (
+    Hooks,
+    LocalHooks,
+    RayTrainHooks,
+    TaskHooks,
+    node_info,
+    process_group_info,
+)
 from hdd_ray.training.memory import Network, expert_network, router_network, worker_plan
 from hdd_ray.training.settings import RunSettings
+from hdd_ray.training.speed import CompiledOrEager, enable_tf32, unwrap
 from hdd_ray.training.starts import expert_objective, load_start
 
 log = logging.getLogger(__name__)
@@ -293,19 +298,6 @@ def _adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
-def _node_info(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {"hostname": socket.gethostname(), "platform": platform.platform(),
-                            "device": str(device), "pid": os.getpid()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    import sys
-
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():  # get_runtime_context() would start Ray
-        info["node_id"] = ray.get_runtime_context().get_node_id()
-    return info
-
-
 # ------------------------------------------------------------------------------------- loop
 
 
@@ -362,16 +354,19 @@ class _Run:
         self.start_step, self.history, self.wall_before = 0, [], 0.0
         self._resume(model, state)
         self.history.append({"start_step": self.start_step, "time": time.time(),
-                             **_node_info(self.device)})
+                             **node_info(self.device)})
 
         model = hooks.wrap(model)
-        if tr.compile and use_cuda:
-            model = torch.compile(model)
-        self.model = model
+        if use_cuda:
+            enable_tf32()
+        # compiled on CUDA only (train.compile, on by default), eager again if it fails
+        self.model = CompiledOrEager(model) if tr.compile and use_cuda else model
         self.autocast = devices.autocast(self.device, tr.mixed_precision)
         self.tracker = tracking.MetricBuffer(settings.tracking if self.rank == 0 else None)
-        self.group = _process_group_info()
+        self.group = process_group_info()
         self.t0, self.smoothed = time.time(), None
+        #: each step's micro-batch losses on the device, since the last read (:meth:`_settle`)
+        self.pending: list[list[Tensor]] = []
         # a constant rate without warm-up leaves the optimizer's lr alone (the runs before schedules)
         self.scheduled = tr.lr_schedule != "constant" or tr.warmup_steps > 0
         self.last: dict[str, Any] = {}
@@ -396,11 +391,10 @@ class _Run:
                 self.report(self.start_step, None, final=True)
                 return self.last
             for step in range(self.start_step, steps):
-                total = self.step(step)
-                self.smoothed = (total if self.smoothed is None
-                                 else 0.98 * self.smoothed + 0.02 * total)
+                self.pending.append(self.step(step))
                 done = step + 1
                 if done % LOG_EVERY == 0:
+                    total = self._settle()  # the one host read of the interval's losses
                     self.tracker.log("loss", total, done)
                     self.tracker.log("loss_smoothed", self.smoothed, done)
                 drain = False
@@ -410,6 +404,7 @@ class _Run:
                     if drain and self.rank == 0:
                         log.warning("drain notice at step %d: checkpointing now", done)
                 if done % every == 0 or done == steps or drain:
+                    self._settle()
                     self.report(done, self.smoothed, final=done == steps)
                 if drain:  # the node may go away any time now: keep unsent metrics in the outbox
                     self.tracker.persist()
@@ -420,14 +415,15 @@ class _Run:
             self.tracker.close()  # after the last checkpoint: a bounded last try, the rest to the outbox
         return self.last
 
-    def step(self, step: int) -> float:
-        """One optimizer step at 0-based ``step`` -> its loss: ``grad_accum`` chunks of the
+    def step(self, step: int) -> list[Tensor]:
+        """One optimizer step at 0-based ``step`` -> its micro-batches' losses, still on the
+        device (:meth:`_settle` reads them): ``grad_accum`` chunks of the
         per-worker batch, each drawn once and run in micro-batches of at most ``self.micro``
         samples, each loss weighted by its share of the step (the mean over the step's
         samples); DDP synchronises on the last micro-batch only."""
         tr, model, accum = self.tr, self.model, self.tr.grad_accum
         model.train()
-        total = 0.0
+        losses: list[Tensor] = []
         for chunk in range(accum):
             parts = self.task.draw(model, self.batch, self.rng, self.device).split(self.micro)
             for i, part in enumerate(parts):
@@ -439,7 +435,7 @@ class _Run:
                         # a whole chunk: / accum, as before micro-batches (the same bits)
                         loss = part.loss(model) / (accum * self.batch / len(part))
                     loss.backward()
-                total += float(loss.detach())
+                losses.append(loss.detach())  # read at the logging interval, not here
         if tr.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable, tr.grad_clip)
         if self.scheduled:
@@ -449,6 +445,21 @@ class _Run:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.ema.update(_unwrap(model))
+        return losses
+
+    def _settle(self) -> float:
+        """The losses of the steps since the last call, read from the device at once (the
+        loop's one host sync per logging interval), folded into the smoothed loss step by
+        step -> the last step's loss (the sum of its micro-batches' weighted losses)."""
+        flat = [loss.float() for losses in self.pending for loss in losses]
+        values = iter(torch.stack(flat).tolist() if flat else [])
+        total = 0.0
+        for losses in self.pending:
+            total = 0.0
+            for _ in losses:
+                total += next(values)
+            self.smoothed = total if self.smoothed is None else 0.98 * self.smoothed + 0.02 * total
+        self.pending.clear()
         return total
 
     def report(self, step: int, loss: float | None, final: bool = False) -> None:
@@ -486,15 +497,4 @@ def rank_batch_size(batch_size: int, world: int) -> int:
     return batch_size // max(1, world)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "_orig_mod", model)
-    return model.module if hasattr(model, "module") else model
-
-
-def _process_group_info() -> dict[str, Any]:
-    """Size of this run's collective group: an expert's group holds only its own workers."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return {"pg_world_size": dist.get_world_size(), "pg_backend": str(dist.get_backend())}
-    return {"pg_world_size": 1, "pg_backend": "none"}
+_unwrap = unwrap  # the network under the compile fallback, torch.compile and DDP
