@@ -307,3 +307,24 @@ def test_registering_the_tiny_open_clip_configs_leaves_no_temporary_folder(tmp_p
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120,
                    env={**os.environ, "TMPDIR": str(tmp_path)})
     assert not list(tmp_path.glob("hdd_ray_open_clip_*"))
+
+
+def test_under_bf16_autocast_the_residual_stream_is_bf16_and_the_weights_stay_fp32():
+    """On GPUs the loop trains under bf16 autocast: the fp32 position embedding and modulation
+    tables are cast, not promoting the residual stream back to fp32 (twice the activation
+    bytes); the parameters (the master weights the optimizer and EMA keep) stay fp32."""
+    model = _tiny()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3.0, 700.0])
+    cond = {"tokens": torch.randn(2, 4, 64), "mask": torch.ones(2, 4, dtype=torch.bool)}
+    streams: list[torch.dtype] = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda _m, _i, out: streams.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t, cond)
+    assert streams and set(streams) == {torch.bfloat16}
+    assert out.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
+    streams.clear()
+    assert model(x, t, cond).dtype == torch.float32 and set(streams) == {torch.float32}

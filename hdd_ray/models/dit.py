@@ -204,7 +204,9 @@ class DiTBlock(nn.Module):
 
     def modulation(self, t0: Tensor) -> Tensor:
         """Shift, scale and gate of attention and MLP, [B, 6, C], from ``t0`` [B, 6*C]."""
-        return self.scale_shift_table[None] + t0.reshape(t0.shape[0], 6, -1)
+        # in t0's dtype: under bf16 autocast the residual stream stays bf16 (an fp32 table would
+        # promote it, doubling activation bytes); the parameter itself stays fp32
+        return self.scale_shift_table[None].to(t0.dtype) + t0.reshape(t0.shape[0], 6, -1)
 
     def forward(self, x: Tensor, y: Tensor, t0: Tensor, mask: Tensor) -> Tensor:
         """``x`` [B, N, C], ``y`` [B, L, C] caption, ``t0`` [B, 6*C], ``mask`` [B, L]."""
@@ -242,7 +244,7 @@ class FinalLayer(nn.Module):
 
     def modulation(self, t: Tensor) -> Tensor:
         """Shift and scale of the output, [B, 2, C], from the timestep embedding ``t`` [B, C]."""
-        return self.scale_shift_table[None] + t[:, None]
+        return self.scale_shift_table[None].to(t.dtype) + t[:, None]
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         """``x`` [B, N, C], ``t`` [B, C] -> [B, N, p*p*out]."""
@@ -343,7 +345,8 @@ class DiT(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """Predict [B, C, H, W] from ``x`` [B, C, H, W] at network time ``t`` [B] given ``cond``."""
-        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
+        h = self.x_embedder(x).flatten(2).transpose(1, 2)
+        h = h + self.pos_embed.to(h.dtype)  # the autocast dtype: a bf16 residual stream on GPUs
         temb = self.t_embedder(t)
         t0 = self.t_block(temb)
         y, mask = self.embed_caption(cond)
