@@ -98,3 +98,139 @@ def test_add_expert_grows_a_finished_campaign(prepared_campaign, tmp_path, capsy
     from hdd_ray.prepare import prepare_corpus
 
     assert prepare_corpus(cfg4)["reused"] and prepare_corpus(cfg3)["reused"]
+
+
+# ------------------------------------------------------------------ conflicts: one line, no Ray
+
+
+@pytest.fixture
+def copied(prepared_campaign, tmp_path):
+    """A private copy of the prepared (untrained) K = 3 campaign and its job overrides."""
+    root = prepared_campaign.copy(tmp_path)
+    return root, [f"root={root}", *prepared_campaign.overrides, *FAST]
+
+
+def _refused(capsys, argv: list[str]) -> str:
+    assert _job().main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_new_data_overlapping_a_cluster_is_refused(copied, capsys, tmp_path):
+    from hdd_ray.corpus import iter_samples, write_tar
+
+    root, over = copied
+    own = sorted((root / "clusters" / "1").glob("*.tar"))[0]
+    assert "overlaps cluster 1" in _refused(capsys, ["--shards", str(own), *over])
+    assert "same key" in _refused(capsys, ["--shards", str(own), *over])
+    # the same content under new keys
+    renamed = [{**{k: v for k, v in s.items() if k != "__url__"}, "__key__": "x" + s["__key__"]}
+               for s in iter_samples(str(own))]
+    write_tar(str(tmp_path / "renamed.tar"), renamed)
+    err = _refused(capsys, ["--shards", str(tmp_path / "renamed.tar"), *over])
+    assert "overlaps cluster 1" in err and "same content" in err
+    # a campaign grows from its newest cluster set only
+    new = _new_shard(tmp_path / "new.tar", count=4)
+    assert "has k=3" in _refused(capsys, ["--shards", str(new), *over,
+                                                         "clustering.k=4"])
+
+
+def _fake_expert(directory: Path, **fields) -> Path:
+    directory.mkdir(parents=True)
+    (directory / "weights.safetensors").write_bytes(b"not read before the checks")
+    desc = {"identity": {}, "steps": 1, "objective": "fm_velocity", "expert_id": "c0-fm-x",
+            "image_size": 8, "channels": 1, **fields}
+    (directory / "expert.json").write_text(json.dumps(desc))
+    return directory
+
+
+def test_a_contributed_expert_of_another_resolution_or_latent_space_is_refused(
+        copied, capsys, tmp_path):
+    root, over = copied
+    new = _new_shard(tmp_path / "new.tar", count=4)
+    other = _fake_expert(tmp_path / "big", image_size=16)
+    err = _refused(capsys, ["--shards", str(new), "--expert-dir", str(other), *over])
+    assert "trained at 16x16" in err and "8x8" in err
+    latent = _fake_expert(tmp_path / "latent", latents={
+        "vae": "/somewhere/vae", "identity": "sha256:abc", "shape": [4, 8, 8],
+        "scaling_factor": 0.18, "shift_factor": 0.0, "dtype": "float16"})
+    err = _refused(capsys, ["--shards", str(new), "--expert-dir", str(latent), *over])
+    assert "was trained against" in err and "refused" in err
+
+
+def test_a_router_of_another_cluster_set_is_refused():
+    from hdd_ray.campaign.loading import check_router_clusters
+    from hdd_ray.ensemble import Mixture
+    from hdd_ray.errors import CampaignError, MixtureError
+    from hdd_ray.models.expert import RouterModel
+
+    manifest = {"k": 2, "data_hash": "d2", "clusters": [{"hash": "a"}, {"hash": "b"}]}
+    check_router_clusters({"k": 2, "data_hash": "d2", "clusters": ["a", "b"]}, manifest, "r")
+    check_router_clusters({"k": 2, "data_hash": "d2"}, manifest, "r")  # an older router.json
+    for desc in ({"k": 3, "data_hash": "d3", "clusters": ["a", "b", "c"]},
+                 {"k": 2, "data_hash": "d2", "clusters": ["a", "c"]}):
+        with pytest.raises(CampaignError, match="another cluster set"):
+            check_router_clusters(desc, manifest, "router r")
+    router = RouterModel("router-T", 8, 1, 3)
+    with pytest.raises(MixtureError, match="3 outputs but the mixture 2 experts"):
+        Mixture([(None, {}), (None, {})], router, load_config(), retired=[0, 1])
+
+
+# ------------------------------------------------------------------ generations, centroid router
+
+
+def test_an_old_manifest_is_one_generation_and_a_grown_one_keeps_its_sets():
+    from hdd_ray.campaign import generation_view, generations, grown_data_hash, parent_view
+
+    old = {"k": 2, "data_hash": "h", "heldout": {"count": 2, "shards": ["heldout/s0.tar"]},
+           "clusters": [{"cluster": c, "count": 5, "heldout": 1, "hash": f"c{c}",
+                         "shards": [f"{c}/s.tar"]} for c in range(2)]}
+    assert generation_view(old, 2) is old and generation_view(old, 3) is None
+    assert generations(old) == [{"k": 2, "data_hash": "h", "clusters": ["c0", "c1"],
+                                 "heldout": old["heldout"]}]
+    new = {"cluster": 2, "count": 3, "heldout": 1, "hash": "c2", "shards": ["2/s.tar"]}
+    grown_heldout = {"count": 3, "shards": ["heldout/s0.tar", "heldout/c2-s.tar"]}
+    grown = {**old, "k": 3, "clusters": [*old["clusters"], new], "heldout": grown_heldout,
+             "data_hash": grown_data_hash("h", "c2"),
+             "generations": [*generations(old), {"k": 3, "data_hash": grown_data_hash("h", "c2"),
+                                                 "clusters": ["c0", "c1", "c2"],
+                                                 "heldout": grown_heldout}]}
+    two, three = generation_view(grown, 2), generation_view(grown, 3)
+    assert two["k"] == 2 and two["data_hash"] == "h" and two["heldout"] == old["heldout"]
+    assert [c["hash"] for c in two["clusters"]] == ["c0", "c1"] and two["num_train"] == 10
+    assert three["counts"] == [5, 5, 3] and three["num_heldout"] == 3
+    assert parent_view(three)["data_hash"] == "h" and parent_view(two) is None
+    assert grown_data_hash("h", "c2") != grown_data_hash("h", "c3")
+
+
+def test_centroid_weights_are_a_softmax_of_negative_squared_distances():
+    from hdd_ray.routing import CentroidRouter, centroid_weights
+
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    centroids = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    w = centroid_weights(text, centroids, temperature=0.5)
+    d2 = ((text[:, None] - centroids[None]) ** 2).sum(-1)
+    expected = torch.exp(-d2 / 0.5) / torch.exp(-d2 / 0.5).sum(1, keepdim=True)
+    torch.testing.assert_close(w, expected)
+    assert w.argmax(1).tolist() == [0, 1, 1]
+    # a low temperature picks the nearest centroid, a high one tends to uniform
+    assert torch.allclose(centroid_weights(text, centroids, 1e-3)[0], torch.tensor([1., 0, 0]))
+    assert torch.allclose(centroid_weights(text, centroids, 1e4), torch.full((3, 3), 1 / 3),
+                          atol=1e-3)
+    # adding an expert is adding a centroid: the others keep their ratios
+    more = centroid_weights(text, torch.cat([centroids, torch.tensor([[0.0, -1.0]])]), 0.5)
+    torch.testing.assert_close(more[:, :3] / more[:, :3].sum(1, keepdim=True), w)
+    router = CentroidRouter(lambda prompts: text[: len(prompts)], centroids, 0.5)
+    assert router.num_experts == 3 and torch.equal(router.weights(["a", "b"]), w[:2])
+    with pytest.raises(ValueError, match="temperature"):
+        centroid_weights(text, centroids, 0.0)
+
+
+def test_the_centroid_router_refuses_clusters_without_a_clip_image_tower(tmp_path):
+    from hdd_ray.errors import MixtureError
+    from hdd_ray.routing import load_centroid_router
+
+    cfg = load_config(overrides=[f"root={tmp_path}", "sampling.router=centroid"])
+    with pytest.raises(MixtureError, match="needs clusters embedded by a CLIP image tower"):
+        load_centroid_router(cfg, {"k": 2, "embedder": {"name": "pixels"}})

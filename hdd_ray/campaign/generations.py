@@ -30,7 +30,8 @@ def generations(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     recorded = manifest.get("generations")
     if recorded:
         return list(recorded)
-    return [{"k": int(manifest["k"]), "data_hash": str(manifest.get("data_hash", "")),
+    k = manifest.get("k", len(manifest.get("clusters", [])))
+    return [{"k": int(k), "data_hash": str(manifest.get("data_hash", "")),
              "clusters": [str(c.get("hash", "")) for c in manifest.get("clusters", [])],
              "heldout": dict(manifest.get("heldout") or {})}]
 
@@ -68,7 +69,7 @@ def generation_view(manifest: dict[str, Any], k: int) -> dict[str, Any] | None:
 def parent_view(view: dict[str, Any]) -> dict[str, Any] | None:
     """The generation before ``view``'s (a :func:`generation_view`), None for generation 0."""
     index = int(view.get("generation", 0))
-    if index == 0:
+    if index == 0 or not view.get("generations"):
         return None
     return generation_view(view, int(generations(view)[index - 1]["k"]))
 
