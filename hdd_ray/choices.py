@@ -28,6 +28,12 @@ SAMPLERS = ("euler", "heun")
 BEYOND_EDGE = ("shrink", "divide")
 #: routing strategies (``sampling.routing``)
 STRATEGIES = ("full", "top1", "topk", "threshold")
+#: where a mixture's routing probabilities come from (``sampling.router``): the trained router
+#: on ``(x_t, t)``, or the training-free centroid router on the prompt (``hdd_ray.routing``)
+ROUTERS = ("learned", "centroid")
+#: how a grown campaign's router is trained (``router.grow.mode``): fine-tuned from the
+#: previous cluster set's router on the new cluster plus a replay sample, or from scratch
+GROW_MODES = ("incremental", "scratch")
 #: text encoders of the experts (``experts.text.encoder``)
 TEXT_ENCODER_KINDS = ("learned", "open_clip")
 #: FID feature extractors (``evaluation.fid_extractor``)

@@ -28,9 +28,25 @@ from hdd_ray.errors import MixtureError
 if TYPE_CHECKING:
     from hdd_ray.config import CampaignConfig
     from hdd_ray.models.expert import ExpertModel, RouterModel
+    from hdd_ray.routing import CentroidRouter
 
-#: ``router(x_t, t) -> p(k | x_t, t)`` as probabilities ``[B, K]``
-RouterFn = Callable[[Tensor, Tensor], Tensor]
+#: ``router(x_t, t[, cond]) -> p(k | x_t, t[, prompt])`` as probabilities ``[B, K]``: a router
+#: that takes a third argument is given the batch's condition (the prompts' indices: the
+#: centroid router routes on the prompt, :mod:`hdd_ray.routing`)
+RouterFn = Callable[..., Tensor]
+
+
+def takes_cond(router: Callable[..., Tensor]) -> bool:
+    """Whether ``router`` accepts a third argument (the condition)."""
+    import inspect
+
+    try:
+        inspect.signature(router).bind(None, None, None)
+    except TypeError:
+        return False
+    except ValueError:  # no signature (a builtin): called with (x_t, t)
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -55,6 +71,10 @@ class MixtureSpec:
     seed: int = 0
     #: clusters whose experts are left out: their routing weight masked, the rest renormalised
     retired: tuple[int, ...] = ()
+    #: where the routing probabilities come from (``sampling.router``): ``learned`` or
+    #: ``centroid`` (on the prompt, with ``temperature``: :mod:`hdd_ray.routing`)
+    router: str = "learned"
+    temperature: float | None = None
 
     @classmethod
     def from_config(cls, cfg: CampaignConfig, ddpm_clusters: Sequence[int] | None = None,
@@ -67,6 +87,8 @@ class MixtureSpec:
                                        else ddpm_clusters)),
             routing=s.routing, k=s.k, threshold=s.threshold, guidance=s.guidance_scale,
             steps=s.steps, num_samples=cfg.evaluation.num_samples, seed=s.seed,
+            router=s.router,
+            temperature=s.centroid_temperature if s.router == "centroid" else None,
         )
         return base.override(cfg.clustering.k, **overrides)
 
@@ -169,13 +191,16 @@ class MixtureField:
         self.router = router
         self.strategy, self.k, self.threshold = strategy, k, threshold
         self.evaluations = [0] * len(self.experts)
+        self.with_cond = takes_cond(router)
 
-    def weights(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """Blend weights ``[B, K]`` at ``(x_t, t)``."""
-        return route(self.router(x_t, t), self.strategy, self.k, self.threshold)
+    def weights(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        """Blend weights ``[B, K]`` at ``(x_t, t)`` (and the condition, for a router that
+        takes it)."""
+        probs = self.router(x_t, t, cond) if self.with_cond else self.router(x_t, t)
+        return route(probs, self.strategy, self.k, self.threshold)
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
-        w = self.weights(x_t, t)
+        w = self.weights(x_t, t, cond)
         out = torch.zeros_like(x_t)
         for j, field in enumerate(self.experts):
             idx = torch.nonzero(w[:, j] > 0).flatten()
@@ -196,9 +221,12 @@ class Mixture:
 
     Each expert keeps its own text encoder and tokenizer; the mixture's condition is an index
     into the batch's prompts, so sparse routing can hand each expert just its samples.
+    ``router``: the trained router, or the training-free :class:`hdd_ray.routing.CentroidRouter`
+    (routing on the prompt); its outputs must be the mixture's clusters.
     """
 
-    def __init__(self, experts: list[tuple[ExpertModel | None, dict]], router: RouterModel,
+    def __init__(self, experts: list[tuple[ExpertModel | None, dict]],
+                 router: RouterModel | CentroidRouter,
                  cfg: CampaignConfig, device: str | torch.device = "cpu",
                  retired: Sequence[int] = ()) -> None:
         # (ExpertModel, expert.json) per cluster, in cluster order; a retired cluster's model
@@ -208,7 +236,13 @@ class Mixture:
         if any(experts[c][0] is not None for c in self.retired) or any(
                 m is None for c, (m, _) in enumerate(experts) if c not in self.retired):
             raise ValueError("a retired cluster's model must be None, and only a retired one's")
+        outputs = getattr(getattr(router, "net", router), "num_experts", None)
+        if outputs is not None and int(outputs) != len(experts):
+            raise MixtureError(f"the router has {outputs} outputs but the mixture {len(experts)} "
+                               "experts: its cluster set does not match the mixture's")
         self.router = router
+        #: the centroid router's weights of the prompts being sampled (set by :meth:`sample`)
+        self.prompt_weights: Tensor | None = None
         self.cfg = cfg
         self.device = torch.device(device)  # where the networks are (load_mixture puts them)
         #: bf16 autocast of every network call on a GPU (``sampling.mixed_precision``)
@@ -261,12 +295,18 @@ class Mixture:
             out.append(expert_field)
         return out
 
-    def router_probs(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """``p(k | x_t, t)`` from the router (flow-matching t in [0, 1])."""
+    def router_probs(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        """``p(k | x_t, t)`` from the router (flow-matching t in [0, 1]); the centroid router's
+        are its prompts' weights (``cond["index"]`` into the prompts being sampled)."""
         from hdd_ray.diffusion import FM_TIME_SCALE
 
-        with devices.autocast(x_t.device, self.mixed_precision):
-            logits = self.router(x_t, t * FM_TIME_SCALE)
+        if self.prompt_weights is not None:
+            if cond is None:
+                raise MixtureError("the centroid router routes on the prompt: no prompt given")
+            logits = self.prompt_weights.to(x_t.device)[cond["index"]].clamp_min(1e-30).log()
+        else:
+            with devices.autocast(x_t.device, self.mixed_precision):
+                logits = self.router(x_t, t * FM_TIME_SCALE)
         if self.retired:  # left-out experts get no weight; the others share it in proportion
             logits = logits.float().index_fill(1, torch.tensor(self.retired,
                                                                device=logits.device),
@@ -311,6 +351,10 @@ class Mixture:
         c = int(desc.get("channels", self.cfg.corpus.channels))
         size = int(desc.get("image_size", self.cfg.corpus.image_size))
         latent = bool(desc.get("latents"))
+        from hdd_ray.routing import CentroidRouter
+
+        if isinstance(self.router, CentroidRouter):  # the same weights at every step
+            self.prompt_weights = self.router.weights(prompts)
         mix = MixtureField(self.fields(prompts, spec.guidance, device), self.router_probs,
                            strategy=spec.routing, k=spec.k, threshold=spec.threshold)
         out = []
@@ -389,7 +433,12 @@ def load_mixture(cfg: CampaignConfig, ddpm_clusters: Sequence[int] | None = None
             continue
         model, desc = load_expert(directory)
         experts.append((model.to(device), desc))
-    router = load_router(cfg, manifest).to(device)
+    if cfg.sampling.router == "centroid":  # training-free: on the prompt (hdd_ray.routing)
+        from hdd_ray.routing import load_centroid_router
+
+        router: RouterModel | CentroidRouter = load_centroid_router(cfg, manifest)
+    else:
+        router = load_router(cfg, manifest).to(device)
     kept = [(x, eid) for c, (x, (eid, _)) in enumerate(zip(experts, wanted, strict=True))
             if c not in out]
     _check_one_vae(manifest, [x for x, _ in kept], [eid for _, eid in kept])

@@ -187,9 +187,9 @@ def sampling_progress(mixture: Any, num_images: int, steps: int, sampler: str,
     had = "router_probs" in vars(mixture)
     inner = mixture.router_probs
     with Progress(per_batch * batches, desc, unit="evals") as bar:
-        def counted(x_t: Any, t: Any) -> Any:
+        def counted(x_t: Any, t: Any, cond: Any = None) -> Any:
             bar.update()
-            return inner(x_t, t)
+            return inner(x_t, t, cond)
 
         mixture.router_probs = counted  # the mixture field asks the router through this
         try:

@@ -61,6 +61,9 @@ def export_mixture(cfg: CampaignConfig, spec: MixtureSpec, out: str, copy_towers
     from hdd_ray.mixture_folder import write_folder
     from hdd_ray.prepare.manifest import OUTPUT_FILES
 
+    if "centroid" in (spec.router, cfg.sampling.router):
+        raise MixtureError("sampling.router=centroid: a mixture folder holds the learned router "
+                           "only; export with sampling.router=learned")
     folder = os.path.abspath(os.path.expanduser(out))
     manifest = load_manifest(cfg)
     experts = [(eid, d) for c, (eid, d) in enumerate(trained_experts(cfg, manifest,

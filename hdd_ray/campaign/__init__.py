@@ -7,6 +7,7 @@ of them needs the training launcher to find an expert (ARCHITECTURE.md describes
 the campaign directory layout).
 
 * :mod:`hdd_ray.campaign.directory` -- :class:`CampaignPaths` (every path) and the manifest;
+* :mod:`hdd_ray.campaign.generations` -- the manifest's cluster sets (a campaign that grew);
 * :mod:`hdd_ray.campaign.identity` -- identities and ids (:func:`short_hash`), assignments;
 * :mod:`hdd_ray.campaign.artifacts` -- a run directory's state for reuse, its description and
   the checksum of its weights (verified once per file version);
@@ -36,6 +37,12 @@ from hdd_ray.campaign.directory import (
     heldout_shards,
     load_manifest,
 )
+from hdd_ray.campaign.generations import (
+    generation_view,
+    generations,
+    grown_data_hash,
+    parent_view,
+)
 from hdd_ray.campaign.identity import (
     LATER_TRAIN_DEFAULTS,
     MEMORY_TRAIN_KEYS,
@@ -44,11 +51,14 @@ from hdd_ray.campaign.identity import (
     campaign_assignments,
     expert_id,
     expert_identity,
+    grown_from,
     model_shape,
     router_id,
     router_identity,
+    router_train,
     short_hash,
     with_assignment,
+    with_k,
     without_later_defaults,
 )
 from hdd_ray.campaign.loading import expert_objective, load_expert, load_router
@@ -85,20 +95,27 @@ __all__ = [
     "expert_objective",
     "expert_start",
     "file_sha256",
+    "generation_view",
+    "generations",
+    "grown_data_hash",
+    "grown_from",
     "heldout_shards",
     "load_expert",
     "load_manifest",
     "load_router",
     "model_shape",
+    "parent_view",
     "read_description",
     "record_verified",
     "router_id",
     "router_identity",
+    "router_train",
     "safetensors_problem",
     "short_hash",
     "start_identity",
     "verified_sha256",
     "weights_problem",
     "with_assignment",
+    "with_k",
     "without_later_defaults",
 ]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hdd_ray import storage
+from hdd_ray.campaign.generations import generation_view, generations
 from hdd_ray.errors import CampaignError, ConfigError
 
 if TYPE_CHECKING:
@@ -92,7 +93,10 @@ class CampaignPaths:
 
 
 def load_manifest(cfg: CampaignConfig) -> dict[str, Any]:
-    """The clustering manifest; one line naming the fix when the corpus was not prepared."""
+    """The clustering manifest as the generation of ``clustering.k`` clusters saw it
+    (:func:`hdd_ray.campaign.generations.generation_view`: a campaign that grew keeps reading
+    its older cluster sets); one line naming the fix when the corpus was not prepared or has no
+    such generation."""
     paths = CampaignPaths(cfg.root)
     if not storage.exists(paths.manifest):
         raise CampaignError(
@@ -102,19 +106,22 @@ def load_manifest(cfg: CampaignConfig) -> dict[str, Any]:
         manifest = storage.read_json(paths.manifest)
         if not isinstance(manifest, dict) or not isinstance(manifest.get("clusters"), list):
             raise ValueError("not a manifest (no clusters list)")
-        k = int(manifest.get("k", -1))
-    except (ValueError, TypeError, OSError) as exc:
+        int(manifest.get("k", -1))
+        generations(manifest)
+    except (ValueError, TypeError, KeyError, OSError) as exc:
         raise CampaignError(
             f"{paths.manifest} is corrupt ({str(exc).splitlines()[0][:120]}): run "
             f"`python jobs/prepare_corpus.py root={cfg.root}` (it prepares the corpus again)"
         ) from None
-    if k != cfg.clustering.k:
+    view = generation_view(manifest, cfg.clustering.k)
+    if view is None:
+        have = ", ".join(str(g["k"]) for g in generations(manifest))
         raise CampaignError(
-            f"clustering.k={cfg.clustering.k} but {paths.manifest} has k={manifest.get('k')}: "
+            f"clustering.k={cfg.clustering.k} but {paths.manifest} has k={have}: "
             "re-run prepare_corpus with --force or fix clustering.k"
         )
-    _check_latents(cfg, manifest, paths.manifest)
-    return manifest
+    _check_latents(cfg, view, paths.manifest)
+    return view
 
 
 def _check_latents(cfg: CampaignConfig, manifest: dict[str, Any], where: str) -> None:

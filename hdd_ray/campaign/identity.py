@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from hdd_ray.campaign.artifacts import content_identity
 from hdd_ray.campaign.directory import cluster_info
+from hdd_ray.campaign.generations import contributed_expert, parent_view
 from hdd_ray.campaign.starts import describe_router_init, expert_start, start_identity
 from hdd_ray.config import to_dict
 
@@ -96,7 +97,17 @@ def expert_identity(cfg: CampaignConfig, expert: ResolvedExpert,
     recipe (same global batch, learning rate and steps); only the random streams and float
     summation order differ (ARCHITECTURE.md, "Batch size"). A partial run may therefore resume
     under another world size.
+
+    A contributed expert (``jobs/add_expert.py --expert-dir``) was trained elsewhere: its
+    identity is its weights by content with its cluster, objective, data and shape.
     """
+    contributed = contributed_expert(manifest, expert.cluster)
+    if contributed is not None:
+        return {"cluster": expert.cluster, "objective": expert.objective,
+                "contributed": contributed,
+                "data_hash": str(cluster_info(manifest, expert.cluster)["hash"]),
+                "image_size": cfg.corpus.image_size, "channels": cfg.corpus.channels,
+                **_latent_identity(manifest)}
     identity = {
         "cluster": expert.cluster,
         "objective": expert.objective,
@@ -141,16 +152,48 @@ def expert_id(cfg: CampaignConfig, expert: ResolvedExpert, manifest: dict[str, A
     return f"c{expert.cluster}-{tag}-{short_hash(expert_identity(cfg, expert, manifest))}"
 
 
-def router_identity(cfg: CampaignConfig, manifest: dict[str, Any]) -> dict[str, Any]:
-    """What determines the router's weights (precision as applied, as for experts)."""
+def with_k(cfg: CampaignConfig, k: int) -> CampaignConfig:
+    """The same campaign over the cluster set of ``k`` clusters (a generation of its manifest:
+    :mod:`hdd_ray.campaign.generations`)."""
+    return dataclasses.replace(cfg, clustering=dataclasses.replace(cfg.clustering, k=int(k)))
+
+
+def router_train(cfg: CampaignConfig, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The router's training settings in the generation ``manifest`` views: ``router.train``,
+    with ``router.grow.steps`` for an incremental router of a grown cluster set."""
     train = to_dict(cfg.router.train)
+    if grown_from(cfg, manifest) is not None:
+        train["steps"] = int(cfg.router.grow.steps)
+    return train
+
+
+def grown_from(cfg: CampaignConfig, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The previous cluster set's generation view when the router of ``manifest``'s is
+    fine-tuned from that set's router (``router.grow.mode=incremental`` and a grown set), else
+    None (generation 0, or ``scratch``)."""
+    parent = parent_view(manifest)
+    if parent is None or cfg.router.grow.mode != "incremental":
+        return None
+    return parent
+
+
+def router_identity(cfg: CampaignConfig, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What determines the router's weights (precision as applied, as for experts): its cluster
+    set (K and the generation's ``data_hash``, which covers every cluster's data: prepare's
+    corpus hash, or a grown set's chain; :mod:`hdd_ray.campaign.generations`), and for an
+    incremental router of a grown set the router it starts from (by id) and its replay."""
+    train = router_train(cfg, manifest)
     identity = {"model": cfg.router.model, "train": _identity_train(train),
                 "k": cfg.clustering.k, "data_hash": str(manifest["data_hash"]),
                 "image_size": cfg.corpus.image_size, "channels": cfg.corpus.channels}
     if applied_precision(train, to_dict(cfg.router.resources)) == "bf16":
         identity["precision"] = "bf16"
     identity.update(_latent_identity(manifest))
-    if cfg.router.init:  # a router fine-tuned from another: by content
+    parent = grown_from(cfg, manifest)
+    if parent is not None:  # one output more, fine-tuned from the previous set's router
+        identity["grown_from"] = router_id(with_k(cfg, parent["k"]), parent)
+        identity["replay_samples"] = int(cfg.router.grow.replay_samples)
+    elif cfg.router.init:  # a router fine-tuned from another: by content
         identity["init"] = {"sha256": describe_router_init(cfg.router.init)}
     return identity
 

@@ -52,7 +52,25 @@ def load_router(cfg: CampaignConfig, manifest: dict[str, Any] | None = None) -> 
     directory = CampaignPaths(cfg.root).router_dir(rid)
     if not storage.exists(storage.join(directory, ROUTER_JSON)):
         raise CampaignError(f"router {rid} not trained yet: run `python jobs/train_all_experts.py root={cfg.root}`")
+    check_router_clusters(storage.read_json(storage.join(directory, ROUTER_JSON)), manifest, rid)
     size, channels = model_shape(cfg, manifest)
     model = RouterModel(cfg.router.model, size, channels, cfg.clustering.k)
     load_weights(model, storage.join(directory, WEIGHTS), f"router {rid}")
     return model.eval()
+
+
+def check_router_clusters(desc: dict[str, Any], manifest: dict[str, Any], what: str) -> None:
+    """Refuse (one line) a router whose cluster set (``router.json``: ``k``, ``data_hash`` and,
+    since campaigns grow, its clusters' data hashes) is not the mixture's (``manifest``: the
+    generation view the mixture reads)."""
+    want = [str(c["hash"]) for c in manifest["clusters"]]
+    have = desc.get("clusters")
+    k = int(desc.get("k", len(want)))
+    same = k == len(want) and str(desc.get("data_hash", manifest["data_hash"])) == str(
+        manifest["data_hash"]) and (have is None or [str(h) for h in have] == want)
+    if not same:
+        raise CampaignError(
+            f"{what} was trained on another cluster set ({k} clusters, data "
+            f"{str(desc.get('data_hash'))[:12]}) than the mixture's ({len(want)} clusters, data "
+            f"{str(manifest['data_hash'])[:12]}): train the router of this set "
+            "(jobs/train_all_experts.py, or jobs/add_expert.py after growing)")

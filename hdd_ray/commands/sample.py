@@ -169,8 +169,8 @@ def _sample(cfg: CampaignConfig, args: argparse.Namespace, prompts: list[str],
     router = mixture.router_probs
 
     with Progress(calls * -(-n // batch), "sampling", unit="evals") as bar:
-        def recording_router(x_t, t):
-            probs = router(x_t, t)
+        def recording_router(x_t, t, cond=None):
+            probs = router(x_t, t, cond)
             w = route(probs.float(), spec.routing, spec.k, spec.threshold)
             start = (counted[0] // calls) * batch  # the batch this call belongs to
             weights_sum[start: start + w.shape[0]] += w.double().cpu()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional  # noqa: UP035 - OmegaConf needs typing generics
 
-from hdd_ray.choices import BEYOND_EDGE, EXTRACTOR_KINDS, SAMPLERS, check_routing
+from hdd_ray.choices import BEYOND_EDGE, EXTRACTOR_KINDS, ROUTERS, SAMPLERS, check_routing
 from hdd_ray.config.rules import check_choice, check_positive
 from hdd_ray.config.training import MIXED_PRECISION
 from hdd_ray.errors import ConfigError
@@ -47,6 +47,10 @@ class SamplingConfig:
     seed: int = 0
     mixed_precision: str = "bf16"  # bf16 autocast of the network calls on GPU; ignored on CPU
     conversion: ConversionConfig = field(default_factory=ConversionConfig)
+    # learned (the trained router on x_t, t) | centroid (training-free, on the prompt: the
+    # clusters' CLIP centroids, weights softmax(-d^2 / centroid_temperature); hdd_ray.routing)
+    router: str = "learned"
+    centroid_temperature: float = 0.05
 
     def validate(self, k: int) -> None:
         """One-line :class:`ConfigError` on the first bad value of ``sampling``; top-k must be
@@ -58,6 +62,8 @@ class SamplingConfig:
         check_positive("sampling.batch_size", self.batch_size)
         check_choice("sampling.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         check_routing(self.routing, self.k, self.threshold, k)
+        check_choice("sampling.router", self.router, ROUTERS)
+        check_positive("sampling.centroid_temperature", self.centroid_temperature)
         self.conversion.validate()
 
 

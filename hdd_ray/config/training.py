@@ -12,6 +12,7 @@ from omegaconf.errors import OmegaConfBaseException
 from hdd_ray.choices import (
     ADALN_VARIANTS,
     DIT_SIZES,
+    GROW_MODES,
     INIT_MODES,
     OBJECTIVE_NAMES,
     ROUTER_SIZES,
@@ -259,6 +260,25 @@ class ExpertsConfig:
 
 
 @dataclass
+class RouterGrowConfig:
+    """How the router of a grown campaign (an expert added: ``jobs/add_expert.py``) trains:
+    ``incremental`` fine-tunes the previous cluster set's router, one output more, for
+    ``steps`` steps on the new cluster and at most ``replay_samples`` samples of the old
+    clusters (benchmarks/README.md, "Add an expert"); ``scratch`` trains it as ``router.train``
+    says on every cluster."""
+
+    mode: str = "incremental"
+    steps: int = 200
+    replay_samples: int = 1024
+
+    def validate(self) -> None:
+        """One-line :class:`ConfigError` on the first bad value of ``router.grow``."""
+        check_choice("router.grow.mode", self.mode, GROW_MODES)
+        check_positive("router.grow.steps", self.steps)
+        check_positive("router.grow.replay_samples", self.replay_samples)
+
+
+@dataclass
 class RouterConfig:
     """The router r(x_t, t) -> p(k | x_t, t), trained on cluster labels only."""
 
@@ -267,10 +287,12 @@ class RouterConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     data: DataConfig = field(default_factory=DataConfig)
     init: Optional[str] = None  # a finished hdd_ray router (folder or safetensors) to start from
+    grow: RouterGrowConfig = field(default_factory=RouterGrowConfig)  # a grown campaign's
 
     def validate(self) -> None:
         """One-line :class:`ConfigError` on the first bad value of ``router``."""
         check_choice("router.model", self.model, tuple(ROUTER_SIZES))
+        self.grow.validate()
         self.train.validate("router.train")
         self.resources.validate("router.resources")
         self.data.validate("router.data")

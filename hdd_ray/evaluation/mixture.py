@@ -71,6 +71,8 @@ def mixture_id(cfg: CampaignConfig, spec: MixtureSpec, expert_ids: list[str],
     described = dataclasses.asdict(spec)
     if not spec.retired:  # a mixture of every expert keeps the id it had before retirement
         del described["retired"]
+    if spec.router == "learned":  # the learned router keeps the id it had before the other
+        del described["router"], described["temperature"]
     digest = short_hash({"spec": described, "experts": expert_ids,
                          "sampler": cfg.sampling.sampler, "shift": cfg.sampling.time_shift,
                          "conversion": dataclasses.asdict(cfg.sampling.conversion),
@@ -82,6 +84,15 @@ def mixture_id(cfg: CampaignConfig, spec: MixtureSpec, expert_ids: list[str],
                          "precision": "bf16" if bf16 else "fp32",
                          "evaluation_version": EVALUATION_VERSION})
     return f"d{len(spec.ddpm_clusters)}-{spec.routing}-{digest}"
+
+
+def _with_router(cfg: CampaignConfig, spec: MixtureSpec) -> CampaignConfig:
+    """``cfg`` routing as ``spec`` says (``sampling.router`` and the centroid temperature)."""
+    if spec.router == cfg.sampling.router and spec.router == "learned":
+        return cfg
+    return dataclasses.replace(cfg, sampling=dataclasses.replace(
+        cfg.sampling, router=spec.router,
+        centroid_temperature=spec.temperature or cfg.sampling.centroid_temperature))
 
 
 def evaluate_mixture(
@@ -119,6 +130,7 @@ def evaluate_mixture(
                     "evaluating again", mid, cached.get("evaluation_version"), EVALUATION_VERSION)
 
     judge = judge or Judge(cfg, device)
+    cfg = _with_router(cfg, spec)
     mixture = load_mixture(cfg, spec.ddpm_clusters, judge.device, retired=spec.retired)
     prompts = judge.prompts(spec.num_samples)
     started = time.time()

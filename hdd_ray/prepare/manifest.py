@@ -27,6 +27,7 @@ __all__ = [
     "MANIFEST_VERSION",
     "OUTPUT_FILES",
     "build_manifest",
+    "cluster_hash",
     "content_listing",
     "format_summary",
     "reasons_line",
@@ -93,13 +94,13 @@ def cluster_entries(plan: Any, k: int, image_size: int, channels: int,
             "count": len(members),
             "heldout": int(((plan["cluster"] == c) & (plan["split"] == HELDOUT)).sum()),
             "shards": sorted(set(members["shard_path"])),
-            "hash": _cluster_hash(members["key"].tolist(), members["sha"].tolist(),
+            "hash": cluster_hash(members["key"].tolist(), members["sha"].tolist(),
                                   image_size, channels, latents),
         })
     return out
 
 
-def _cluster_hash(keys: list[str], shas: list[str], image_size: int, channels: int,
+def cluster_hash(keys: list[str], shas: list[str], image_size: int, channels: int,
                   latents: dict[str, Any] | None = None) -> str:
     """sha256 over sorted (key, sample sha) plus the output image size and channels (and, in
     latent space only, the VAE's identity, the latent shape and the scaling)."""
@@ -175,7 +176,7 @@ def build_manifest(
         "clusters": clusters,
         "heldout": {"count": len(heldout), "shards": sorted(set(heldout["shard_path"]))},
         "skipped": {"count": int(sum(skipped["reasons"].values())), **skipped},
-        "data_hash": _cluster_hash(plan["key"].tolist(), plan["sha"].tolist(),
+        "data_hash": cluster_hash(plan["key"].tolist(), plan["sha"].tolist(),
                                    corpus.image_size, corpus.channels, latents),
         "latents": latents,
         "ari_vs_labels": _ari(plan),

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hdd_ray import storage, towers
-from hdd_ray.campaign import CampaignPaths, short_hash
+from hdd_ray.campaign import CampaignPaths, generation_view, generations, short_hash
 from hdd_ray.clustering import assign_clusters, fit_hierarchical_kmeans, heldout_mask
 from hdd_ray.config import to_dict
 from hdd_ray.corpus import first_sample, list_shards, write_demo_corpus
@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from hdd_ray.config import CampaignConfig, ClusteringConfig
     from hdd_ray.latents import VaeInfo
 
-__all__ = ["prepare_corpus"]
+__all__ = ["fingerprint_of", "prepare_corpus"]
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +150,21 @@ def _reusable_manifest(paths: CampaignPaths, fingerprint: str) -> dict | None:
     if not isinstance(old, dict) or not isinstance(old.get("clusters"), list):
         log.warning("prepare: %s is not a manifest: preparing the corpus again", paths.manifest)
         return None
-    if old.get("fingerprint") != fingerprint:
+    # a grown campaign: each cluster set it has had is reused by the settings that name it
+    # (its clustering.k), as the view of that generation (hdd_ray.campaign.generations)
+    gens = generations(old)
+    match = next((g for i, g in enumerate(gens) if fingerprint == (
+        old.get("fingerprint") if i == 0 else g.get("fingerprint"))), None)
+    if match is None:
         return None
     log.info("prepare: reusing %s (same settings and inputs; --force recomputes)",
              paths.manifest)
-    return old
+    return generation_view(old, int(match["k"]))
+
+
+def fingerprint_of(cfg: CampaignConfig) -> str:
+    """What prepare's reuse check compares for ``cfg``: its settings and input files."""
+    return _inputs(cfg, CampaignPaths(storage.absolute(cfg.root))).fingerprint
 
 
 # --------------------------------------------------------------------------- checks

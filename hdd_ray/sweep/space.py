@@ -171,11 +171,17 @@ def _starts(section: dict[str, Any]) -> dict[str, Any]:
 
 
 def _data_hash(cfg: CampaignConfig) -> str | None:
-    """The prepared corpus's ``data_hash`` (None when it is not prepared or unreadable)."""
+    """The prepared corpus's ``data_hash`` (None when it is not prepared or unreadable): that
+    of the cluster set of ``clustering.k`` in a campaign that grew
+    (:func:`hdd_ray.campaign.generation_view`)."""
+    from hdd_ray.campaign import generation_view
+
     path = CampaignPaths(cfg.root).manifest
     try:
         manifest = storage.read_json(path) if storage.exists(path) else None
-    except (OSError, ValueError):
+        if isinstance(manifest, dict) and manifest.get("generations"):
+            manifest = generation_view(manifest, cfg.clustering.k) or manifest
+    except (OSError, ValueError, KeyError, TypeError):
         return None
     return manifest.get("data_hash") if isinstance(manifest, dict) else None
 

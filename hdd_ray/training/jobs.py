@@ -18,6 +18,7 @@ from hdd_ray import storage
 from hdd_ray.campaign import (
     EXPERT_JSON,
     ROUTER_JSON,
+    WEIGHTS,
     CampaignPaths,
     cluster_info,
     cluster_shards,
@@ -25,9 +26,13 @@ from hdd_ray.campaign import (
     expert_id,
     expert_identity,
     expert_start,
+    file_sha256,
+    grown_from,
     model_shape,
     router_id,
     router_identity,
+    router_train,
+    with_k,
 )
 from hdd_ray.config import CampaignConfig, ResolvedExpert, TrainConfig, to_dict
 from hdd_ray.training.data import data_settings
@@ -125,13 +130,47 @@ def expert_job(cfg: CampaignConfig, expert: ResolvedExpert, manifest: dict[str, 
     )
 
 
+def _grown_router(cfg: CampaignConfig, manifest: dict[str, Any],
+                  parent: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[int, list[str]],
+                                                   dict[int, int], str]:
+    """An incremental router's start (the previous set's router, one output more), its data
+    (each old cluster's replay sample, the new cluster whole) and the line refusing it when
+    that router is not trained: ``(start, shards, counts, refusal)``."""
+    from hdd_ray.prepare.grow import replay_shards
+
+    pid = router_id(with_k(cfg, parent["k"]), parent)
+    directory = CampaignPaths(cfg.root).router_dir(pid)
+    shards = {c: cluster_shards(cfg, manifest, c) for c in range(cfg.clustering.k)}
+    counts = {c: int(cluster_info(manifest, c)["count"]) for c in range(cfg.clustering.k)}
+    if not storage.exists(storage.join(directory, ROUTER_JSON)):
+        return None, shards, counts, (
+            f"router {pid} of the {parent['k']} clusters before is not trained: it is where "
+            f"this one starts (router.grow.mode=incremental; or set router.grow.mode=scratch)")
+    desc = storage.read_json(storage.join(directory, ROUTER_JSON))
+    sha = desc.get("weights_sha256") or file_sha256(storage.join(directory, WEIGHTS))
+    for c, (paths, n) in replay_shards(cfg, parent, cfg.router.grow.replay_samples).items():
+        shards[c], counts[c] = paths, n
+    start = {"init": {"path": directory, "sha256": sha, "grown_from": pid},
+             "grow_from": int(parent["k"])}
+    return start, shards, counts, ""
+
+
 def router_job(cfg: CampaignConfig, manifest: dict[str, Any]) -> Job:
     """The router's run; its report is its top-1 accuracy by t, computed in a Ray task with
-    its own resources on the exported weights (:func:`hdd_ray.training.reports.router_accuracy`)."""
-    train, resources = to_dict(cfg.router.train), to_dict(cfg.router.resources)
+    its own resources on the exported weights (:func:`hdd_ray.training.reports.router_accuracy`).
+    A grown cluster set's incremental router starts from the set before's (``router.grow``)."""
+    train, resources = router_train(cfg, manifest), to_dict(cfg.router.resources)
     (size, ch), k = model_shape(cfg, manifest), cfg.clustering.k
     init = ({"path": cfg.router.init, "sha256": describe_router_init(cfg.router.init)}
             if cfg.router.init else None)
+    start = {"init": init} if init else None
+    shards = {c: cluster_shards(cfg, manifest, c) for c in range(k)}
+    counts = {c: int(cluster_info(manifest, c)["count"]) for c in range(k)}
+    refusal = ""
+    parent = grown_from(cfg, manifest)
+    if parent is not None:
+        start, shards, counts, refusal = _grown_router(cfg, manifest, parent)
+        init = start["init"] if start else None
     return Job(
         kind="router", name=router_id(cfg, manifest), cluster=None, objective="cross-entropy",
         storage_path=CampaignPaths(cfg.root).router, json_name=ROUTER_JSON,
@@ -139,16 +178,16 @@ def router_job(cfg: CampaignConfig, manifest: dict[str, Any]) -> Job:
         settings=RunSettings(
             kind="router", train=TrainConfig(**train), data=data_settings(to_dict(cfg.router.data)),
             router_model=cfg.router.model, num_clusters=k,
-            cluster_shards={c: cluster_shards(cfg, manifest, c) for c in range(k)},
-            cluster_counts={c: int(cluster_info(manifest, c)["count"]) for c in range(k)},
-            start={"init": init} if init else None,
+            cluster_shards=shards, cluster_counts=counts, start=start,
             **_common(cfg, resources, manifest)),
         describe={"architecture": cfg.router.model, "k": k, "image_size": size, "channels": ch,
                   "data_hash": str(manifest["data_hash"]), "init": init,
+                  # its cluster set, checked when a mixture loads it (campaign.loading)
+                  "clusters": [str(c["hash"]) for c in manifest["clusters"]],
                   **_latents_describe(manifest)},
         tags={"kind": "router"},
         executor=cfg.ray.executor,
-        precheck_error=(router_plan(cfg, (size, ch)).refusal()
-                        if resources.get("gpu_memory_gb") else ""),
+        precheck_error=refusal or (router_plan(cfg, (size, ch)).refusal()
+                                   if resources.get("gpu_memory_gb") else ""),
         report=lambda weights: {"top1_accuracy_by_t": router_accuracy(cfg, weights, resources)},
     )

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_campaign_starts", "expert_objective", "load_start"]
+__all__ = ["check_campaign_starts", "expert_objective", "grow_router", "load_start"]
 
 
 def expert_objective(settings: RunSettings) -> Objective:
@@ -50,6 +50,12 @@ def load_start(model: nn.Module, settings: RunSettings) -> None:
     if not init:
         return
     path = init["path"]
+    if settings.kind == "router" and (settings.start or {}).get("grow_from"):
+        grow_router(model, router_weights(path), int(settings.start["grow_from"]),
+                    init.get("sha256"))
+        log.info("router starts from %s (%d outputs, one more here)", path,
+                 settings.start["grow_from"])
+        return
     if settings.kind == "router":
         load_weights(model, router_weights(path), "router.init", sha256=init.get("sha256"))
         log.info("router starts from %s", path)
@@ -63,6 +69,28 @@ def load_start(model: nn.Module, settings: RunSettings) -> None:
     spec = settings.expert
     start_expert(model, path, spec.adaln, (settings.start or {}).get("mode", "exact"), spec.model)
     log.info("expert %d starts from %s (%s)", spec.cluster, path, init.get("format"))
+
+
+def grow_router(model: nn.Module, path: str, k_old: int, sha256: str | None = None) -> None:
+    """Load a router of ``k_old`` outputs into ``model`` (a router of more): every weight as
+    it was, the head's new rows zero and their biases the mean of the old ones, so the grown
+    router starts as the old one with the new clusters equally likely as an average old one."""
+    import torch
+
+    from hdd_ray.models.expert import load_weights
+
+    head = model.net.head
+    small = nn.Linear(head.in_features, k_old)
+    model.net.head = small  # the old shape, to load the file with every check
+    try:
+        load_weights(model, path, "router.grow", sha256=sha256)
+    finally:
+        model.net.head = head
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[:k_old] = small.weight
+        head.bias[:k_old] = small.bias
+        head.bias[k_old:] = small.bias.mean()
 
 
 def check_campaign_starts(cfg: CampaignConfig) -> None:
