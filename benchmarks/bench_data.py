@@ -10,6 +10,11 @@ WebDataset shards of 500 samples:
 2. ``throughput_ratio``: training steps/s streaming over in memory, on the same (16x) cluster,
    runs alternated ``--rounds`` times, best of each. Target >= 0.9.
 
+3. ``min_distinct_shards_per_100_steps``: how widely a stream mixes its cluster. With shards
+   of 500 samples, ``shuffle_buffer`` 2,000 and ``open_shards`` 16 (``--mix-shards`` 64 shards,
+   each its own label), the fewest distinct shards among the samples of any 100 consecutive
+   steps (windows every 10 steps over one epoch). Target >= 8.
+
 The in-memory worker's RSS at 16x is recorded beside them (``rss_memory_16x_mb``).
 
     python benchmarks/bench_data.py                                # the demo's 8x8 digits
@@ -63,6 +68,55 @@ def write_cluster(directory: str, factor: int, image_size: int, channels: int,
     return len(samples)
 
 
+def shard_mixing(directory: str, num_shards: int, batch_size: int, window: int = 100,
+                 stride: int = 10) -> dict:
+    """The stream over ``num_shards`` shards of 500 samples (shuffle buffer 2,000, 16 open
+    shards): the fewest distinct shards among the samples of any ``window`` consecutive steps
+    of batch ``batch_size``, over one epoch (each shard its own label, so a batch's labels say
+    where its samples came from)."""
+    import numpy as np
+
+    from hdd_ray.config import DataConfig
+    from hdd_ray.samples import Decoding
+    from hdd_ray.training.data import StreamSource
+
+    per_shard = 500
+    _write_labelled_shards(directory, num_shards, per_shard)
+    shards = [(os.path.join(directory, f"shard-{i:06d}.tar"), i) for i in range(num_shards)]
+    settings = DataConfig(mode="stream", shuffle_buffer=2000, open_shards=16)
+    source = StreamSource(shards, Decoding(8, 1), settings, seed=0)
+    steps = num_shards * per_shard // batch_size  # one epoch
+    seen = []
+    try:
+        for _ in range(steps):
+            seen.append(np.unique(source.next_batch(batch_size)[2].numpy()))
+    finally:
+        source.close()
+    distinct = [len(np.unique(np.concatenate(seen[s:s + window])))
+                for s in range(0, max(1, steps - window + 1), stride)]
+    return {"min_distinct_shards_per_100_steps": int(min(distinct)),
+            "mean_distinct_shards_per_100_steps": float(np.mean(distinct)),
+            "mix_shards": num_shards, "mix_shard_size": per_shard, "mix_shuffle_buffer": 2000,
+            "mix_open_shards": 16, "mix_steps": steps, "mix_batch_size": batch_size}
+
+
+def _write_labelled_shards(directory: str, num_shards: int, per_shard: int) -> None:
+    """``num_shards`` shards of ``per_shard`` 8x8 digits (the demo's images, fresh keys)."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from hdd_ray.corpus import encode_png, write_tar
+
+    digits = load_digits()
+    pngs = [encode_png(np.rint(img * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, :, None])
+            for img in digits.images[:per_shard]]
+    os.makedirs(directory, exist_ok=True)
+    for n in range(num_shards):
+        write_tar(os.path.join(directory, f"shard-{n:06d}.tar"),
+                  [{"__key__": f"s{n:04d}-{i:05d}", "png": png, "txt": f"digit {i}",
+                    "json": json.dumps({"cluster": 0})} for i, png in enumerate(pngs)])
+
+
 def worker(args: argparse.Namespace) -> None:
     """One training worker: prints ``{"steps_per_s", "max_rss_mb", "mode"}``."""
     from hdd_ray.config import load_config, resolve_experts
@@ -108,6 +162,8 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--factor", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--mix-shards", type=int, default=64,
+                        help="shards of 500 samples for min_distinct_shards_per_100_steps")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "bench_data.json"))
     args = parser.parse_args()
     if args.worker:
@@ -124,6 +180,7 @@ def main() -> None:
         for _ in range(args.rounds):  # alternated: the machine's load hits both alike
             memory_runs.append(measure(many, "memory", args, nk))
             stream_runs.append(measure(many, "stream", args, nk))
+        mixing = shard_mixing(os.path.join(tmp, "mix"), args.mix_shards, args.batch_size)
     memory_sps = max(r["steps_per_s"] for r in memory_runs)
     stream_sps = max(r["steps_per_s"] for r in stream_runs)
     result = {
@@ -135,7 +192,7 @@ def main() -> None:
         "samples_1x": n1, f"samples_{args.factor}x": nk, "factor": args.factor,
         "image_size": args.image_size, "channels": args.channels, "steps": args.steps,
         "batch_size": args.batch_size, "rounds": args.rounds,
-        "wall_s": time.time() - started,
+        **mixing, "wall_s": time.time() - started,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
