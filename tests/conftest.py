@@ -100,3 +100,10 @@ def prepared_campaign(tmp_path_factory, ray_local) -> PreparedCampaign:
     assert manifest["corpus"]["source"] == "webdataset" and manifest["corpus"]["shards"] == shards
     assert not (root / "corpus").exists()
     return PreparedCampaign(root, overrides)
+
+
+@pytest.fixture(scope="session")
+def prepared(prepared_campaign: PreparedCampaign) -> Path:
+    """The prepared campaign's root (tests/test_training.py, tests/test_preemption.py): copy
+    it, never write into it."""
+    return prepared_campaign.root

@@ -37,12 +37,6 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def prepared(prepared_campaign):
-    """The session's demo campaign with K = 3 clusters (tests/conftest.py): copy, never write."""
-    return prepared_campaign.root
-
-
-@pytest.fixture(scope="module")
 def failures(prepared, tmp_path_factory):
     """One Ray Train launch of two experts, each meeting its own fate: expert 1 trains DDP on
     two workers without caption dropout (``y_null`` is then never used: not trained, so DDP

@@ -36,12 +36,6 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def prepared(prepared_campaign):
-    """The session's demo campaign with K = 3 clusters (tests/conftest.py): copy, never write."""
-    return prepared_campaign.root
-
-
-@pytest.fixture(scope="module")
 def trained(prepared, tmp_path_factory):
     """The K = 3 campaign trained once: 3 experts (expert 2 on two DDP workers) + the router.
 
