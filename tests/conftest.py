@@ -21,8 +21,8 @@ if str(REPO_ROOT) not in sys.path:  # tests also run from a plain checkout (no p
 #: the modules that take longest (CPU-seconds on 2 cores), started first so that neither worker
 #: is left with a long module at the end; every other module follows in collection order
 LONGEST_FIRST = ("test_multinode.py", "test_preemption.py", "test_training.py", "test_sweep.py",
-                 "test_prepare.py", "test_overfit.py", "test_hardening.py", "test_latents.py",
-                 "test_first_run.py", "test_clusters.py")
+                 "test_grow.py", "test_prepare.py", "test_overfit.py", "test_hardening.py",
+                 "test_latents.py", "test_first_run.py", "test_clusters.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
