@@ -368,7 +368,7 @@ def test_a_plan_that_cannot_fit_one_sample_is_refused_before_ray_naming_key_and_
                            "needs 14.3 GB for one sample per forward")
     assert "activation_checkpointing" not in line  # it would not fit with it either
     assert refusal(16).endswith("declare a larger GPU, or set "
-                                "experts.train.activation_checkpointing=true (12.8 GB)")
+                                "experts.train.activation_checkpointing=true (12.7 GB)")
     # the launcher refuses such a run before it waits for a GPU (its status line's reason)
     from hdd_ray.training.jobs import expert_job
 

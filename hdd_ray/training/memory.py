@@ -11,8 +11,10 @@ backward pass saves, estimated from the architecture alone (no network is built)
   there (they are from a step's second micro-batch on; on the first the peak is lower).
 * **activations per sample**, block by block, each tensor the backward keeps at its dtype: under
   bf16 autocast the matmul inputs (cast copies), outputs, attention outputs and the MLP's hidden
-  layer are bf16 (``a = 2`` bytes), the residual stream and the LayerNorm outputs fp32 (``r =
-  4``, the residual-stream dtype: the adds promote to fp32); in fp32 every tensor is 4 bytes.
+  layer are bf16 (``a = 2`` bytes), what a LayerNorm keeps and returns fp32 (``r = 4``: the
+  DiT's norms run in fp32, ``models/dit.Fp32LayerNorm``); the DiT's residual stream itself is
+  bf16 (a block's input under checkpointing, the gradients flowing along it), the router's
+  fp32; in fp32 every tensor is 4 bytes.
   The attention kernels are the fused ones (flash / memory-efficient: the output and a
   log-sum-exp are kept, never the N x L score matrix). A DiT block (AdaLN-Single: the shared
   ``t0`` modulation, so no per-block timestep MLP; self-attention, cross-attention to L text
@@ -39,7 +41,7 @@ fragmentation) is the plan's margin: ``usable = (gpu_memory_gb - 1.5) * 0.9`` GB
 
 Measured against the peak of live tensor storage of a micro-step's forward and backward
 (``tests/test_memory.py``, CPU, fp32 and bf16 autocast, with and without checkpointing): the
-estimate is 0-18 % above it (CPU's flash attention keeps the copy counted above; CUDA's may
+estimate is 0-15 % above it (CPU's flash attention keeps the copy counted above; CUDA's may
 not). ``train.micro_batch_size: auto`` takes the fewest micro-steps whose micro-batch fits:
 ``ceil(batch / k)`` samples for the smallest such ``k`` (:func:`balanced`).
 """
@@ -186,7 +188,7 @@ def estimate(net: Network, micro_batch: int, precision: str = "fp32",
              num_workers: int = 1) -> Estimate:
     """The peak memory of a training step at ``micro_batch`` samples per forward.
 
-    ``precision``: ``bf16`` (autocast: bf16 matmuls, fp32 residual stream) or ``fp32``;
+    ``precision``: ``bf16`` (autocast: bf16 matmuls, the DiT's residual stream bf16) or ``fp32``;
     ``rank_batch``: the samples one worker draws per accumulation chunk (default:
     ``micro_batch``); ``num_workers > 1`` adds DDP's gradient buckets. The peak is at the start
     of the backward pass (with checkpointing: of a block's recomputed backward).
@@ -200,14 +202,17 @@ def estimate(net: Network, micro_batch: int, precision: str = "fp32",
              "frozen": 4 * net.frozen_params, "ddp": 4 * p if num_workers > 1 else 0,
              "casts": 2 * cast if a < r else 0}
     block = _block(net, a, r)
-    outside = _outside(net, a, r)
+    # the DiT's residual stream itself is in the autocast dtype (models/dit.py casts the
+    # position embedding and the modulation tables); what a LayerNorm saves stays fp32
+    stream = a if net.kind == "dit" else r
+    outside = _outside(net, a, r) - (r - stream) * net.tokens * net.hidden  # h0
     if checkpointing:  # each block's input kept, one block recomputed at a time
-        kept = net.depth * r * net.tokens * net.hidden + outside + block
+        kept = net.depth * stream * net.tokens * net.hidden + outside + block
     else:
         kept = net.depth * block + outside
     # the gradients flowing back: the residual stream's and its branch's (with checkpointing
     # they replace the recomputed block's activations as it is walked back: one)
-    transient = (1 if checkpointing else 2) * r * net.tokens * net.hidden
+    transient = (1 if checkpointing else 2) * stream * net.tokens * net.hidden
     pixels = net.channels * net.image_size ** 2
     drawn = (16 if net.kind == "dit" else 12) * pixels + 8 * net.text_tokens
     return Estimate(micro_batch=micro_batch, state=state,
