@@ -108,10 +108,11 @@ class Fp32LayerNorm(nn.LayerNorm):
     LayerNorm; CPU's would keep bf16). The same parameters and state dict as ``nn.LayerNorm``."""
 
     def forward(self, x: Tensor) -> Tensor:
-        """``x`` normalised over its last dimensions, in float32."""
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+        """``x`` normalised over its last dimensions, in float32 (float64 stays float64)."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        weight = None if self.weight is None else self.weight.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps)
 
 
 def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
