@@ -152,7 +152,12 @@ def _reusable_manifest(paths: CampaignPaths, fingerprint: str) -> dict | None:
         return None
     # a grown campaign: each cluster set it has had is reused by the settings that name it
     # (its clustering.k), as the view of that generation (hdd_ray.campaign.generations)
-    gens = generations(old)
+    try:
+        gens = generations(old)
+    except (ValueError, TypeError, KeyError) as exc:
+        log.warning("prepare: %s is corrupt (%s): preparing the corpus again", paths.manifest,
+                    str(exc).splitlines()[0][:120])
+        return None
     match = next((g for i, g in enumerate(gens) if fingerprint == (
         old.get("fingerprint") if i == 0 else g.get("fingerprint"))), None)
     if match is None:
