@@ -240,12 +240,8 @@ class Mixture:
         from hdd_ray.campaign import STUDENT_JSON, load_expert
 
         model, desc = load_expert(directory, json_name=STUDENT_JSON)
-        one = dataclasses.replace(
-            cfg, clustering=dataclasses.replace(cfg.clustering, k=1),
-            experts=dataclasses.replace(cfg.experts, ddpm_clusters=[]),
-            sampling=dataclasses.replace(cfg.sampling, routing="top1", k=1, threshold=None,
-                                         guidance_scale=float(desc["sample_guidance"])))
-        return cls([(model.to(device), desc)], OneExpertRouter().to(device), one, device)
+        return cls([(model.to(device), desc)], OneExpertRouter().to(device),
+                   student_config(cfg, desc), device)
 
     @property
     def assignment(self) -> str:
@@ -363,6 +359,17 @@ def router_probs(router: Callable[[Tensor, Tensor], Tensor], x_t: Tensor, t: Ten
         logits = logits.float().index_fill(1, torch.tensor(list(retired), device=logits.device),
                                            float("-inf"))
     return torch.softmax(logits.float(), dim=1).to(x_t.dtype)
+
+
+def student_config(cfg: CampaignConfig, card: dict[str, Any]) -> CampaignConfig:
+    """The campaign as a one-expert mixture of a student (its ``student.json``: ``card``):
+    one cluster, top-1 routing, the student's own guidance; sampler, steps and the rest the
+    campaign's."""
+    return dataclasses.replace(
+        cfg, clustering=dataclasses.replace(cfg.clustering, k=1),
+        experts=dataclasses.replace(cfg.experts, ddpm_clusters=[]),
+        sampling=dataclasses.replace(cfg.sampling, routing="top1", k=1, threshold=None,
+                                     guidance_scale=float(card["sample_guidance"])))
 
 
 class OneExpertRouter(torch.nn.Module):

@@ -141,7 +141,7 @@ def test_a_killed_student_resumes_and_records_its_teacher(prepared_campaign, tmp
     from mlflow.tracking import MlflowClient
 
     from hdd_ray import tracking
-    from hdd_ray.commands import distill
+    from hdd_ray.commands import distill, sample
     from hdd_ray.ensemble import Mixture
     from hdd_ray.training.launcher import train_campaign
 
@@ -194,3 +194,8 @@ def test_a_killed_student_resumes_and_records_its_teacher(prepared_campaign, tmp
     student = Mixture.from_student(str(d), cfg)
     images = student.sample(["a handwritten 3", "a 7"], steps=2)
     assert images.shape == (2, 1, 8, 8) and student.last_evaluations == [2 * 3]
+    out = tmp_path / "student.png"  # jobs/sample.py samples it by its id
+    assert sample.main(["--student", d.name, "--prompt", "a 3", "--num", "1", "--steps", "2",
+                        "--out", str(out), f"root={root}", *prepared_campaign.overrides,
+                        *tiny, "tracking.enabled=false"]) == 0
+    assert out.exists()
