@@ -77,21 +77,27 @@ def models(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
     return {"mixture": load_mixture(cfg), **found}
 
 
-def per_image_cost(model: Any, prompts: list[str], repeats: int) -> dict[str, float]:
-    """Sampling wall time per image (best of ``repeats``) and network rows per image."""
-    best = float("inf")
+def per_image_costs(loaded: dict[str, Any], prompts: list[str],
+                    repeats: int) -> dict[str, dict[str, float]]:
+    """Per model: sampling wall time per image (best of ``repeats``, the models timed round
+    robin so a slow spell of the machine hits all of them) and network rows per image."""
+    best = dict.fromkeys(loaded, float("inf"))
     for _ in range(repeats):
-        started = time.perf_counter()
-        model.sample(prompts, seed=0)
-        best = min(best, time.perf_counter() - started)
-    s = model.cfg.sampling
-    calls = 2 * s.steps - 1 if s.sampler == "heun" else s.steps
-    rows_per_eval = 2 if s.guidance_scale != 1 else 1
-    experts = sum(model.last_evaluations) / len(prompts)
-    router = calls if model.cfg.clustering.k > 1 else 0
-    return {"seconds_per_image": best / len(prompts),
-            "expert_evaluations_per_image": experts,
-            "network_rows_per_image": experts * rows_per_eval + router}
+        for name, model in loaded.items():
+            started = time.perf_counter()
+            model.sample(prompts, seed=0)
+            best[name] = min(best[name], time.perf_counter() - started)
+    out = {}
+    for name, model in loaded.items():
+        s = model.cfg.sampling
+        calls = 2 * s.steps - 1 if s.sampler == "heun" else s.steps
+        experts = sum(model.last_evaluations) / len(prompts)
+        out[name] = {"seconds_per_image": best[name] / len(prompts),
+                     "expert_evaluations_per_image": experts,
+                     # a guided evaluation is two rows (conditional, null); the router's rows
+                     "network_rows_per_image": experts * (2 if s.guidance_scale != 1 else 1)
+                     + (calls if model.cfg.clustering.k > 1 else 0)}
+    return out
 
 
 def main() -> None:
@@ -128,10 +134,12 @@ def main() -> None:
         rows[name] = {**{k: scores[k] for k in statistics.interval_columns(
                          ("fid", "fid_floor", "clip_score", "diversity"))},
                       "fid_n": scores["fid_n"], "guidance": model.cfg.sampling.guidance_scale,
-                      "eval_s": time.time() - t0,
-                      **per_image_cost(model, prompts[:args.timing_samples], args.repeats)}
+                      "eval_s": time.time() - t0}
         print(name, {k: round(v, 4) if isinstance(v, float) else v for k, v in rows[name].items()},
               flush=True)
+    for name, cost in per_image_costs(loaded, prompts[:args.timing_samples],
+                                      args.repeats).items():
+        rows[name].update(cost)
     paired = {}
     for a, b in (("student", "mixture"), ("student", "monolith"), ("mixture", "monolith")):
         diff = statistics.paired_differences(

@@ -199,3 +199,21 @@ def test_a_killed_student_resumes_and_records_its_teacher(prepared_campaign, tmp
                         "--out", str(out), f"root={root}", *prepared_campaign.overrides,
                         *tiny, "tracking.enabled=false"]) == 0
     assert out.exists()
+
+
+def test_the_memory_plan_counts_the_teacher():
+    """Every expert of the teacher (each may be selected) and its router: fp32 weights, and one
+    guided forward per sample; the monolith (no teacher) none of it."""
+    from hdd_ray.training.distill import student_network
+    from hdd_ray.training.memory import estimate, expert_network, router_network
+
+    text = {"encoder": "learned", "dim": 64, "depth": 1, "vocab_size": 1024, "max_len": 8}
+    expert = {"architecture": "DiT-S/2", "text": text}
+    teacher = {"experts": [expert, None, expert], "router": {"model": "router-T"}}
+    alone = student_network("DiT-T/4", text, 32, 4, None)
+    net = student_network("DiT-T/4", text, 32, 4, teacher)
+    weights = 2 * expert_network("DiT-S/2", text, 32, 4).trainable_params() + router_network(
+        "router-T", 32, 4, 3).trainable_params()
+    with_teacher, without = estimate(net, 8), estimate(alone, 8)
+    assert with_teacher.state["teacher"] == 4 * weights and without.state["teacher"] == 0
+    assert with_teacher.per_sample > without.per_sample

@@ -72,9 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     except (CampaignError, ConfigError, MixtureError, SweepError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{job.name}: {job.objective} of the mixture {teacher['assignment']} "
-          f"({teacher['routing']}, guidance {teacher['guidance']:g}) into one "
-          f"{job.settings.expert.model if job.settings.expert else '?'}", flush=True)
+    model = job.settings.expert.model if job.settings.expert else "?"
+    print(f"{job.name}: the mixture {teacher['assignment']} ({teacher['routing']}, guidance "
+          f"{teacher['guidance']:g}) distilled into one {model}" if job.objective == "distill"
+          else f"{job.name}: the monolith baseline, one {model} trained on the data alone "
+          f"(samples at guidance {teacher['guidance']:g})", flush=True)
     with tracking.run(cfg, "distill", tags={"stage": "campaign"},
                       keep_without_children=False) as parent:
         init_ray(cfg)
