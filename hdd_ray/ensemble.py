@@ -263,6 +263,20 @@ class Mixture:
         retired = [c for c, (model, _) in enumerate(experts) if model is None]
         return cls(experts, router, cfg, device, retired=retired)
 
+    @classmethod
+    def from_student(cls, directory: str, cfg: CampaignConfig,
+                     device: str | torch.device = "cpu") -> Mixture:
+        """A distilled student (``<root>/students/<id>/``, :mod:`hdd_ray.training.distill`) as
+        a one-expert mixture on ``device``: its one expert always weighted 1, sampled by
+        :meth:`sample` with the campaign's sampler and steps at the student's own guidance
+        (1 for a student: the teacher's guidance is distilled in; the teacher's for the
+        monolith baseline), so it samples and evaluates through the mixture's code."""
+        from hdd_ray.campaign import STUDENT_JSON, load_expert
+
+        model, desc = load_expert(directory, json_name=STUDENT_JSON)
+        return cls([(model.to(device), desc)], OneExpertRouter().to(device),
+                   student_config(cfg, desc), device)
+
     @property
     def assignment(self) -> str:
         """The objectives per cluster as a readable string, e.g. ``D F - D F F F F``."""
@@ -271,47 +285,25 @@ class Mixture:
 
     def fields(self, prompts: list[str], guidance: float,
                device: str | torch.device) -> list[VelocityField]:
-        """Each expert as a guided flow-matching velocity field over ``cond = {"index": [B]}``."""
-        from hdd_ray.campaign import expert_objective
-        from hdd_ray.diffusion import Safeguards, guided
+        """Each expert as a guided flow-matching velocity field over ``cond = {"index": [B]}``
+        (:func:`expert_field`; a retired cluster's never evaluated)."""
+        from hdd_ray.diffusion import Safeguards
 
         safeguards = Safeguards(**dataclasses.asdict(self.cfg.sampling.conversion))
-        out: list[VelocityField] = []
-        for model, desc in self.experts:
-            if model is None:  # retired: routed a zero weight, so never evaluated
-                out.append(_retired_field)
-                continue
-            objective = expert_objective(desc)  # with the network it predicts
-            tok = model.tokenize(prompts, device)
-            # the captions' token features do not change over the ODE steps: encode them once
-            tokens = model.encode_text(tok["ids"], tok["mask"])
-            net = network_call(model, device, self.mixed_precision)
-            field = guided(objective.velocity_field(net, safeguards, model.prior_mean()), guidance)
-
-            def expert_field(x, t, cond, _f=field, _tokens=tokens, _mask=tok["mask"]):
-                idx = cond["index"]
-                return _f(x, t, {"tokens": _tokens[idx], "mask": _mask[idx]})
-
-            out.append(expert_field)
-        return out
+        return [_retired_field if model is None else
+                expert_field(model, desc, prompts, guidance, device, safeguards,
+                             self.mixed_precision)
+                for model, desc in self.experts]
 
     def router_probs(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         """``p(k | x_t, t)`` from the router (flow-matching t in [0, 1]); the centroid router's
         are its prompts' weights (``cond["index"]`` into the prompts being sampled)."""
-        from hdd_ray.diffusion import FM_TIME_SCALE
-
+        logits = None
         if self.prompt_weights is not None:
             if cond is None:
                 raise MixtureError("the centroid router routes on the prompt: no prompt given")
             logits = self.prompt_weights.to(x_t.device)[cond["index"]].clamp_min(1e-30).log()
-        else:
-            with devices.autocast(x_t.device, self.mixed_precision):
-                logits = self.router(x_t, t * FM_TIME_SCALE)
-        if self.retired:  # left-out experts get no weight; the others share it in proportion
-            logits = logits.float().index_fill(1, torch.tensor(self.retired,
-                                                               device=logits.device),
-                                               float("-inf"))
-        return torch.softmax(logits.float(), dim=1).to(x_t.dtype)
+        return router_probs(self.router, x_t, t, self.retired, self.mixed_precision, logits)
 
     @torch.no_grad()
     def sample(
@@ -369,6 +361,69 @@ class Mixture:
             out.append((to_pixels(self.cfg, x) if latent else x.clamp(-1, 1)).cpu())
         self.last_evaluations = list(mix.evaluations)
         return torch.cat(out)
+
+
+def expert_field(model: ExpertModel, desc: dict[str, Any], prompts: list[str], guidance: float,
+                 device: str | torch.device, safeguards: Any,
+                 mixed_precision: str = "no") -> VelocityField:
+    """One expert (``expert.json``: ``desc``) as a guided flow-matching velocity field over
+    ``cond = {"index": [B]}`` into ``prompts`` (the captions encoded once, by the expert's own
+    tokenizer and text encoder); a ``cond["drop"]`` marks samples whose caption is dropped
+    (their velocity is the unconditional one). The one way a mixture reads an expert: sampling
+    (:meth:`Mixture.fields`) and a distillation teacher (:mod:`hdd_ray.training.distill`)."""
+    from hdd_ray.campaign import expert_objective
+    from hdd_ray.diffusion import guided
+
+    objective = expert_objective(desc)  # with the network it predicts
+    tok = model.tokenize(prompts, device)
+    # the captions' token features do not change over the ODE steps: encode them once
+    tokens = model.encode_text(tok["ids"], tok["mask"])
+    net = network_call(model, device, mixed_precision)
+    field = guided(objective.velocity_field(net, safeguards, model.prior_mean()), guidance)
+
+    def indexed(x: Tensor, t: Tensor, cond: Any) -> Tensor:
+        idx = cond["index"]
+        inner = {"tokens": tokens[idx], "mask": tok["mask"][idx]}
+        if "drop" in cond:
+            inner["drop"] = cond["drop"]
+        return field(x, t, inner)
+
+    return indexed
+
+
+def router_probs(router: Callable[[Tensor, Tensor], Tensor], x_t: Tensor, t: Tensor,
+                 retired: Sequence[int] = (), mixed_precision: str = "no",
+                 logits: Tensor | None = None) -> Tensor:
+    """``p(k | x_t, t)`` of ``router`` (flow-matching t in [0, 1]) or of ``logits`` (the centroid
+    router's log-weights); ``retired`` experts get no weight, the others share it in proportion."""
+    from hdd_ray.diffusion import FM_TIME_SCALE
+
+    if logits is None:
+        with devices.autocast(x_t.device, mixed_precision):
+            logits = router(x_t, t * FM_TIME_SCALE)
+    if retired:
+        logits = logits.float().index_fill(1, torch.tensor(list(retired), device=logits.device),
+                                           float("-inf"))
+    return torch.softmax(logits.float(), dim=1).to(x_t.dtype)
+
+
+def student_config(cfg: CampaignConfig, card: dict[str, Any]) -> CampaignConfig:
+    """The campaign as a one-expert mixture of a student (its ``student.json``: ``card``):
+    one cluster, top-1 routing, the student's own guidance; sampler, steps and the rest the
+    campaign's."""
+    return dataclasses.replace(
+        cfg, clustering=dataclasses.replace(cfg.clustering, k=1),
+        experts=dataclasses.replace(cfg.experts, ddpm_clusters=[]),
+        sampling=dataclasses.replace(cfg.sampling, routing="top1", k=1, threshold=None,
+                                     guidance_scale=float(card["sample_guidance"])))
+
+
+class OneExpertRouter(torch.nn.Module):
+    """The router of a one-expert mixture (a distilled student): one logit, always chosen."""
+
+    def forward(self, x: Tensor, time: Tensor) -> Tensor:
+        """Zero logits ``[B, 1]``: probability 1 for the one expert."""
+        return x.new_zeros(x.shape[0], 1)
 
 
 def _retired_field(x: Tensor, t: Tensor, cond: Any = None) -> Tensor:

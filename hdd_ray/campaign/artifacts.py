@@ -16,6 +16,7 @@ from hdd_ray.errors import ExpertRejected
 WEIGHTS = "weights.safetensors"
 EXPERT_JSON = "expert.json"
 ROUTER_JSON = "router.json"
+STUDENT_JSON = "student.json"  # a distilled student's card (hdd_ray.training.distill)
 
 
 def file_sha256(path: str) -> str:

@@ -24,6 +24,7 @@ LAYOUT: dict[str, tuple[str, str]] = {
     "heldout": ("clusters", "heldout"),  # the held-out evaluation split
     "experts": ("root", "experts"),  # the Ray Train storage path of the expert runs
     "router": ("root", "router"),  # the Ray Train storage path of the router runs
+    "students": ("root", "students"),  # dense students distilled from mixtures (jobs/distill.py)
     "mixtures": ("root", "mixtures"),  # evaluated mixtures and the comparison table
     "velocity_error": ("mixtures", "velocity_error"),  # evaluation/velocity_error.py's curves
     "sweeps": ("root", "sweeps"),  # the Ray Tune storage path of the sweeps
@@ -51,6 +52,7 @@ class CampaignPaths:
         heldout: str
         experts: str
         router: str
+        students: str
         mixtures: str
         velocity_error: str
         sweeps: str
@@ -76,6 +78,10 @@ class CampaignPaths:
     def router_dir(self, router_id: str) -> str:
         """One router's storage (Ray Train run + final weights + router.json)."""
         return storage.join(self.router, router_id)
+
+    def student_dir(self, student_id: str) -> str:
+        """One distilled student's storage (run + weights.safetensors + student.json)."""
+        return storage.join(self.students, student_id)
 
     def mixture_dir(self, mixture_id: str) -> str:
         """One evaluated mixture: ``metrics.json`` and its sample grid."""

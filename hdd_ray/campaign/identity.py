@@ -203,6 +203,47 @@ def router_id(cfg: CampaignConfig, manifest: dict[str, Any]) -> str:
     return "router-" + short_hash(router_identity(cfg, manifest))
 
 
+#: what a student's teacher contributes to its identity: the mixture it follows, never paths
+TEACHER_IDENTITY_KEYS = ("experts", "router", "routing", "k", "threshold", "guidance",
+                         "retired", "conversion", "sampler", "mixed_precision")
+
+
+def student_identity(cfg: CampaignConfig, manifest: dict[str, Any],
+                     teacher: dict[str, Any] | None) -> dict[str, Any]:
+    """What determines a distilled student's weights (``distill``; precision as applied): its
+    architecture, text encoder, training settings and data weight, the data (every cluster's:
+    the manifest's hash), and, when it learns from one (``distill.data_weight < 1``), its
+    teacher: the experts' and router's ids, routing, guidance, conversion and sampler settings
+    (:data:`TEACHER_IDENTITY_KEYS` of the record,
+    :func:`hdd_ray.training.distill.campaign_teacher`). The monolith baseline
+    (``data_weight: 1``) has no teacher: one monolith per recipe, whatever the mixture."""
+    d = cfg.distill
+    train, resources = to_dict(d.train), to_dict(d.resources)
+    identity: dict[str, Any] = {
+        "student": "fm_velocity", "model": d.model or cfg.experts.model,
+        "text": _text_identity(to_dict(cfg.experts.text)), "train": _identity_train(train),
+        "data_weight": float(d.data_weight), "data_hash": str(manifest["data_hash"]),
+        "image_size": cfg.corpus.image_size, "channels": cfg.corpus.channels}
+    if cfg.experts.adaln != "single":
+        identity["adaln"] = cfg.experts.adaln
+    if applied_precision(train, resources) == "bf16":
+        identity["precision"] = "bf16"
+    identity.update(_latent_identity(manifest))
+    if teacher is not None and float(d.data_weight) < 1:
+        ids = dict(teacher, experts=[e and e["expert_id"] for e in teacher["experts"]],
+                   router=teacher["router"]["router_id"])
+        identity["teacher"] = {key: ids.get(key) for key in TEACHER_IDENTITY_KEYS}
+    return identity
+
+
+def student_id(cfg: CampaignConfig, manifest: dict[str, Any],
+               teacher: dict[str, Any] | None) -> str:
+    """Deterministic id of a student (``student-<hash>``), or of the monolith baseline
+    (``monolith-<hash>``: ``distill.data_weight: 1``)."""
+    prefix = "monolith" if float(cfg.distill.data_weight) >= 1 else "student"
+    return f"{prefix}-{short_hash(student_identity(cfg, manifest, teacher))}"
+
+
 def with_assignment(cfg: CampaignConfig, ddpm_clusters: Iterable[int],
                     schedule: str | None = None) -> CampaignConfig:
     """The same campaign with another objective assignment (and DDPM schedule, when given)."""

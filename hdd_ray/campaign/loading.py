@@ -17,18 +17,20 @@ if TYPE_CHECKING:
     from hdd_ray.models.expert import ExpertModel, RouterModel
 
 
-def load_expert(directory: str,
-                text: dict[str, Any] | None = None) -> tuple[ExpertModel, dict[str, Any]]:
+def load_expert(directory: str, text: dict[str, Any] | None = None,
+                json_name: str = EXPERT_JSON) -> tuple[ExpertModel, dict[str, Any]]:
     """An exported expert (safetensors + expert.json), checked against its description.
 
     ``text``: the text encoder settings to build in place of the description's (a mixture
-    folder's towers where they lie now); the description is returned as written."""
+    folder's towers where they lie now); the description is returned as written.
+    ``json_name``: ``student.json`` for a distilled student (a dense expert of every cluster)."""
     from hdd_ray.models.expert import ExpertModel, load_weights
 
-    desc = storage.read_json(storage.join(directory, EXPERT_JSON))
+    desc = storage.read_json(storage.join(directory, json_name))
     model = ExpertModel(desc["architecture"], text or desc["text"], desc["image_size"],
                         desc["channels"], adaln=desc.get("adaln") or "single")
-    load_weights(model, storage.join(directory, WEIGHTS), f"expert {desc['expert_id']}",
+    name = desc.get("expert_id") or desc.get("student_id")
+    load_weights(model, storage.join(directory, WEIGHTS), f"expert {name}",
                  sha256=desc.get("weights_sha256"))  # in full: never the verified cache
     return model.eval(), desc
 

@@ -6,6 +6,7 @@ r"""Your prompts to images: sample a trained campaign's mixture and write a PNG 
     python jobs/sample.py --prompts my_prompts.txt --assignment "D F F D F F F F" --out grid.png
     python jobs/sample.py --prompt "a handwritten 4" --mixture objectives   # a sweep's best
     python jobs/sample.py --mixture-dir digits-mixture --prompt "a handwritten 4"  # an export
+    python jobs/sample.py --student student-1a2b3c4d5e --prompt "a handwritten 4"  # distilled
     python jobs/sample.py --config jobs/configs/<campaign>.yaml root=s3://bucket/c --prompt "..."
     ray job submit --working-dir . -- python jobs/sample.py root=/abs/path/runs/demo \
         --prompt "a handwritten digit seven" --out /abs/path/seven.png
@@ -16,7 +17,9 @@ fm_velocity, ``-`` = that expert left out: its routing weight is masked and the 
 renormalised, no training), or a sweep's best (``--mixture NAME``: ``<root>/sweeps/NAME/best_mixture.json``,
 whose routing, k, threshold, guidance, steps and seed are the defaults; the flags override them),
 or a folder ``jobs/export_mixture.py`` wrote (``--mixture-dir PATH``: its own settings, the flags
-over them; no campaign is needed and the default ``--out`` is ``./samples/``). Every expert it
+over them; no campaign is needed and the default ``--out`` is ``./samples/``), or a dense student
+``jobs/distill.py`` trained (``--student ID``: ``<root>/students/ID``, sampled as a one-expert
+mixture at its own guidance). Every expert it
 uses must be trained (``python jobs/train_all_experts.py``).
 
 Prints, for each image, the experts it used with their routing weights: the blend weights of
@@ -78,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                        "help": "a sweep's best mixture (sweep name or best_mixture.json path)"}),
         ("--mixture-dir", {"default": None, "metavar": "PATH",
                            "help": "a mixture folder (jobs/export_mixture.py)"}),
+        ("--student", {"default": None, "metavar": "ID",
+                       "help": "a distilled student of the campaign (jobs/distill.py)"}),
         ("--routing", {"default": None, "choices": list(STRATEGIES)}),
         ("--k", {"type": int, "default": None, "help": "experts per sample for topk"}),
         ("--threshold", {"type": float, "default": None}),
@@ -115,7 +120,22 @@ def _mixture(cfg: CampaignConfig,
     from hdd_ray.choices import parse_mixture
     from hdd_ray.ensemble import MixtureSpec
 
-    if args.mixture_dir:  # an exported folder: its own settings, the flags over them
+    if args.student:  # a dense student: a one-expert mixture at its own guidance
+        from hdd_ray import storage
+        from hdd_ray.campaign import STUDENT_JSON, CampaignPaths
+        from hdd_ray.ensemble import student_config
+        from hdd_ray.errors import ConfigError
+
+        if args.mixture or args.assignment or args.mixture_dir:
+            raise ConfigError("--student: a student is one model (no --mixture, --mixture-dir "
+                              "or --assignment with it)")
+        card = storage.join(CampaignPaths(storage.absolute(cfg.root)).student_dir(args.student),
+                            STUDENT_JSON)
+        if not storage.exists(card):
+            raise ConfigError(f"--student {args.student}: no {card} (python jobs/distill.py)")
+        cfg = student_config(cfg, storage.read_json(card))
+        spec = MixtureSpec.from_config(cfg)
+    elif args.mixture_dir:  # an exported folder: its own settings, the flags over them
         from hdd_ray.errors import ConfigError
         from hdd_ray.mixture_folder import folder_config, read_mixture
 
@@ -155,8 +175,15 @@ def _sample(cfg: CampaignConfig, args: argparse.Namespace, prompts: list[str],
     images_prompts = [p for p in prompts for _ in range(args.num)]
     n = len(images_prompts)
     batch = cfg.sampling.batch_size  # the mixture samples batch after batch, in order
-    mixture = (Mixture.from_folder(args.mixture_dir, device) if args.mixture_dir
-               else load_mixture(cfg, spec.ddpm_clusters, device, retired=spec.retired))
+    if args.student:
+        from hdd_ray.campaign import CampaignPaths
+
+        mixture = Mixture.from_student(CampaignPaths(cfg.root).student_dir(args.student), cfg,
+                                       device)
+    elif args.mixture_dir:
+        mixture = Mixture.from_folder(args.mixture_dir, device)
+    else:
+        mixture = load_mixture(cfg, spec.ddpm_clusters, device, retired=spec.retired)
     k_clusters = cfg.clustering.k
     print(f"mixture {spec.assignment(k_clusters)} ({spec.routing}"
           + (f", k={spec.k}" if spec.routing == "topk" else "")

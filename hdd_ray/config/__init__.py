@@ -10,7 +10,7 @@ Each section's dataclass carries its own ``validate`` method, so an option, its 
 rule are read in one place:
 
 * :mod:`hdd_ray.config.data` -- ``corpus``, ``latents``, ``clustering``;
-* :mod:`hdd_ray.config.training` -- ``experts`` (``text``, ``list``) and ``router``, with the
+* :mod:`hdd_ray.config.training` -- ``experts`` (``text``, ``list``), ``router`` and ``distill``, with the
   ``train``, ``resources`` and ``data`` sections they share;
 * :mod:`hdd_ray.config.inference` -- ``sampling`` (``conversion``) and ``evaluation``;
 * :mod:`hdd_ray.config.orchestration` -- ``tracking``, ``ray``, ``sweep``;
@@ -61,6 +61,7 @@ from hdd_ray.config.training import (
     MICRO_BATCH_AUTO,
     MIXED_PRECISION,
     DataConfig,
+    DistillConfig,
     ExpertsConfig,
     ExpertSpec,
     ResourcesConfig,
@@ -99,6 +100,7 @@ __all__ = [
     "ConversionConfig",
     "CorpusConfig",
     "DataConfig",
+    "DistillConfig",
     "EvaluationConfig",
     "EvaluationResources",
     "ExpertSpec",

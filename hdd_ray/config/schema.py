@@ -13,7 +13,12 @@ from hdd_ray.config.inference import EvaluationConfig, SamplingConfig
 from hdd_ray.config.orchestration import RayConfig, SweepConfig, TrackingConfig
 from hdd_ray.config.pretrained import resolve_init
 from hdd_ray.config.rules import plain
-from hdd_ray.config.training import ExpertsConfig, RouterConfig, merge_resources
+from hdd_ray.config.training import (
+    DistillConfig,
+    ExpertsConfig,
+    RouterConfig,
+    merge_resources,
+)
 
 
 @dataclass
@@ -33,6 +38,7 @@ class CampaignConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 # --------------------------------------------------------------------------- resolved experts

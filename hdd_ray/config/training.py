@@ -1,5 +1,6 @@
-"""The training sections: ``experts`` (with ``experts.list``) and ``router``, and what they
-share: ``train``, ``resources``, ``data`` (and the experts' ``text``)."""
+"""The training sections: ``experts`` (with ``experts.list``), ``router`` and ``distill`` (one
+dense student distilled from a mixture), and what they share: ``train``, ``resources``,
+``data`` (and the experts' ``text``)."""
 
 from __future__ import annotations
 
@@ -296,6 +297,40 @@ class RouterConfig:
         self.train.validate("router.train")
         self.resources.validate("router.resources")
         self.data.validate("router.data")
+
+
+@dataclass
+class DistillConfig:
+    """One dense flow-matching student distilled from a mixture (``jobs/distill.py``).
+
+    ``teacher``: the mixture it learns from: ``None`` (the config's own: experts.ddpm_clusters
+    and ``sampling``), an assignment (``"D F - D ..."``) or ``best`` (the best mixture of the
+    sweep ``sweep.name``). ``data_weight``: the share of the data target ``eps - x0`` in the
+    student's target; the teacher's velocity has the rest (1.0: the monolith baseline, no
+    teacher). ``model`` (None: ``experts.model``) and the ``text`` encoder are the experts'."""
+
+    teacher: Optional[str] = None
+    data_weight: float = 0.0
+    model: Optional[str] = None
+    # caption dropout 0: a dropped caption's target is the teacher's unconditional velocity,
+    # never used by a student that samples at guidance 1 (the monolith baseline wants 0.1)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(caption_dropout=0.0))
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> None:
+        """One-line :class:`ConfigError` on the first bad value of ``distill`` (the teacher's
+        assignment is checked against ``clustering.k`` by :func:`hdd_ray.config.validate`)."""
+        if not 0.0 <= float(self.data_weight) <= 1.0:
+            raise ConfigError(f"distill.data_weight={self.data_weight!r}: must be in [0, 1] "
+                              "(1 = the monolith baseline, trained on data alone)")
+        if self.model is not None:
+            check_choice("distill.model", self.model, tuple(DIT_SIZES))
+        if self.teacher is not None and not str(self.teacher).strip():
+            raise ConfigError("distill.teacher='': an assignment ('D F F ...'), 'best' or None")
+        self.train.validate("distill.train")
+        self.resources.validate("distill.resources")
+        self.data.validate("distill.data")
 
 
 def merge_resources(base: Any, override: Any, prefix: str = "experts.list[].resources") -> Any:

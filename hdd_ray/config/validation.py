@@ -50,6 +50,25 @@ def validate(cfg: CampaignConfig) -> None:
                     f"{key}.resources.num_workers={workers}: ray.executor=task runs each run as "
                     "one Ray task (one worker); use ray.executor=train for more")
     validate_sweep(cfg)
+    validate_distill(cfg)
+
+
+def validate_distill(cfg: CampaignConfig) -> None:
+    """The ``distill`` section, its teacher's assignment against ``clustering.k`` and its batch
+    against its workers (one-line :class:`ConfigError`)."""
+    from hdd_ray.choices import parse_mixture
+
+    d = cfg.distill
+    d.validate()
+    if d.teacher is not None and d.teacher != "best":
+        parse_mixture(d.teacher, cfg.clustering.k, "distill.teacher")
+    check_global_batch("distill", d.train.batch_size, d.resources.num_workers)
+    check_micro_batch_size("distill", d.train.batch_size, d.train.micro_batch_size,
+                           d.resources.num_workers)
+    if cfg.ray.executor == "task" and d.resources.num_workers != 1:
+        raise ConfigError(
+            f"distill.resources.num_workers={d.resources.num_workers}: ray.executor=task runs "
+            "each run as one Ray task (one worker); use ray.executor=train for more")
 
 
 def check_global_batch(what: str, batch_size: int, num_workers: int) -> None:

@@ -1,5 +1,6 @@
 """What the launcher executes: one :class:`Job` per independent training run, an expert
-(:func:`expert_job`) or the router (:func:`router_job`).
+(:func:`expert_job`), the router (:func:`router_job`) or a distilled student
+(:func:`student_job`, :mod:`hdd_ray.training.distill`).
 
 A job holds what the campaign decides about its run: its id and identity (from
 :mod:`hdd_ray.campaign`), its resources, the :class:`~hdd_ray.training.settings.RunSettings` its
@@ -18,6 +19,7 @@ from hdd_ray import storage
 from hdd_ray.campaign import (
     EXPERT_JSON,
     ROUTER_JSON,
+    STUDENT_JSON,
     WEIGHTS,
     CampaignPaths,
     cluster_info,
@@ -32,6 +34,8 @@ from hdd_ray.campaign import (
     router_id,
     router_identity,
     router_train,
+    student_id,
+    student_identity,
     with_k,
 )
 from hdd_ray.config import CampaignConfig, ResolvedExpert, TrainConfig, to_dict
@@ -40,7 +44,7 @@ from hdd_ray.training.memory import expert_plan, router_plan
 from hdd_ray.training.reports import router_accuracy
 from hdd_ray.training.settings import RunSettings
 
-__all__ = ["Job", "expert_job", "router_job"]
+__all__ = ["Job", "expert_job", "router_job", "student_job"]
 
 
 @dataclass
@@ -190,4 +194,57 @@ def router_job(cfg: CampaignConfig, manifest: dict[str, Any]) -> Job:
         precheck_error=refusal or (router_plan(cfg, (size, ch)).refusal()
                                    if resources.get("gpu_memory_gb") else ""),
         report=lambda weights: {"top1_accuracy_by_t": router_accuracy(cfg, weights, resources)},
+    )
+
+
+def student_job(cfg: CampaignConfig, manifest: dict[str, Any],
+                teacher: dict[str, Any]) -> Job:
+    """The run of the dense student ``distill`` describes, learning from ``teacher`` (a record
+    of :func:`hdd_ray.training.distill.campaign_teacher` or ``folder_teacher``); with
+    ``distill.data_weight: 1`` the monolith baseline (data alone, no teacher loaded). Its card
+    (``student.json``) records the teacher, and the guidance it samples at (1 for a student:
+    the teacher's is distilled in; the teacher's own for the monolith)."""
+    from hdd_ray.training.distill import student_plan
+
+    d = cfg.distill
+    distilled = float(d.data_weight) < 1
+    train, resources = to_dict(d.train), to_dict(d.resources)
+    (size, ch), k = model_shape(cfg, manifest), cfg.clustering.k
+    model, text = d.model or cfg.experts.model, to_dict(cfg.experts.text)
+    network = ResolvedExpert(index=0, cluster=-1, objective="fm_velocity", schedule=None,
+                             model=model, text=text, train=train, resources=resources,
+                             adaln=cfg.experts.adaln)
+    identity = student_identity(cfg, manifest, teacher)
+    counts = {c: int(cluster_info(manifest, c)["count"]) for c in range(k)}
+    ids = [e["expert_id"] for e in teacher["experts"] if e is not None]
+    return Job(
+        kind="student", name=student_id(cfg, manifest, teacher), cluster=None,
+        objective="distill" if distilled else "monolith",
+        storage_path=CampaignPaths(cfg.root).students, json_name=STUDENT_JSON,
+        identity=identity, resources=resources,
+        settings=RunSettings(
+            kind="student", train=TrainConfig(**train), data=data_settings(to_dict(d.data)),
+            expert=network, num_clusters=k,
+            cluster_shards={c: cluster_shards(cfg, manifest, c) for c in range(k)},
+            cluster_counts=counts,
+            distill={"data_weight": float(d.data_weight),
+                     "teacher": teacher if distilled else None},
+            **_common(cfg, resources, manifest)),
+        describe={"objective": "fm_velocity", "schedule": None, "architecture": model,
+                  "text": text, "adaln": cfg.experts.adaln, "network": None,
+                  "image_size": size, "channels": ch, "data_hash": str(manifest["data_hash"]),
+                  "num_samples": sum(counts.values()), "resources": resources,
+                  "data_weight": float(d.data_weight), "distilled": distilled,
+                  "teacher": teacher if distilled else None,
+                  "sample_guidance": 1.0 if distilled else float(teacher["guidance"]),
+                  "train": train, **_latents_describe(manifest)},
+        tags={"kind": "student", "data_weight": f"{float(d.data_weight):g}",
+              **({"teacher_experts": ",".join(ids),
+                  "teacher_router": teacher["router"]["router_id"],
+                  "teacher_assignment": teacher["assignment"],
+                  "teacher_routing": teacher["routing"],
+                  "teacher_guidance": f"{teacher['guidance']:g}"} if distilled else {})},
+        executor=cfg.ray.executor,
+        precheck_error=(student_plan(cfg, (size, ch), teacher).refusal()
+                        if resources.get("gpu_memory_gb") else ""),
     )

@@ -44,7 +44,7 @@ from hdd_ray.training.reports import log_sample_grid
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train_campaign"]
+__all__ = ["train_campaign", "train_student"]
 
 
 def _local_gate(cfg: CampaignConfig) -> ResourceGate | None:
@@ -80,7 +80,8 @@ def _execute_one(job: Job, runs: RunTracker, gate: ResourceGate | None,
     if job.precheck_error:
         status.reason = job.precheck_error
         return status
-    key = "experts.resources" if job.kind == "expert" else "router.resources"
+    key = {"expert": "experts.resources", "student": "distill.resources"}.get(
+        job.kind, "router.resources")
     if gate is not None:
         unfit = gate.unfit(job.resources, key)
         if unfit:
@@ -249,6 +250,20 @@ def train_campaign(
     statuses = [done[i] for i in range(len(jobs))]
     runs.sync()  # what this launch's workers could not deliver
     return statuses
+
+
+def train_student(cfg: CampaignConfig, job: Job, parent_run_id: str | None = None) -> RunStatus:
+    """Train (or reuse / resume) a distilled student's run (:func:`hdd_ray.training.jobs.
+    student_job`) like an expert's: its own executor, checkpoints, failure handling, export and
+    MLflow run (a child of ``parent_run_id``, tagged with its teacher). Ray must be
+    initialised; never raises (a failure is the status's reason)."""
+    runs = RunTracker(replace(cfg, root=storage.absolute(cfg.root)), parent_run_id)
+    gate = _local_gate(cfg)
+    runs.sync()
+    with _no_preemption_watcher_on_one_node(gate):
+        status = _execute(job, runs, gate, CampaignProgress(1, 1))
+    runs.sync()
+    return status
 
 
 def _work(job: Job) -> int:

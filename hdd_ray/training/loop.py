@@ -1,6 +1,8 @@
-"""One training loop for every expert and the router, run by Ray Train on each worker (or, with
-``ray.executor: task``, as one Ray task per run), told what to train by a
-:class:`hdd_ray.training.settings.RunSettings`.
+"""One training loop for every expert, the router and a distilled student, run by Ray Train on
+each worker (or, with ``ray.executor: task``, as one Ray task per run), told what to train by a
+:class:`hdd_ray.training.settings.RunSettings` (long because the loop, the tasks it trains and
+their shared data handling are read together; a student's task is
+:mod:`hdd_ray.training.distill`'s).
 
 The loop never knows which objective it trains: an expert's :class:`Objective` owns the loss,
 the router's task owns its cross-entropy. What the loop owns is everything a preemptible run
@@ -315,7 +317,7 @@ def train_task(settings: RunSettings) -> dict[str, Any]:
 
 
 def run_loop(settings: RunSettings, hooks: Hooks) -> dict[str, Any]:
-    """Train an expert or the router (``settings.kind``); returns the last reported metrics.
+    """Train an expert, the router or a student (``settings.kind``); returns the last metrics.
 
     Reports ``step``, ``loss`` and a checkpoint holding ``state.pt`` every ``checkpoint_every``
     steps of ``settings.train``, at the last step, and on a drain notice.
@@ -335,7 +337,7 @@ class _Run:
         self.device = hooks.device(use_cuda)
         torch.manual_seed(tr.seed + self.rank)
 
-        kind = ExpertTask if settings.kind == "expert" else RouterTask
+        kind = _task_kind(settings.kind)
         state = hooks.load_state()
         self.task = kind(settings, self.rank, self.world, pin_memory=use_cuda,
                          fresh=state is None)
@@ -498,3 +500,10 @@ def rank_batch_size(batch_size: int, world: int) -> int:
 
 
 _unwrap = unwrap  # the network under the compile fallback, torch.compile and DDP
+
+
+def _task_kind(kind: str) -> type:
+    """What a run of ``kind`` trains: an expert, the router or a student (a distillation)."""
+    from hdd_ray.training import distill
+
+    return {"expert": ExpertTask, "router": RouterTask, "student": distill.DistillTask}[kind]

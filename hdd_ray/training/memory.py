@@ -1,5 +1,7 @@
 """How much GPU memory a training run needs, and the micro-batch that fits (the memory plan).
 
+(Long because the estimate and the plans built on it are one model of memory, read together.)
+
 A run's memory is what the loop keeps (:mod:`hdd_ray.training.loop`) plus what one forward and
 backward pass saves, estimated from the architecture alone (no network is built):
 
@@ -8,7 +10,9 @@ backward pass saves, estimated from the architecture alone (no network is built)
   DDP's gradient buckets (4) with more than one worker; under bf16 autocast the bf16 copies of
   the weights that autocast makes once per forward and the backward keeps (2; with
   checkpointing those outside the blocks and one block's). The gradients are counted as always
-  there (they are from a step's second micro-batch on; on the first the peak is lower).
+  there (they are from a step's second micro-batch on; on the first the peak is lower). A
+  distilled student's teacher (:mod:`hdd_ray.training.distill`): its experts' and router's
+  fp32 weights (4; every expert, as each may be loaded), and one network's guided forward.
 * **activations per sample**, block by block, each tensor the backward keeps at its dtype: under
   bf16 autocast the matmul inputs (cast copies), outputs, attention outputs and the MLP's hidden
   layer are bf16 (``a = 2`` bytes), what a LayerNorm keeps and returns fp32 (``r = 4``: the
@@ -93,6 +97,8 @@ class Network:
     text_vocab: int = 0
     frozen_params: int = 0  # a frozen text tower (weights only)
     num_classes: int = 0  # the router's K
+    # a distillation's teacher (its experts and router, run without gradients in the worker)
+    teacher: tuple[Network, ...] = ()
 
     @property
     def tokens(self) -> int:
@@ -200,7 +206,9 @@ def estimate(net: Network, micro_batch: int, precision: str = "fp32",
     cast = p - (net.depth - 1) * _block_params(net) if checkpointing else p
     state = {"weights": 4 * p, "gradients": 4 * p, "optimizer": 8 * p, "ema": 4 * p,
              "frozen": 4 * net.frozen_params, "ddp": 4 * p if num_workers > 1 else 0,
-             "casts": 2 * cast if a < r else 0}
+             "casts": 2 * cast if a < r else 0,
+             # fp32 weights under autocast, as sampling runs them; no gradients, no state
+             "teacher": sum(4 * (t.trainable_params() + t.frozen_params) for t in net.teacher)}
     block = _block(net, a, r)
     # the DiT's residual stream itself is in the autocast dtype (models/dit.py casts the
     # position embedding and the modulation tables); what a LayerNorm saves stays fp32
@@ -213,6 +221,8 @@ def estimate(net: Network, micro_batch: int, precision: str = "fp32",
     # the gradients flowing back: the residual stream's and its branch's (with checkpointing
     # they replace the recomputed block's activations as it is walked back: one)
     transient = (1 if checkpointing else 2) * stream * net.tokens * net.hidden
+    # a teacher's forward (guided: conditional and null rows) holds at most one network's
+    transient += max((2 * (_block(t, a, r) + _outside(t, a, r)) for t in net.teacher), default=0)
     pixels = net.channels * net.image_size ** 2
     drawn = (16 if net.kind == "dit" else 12) * pixels + 8 * net.text_tokens
     return Estimate(micro_batch=micro_batch, state=state,

@@ -20,9 +20,9 @@ __all__ = ["RunSettings"]
 
 @dataclass(frozen=True)
 class RunSettings:
-    """One run (an expert or the router) as its workers train it."""
+    """One run (an expert, the router or a distilled student) as its workers train it."""
 
-    kind: str  # "expert" | "router"
+    kind: str  # "expert" | "router" | "student"
     train: TrainConfig
     image_size: int  # the model's input: the latent shape in latent space
     channels: int
@@ -36,11 +36,12 @@ class RunSettings:
     # share of a GPU each worker gets (hdd_ray.training.memory.worker_plan)
     gpu_memory_gb: float | None = None
     gpus_per_worker: float = 0.0
-    # an expert: what it is, its cluster's shards and their sample count
+    # an expert (a student: its network, cluster -1): what it is, its cluster's shards and
+    # their sample count
     expert: ResolvedExpert | None = None
     shards: list[str] = field(default_factory=list)
     num_samples: int | None = None
-    # the router: its size, and every cluster's shards and sample count
+    # the router (and a student): its size, and every cluster's shards and sample count
     router_model: str = ""
     num_clusters: int = 0
     cluster_shards: dict[int, list[str]] = field(default_factory=dict)
@@ -54,6 +55,9 @@ class RunSettings:
     # and ``conversion`` (the loss's conversion settings); the router's: ``init`` only.
     # None: from scratch, the objective's own network
     start: dict[str, Any] | None = None
+    # a student (hdd_ray.training.distill): ``data_weight`` and ``teacher``, the mixture it
+    # learns from (hdd_ray.training.jobs.teacher_record; None for the monolith baseline)
+    distill: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> RunSettings:
@@ -79,5 +83,5 @@ class RunSettings:
             cluster_shards={int(c): list(p or []) for c, p in shards.items()},
             cluster_counts={int(c): int(n) for c, n in counts.items()} if counts else None,
             tracking=config.get("tracking"), run_directory=config.get("run_directory"),
-            start=config.get("start") or None,
+            start=config.get("start") or None, distill=config.get("distill") or None,
         )
