@@ -81,24 +81,39 @@ class PreparedCampaign:
 
 @pytest.fixture(scope="session")
 def prepared_campaign(tmp_path_factory, ray_local) -> PreparedCampaign:
-    """The demo digits prepared once (real prepare stage on the session's Ray instance) into a
-    K = 3 campaign, shared by test_training, test_hardening and test_sweep through copies."""
+    """The demo digits prepared once per test run (the real prepare stage, on the Ray instance
+    of the worker that gets here first) into a K = 3 campaign, shared by test_training,
+    test_preemption, test_hardening, test_sweep, test_grow and others through copies."""
+    import os
+
+    from filelock import FileLock
+
     from hdd_ray.config import load_config
     from hdd_ray.corpus import write_demo_corpus
     from hdd_ray.prepare import prepare_corpus
 
-    base = tmp_path_factory.mktemp("prepared")
-    write_demo_corpus(str(base / "corpus"))
+    # one for the whole run: the pytest-xdist workers' temporary roots share a parent; the
+    # first worker to get here prepares, the other waits for it and reads the result
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    base = shared / "prepared"
     # the default (demo) config with the shards given by corpus.uri alone: bring-your-own data
     overrides = (f"corpus.uri={base / 'corpus'}", *CAMPAIGN)
     root = base / "root"
-    manifest = prepare_corpus(load_config(overrides=[f"root={root}", *overrides,
-                                                     "tracking.enabled=false"]))
-    assert manifest["k"] == 3 and not manifest["reused"]
-    # those shards were used, not the built-in digits written into the root
-    shards = sorted(str(p) for p in (base / "corpus").glob("*.tar"))
-    assert manifest["corpus"]["source"] == "webdataset" and manifest["corpus"]["shards"] == shards
-    assert not (root / "corpus").exists()
+    with FileLock(str(shared / "prepared.lock")):
+        if (base / "done").exists():
+            return PreparedCampaign(root, overrides)
+        write_demo_corpus(str(base / "corpus"))
+        manifest = prepare_corpus(load_config(overrides=[f"root={root}", *overrides,
+                                                         "tracking.enabled=false"]))
+        assert manifest["k"] == 3 and not manifest["reused"]
+        # those shards were used, not the built-in digits written into the root
+        shards = sorted(str(p) for p in (base / "corpus").glob("*.tar"))
+        assert manifest["corpus"]["source"] == "webdataset"
+        assert manifest["corpus"]["shards"] == shards
+        assert not (root / "corpus").exists()
+        (base / "done").write_text("")
     return PreparedCampaign(root, overrides)
 
 

@@ -536,12 +536,6 @@ def _cfg(root: Path, *extra: str):
     return load_config(overrides=[f"root={root}", *BASE, *extra])
 
 
-@pytest.fixture(scope="module")
-def prepared(prepared_campaign):
-    """The session's demo campaign with K = 3 clusters (tests/conftest.py): copy, never write."""
-    return prepared_campaign.root
-
-
 def _copy(prepared: Path, tmp_path: Path) -> Path:
     root = tmp_path / "root"
     shutil.copytree(prepared, root)

@@ -139,10 +139,13 @@ def test_expert_without_usable_data_fails_alone_as_a_task(prepared, tmp_path):
     assert "no usable samples" in by_cluster[1].reason and "\n" not in by_cluster[1].reason
 
 
-def test_killed_driver_rerun_resumes_the_partial_experts(prepared_campaign, tmp_path):
-    """The job (its own local Ray instance, reusing the prepared corpus) is killed once every
-    expert has a checkpoint; the rerun resumes all three. The runs are Ray tasks: what is under
-    test is the campaign's state on storage, not Ray Train."""
+def test_killed_driver_rerun_resumes_the_partial_experts(prepared_campaign, tmp_path, ray_local):
+    """The job (a driver on this session's Ray instance, ``ray.address``, as on a cluster;
+    reusing the prepared corpus) is killed once every expert has a checkpoint: Ray ends the
+    dead driver's tasks, and the rerun resumes all three. The runs are Ray tasks: what is
+    under test is the campaign's state on storage, not Ray Train."""
+    import ray
+
     from hdd_ray.training.checkpoints import TASK_CHECKPOINT, TASK_METRICS
 
     root = prepared_campaign.copy(tmp_path)
@@ -150,9 +153,9 @@ def test_killed_driver_rerun_resumes_the_partial_experts(prepared_campaign, tmp_
     common = [f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}",
               "tracking.enabled=false", "ray.executor=task"]
     # a relative root, as the README's commands give it: the job resolves it against its cwd
-    args = [f"root={root.relative_to(tmp_path)}", *BASE, *prepared_campaign.overrides, *common]
+    args = [f"root={root.relative_to(tmp_path)}", *BASE, *prepared_campaign.overrides, *common,
+            f"ray.address={ray.get_runtime_context().gcs_address}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train_all_experts.py"),
                              "--skip-router", *args], cwd=tmp_path, env=env,
                             start_new_session=True, stdout=subprocess.DEVNULL,
