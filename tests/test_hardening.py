@@ -205,7 +205,9 @@ def test_a_corrupt_manifest_is_one_line_everywhere(tmp_path):
     cfg = load_config(overrides=[f"root={root}"])
     paths = CampaignPaths(str(root))
     os.makedirs(paths.clusters)
-    for garbage in (b'{"k": 2, "clus', b"\xff\xfe", b"[1, 2]", b'{"k": "x", "clusters": []}'):
+    for garbage in (b'{"k": 2, "clus', b"\xff\xfe", b"[1, 2]", b'{"k": "x", "clusters": []}',
+                    b'{"k": 2, "clusters": [], "generations": [{"kk": 2}]}',
+                    b'{"k": 2, "clusters": [], "generations": "ab"}'):
         Path(paths.manifest).write_bytes(garbage)
         with pytest.raises(CampaignError) as info:
             load_manifest(cfg)

@@ -344,3 +344,10 @@ def test_a_model_that_fails_to_compile_trains_eagerly_after_one_warning_line(mon
     assert unwrap(model) is net and model.train(False) is model and not net.training
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         model(torch.randn(4, 5))  # the eager model's own error
+    assert not model.fall_back(RuntimeError("again"))  # eager already: raised as it is
+    # out of memory is no compiler failure: raised, compilation stays on
+    fresh = CompiledOrEager(net)
+    assert not fresh.fall_back(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert fresh.failed is None
+    # the backward's lazy compilation failing: the loop runs the micro-batch again eagerly
+    assert fresh.fall_back(RuntimeError("backward compile failed")) and fresh.failed

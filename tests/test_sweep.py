@@ -258,3 +258,25 @@ def test_the_sweeps_best_is_registered_as_the_champion_and_exported(first_sweep,
                         "tracking.enabled=false"]) == 0
     exported = json.loads((out / "mixture.json").read_text())
     assert exported["metrics"] == described["metrics"] and exported["spec"] == described["spec"]
+
+
+def test_a_sweep_described_before_later_settings_still_restores(tmp_path):
+    """Settings added since a sweep was described (``train.compile``'s default, a grown
+    router's ``router.grow``, ``sampling.router`` at ``learned``) do not make its restore
+    refused; a setting that changes a number still does."""
+    import copy
+
+    from hdd_ray.sweep.space import comparable, describe
+
+    now = describe(_cfg(tmp_path / "root"))
+    older = copy.deepcopy(now)
+    older["experts"]["train"]["compile"] = older["router"]["train"]["compile"] = False
+    older["router"]["grow"] = {"mode": "incremental", "steps": 200, "replay_samples": 1024}
+    assert comparable(older) == now
+    assert comparable({**older, "sampling": {**older["sampling"], "router": "learned"}}) == now
+    changed = copy.deepcopy(older)
+    changed["experts"]["train"]["steps"] += 1
+    assert comparable(changed) != now
+    centroid = copy.deepcopy(older)
+    centroid["sampling"]["router"] = "centroid"
+    assert comparable(centroid) != now

@@ -29,6 +29,12 @@ def generations(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     fields."""
     recorded = manifest.get("generations")
     if recorded:
+        if not isinstance(recorded, list) or not all(
+                isinstance(g, dict) and isinstance(g.get("k"), int)
+                and isinstance(g.get("clusters"), list) and isinstance(g.get("heldout"), dict)
+                for g in recorded):
+            raise ValueError("generations: each must have an integer k, a clusters list and "
+                             "a heldout record")
         return list(recorded)
     k = manifest.get("k", len(manifest.get("clusters", [])))
     return [{"k": int(k), "data_hash": str(manifest.get("data_hash", "")),

@@ -16,6 +16,7 @@ from hdd_ray.errors import SweepError
 from hdd_ray.sweep.ranking import rank, write_outputs
 from hdd_ray.sweep.space import (
     candidate_assignments,
+    comparable,
     describe,
     needed_assignments,
     param_space,
@@ -113,7 +114,7 @@ def run_sweep(cfg: CampaignConfig, force: bool = False, verbose: int = 1) -> Swe
     spec_path = storage.join(directory, SPEC_FILE)
     if force and storage.exists(directory):
         storage.remove(directory)  # only <root>/sweeps/<name> (checked above)
-    if storage.exists(spec_path) and storage.read_json(spec_path) != describe(cfg):
+    if storage.exists(spec_path) and comparable(storage.read_json(spec_path)) != describe(cfg):
         raise SweepError(f"sweep {sw.name!r} at {directory} was started with another search "
                          "space: pick another sweep.name, or pass --force to start it over")
     parent = _sweep_parent(cfg)

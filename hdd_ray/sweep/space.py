@@ -4,6 +4,7 @@ results: a restore must match it)."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 from typing import Any
@@ -134,7 +135,7 @@ def describe(cfg: CampaignConfig) -> dict[str, Any]:
                     "gpus_per_trial", "register_as")
     if sweep.get("retire") is None:  # a sweep from before the setting keeps its description
         sweep.pop("retire", None)
-    return {"sweep": sweep,
+    return comparable({"sweep": sweep,
             "latents": config_settings(cfg), "data_hash": _data_hash(cfg),
             "num_samples": cfg.evaluation.num_samples, "k": cfg.clustering.k,
             "corpus": to_dict(cfg.corpus), "clustering": without(to_dict(cfg.clustering),
@@ -145,7 +146,30 @@ def describe(cfg: CampaignConfig) -> dict[str, Any]:
             "evaluation": without(to_dict(cfg.evaluation), "resources", "enabled"),
             "gpus": {"experts": _uses_gpus(cfg.experts.resources, cfg.experts.list),
                      "router": cfg.router.resources.gpus_per_worker > 0,
-                     "trials": cfg.sweep.gpus_per_trial > 0}}
+                     "trials": cfg.sweep.gpus_per_trial > 0}})
+
+
+#: settings added after sweeps were first described, at the values that change nothing: a
+#: description without them (an older sweep's) compares equal (:func:`comparable`)
+_LATER_DEFAULTS = {("sampling", "router"): "learned", ("sampling", "centroid_temperature"): 0.05}
+
+
+def comparable(spec: dict[str, Any]) -> dict[str, Any]:
+    """A sweep description as :func:`describe` compares it: without ``train.compile`` (it
+    changes no number), a grown router's settings (``router.grow``: they train no router of
+    the sweep's cluster set) and the later settings of :data:`_LATER_DEFAULTS` at their
+    defaults, so a sweep described before those settings existed is restored, not refused."""
+    spec = copy.deepcopy(spec)
+    for section in ("experts", "router"):
+        part = spec.get(section) or {}
+        for train in [part.get("train") or {}, *[(e or {}).get("train") or {}
+                                                  for e in part.get("list") or []]]:
+            train.pop("compile", None)
+        part.pop("grow", None)
+    for (section, key), default in _LATER_DEFAULTS.items():
+        if (spec.get(section) or {}).get(key, default) == default:
+            (spec.get(section) or {}).pop(key, None)
+    return spec
 
 
 #: start settings left out of a sweep's description at these (default) values, so sweeps

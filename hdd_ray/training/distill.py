@@ -54,6 +54,7 @@ from hdd_ray.samples import Decoding
 from hdd_ray.training.data import BatchSource, open_source
 from hdd_ray.training.memory import Network, expert_network, router_network
 from hdd_ray.training.settings import RunSettings
+from hdd_ray.training.speed import unwrap
 
 if TYPE_CHECKING:
     from hdd_ray.ensemble import Mixture, MixtureSpec
@@ -100,7 +101,7 @@ class Teacher:
 
     @classmethod
     def from_record(cls, teacher: dict[str, Any], image_size: int, channels: int) -> Teacher:
-        """The teacher a run's settings describe (:func:`hdd_ray.training.jobs.teacher_record`):
+        """The teacher a run's settings describe (:func:`campaign_teacher`, :func:`folder_teacher`):
         a campaign's experts loaded lazily from their run directories, or a mixture folder's
         (loaded whole, checked file by file, :meth:`~hdd_ray.ensemble.Mixture.from_folder`)."""
         from hdd_ray.diffusion import Safeguards
@@ -219,8 +220,7 @@ class DistillTask:
         """The next batch noised on the flow-matching path, its target the teacher's velocity
         at the drawn ``x_t`` (mixed with ``eps - x0`` by the data weight)."""
         x0, captions, _ = self.data.next_batch(batch_size, rng.data)
-        inner = model.module if hasattr(model, "module") else model
-        inner = getattr(inner, "_orig_mod", inner)
+        inner = unwrap(model)  # under the compile fallback, torch.compile and DDP
         if self.data.streaming:
             inner.set_data_mean(self.data.mean()[None])
         cond = inner.tokenize(captions, device)
@@ -260,8 +260,9 @@ def _spec_fields(spec: MixtureSpec, sampling: Any) -> dict[str, Any]:
             "conversion": dataclasses.asdict(sampling.conversion),
             "sampler": {"sampler": sampling.sampler, "steps": int(spec.steps),
                         "time_shift": float(sampling.time_shift)},
-            # the teacher's network calls: bf16 autocast on a GPU, fp32 on the CPU
-            "mixed_precision": "bf16"}
+            # the teacher's network calls as sampling makes them (bf16 autocast on a GPU when
+            # sampling.mixed_precision is bf16; fp32 on the CPU)
+            "mixed_precision": str(sampling.mixed_precision)}
 
 
 def _expert_entry(expert_id: str, directory: str, desc: dict[str, Any]) -> dict[str, Any]:
@@ -278,8 +279,12 @@ def campaign_teacher(cfg: Any, spec: MixtureSpec, manifest: dict[str, Any],
     from hdd_ray import storage
     from hdd_ray.campaign import EXPERT_JSON, ROUTER_JSON, WEIGHTS, CampaignPaths, router_id
     from hdd_ray.ensemble import trained_experts
-    from hdd_ray.errors import CampaignError
+    from hdd_ray.errors import CampaignError, MixtureError
 
+    if "centroid" in (spec.router, cfg.sampling.router):
+        raise MixtureError("sampling.router=centroid: a teacher routes with the learned router "
+                           "(the centroid router reads the prompt, which the student's noisy "
+                           "inputs do not carry); distil with sampling.router=learned")
     experts: list[dict[str, Any] | None] = []
     for c, (eid, directory) in enumerate(trained_experts(cfg, manifest, skip=spec.retired)):
         experts.append(None if c in spec.retired else _expert_entry(

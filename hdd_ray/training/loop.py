@@ -433,11 +433,8 @@ class _Run:
                 sync = (contextlib.nullcontext() if (self.world == 1 or last)
                         else model.no_sync())
                 with sync:
-                    with self.autocast:
-                        # a whole chunk: / accum, as before micro-batches (the same bits)
-                        loss = part.loss(model) / (accum * self.batch / len(part))
-                    loss.backward()
-                losses.append(loss.detach())  # read at the logging interval, not here
+                    # a whole chunk: / accum, as before micro-batches (the same bits)
+                    losses.append(self._backward(part, accum * self.batch / len(part)))
         if tr.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable, tr.grad_clip)
         if self.scheduled:
@@ -448,6 +445,22 @@ class _Run:
         self.opt.zero_grad(set_to_none=True)
         self.ema.update(_unwrap(model))
         return losses
+
+    def _backward(self, part: Any, share: float) -> Tensor:
+        """One micro-batch's forward and backward -> its weighted loss, still on the device
+        (read at the logging interval). A compiler failure at either runs it again eagerly
+        (:class:`hdd_ray.training.speed.CompiledOrEager`): nothing was accumulated by it."""
+        try:
+            with self.autocast:
+                loss = part.loss(self.model) / share
+            loss.backward()
+        except Exception as exc:
+            if not (isinstance(self.model, CompiledOrEager) and self.model.fall_back(exc)):
+                raise
+            with self.autocast:
+                loss = part.loss(self.model) / share
+            loss.backward()
+        return loss.detach()
 
     def _settle(self) -> float:
         """The losses of the steps since the last call, read from the device at once (the

@@ -56,7 +56,7 @@ class RunSettings:
     # None: from scratch, the objective's own network
     start: dict[str, Any] | None = None
     # a student (hdd_ray.training.distill): ``data_weight`` and ``teacher``, the mixture it
-    # learns from (hdd_ray.training.jobs.teacher_record; None for the monolith baseline)
+    # learns from (hdd_ray.training.distill.campaign_teacher or folder_teacher; None for the monolith baseline)
     distill: dict[str, Any] | None = None
 
     @classmethod

@@ -3,10 +3,13 @@
 the eager model when compilation fails, in one warning line instead of a failed run.
 
 Compilation happens at the first call of the compiled model (dynamo traces it, inductor
-generates kernels); a failure there (no compiler, an unsupported operation, an old GPU) raises
-before the step has changed anything, so the same call runs again eagerly and the run goes on
-with the same batch, noise and weights: a run that fell back trains exactly what an eager run
-trains. An error the eager model raises too (a real bug, out of memory) is raised as before.
+generates the forward's kernels) and, lazily, at its first backward (the backward graph's
+kernels). A failure at either (no compiler, an unsupported operation, an old GPU) raises before
+that micro-batch has changed any weight or gradient, so the loop runs the same micro-batch
+again eagerly (:meth:`CompiledOrEager.fall_back`) and the run goes on with the same batch,
+noise and weights: a run that fell back trains exactly what an eager run trains. Running out
+of memory is not a compiler failure: it is raised as it is, compilation stays on. An error the
+eager model raises too (a real bug) is raised as before.
 """
 
 from __future__ import annotations
@@ -43,10 +46,20 @@ class CompiledOrEager:
             try:
                 return self.compiled(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - any compiler failure: run eagerly
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                self.failed = f"{type(exc).__name__}: {first}"[:300]
-                log.warning("torch.compile failed (%s): training without it", self.failed)
+                if not self.fall_back(exc):
+                    raise
         return self.eager(*args, **kwargs)
+
+    def fall_back(self, exc: BaseException) -> bool:
+        """Whether the call or backward that raised ``exc`` should run again eagerly: yes (and
+        eager from now on, after one warning line) unless it ran out of memory or the model is
+        eager already."""
+        if self.failed is not None or _out_of_memory(exc):
+            return False
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        self.failed = f"{type(exc).__name__}: {first}"[:300]
+        log.warning("torch.compile failed (%s): training without it", self.failed)
+        return True
 
     def train(self, mode: bool = True) -> CompiledOrEager:
         """Training mode on the model (shared by the compiled and the eager call)."""
@@ -56,6 +69,11 @@ class CompiledOrEager:
     def no_sync(self) -> contextlib.AbstractContextManager:
         """DDP's ``no_sync`` of the wrapped model (a micro-batch that does not all-reduce)."""
         return self.eager.no_sync()  # type: ignore[operator]
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or (
+        "out of memory" in str(exc).lower())
 
 
 def unwrap(model: Any) -> nn.Module:
