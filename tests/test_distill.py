@@ -217,3 +217,21 @@ def test_the_memory_plan_counts_the_teacher():
     with_teacher, without = estimate(net, 8), estimate(alone, 8)
     assert with_teacher.state["teacher"] == 4 * weights and without.state["teacher"] == 0
     assert with_teacher.per_sample > without.per_sample
+
+
+def test_a_damaged_student_card_is_one_line(prepared_campaign, tmp_path, capsys):
+    """``jobs/sample.py --student`` with a ``student.json`` that does not read, or lacks what
+    sampling needs, fails in one line naming the file."""
+    from hdd_ray.campaign import STUDENT_JSON, CampaignPaths
+    from hdd_ray.commands import sample
+
+    root = prepared_campaign.copy(tmp_path)
+    card = Path(CampaignPaths(str(root)).student_dir("student-x")) / STUDENT_JSON
+    card.parent.mkdir(parents=True)
+    for damage in (b'{"sample_gui', b'{"steps": 3}'):
+        card.write_bytes(damage)
+        assert sample.main(["--student", "student-x", "--prompt", "a 3", f"root={root}",
+                            *prepared_campaign.overrides, "tracking.enabled=false"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.startswith("error: --student student-x: ") and \
+            "student.json is unreadable or incomplete" in err, err

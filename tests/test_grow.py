@@ -157,6 +157,10 @@ def test_a_contributed_expert_of_another_resolution_or_latent_space_is_refused(
         "scaling_factor": 0.18, "shift_factor": 0.0, "dtype": "float16"})
     err = _refused(capsys, ["--shards", str(new), "--expert-dir", str(latent), *over])
     assert "was trained against" in err and "refused" in err
+    # a description without what the checks read: one line, not a traceback
+    vague = _fake_expert(tmp_path / "vague", objective="velocity", image_size=None)
+    err = _refused(capsys, ["--shards", str(new), "--expert-dir", str(vague), *over])
+    assert "lacks a valid image_size, objective" in err
 
 
 def test_a_router_of_another_cluster_set_is_refused():

@@ -130,8 +130,16 @@ def _contributed(cfg: CampaignConfig, manifest: dict[str, Any], directory: str) 
     if desc is None or not storage.exists(storage.join(directory, WEIGHTS)):
         raise CampaignError(f"--expert-dir {directory}: not a finished expert "
                             f"({problem or 'no ' + WEIGHTS})")
+    from hdd_ray.choices import OBJECTIVE_NAMES
+
+    bad = [key for key in ("image_size", "channels") if not isinstance(desc.get(key), int)]
+    if desc.get("objective") not in OBJECTIVE_NAMES:
+        bad.append("objective")
+    if bad:
+        raise CampaignError(f"--expert-dir {directory}: its expert.json lacks a valid "
+                            f"{', '.join(bad)}: refused")
     size, channels = model_shape(cfg, manifest)
-    theirs = (int(desc.get("image_size", -1)), int(desc.get("channels", -1)))
+    theirs = (int(desc["image_size"]), int(desc["channels"]))
     if theirs != (size, channels):
         raise CampaignError(f"--expert-dir {directory}: trained at {theirs[0]}x{theirs[0]} "
                             f"with {theirs[1]} channel(s), the campaign's experts see "

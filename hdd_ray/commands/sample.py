@@ -133,7 +133,13 @@ def _mixture(cfg: CampaignConfig,
                             STUDENT_JSON)
         if not storage.exists(card):
             raise ConfigError(f"--student {args.student}: no {card} (python jobs/distill.py)")
-        cfg = student_config(cfg, storage.read_json(card))
+        try:
+            student = storage.read_json(card)
+            cfg = student_config(cfg, student)
+        except (ValueError, TypeError, KeyError, AttributeError, OSError) as exc:
+            raise ConfigError(f"--student {args.student}: {card} is unreadable or incomplete "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:100]})"
+                              ) from None
         spec = MixtureSpec.from_config(cfg)
     elif args.mixture_dir:  # an exported folder: its own settings, the flags over them
         from hdd_ray.errors import ConfigError
