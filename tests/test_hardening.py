@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_training import copy_root
 
 from hdd_ray import storage, tracking
 from hdd_ray.campaign import (
@@ -538,18 +539,12 @@ def _cfg(root: Path, *extra: str):
     return load_config(overrides=[f"root={root}", *BASE, *extra])
 
 
-def _copy(prepared: Path, tmp_path: Path) -> Path:
-    root = tmp_path / "root"
-    shutil.copytree(prepared, root)
-    return root
-
-
 @pytest.mark.ray
 def test_two_launchers_train_each_expert_once_then_damaged_runs_are_repaired(prepared, tmp_path):
     from hdd_ray.progress import format_table
     from hdd_ray.training.launcher import train_campaign
 
-    root = _copy(prepared, tmp_path)
+    root = copy_root(prepared, tmp_path)
     cfg = _cfg(root, "tracking.enabled=false")
     out: dict[int, list] = {}
 
@@ -644,7 +639,7 @@ def test_mlflow_server_stopped_mid_campaign_loses_nothing(prepared, tmp_path, mo
     # the launcher's calls to the stopped server fail at once (each waited ~3 s on the
     # library's fail-fast retries: ~12 s of this test); what they kept is what is under test
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    root = _copy(prepared, tmp_path)
+    root = copy_root(prepared, tmp_path)
     db, port = tmp_path / "mlflow.db", _free_port()
     server = _mlflow_server(db, port)
     uri = f"http://127.0.0.1:{port}"
