@@ -203,7 +203,8 @@ def test_a_killed_student_resumes_and_records_its_teacher(prepared_campaign, tmp
 
 def test_the_memory_plan_counts_the_teacher():
     """Every expert of the teacher (each may be selected) and its router: fp32 weights, and one
-    guided forward per sample; the monolith (no teacher) none of it."""
+    guided forward over the whole drawn batch (before it is split into micro-batches, never
+    alive beside the student's activations); the monolith (no teacher) none of it."""
     from hdd_ray.training.distill import student_network
     from hdd_ray.training.memory import estimate, expert_network, router_network
 
@@ -216,7 +217,14 @@ def test_the_memory_plan_counts_the_teacher():
         "router-T", 32, 4, 3).trainable_params()
     with_teacher, without = estimate(net, 8), estimate(alone, 8)
     assert with_teacher.state["teacher"] == 4 * weights and without.state["teacher"] == 0
-    assert with_teacher.per_sample > without.per_sample
+    assert with_teacher.teacher_forward > 0 and without.teacher_forward == 0
+    assert with_teacher.per_sample == without.per_sample  # the student's own
+    # the teacher sees the drawn batch (64 samples), the student a micro-batch (8) at a time
+    drawn = estimate(net, 8, rank_batch=64)
+    assert drawn.teacher_forward == 8 * with_teacher.teacher_forward
+    assert drawn.total == (sum(drawn.state.values()) + drawn.batch
+                           + max(drawn.activations + drawn.transient, drawn.teacher_forward))
+    assert with_teacher.total >= without.total + 4 * weights
 
 
 def test_a_damaged_student_card_is_one_line(prepared_campaign, tmp_path, capsys):

@@ -12,7 +12,9 @@ backward pass saves, estimated from the architecture alone (no network is built)
   checkpointing those outside the blocks and one block's). The gradients are counted as always
   there (they are from a step's second micro-batch on; on the first the peak is lower). A
   distilled student's teacher (:mod:`hdd_ray.training.distill`): its experts' and router's
-  fp32 weights (4; every expert, as each may be loaded), and one network's guided forward.
+  fp32 weights (4; every expert, as each may be loaded), and one network's guided forward over
+  the whole drawn batch, which runs before the student's micro-batches (the peak is the larger
+  of the two).
 * **activations per sample**, block by block, each tensor the backward keeps at its dtype: under
   bf16 autocast the matmul inputs (cast copies), outputs, attention outputs and the MLP's hidden
   layer are bf16 (``a = 2`` bytes), what a LayerNorm keeps and returns fp32 (``r = 4``: the
@@ -182,11 +184,15 @@ class Estimate:
     activations: int  # kept by the forward for the backward (micro_batch samples)
     transient: int  # the backward's own
     per_sample: int  # activations + transient of one sample
+    #: a student's teacher, run without gradients on the whole drawn batch before the student's
+    #: forward (``draw``): never alive beside the student's activations
+    teacher_forward: int = 0
 
     @property
     def total(self) -> int:
         """Everything at the peak, in bytes."""
-        return sum(self.state.values()) + self.batch + self.activations + self.transient
+        return (sum(self.state.values()) + self.batch
+                + max(self.activations + self.transient, self.teacher_forward))
 
 
 def estimate(net: Network, micro_batch: int, precision: str = "fp32",
@@ -221,14 +227,16 @@ def estimate(net: Network, micro_batch: int, precision: str = "fp32",
     # the gradients flowing back: the residual stream's and its branch's (with checkpointing
     # they replace the recomputed block's activations as it is walked back: one)
     transient = (1 if checkpointing else 2) * stream * net.tokens * net.hidden
-    # a teacher's forward (guided: conditional and null rows) holds at most one network's
-    transient += max((2 * (_block(t, a, r) + _outside(t, a, r)) for t in net.teacher), default=0)
+    # a teacher's forward (guided: conditional and null rows; no gradients, so at most one
+    # network's block and its outside at a time) over the whole drawn batch
+    teacher = max((2 * (_block(t, a, r) + _outside(t, a, r)) for t in net.teacher), default=0)
     pixels = net.channels * net.image_size ** 2
     drawn = (16 if net.kind == "dit" else 12) * pixels + 8 * net.text_tokens
     return Estimate(micro_batch=micro_batch, state=state,
                     batch=drawn * (rank_batch or micro_batch),
                     activations=kept * micro_batch, transient=transient * micro_batch,
-                    per_sample=kept + transient)
+                    per_sample=kept + transient,
+                    teacher_forward=teacher * (rank_batch or micro_batch))
 
 
 # ------------------------------------------------------------------------------------ the plan
@@ -338,7 +346,9 @@ def plan(net: Network, rank_batch: int, micro_batch: Any = "auto", precision: st
         most = rank_batch
     else:
         one = at(1)
-        fixed = one.total - one.per_sample
+        # state and the drawn batch (a student's teacher, which must fit beside them, runs
+        # before the micro-batches, not with them)
+        fixed = one.total - max(one.per_sample, one.teacher_forward)
         most = int((usable - fixed) // one.per_sample) if usable >= one.total else 0
     chosen = balanced(rank_batch, most) if most >= 1 else None
     return MemoryPlan(what=what, memory_key=memory_key, train_key=train_key, network=net,
