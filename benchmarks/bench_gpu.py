@@ -167,20 +167,6 @@ def _timed_steps(size: str, batch: int, steps: int, device: torch.device, compil
     return out
 
 
-#: what an allocation that failed says, whichever library made it (the caching allocator,
-#: cuBLAS / cuDNN workspaces, a CUDA launch, the host)
-_OOM_WORDS = ("out of memory", "alloc_failed", "failed to allocate", "unable to allocate",
-              "cannot allocate memory", "cudaerrormemoryallocation")
-
-
-def _is_oom(exc: BaseException) -> bool:
-    """Whether ``exc`` is any allocation failure, not only torch's OutOfMemoryError."""
-    if isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError):
-        return True
-    text = str(exc).lower()
-    return any(word in text for word in _OOM_WORDS)
-
-
 def _release(device: torch.device) -> None:
     """Give back what a finished (or failed) attempt held: its garbage, the CUDA cache."""
     import gc
@@ -194,16 +180,18 @@ def _release(device: torch.device) -> None:
 def largest_batch(size: str, device: torch.device, start: int, limit: int) -> int:
     """The largest power-of-two batch (from ``start``, at most ``limit``) whose step fits.
 
-    Any allocation failure counts as "does not fit" (:func:`_is_oom`); the failed attempt's
-    memory is released before the next (the exception is dropped first: its traceback holds
-    the attempt's tensors)."""
+    Any allocation failure counts as "does not fit" (:func:`hdd_ray.devices.is_out_of_memory`);
+    the failed attempt's memory is released before the next (the exception is dropped first:
+    its traceback holds the attempt's tensors)."""
+    from hdd_ray.devices import is_out_of_memory
+
     best, batch = 0, start
     while batch <= limit:
         oom = False
         try:
             _timed_steps(size, batch, 1, device, False)
         except (RuntimeError, MemoryError) as exc:
-            if not _is_oom(exc):
+            if not is_out_of_memory(exc):
                 raise
             oom = True
         _release(device)

@@ -206,3 +206,17 @@ class TrainingStreams:
         self.data.manual_seed(stream_seed(self.seed, self.rank) + int(step))
         if not self.shared:
             self.noise = self._noise_generator(int(step))
+
+
+#: what an allocation that failed says, whichever library made it (the caching allocator,
+#: cuBLAS / cuDNN workspaces, a CUDA launch, the host)
+_OOM_WORDS = ("out of memory", "alloc_failed", "failed to allocate", "unable to allocate",
+              "cannot allocate memory", "cudaerrormemoryallocation")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is any allocation failure, not only torch's ``OutOfMemoryError``."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError):
+        return True
+    text = str(exc).lower()
+    return any(word in text for word in _OOM_WORDS)

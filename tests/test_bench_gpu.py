@@ -42,15 +42,18 @@ def test_peak_table_names_the_gpus_it_knows():
 
 
 def test_every_allocation_failure_counts_as_out_of_memory():
+    """The benchmark's batch search and the loop's compile fallback read failures alike."""
+    from hdd_ray.devices import is_out_of_memory
+
     for message in ("CUDA out of memory. Tried to allocate 2.00 GiB",
                     "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
                     "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
                     "[enforce fail at alloc_cpu.cpp:117] err == 0. DefaultCPUAllocator: can't "
                     "allocate memory: you tried to allocate 1 bytes. Error code 12 (Cannot "
                     "allocate memory)"):
-        assert bench_gpu._is_oom(RuntimeError(message)), message
-    assert bench_gpu._is_oom(MemoryError())
-    assert not bench_gpu._is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+        assert is_out_of_memory(RuntimeError(message)), message
+    assert is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
 
 
 def test_cpu_smoke_run_writes_every_section_of_its_json(tmp_path):

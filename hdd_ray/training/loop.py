@@ -122,7 +122,7 @@ class ExpertTask(_DataTask):
              device: torch.device) -> NoisedBatch:
         """The next batch, noised by the objective (every draw of it made here)."""
         x0, captions, _ = self.data.next_batch(batch_size, rng.data)
-        inner = _unwrap(model)
+        inner = unwrap(model)
         if self.data.streaming:
             inner.set_data_mean(self.data.mean()[None])
         cond = inner.tokenize(captions, device)
@@ -443,7 +443,7 @@ class _Run:
                                                   tr.lr_schedule)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        self.ema.update(_unwrap(model))
+        self.ema.update(unwrap(model))
         return losses
 
     def _backward(self, part: Any, share: float) -> Tensor:
@@ -491,7 +491,7 @@ class _Run:
             self.hooks.report(metrics, None)
             return
         self.hooks.report(metrics, {
-            "model": _unwrap(self.model).state_dict(), "ema": self.ema.exported(_unwrap(self.model)),
+            "model": unwrap(self.model).state_dict(), "ema": self.ema.exported(unwrap(self.model)),
             "optimizer": self.opt.state_dict(), "step": step, "history": self.history,
             **self.rng.state(), "torch_rng": torch.get_rng_state(), "data": data,
             "wall_time": self.wall_before + elapsed})
@@ -510,9 +510,6 @@ def rank_batch_size(batch_size: int, world: int) -> int:
     """
     check_global_batch("this run", batch_size, world)
     return batch_size // max(1, world)
-
-
-_unwrap = unwrap  # the network under the compile fallback, torch.compile and DDP
 
 
 def _task_kind(kind: str) -> type:

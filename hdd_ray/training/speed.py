@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hdd_ray.devices import is_out_of_memory
+
 log = logging.getLogger(__name__)
 
 
@@ -54,7 +56,7 @@ class CompiledOrEager:
         """Whether the call or backward that raised ``exc`` should run again eagerly: yes (and
         eager from now on, after one warning line) unless it ran out of memory or the model is
         eager already."""
-        if self.failed is not None or _out_of_memory(exc):
+        if self.failed is not None or is_out_of_memory(exc):
             return False
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         self.failed = f"{type(exc).__name__}: {first}"[:300]
@@ -69,11 +71,6 @@ class CompiledOrEager:
     def no_sync(self) -> contextlib.AbstractContextManager:
         """DDP's ``no_sync`` of the wrapped model (a micro-batch that does not all-reduce)."""
         return self.eager.no_sync()  # type: ignore[operator]
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or (
-        "out of memory" in str(exc).lower())
 
 
 def unwrap(model: Any) -> nn.Module:
