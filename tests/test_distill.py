@@ -243,3 +243,20 @@ def test_a_damaged_student_card_is_one_line(prepared_campaign, tmp_path, capsys)
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and err.startswith("error: --student student-x: ") and \
             "student.json is unreadable or incomplete" in err, err
+
+
+def test_a_centroid_routed_teacher_is_refused_in_one_line():
+    """The centroid router reads the prompt; the teacher routes on ``x_t`` with the learned
+    router, so a mixture routed by centroids is refused before any expert is read."""
+    import dataclasses
+
+    from hdd_ray.config import load_config
+    from hdd_ray.ensemble import MixtureSpec
+    from hdd_ray.errors import MixtureError
+    from hdd_ray.training.distill import campaign_teacher
+
+    cfg = load_config()
+    spec = dataclasses.replace(MixtureSpec.from_config(cfg), router="centroid")
+    with pytest.raises(MixtureError, match="sampling.router=centroid: a teacher routes") as info:
+        campaign_teacher(cfg, spec, {})
+    assert "\n" not in str(info.value)
