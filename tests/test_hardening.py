@@ -522,7 +522,8 @@ def test_a_drain_checkpoint_never_waits_on_an_unreachable_mlflow(tmp_path, monke
     assert total < 45  # the end of the run is bounded too (close), far below 60 s
     kept = [storage.read_json(p) for p in outbox.records()]
     points = [m for r in kept for m in r["metrics"]]
-    assert {m[0] for m in points} == {"loss", "loss_smoothed"} and points[0][3] == 10
+    assert {m[0] for m in points} == {"loss", "loss_smoothed", "data_wait_share"}
+    assert points[0][3] == 10
 
 
 # ------------------------------------------------------------------------ Ray: real campaigns

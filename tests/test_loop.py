@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -310,6 +311,26 @@ def test_a_training_step_reads_nothing_back_from_the_device_between_logging_inte
     assert reads["elsewhere"] > 0  # the patch sees reads: those of the logging intervals
     last = run_loop(_config(shard, "fm_velocity", 20), hooks)
     assert last["loss"] == last["loss"] and last["loss"] > 0  # a real, finite smoothed loss
+
+
+def test_the_loop_reports_the_share_of_its_time_spent_waiting_for_data(shard, tmp_path,
+                                                                       monkeypatch):
+    """``data_wait_share``: the host time the loop spends getting its batches over its wall
+    time. A data source that makes each batch wait 50 ms shows a share near 1; the same run
+    without the wait, a small one."""
+    from hdd_ray.training import loop
+
+    quick = run_loop(_config(shard, "fm_velocity", 10), LocalHooks(str(tmp_path / "quick")))
+    real_draw = loop.ExpertTask.draw
+
+    def slow_draw(self, *args, **kwargs):
+        time.sleep(0.05)
+        return real_draw(self, *args, **kwargs)
+
+    monkeypatch.setattr(loop.ExpertTask, "draw", slow_draw)
+    slow = run_loop(_config(shard, "fm_velocity", 10), LocalHooks(str(tmp_path / "slow")))
+    assert 0 <= quick["data_wait_share"] < 0.5 < slow["data_wait_share"] <= 1
+    assert slow["data_wait_share"] > quick["data_wait_share"] + 0.2
 
 
 def test_a_model_that_fails_to_compile_trains_eagerly_after_one_warning_line(monkeypatch, caplog):

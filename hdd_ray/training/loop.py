@@ -367,6 +367,9 @@ class _Run:
         self.tracker = tracking.MetricBuffer(settings.tracking if self.rank == 0 else None)
         self.group = process_group_info()
         self.t0, self.smoothed = time.time(), None
+        #: host seconds spent getting batches (the data path's share of the loop: a stream that
+        #: falls behind the model shows here; reported as ``data_wait_share``)
+        self.data_wait = 0.0
         #: each step's micro-batch losses on the device, since the last read (:meth:`_settle`)
         self.pending: list[list[Tensor]] = []
         # a constant rate without warm-up leaves the optimizer's lr alone (the runs before schedules)
@@ -427,7 +430,10 @@ class _Run:
         model.train()
         losses: list[Tensor] = []
         for chunk in range(accum):
-            parts = self.task.draw(model, self.batch, self.rng, self.device).split(self.micro)
+            t = time.perf_counter()
+            drawn = self.task.draw(model, self.batch, self.rng, self.device)
+            self.data_wait += time.perf_counter() - t
+            parts = drawn.split(self.micro)
             for i, part in enumerate(parts):
                 last = chunk == accum - 1 and i == len(parts) - 1
                 sync = (contextlib.nullcontext() if (self.world == 1 or last)
@@ -485,6 +491,7 @@ class _Run:
         metrics = {"step": step, "loss": float("nan") if loss is None else loss,
                    "world_size": self.world, "final": final,
                    "steps_per_s": (step - self.start_step) / elapsed if elapsed > 0 else 0.0,
+                   "data_wait_share": self.data_wait / elapsed if elapsed > 0 else 0.0,
                    "skipped": sum(int(d["source"].get("skipped", 0)) for d in data), **self.group}
         self.last.update(metrics)
         if self.rank != 0:
@@ -497,6 +504,7 @@ class _Run:
             "wall_time": self.wall_before + elapsed})
         # metrics after the checkpoint, in the background: a checkpoint (a drain's included)
         # never waits on MLflow; what fails stays buffered (hdd_ray.tracking.MetricBuffer)
+        self.tracker.log("data_wait_share", metrics["data_wait_share"], step)
         self.tracker.flush()
 
 
