@@ -1,39 +1,54 @@
-"""GPU benchmark: a tiny campaign end to end on the GPU, and a throughput table.
+"""GPU benchmark: memory plans, the loop, training throughput, sampling and a tiny campaign.
+
+(Long because one script runs every GPU check of a lease in one go, each stage on its own.)
 
     python benchmarks/bench_gpu.py                        # a CUDA machine: everything
     python benchmarks/bench_gpu.py --peak-tflops 400      # a GPU not in the peak table
+    python benchmarks/bench_gpu.py --no-ray --no-campaign --stage-timeout 200  # no Ray there
     python benchmarks/bench_gpu.py --device cpu           # CI smoke: tiny sizes, no Ray campaign
 
-1. **Campaign** (``--campaign``; on by default on CUDA): prepare (the embedding actor asks for a
-   GPU), one ``ddpm_eps`` and one ``fm_velocity`` expert and the router under Ray Train with one
-   GPU each, then the mixture's evaluation as the job runs it (a Ray task with one GPU). Records
-   each stage's wall time and the device every stage ran on.
-2. **Training throughput and MFU**: the training loop's step (the objective's loss under bf16
-   autocast, backward, grad clip, AdamW, EMA) for DiT-B/2 and DiT-XL/2 on 32x32x4 inputs at the
-   largest batch that fits (doubling until out of memory), steps/s, and MFU = model FLOPs per
-   step (:func:`dit_forward_flops`, x3 for forward + backward) / step time / the GPU's dense bf16
+Stages, in this order (``--stages`` picks some):
+
+1. **Memory** (``memory``): ``jobs/configs/paper-8x-xl.yaml``'s DiT-XL/2 experts (frozen CLIP
+   ViT-L/14 text tower, random weights) on each node type's declared memory (24 and 80 GB), the
+   GPU capped at it: the memory plan's micro-batch trains two steps, with and without
+   activation checkpointing, and the measured peak is set beside the plan's estimate.
+2. **The loop** (``ray_vs_bare``): ``run_loop`` bare (``LocalHooks``) on a synthetic 32x32 RGB
+   shard: steps/s, the data-wait share (the loop's ``data_wait_share``), and the CUDA
+   synchronisations inside its steps (``torch.cuda.set_sync_debug_mode("warn")``; target 0).
+   With ``--ray`` (default on CUDA) the same loop in a one-worker ``TorchTrainer``: Ray Train
+   over bare, target >= 0.97.
+3. **Training throughput and MFU** (``training``): the loop's step (the objective's loss under
+   bf16 autocast, backward, grad clip, AdamW, EMA; ``torch.compile`` on CUDA as
+   ``train.compile``) for DiT-B/2 and DiT-XL/2 on 32x32x4 inputs at the largest batch that fits
+   (doubling until out of memory), steps/s, and MFU = model FLOPs per step
+   (:func:`dit_forward_flops`, x3 for forward + backward) / step time / the GPU's dense bf16
    peak (:data:`PEAK_TFLOPS`, or ``--peak-tflops``); with the time split into forward+backward,
    optimizer and EMA.
-3. **Ray Train versus the bare loop**: the same ``run_loop`` (``RayTrainHooks`` in a one-worker
-   ``TorchTrainer`` versus ``LocalHooks`` in this process) on a synthetic 32x32 RGB cluster;
-   steps/s measured inside the loop (target >= 0.97).
-4. **Sampling**: images/s of a K = 4 mixture (random weights, half ``ddpm_eps``) for top-1,
-   top-2 and full routing, through ``Mixture.sample`` (target: top-2 <= 2.1x top-1's time).
+4. **Sampling** (``sampling``): images/s of a K = 4 mixture (random weights, half
+   ``ddpm_eps``) for top-1, top-2 and full routing, through ``Mixture.sample`` (target: top-2
+   <= 2.1x top-1's time).
+5. **Campaign** (``campaign``; ``--campaign``, on by default on CUDA): prepare (the embedding
+   actor asks for a GPU), one ``ddpm_eps`` and one ``fm_velocity`` expert and the router under
+   Ray Train with one GPU each, then the mixture's evaluation as the job runs it (a Ray task
+   with one GPU). Records each stage's wall time and the device every stage ran on.
 
 Results: ``benchmarks/out/bench_gpu.json`` (keys documented in ``benchmarks/README.md``),
 written after every stage, so a stage that crashes keeps what came before. On CUDA each stage
-runs in a process of its own (``--isolate``): the batch search's cached blocks and a stage's Ray
-workers cannot starve the next stage; a stage that fails records its error and the others
-run. The batch search counts any allocation failure as "does not fit" (cuBLAS and cuDNN
-workspaces, the host), not only torch's OutOfMemoryError. When a model misses the MFU target
-its training step is profiled (``--profile``) and the top kernels saved beside the JSON.
-``--device cpu`` runs DiT-T/2, a few steps and batches of at most 4, skipping the campaign and
-the Ray comparison unless ``--campaign`` / ``--ray`` are given: it keeps the script alive in CI.
+runs in a process of its own (``--isolate``; ``--stage-timeout`` bounds each): the batch
+search's cached blocks and a stage's Ray workers cannot starve the next stage; a stage that
+fails records its error and the others run. The batch search counts any allocation failure as
+"does not fit" (cuBLAS and cuDNN workspaces, the host), not only torch's OutOfMemoryError. When
+a model misses the MFU target its training step is profiled (``--profile``) and the top kernels
+saved beside the JSON. ``--device cpu`` runs DiT-T/2, a few steps and batches of at most 4,
+skipping the campaign and Ray unless ``--campaign`` / ``--ray`` are given: it keeps the script
+alive in CI.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import io
@@ -51,7 +66,7 @@ import torch
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "RTX 4090": 165.0, r"\bL4\b": 121.0}
 OUT = Path(__file__).resolve().parent / "out" / "bench_gpu.json"
 #: the stages, in the order they run (each in a process of its own with ``--isolate``)
-STAGES = ("campaign", "training", "ray_vs_bare", "sampling")
+STAGES = ("memory", "ray_vs_bare", "training", "sampling", "campaign")
 TARGETS = {"mfu": 0.40, "ray_over_bare": 0.97, "top2_over_top1_time": 2.1}
 TEXT_LEN = 16  # caption tokens the expert's learned text encoder produces (config text.max_len)
 
@@ -127,6 +142,7 @@ def _timed_steps(size: str, batch: int, steps: int, device: torch.device, compil
     cond = model.tokenize(["a photo of a cat"] * batch, device)
     autocast = devices.autocast(device, "bf16")
     spent = {"forward_backward": 0.0, "optimizer": 0.0, "ema": 0.0}
+    losses: list[torch.Tensor] = []
 
     def sync() -> None:
         if device.type == "cuda":
@@ -149,7 +165,7 @@ def _timed_steps(size: str, batch: int, steps: int, device: torch.device, compil
             spent["optimizer"] += time.perf_counter() - t
             t = time.perf_counter()
         ema.update(model)
-        float(loss.detach())  # the loop reads the loss back every micro-step
+        losses.append(loss.detach())  # kept on the device, read once at the end (as the loop)
         if phases:
             spent["ema"] += time.perf_counter() - t
 
@@ -161,7 +177,8 @@ def _timed_steps(size: str, batch: int, steps: int, device: torch.device, compil
         step()
     sync()
     wall = time.perf_counter() - start
-    out: dict[str, Any] = {"steps_per_s": steps / wall}
+    out: dict[str, Any] = {"steps_per_s": steps / wall,
+                           "last_loss": float(torch.stack(losses[-steps:]).float().mean())}
     if phases:
         out["phases_ms"] = {k: 1000 * v / steps for k, v in spent.items()}
     return out
@@ -250,6 +267,108 @@ def training_table(args: argparse.Namespace, device: torch.device, peak: float |
     return rows
 
 
+# ------------------------------------------------------------------------------------ memory
+
+PAPER_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "paper-8x-xl.yaml"
+
+
+def _plan_steps(expert: Any, micro: int, device: torch.device, steps: int = 2) -> dict:
+    """``steps`` of the loop's optimizer step for ``expert`` (its model, text tower, AdaLN
+    variant, checkpointing, bf16 autocast, AdamW, EMA) on 32x32x4 latents, its per-worker
+    batch drawn once and run in micro-batches of ``micro``: the peak of allocated and of
+    reserved (allocator-held) memory, from after nothing but the CUDA context was held."""
+    from hdd_ray import devices
+    from hdd_ray.diffusion import get_objective
+    from hdd_ray.models.expert import ExpertModel
+    from hdd_ray.training.loop import EMA
+
+    tr = expert.train
+    torch.cuda.reset_peak_memory_stats(device)
+    model = ExpertModel(expert.model, expert.text, 32, 4, adaln=expert.adaln).to(device)
+    model.net.activation_checkpointing = bool(tr["activation_checkpointing"])
+    objective = get_objective(expert.objective, expert.schedule)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    ema = EMA(model, 0.9999)
+    rng = devices.TrainingStreams(0, 0, device)
+    batch = int(tr["batch_size"])
+    cond = model.tokenize([f"a photo of thing {i}" for i in range(batch)], device)
+    autocast = devices.autocast(device, "bf16")
+    losses = []
+    for _ in range(steps):
+        x0 = devices.randn((batch, 4, 32, 32), rng.noise, device)
+        parts = objective.draw(x0, cond, float(tr["caption_dropout"]), rng.noise,
+                               model.prior_mean()).split(micro)
+        for part in parts:
+            with autocast:
+                loss = part.loss(model) * len(part) / batch
+            loss.backward()
+            losses.append(loss.detach())
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(model)
+    torch.cuda.synchronize(device)
+    return {"peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 1e9,
+            "peak_reserved_gb": torch.cuda.max_memory_reserved(device) / 1e9,
+            "loss": float(torch.stack(losses).float().sum()) / steps,
+            "trainable_params": sum(p.numel() for p in params)}
+
+
+def memory_check(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """``paper-8x-xl.yaml``'s experts (DiT-XL/2, the frozen CLIP ViT-L/14 text tower with
+    random weights, bf16, batch 64) on each of its node types' declared memory: the GPU is
+    capped at that memory (``set_per_process_memory_fraction``), the plan's micro-batch is
+    trained for two steps (eager: ``train.compile``'s fallback, the larger), and the measured
+    peak is set beside the plan's estimate; with and without activation checkpointing."""
+    from hdd_ray.config import load_config, resolve_experts
+    from hdd_ray.training.memory import expert_plan
+
+    cfg = load_config(PAPER_CONFIG, overrides=["experts.init=null",
+                                               "experts.text.pretrained=null"])
+    by_memory = {}
+    for expert in resolve_experts(cfg):  # one expert per declared memory (node type)
+        by_memory.setdefault(float(expert.resources["gpu_memory_gb"]), expert)
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" \
+        else None
+    rows = []
+    for gb, expert in sorted(by_memory.items()):
+        for checkpointing in (False, True):
+            spec = dataclasses.replace(expert, train=dict(
+                expert.train, activation_checkpointing=checkpointing))
+            plan = expert_plan(cfg, spec, (32, 4))
+            row: dict[str, Any] = {
+                "cluster": spec.cluster, "objective": spec.objective, "gpu_memory_gb": gb,
+                "checkpointing": checkpointing, "micro_batch": plan.micro_batch,
+                "micro_steps": plan.micro_steps, "estimate_gb": plan.estimate.total / 1e9,
+                "usable_gb": (plan.usable or 0) / 1e9, "plan": plan.line()}
+            if total is None:
+                row["skipped"] = "no CUDA device"
+                rows.append(row)
+                continue
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            torch.cuda.set_per_process_memory_fraction(min(1.0, gb * 1e9 / total), index)
+            try:
+                row.update(_plan_steps(spec, int(plan.micro_batch), device))
+                row["measured_over_estimate"] = row["peak_allocated_gb"] / row["estimate_gb"]
+                row["fits"] = True
+            except (RuntimeError, MemoryError) as exc:
+                from hdd_ray.devices import is_out_of_memory
+
+                if not is_out_of_memory(exc):
+                    raise
+                row["fits"], row["error"] = False, str(exc).splitlines()[0][:300]
+            finally:
+                torch.cuda.set_per_process_memory_fraction(1.0, index)
+                _release(device)
+            rows.append(row)
+            print(f"  memory {gb:g} GB, checkpointing {checkpointing}: micro-batch "
+                  f"{row['micro_batch']}, estimate {row['estimate_gb']:.1f} GB, measured "
+                  f"{row.get('peak_allocated_gb', float('nan')):.1f} GB", flush=True)
+    return {"config": "jobs/configs/paper-8x-xl.yaml", "model": "DiT-XL/2", "input": [4, 32, 32],
+            "rows": rows}
+
+
 # ------------------------------------------------------------------------------------ Ray vs bare
 
 
@@ -273,12 +392,43 @@ def _synthetic_shard(directory: str, n: int = 64, size: int = 32) -> str:
     return path
 
 
-def ray_vs_bare(args: argparse.Namespace, device: torch.device, tmp: str) -> dict[str, Any]:
-    """Steps/s of ``run_loop`` bare (``LocalHooks``) and in a one-worker ``TorchTrainer``."""
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+@contextlib.contextmanager
+def sync_watch(device: torch.device, after: int):
+    """The CUDA synchronisations made inside the loop's steps (``_Run.step``) from step
+    ``after`` on (the first ones compile), under ``torch.cuda.set_sync_debug_mode("warn")``:
+    yields the list they are appended to (``file:line: message``). The loop reads its losses
+    once per logging interval, outside ``step``; nothing inside it may wait for the GPU."""
+    import warnings
 
+    from hdd_ray.training import loop
+
+    found: list[str] = []
+    original = loop._Run.step
+
+    def watched(run: Any, step: int) -> Any:
+        if device.type != "cuda" or step < after:
+            return original(run, step)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return original(run, step)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                # the warning of each synchronizing call (not the mode's own "prototype" note)
+                found.extend(f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+                             if "called a synchronizing" in str(w.message))
+
+    loop._Run.step = watched
+    try:
+        yield found
+    finally:
+        loop._Run.step = original
+
+
+def ray_vs_bare(args: argparse.Namespace, device: torch.device, tmp: str) -> dict[str, Any]:
+    """Steps/s of ``run_loop`` bare (``LocalHooks``: with its data-wait share and the CUDA
+    synchronisations inside its steps) and, with ``--ray``, in a one-worker ``TorchTrainer``."""
     from hdd_ray.config import load_config, resolve_experts
     from hdd_ray.training.loop import LocalHooks, run_loop, train_loop
     from hdd_ray.training.settings import RunSettings
@@ -287,12 +437,27 @@ def ray_vs_bare(args: argparse.Namespace, device: torch.device, tmp: str) -> dic
     expert = resolve_experts(load_config(overrides=["experts.ddpm_clusters=[]"]))[0]
     expert = dataclasses.replace(expert, model=args.ray_model)
     train = dict(expert.train, steps=args.ray_steps, checkpoint_every=args.ray_steps,
-                 batch_size=args.ray_batch, mixed_precision="bf16")
+                 batch_size=args.ray_batch, mixed_precision="bf16", compile=bool(args.compile))
     conf = {"kind": "expert", "expert": dataclasses.asdict(expert), "train": train,
             "image_size": 32, "channels": 3, "shards": [_synthetic_shard(tmp)],
             "torch_threads": args.threads, "use_gpu": cuda}
     settings = RunSettings.from_dict(conf)
-    bare = run_loop(settings, LocalHooks(str(Path(tmp) / "bare")))
+    with sync_watch(device, after=5) as syncs:
+        bare = run_loop(settings, LocalHooks(str(Path(tmp) / "bare")))
+    out: dict[str, Any] = {
+        "model": args.ray_model, "input": [3, 32, 32], "batch": args.ray_batch,
+        "steps": args.ray_steps, "compile": bool(args.compile),
+        "bare_steps_per_s": bare["steps_per_s"], "data_wait_share": bare["data_wait_share"],
+        "syncs_in_steps": len(syncs), "sync_sites": sorted(set(syncs))[:10],
+        "sync_checked": cuda}
+    print(f"  bare loop: {bare['steps_per_s']:.2f} steps/s, data wait "
+          f"{bare['data_wait_share']:.1%}, {len(syncs)} syncs inside steps", flush=True)
+    if not args.ray:
+        return {**out, "ray": "skipped (--ray to run it)"}
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     if not ray.is_initialized():
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
     workers = {"CPU": float(args.threads), **({"GPU": 1.0} if cuda else {})}
@@ -304,9 +469,7 @@ def ray_vs_bare(args: argparse.Namespace, device: torch.device, tmp: str) -> dic
     if result.error is not None:
         raise result.error
     ray_sps = float(result.metrics["steps_per_s"])
-    return {"model": args.ray_model, "input": [3, 32, 32], "batch": args.ray_batch,
-            "steps": args.ray_steps, "bare_steps_per_s": bare["steps_per_s"],
-            "ray_steps_per_s": ray_sps, "ratio": ray_sps / bare["steps_per_s"]}
+    return {**out, "ray_steps_per_s": ray_sps, "ratio": ray_sps / bare["steps_per_s"]}
 
 
 # ------------------------------------------------------------------------------------ sampling
@@ -334,7 +497,8 @@ def sampling_table(args: argparse.Namespace, device: torch.device) -> dict[str, 
     router = RouterModel(args.router_model, 32, 4, k).to(device).eval()
     mixture = Mixture(experts, router, cfg, device)
     prompts = [f"a photo of thing {i % 8}" for i in range(args.sample_images)]
-    mixture.sample(prompts[: args.sample_batch], strategy="top1", steps=1)  # warm-up
+    for routing in ("top1", "topk", "full"):  # warm-up: every routing's kernels and shapes
+        mixture.sample(prompts[: args.sample_batch], strategy=routing, k=2, steps=2)
     rows = []
     for routing in ("top1", "topk", "full"):
         if device.type == "cuda":
@@ -426,16 +590,30 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="dense bf16 peak of a GPU missing from the table")
     p.add_argument("--out", default=str(OUT))
-    p.add_argument("--compile", action="store_true", help="torch.compile the timed model")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the timed model (default: on CUDA, as train.compile)")
     p.add_argument("--campaign", action=argparse.BooleanOptionalAction, default=None,
                    help="run the tiny campaign (default: on CUDA only)")
     p.add_argument("--ray", action=argparse.BooleanOptionalAction, default=None,
                    help="Ray Train versus the bare loop (default: on CUDA only)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps")
+    p.add_argument("--models", nargs="+", default=None,
+                   help="the training stage's models (default: DiT-B/2 DiT-XL/2 on CUDA)")
+    p.add_argument("--min-batch", type=int, default=None,
+                   help="the batch search's first batch (default: 8 on CUDA)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="the batch search's last batch (default: 2048 on CUDA)")
+    p.add_argument("--ray-steps", type=int, default=None,
+                   help="steps of the loop stage (default: 300 on CUDA)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="each stage in a process of its own (default: on CUDA only)")
     p.add_argument("--profile", choices=("missed", "always", "never"), default="missed",
                    help="save a profile of the training step: when MFU misses its target")
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                   help="the stages to run, in this order (default: all)")
+    p.add_argument("--stage-timeout", type=float, default=None,
+                   help="seconds an isolated stage may run before it is stopped and recorded "
+                        "as timed out (default: no limit)")
     p.add_argument("--only", choices=STAGES, default=None, help=argparse.SUPPRESS)
     p.add_argument("--profile-dir", default=None, help=argparse.SUPPRESS)  # default: --out's
     args = p.parse_args(argv)
@@ -459,6 +637,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     args.campaign = cuda if args.campaign is None else args.campaign
     args.ray = cuda if args.ray is None else args.ray
     args.isolate = cuda if args.isolate is None else args.isolate
+    args.compile = cuda if args.compile is None else args.compile
     args.device = device
     return args
 
@@ -472,12 +651,14 @@ def _stage(name: str, args: argparse.Namespace, device: torch.device, peak: floa
     if name == "training":
         return training_table(args, device, peak)
     if name == "ray_vs_bare":
-        return ray_vs_bare(args, device, tmp) if args.ray else {
-            "skipped": "off (--ray to run it)"}
+        return ray_vs_bare(args, device, tmp)
+    if name == "memory":
+        return memory_check(args, device)
     return sampling_table(args, device)
 
 
-def _isolated(name: str, argv: list[str], tmp: str, beside: Path) -> Any:
+def _isolated(name: str, argv: list[str], tmp: str, beside: Path,
+              timeout: float | None = None) -> Any:
     """Run stage ``name`` in a fresh interpreter (this script with ``--only``): whatever it
     held on the GPU (cached blocks, Ray workers) is gone when it exits. A stage that fails
     gives ``{"error": its last line}``, and the others still run."""
@@ -486,9 +667,12 @@ def _isolated(name: str, argv: list[str], tmp: str, beside: Path) -> Any:
     out = Path(tmp) / f"{name}.json"
     rest = [a for i, a in enumerate(argv) if a != "--out" and (i == 0 or argv[i - 1] != "--out")
             and not a.startswith("--out=")]
-    proc = subprocess.run([sys.executable, __file__, *rest, "--only", name, "--out", str(out),
-                           "--profile-dir", str(beside)],
-                          stdout=None, stderr=subprocess.PIPE, text=True)
+    try:
+        proc = subprocess.run([sys.executable, __file__, *rest, "--only", name, "--out",
+                               str(out), "--profile-dir", str(beside)],
+                              stdout=None, stderr=subprocess.PIPE, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:g} s (--stage-timeout)"}
     if proc.returncode != 0 or not out.exists():
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
         print(proc.stderr[-3000:], flush=True)
@@ -521,11 +705,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         started = time.perf_counter()
         print(f"bench_gpu on {device} ({name or 'cpu'}), peak {peak} TFLOP/s", flush=True)
-        for stage in STAGES:  # the JSON is written after every stage: a crash keeps the rest
-            skipped = (stage == "campaign" and not args.campaign) or (
-                stage == "ray_vs_bare" and not args.ray)
+        for stage in args.stages:  # the JSON is written after every stage: a crash keeps the rest
+            skipped = stage == "campaign" and not args.campaign
             if args.isolate and not skipped:
-                out[stage] = _isolated(stage, argv, tmp, path.parent)
+                out[stage] = _isolated(stage, argv, tmp, path.parent, args.stage_timeout)
             else:
                 out[stage] = _stage(stage, args, device, peak, tmp)
                 _release(device)

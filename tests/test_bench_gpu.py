@@ -67,7 +67,17 @@ def test_cpu_smoke_run_writes_every_section_of_its_json(tmp_path):
     assert result["device"] == "cpu" and result["peak_tflops"] is None and result["isolated"]
     profile = Path(result["training"][0]["profile"])
     assert profile.parent == tmp_path and "Self CPU" in profile.read_text()
-    assert set(result) >= {"campaign", "training", "ray_vs_bare", "sampling", "targets"}
+    assert set(result) >= {"memory", "campaign", "training", "ray_vs_bare", "sampling",
+                           "targets"}
+    # the paper config's plans on both node types, with and without checkpointing (measured on
+    # CUDA only): the 24 GB node accumulates micro-batches, checkpointing fits the whole batch
+    plans = {(r["gpu_memory_gb"], r["checkpointing"]): r for r in result["memory"]["rows"]}
+    assert set(plans) == {(24.0, False), (24.0, True), (80.0, False), (80.0, True)}
+    assert plans[24.0, False]["micro_steps"] > 1 and plans[24.0, True]["micro_steps"] == 1
+    assert all(r["estimate_gb"] <= r["usable_gb"] and r["skipped"] for r in plans.values())
+    loop = result["ray_vs_bare"]  # the bare loop always runs; Ray only with --ray
+    assert loop["bare_steps_per_s"] > 0 and 0 <= loop["data_wait_share"] < 1
+    assert loop["sync_checked"] is False and "skipped" in loop["ray"]
     row = result["training"][0]
     assert row["model"] == "DiT-T/2" and row["steps_per_s"] > 0 and row["mfu"] is None
     assert row["model_tflop_per_step"] > 0 and set(row["phases_ms"]) == {
