@@ -51,7 +51,7 @@ def failures(prepared, tmp_path_factory):
     root = copy_root(prepared, tmp_path_factory.mktemp("failures"))
     for shard in (root / "clusters" / "2").glob("*.tar"):
         shard.write_bytes(b"this is not a tar archive" * 10)
-    steps, every = 120, 40  # the kill follows the first checkpoint: 80 steps to spare
+    steps, every = 80, 20  # the kill follows the first checkpoint: 60 steps to spare
     cfg = campaign_cfg(root, f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}",
                "experts.train.caption_dropout=0",
                "experts.list=[{cluster: 1, micro_batch_size: 8, resources: {num_workers: 2}},"
@@ -89,7 +89,7 @@ def test_killed_streaming_worker_resumes_its_data_stream_exactly(prepared, tmp_p
     from hdd_ray.training.data import StreamSource, data_settings
 
     root = copy_root(prepared, tmp_path)
-    steps, every = 150, 50
+    steps, every = 100, 30
     cfg = campaign_cfg(root, f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}",
                "experts.data.mode=stream", "experts.data.shuffle_buffer=64",
                "experts.data.open_shards=2", "tracking.enabled=false", "ray.executor=task")
@@ -149,7 +149,7 @@ def test_killed_driver_rerun_resumes_the_partial_experts(prepared_campaign, tmp_
     from hdd_ray.training.checkpoints import TASK_CHECKPOINT, TASK_METRICS
 
     root = prepared_campaign.copy(tmp_path)
-    steps, every = 100, 20  # the kill follows every expert's first checkpoint
+    steps, every = 60, 20  # the kill follows every expert's first checkpoint
     common = [f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}",
               "tracking.enabled=false", "ray.executor=task"]
     # a relative root, as the README's commands give it: the job resolves it against its cwd
@@ -175,13 +175,20 @@ def test_killed_driver_rerun_resumes_the_partial_experts(prepared_campaign, tmp_
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray instance it started
         proc.wait()
-    assert not list(root.glob("experts/*/expert.json"))
+    # on a loaded machine an expert can finish between the last poll and the kill: it is
+    # reused by the rerun; the others (at least two) must resume from their checkpoints
+    finished = {c for c, d in expert_dirs(root).items() if (d / EXPERT_JSON).exists()}
+    assert len(finished) <= 1, f"experts {sorted(finished)} finished before the kill"
     statuses = train_campaign(campaign_cfg(root, *common), include_router=False)
-    assert [s.status for s in statuses] == ["resumed"] * 3, [s.reason for s in statuses]
-    for d in expert_dirs(root).values():
+    assert [s.status for s in statuses] == [
+        "reused" if s.cluster in finished else "resumed" for s in statuses], [
+        s.reason for s in statuses]
+    for cluster, d in expert_dirs(root).items():
         desc = json.loads((d / EXPERT_JSON).read_text())
         starts = [a["start_step"] for a in desc["attempts"]]
-        assert desc["steps"] == steps and starts[0] == 0 and starts[-1] >= every
+        assert desc["steps"] == steps and starts[0] == 0
+        if cluster not in finished:
+            assert starts[-1] >= every
 
 
 
@@ -189,7 +196,7 @@ def test_killed_driver_rerun_resumes_the_partial_experts(prepared_campaign, tmp_
 
 def test_killed_task_is_retried_from_its_last_checkpoint(prepared, tmp_path):
     root = copy_root(prepared, tmp_path)
-    steps, every = 150, 50
+    steps, every = 100, 30
     cfg = campaign_cfg(root, f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}",
                "ray.executor=task", "tracking.enabled=false")
     runner, result, d = train_in_background(cfg, root)
@@ -212,7 +219,7 @@ def test_a_run_begun_as_a_task_resumes_under_ray_train(prepared, tmp_path):
     from hdd_ray.training.checkpoints import latest_checkpoint_step
 
     root = copy_root(prepared, tmp_path)
-    steps, every = 150, 50  # the kill follows the first checkpoint: 100 steps to spare
+    steps, every = 100, 30  # the kill follows the first checkpoint: 70 steps to spare
     common = [f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}",
               "tracking.enabled=false"]
     cfg = campaign_cfg(root, *common, "ray.executor=task", "experts.resources.max_failures=0")
