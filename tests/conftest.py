@@ -25,6 +25,22 @@ LONGEST_FIRST = ("test_multinode.py", "test_preemption.py", "test_training.py", 
                  "test_latents.py", "test_first_run.py", "test_clusters.py")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker's share of the cores for torch: two workers on two cores
+    that each ran two threads spent CPU-seconds on threads waiting for each other, with no
+    wall time gained (the other worker keeps the second core busy). ``OMP_NUM_THREADS`` passes
+    the same share to the processes the tests start (jobs, their Ray drivers)."""
+    import os
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if workers > 1:
+        import torch
+
+        share = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(share)
+        os.environ.setdefault("OMP_NUM_THREADS", str(share))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests of :data:`LONGEST_FIRST`'s modules first, in its order (a stable sort: the same
     order in every worker, as pytest-xdist requires)."""

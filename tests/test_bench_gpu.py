@@ -57,27 +57,21 @@ def test_every_allocation_failure_counts_as_out_of_memory():
 
 
 def test_cpu_smoke_run_writes_every_section_of_its_json(tmp_path):
-    """As on a GPU: each stage in its own process, the profile saved beside the JSON."""
+    """As on a GPU: each stage in its own process, the profile saved beside the JSON (the
+    memory and loop stages, which need no process of their own to be checked, run in this one
+    below: each process costs seconds of torch imports)."""
     out = tmp_path / "bench_gpu.json"
     proc = subprocess.run([sys.executable, str(BENCH / "bench_gpu.py"), "--device", "cpu",
-                           "--isolate", "--profile", "always", "--out", str(out)],
+                           "--isolate", "--profile", "always", "--out", str(out),
+                           "--stages", "training", "sampling", "campaign"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["device"] == "cpu" and result["peak_tflops"] is None and result["isolated"]
     profile = Path(result["training"][0]["profile"])
     assert profile.parent == tmp_path and "Self CPU" in profile.read_text()
-    assert set(result) >= {"memory", "campaign", "training", "ray_vs_bare", "sampling",
-                           "targets"}
-    # the paper config's plans on both node types, with and without checkpointing (measured on
-    # CUDA only): the 24 GB node accumulates micro-batches, checkpointing fits the whole batch
-    plans = {(r["gpu_memory_gb"], r["checkpointing"]): r for r in result["memory"]["rows"]}
-    assert set(plans) == {(24.0, False), (24.0, True), (80.0, False), (80.0, True)}
-    assert plans[24.0, False]["micro_steps"] > 1 and plans[24.0, True]["micro_steps"] == 1
-    assert all(r["estimate_gb"] <= r["usable_gb"] and r["skipped"] for r in plans.values())
-    loop = result["ray_vs_bare"]  # the bare loop always runs; Ray only with --ray
-    assert loop["bare_steps_per_s"] > 0 and 0 <= loop["data_wait_share"] < 1
-    assert loop["sync_checked"] is False and "skipped" in loop["ray"]
+    assert set(result) >= {"campaign", "training", "sampling", "targets"}
+    assert not set(result) & {"memory", "ray_vs_bare"}  # --stages: only those asked for
     row = result["training"][0]
     assert row["model"] == "DiT-T/2" and row["steps_per_s"] > 0 and row["mfu"] is None
     assert row["model_tflop_per_step"] > 0 and set(row["phases_ms"]) == {
@@ -87,3 +81,19 @@ def test_cpu_smoke_run_writes_every_section_of_its_json(tmp_path):
     evals = {r["routing"]: r["expert_evaluations"] for r in result["sampling"]["rows"]}
     assert evals["top1"] < evals["top2"] < evals["full"]  # sparse routing did its job
     assert result["sampling"]["top2_over_top1_time"] > 0
+
+
+def test_memory_and_loop_stages_on_cpu(tmp_path):
+    """The memory stage plans the paper config's experts on both node types, with and without
+    checkpointing (measured on CUDA only); the loop stage runs the bare loop and reports its
+    data-wait share (Ray only with ``--ray``)."""
+    args = bench_gpu._arguments(["--device", "cpu"])
+    memory = bench_gpu.memory_check(args, torch.device("cpu"))
+    plans = {(r["gpu_memory_gb"], r["checkpointing"]): r for r in memory["rows"]}
+    assert set(plans) == {(24.0, False), (24.0, True), (80.0, False), (80.0, True)}
+    # the 24 GB node accumulates micro-batches; checkpointing fits the whole batch
+    assert plans[24.0, False]["micro_steps"] > 1 and plans[24.0, True]["micro_steps"] == 1
+    assert all(r["estimate_gb"] <= r["usable_gb"] and r["skipped"] for r in plans.values())
+    loop = bench_gpu.ray_vs_bare(args, torch.device("cpu"), str(tmp_path))
+    assert loop["bare_steps_per_s"] > 0 and 0 <= loop["data_wait_share"] < 1
+    assert loop["sync_checked"] is False and "skipped" in loop["ray"]

@@ -29,7 +29,6 @@ def _images() -> torch.Tensor:
                          [("fm_velocity", None, 250), ("ddpm_eps", "cosine", 400)])
 def test_tiny_dit_overfits_four_digits(objective_name, schedule, steps):
     torch.manual_seed(0)
-    torch.set_num_threads(2)
     images = _images()
     captions = [f"a handwritten digit {n}" for n in NAMES]
     net = build_dit("DiT-T/2", input_size=8, in_channels=1, text_dim=64)
