@@ -219,7 +219,7 @@ def test_a_run_begun_as_a_task_resumes_under_ray_train(prepared, tmp_path):
     from hdd_ray.training.checkpoints import latest_checkpoint_step
 
     root = copy_root(prepared, tmp_path)
-    steps, every = 100, 30  # the kill follows the first checkpoint: 70 steps to spare
+    steps, every = 150, 50  # the kill follows the first checkpoint: 100 steps to spare
     common = [f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}",
               "tracking.enabled=false"]
     cfg = campaign_cfg(root, *common, "ray.executor=task", "experts.resources.max_failures=0")

@@ -189,9 +189,9 @@ def test_interrupted_sweep_restores_without_redoing_finished_trials(first_sweep,
 
     cfg, _ = first_sweep
     root = Path(cfg.root)
-    # two trials at a time (BASE): two are done when the job is killed, two are left
+    # two trials at a time (BASE): two are done when the job is killed, the third is left
     extra = ["sweep.name=resume", "sweep.mode=list",
-             "sweep.assignments=[FFF,DFF,FDF,DDF]", "sweep.guidance=[1.0]"]
+             "sweep.assignments=[FFF,DFF,DDF]", "sweep.guidance=[1.0]"]
     before = set(root.glob("mixtures/*/metrics.json"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     address = ray.get_runtime_context().gcs_address
@@ -214,14 +214,14 @@ def test_interrupted_sweep_restores_without_redoing_finished_trials(first_sweep,
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     done = {p: p.stat().st_mtime for p in set(root.glob("mixtures/*/metrics.json")) - before}
-    assert len(done) < 4, "every trial finished before the kill: nothing left to restore"
+    assert len(done) < 3, "every trial finished before the kill: nothing left to restore"
     result = run_sweep(_cfg(root, *extra), verbose=0)
     assert result.restored
-    assert {r["assignment"] for r in result.rows} == {"F F F", "D F F", "F D F", "D D F"}
+    assert {r["assignment"] for r in result.rows} == {"F F F", "D F F", "D D F"}
     assert all(p.stat().st_mtime == t for p, t in done.items())  # finished ones not redone
-    assert len(set(root.glob("mixtures/*/metrics.json")) - before) == 4
+    assert len(set(root.glob("mixtures/*/metrics.json")) - before) == 3
     runs = _trial_runs(cfg, result.parent_run_id)
-    assert len(runs) == len({r.data.tags["trial_id"] for r in runs}) == 4
+    assert len(runs) == len({r.data.tags["trial_id"] for r in runs}) == 3
 
 
 def test_the_sweeps_best_is_registered_as_the_champion_and_exported(first_sweep, tmp_path):
