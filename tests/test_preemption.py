@@ -79,10 +79,12 @@ def test_killed_worker_resumes_from_its_last_checkpoint(failures):
     print(f"killed pid {pid} after step {state['step']}; resumed at step {starts[1]}")
 
 
-def test_killed_streaming_worker_resumes_its_data_stream_exactly(prepared, tmp_path):
-    """Streaming forced on: after a kill the step count is exact and the data stream continues
-    from its recorded position (the final position is the uninterrupted stream's). The stream's
-    state is the loop's: the run is a Ray task, retried after the kill."""
+def test_killed_task_is_retried_from_its_last_checkpoint_and_its_stream_continues(prepared,
+                                                                                 tmp_path):
+    """A run of the task executor, streaming forced on, whose task's worker process is killed:
+    Ray retries the task in another process, which resumes from the last checkpoint (not from
+    0); the step count is exact and the data stream continues from its recorded position (the
+    final position is the uninterrupted stream's)."""
     from hdd_ray.campaign import cluster_shards, load_manifest
     from hdd_ray.config import to_dict
     from hdd_ray.samples import Decoding
@@ -101,7 +103,9 @@ def test_killed_streaming_worker_resumes_its_data_stream_exactly(prepared, tmp_p
     assert result["s"][0].status == "trained", result["s"][0].reason
     desc = json.loads((d / EXPERT_JSON).read_text())
     starts = [a["start_step"] for a in desc["attempts"]]
-    assert desc["steps"] == steps and len(starts) == 2 and starts[1] > 0
+    assert desc["steps"] == steps and len(starts) == 2 and starts[0] == 0
+    assert starts[1] > 0 and starts[1] % every == 0, starts  # from a checkpoint, not from 0
+    assert desc["attempts"][1]["pid"] != desc["attempts"][0]["pid"]
     assert desc["skipped_samples"] == 0
     from hdd_ray.training.checkpoints import TASK_CHECKPOINT
 
@@ -193,25 +197,6 @@ def test_killed_driver_rerun_resumes_the_partial_experts(prepared_campaign, tmp_
 
 
 # ------------------------------------------------------------------ ray.executor=task
-
-def test_killed_task_is_retried_from_its_last_checkpoint(prepared, tmp_path):
-    root = copy_root(prepared, tmp_path)
-    steps, every = 100, 30
-    cfg = campaign_cfg(root, f"experts.train.steps={steps}", f"experts.train.checkpoint_every={every}",
-               "ray.executor=task", "tracking.enabled=false")
-    runner, result, d = train_in_background(cfg, root)
-    state = task_state_when_checkpointed(d)
-    assert state["step"] < steps - every, "the run got too far before the kill"
-    os.kill(state["history"][-1]["pid"], signal.SIGKILL)  # the task's worker process
-    runner.join(timeout=400)
-    status = result["s"][0]
-    assert status.status == "trained", status.reason
-    desc = json.loads((d / EXPERT_JSON).read_text())
-    starts = [a["start_step"] for a in desc["attempts"]]
-    assert desc["steps"] == steps and len(starts) == 2 and starts[0] == 0
-    assert starts[1] > 0 and starts[1] % every == 0, starts  # from a checkpoint, not from 0
-    assert desc["attempts"][1]["pid"] != desc["attempts"][0]["pid"]
-
 
 def test_a_run_begun_as_a_task_resumes_under_ray_train(prepared, tmp_path):
     """No retries: the killed task fails the run; the next launch, switched to Ray Train,

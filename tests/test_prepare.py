@@ -249,11 +249,29 @@ def small_corpus(tmp_path_factory, digits):
     return d
 
 
-def _stored_embedding(root: Path, key: str) -> np.ndarray:
+def _stored_embedding(embeddings: Path, key: str) -> np.ndarray:
     import pyarrow.parquet as pq
 
-    t = pq.read_table(root / "clusters" / "embeddings").to_pandas()
+    t = pq.read_table(embeddings).to_pandas()
     return np.asarray(t.loc[t["key"] == key, "embedding"].iloc[0], np.float32)
+
+
+def _stored_keys(embeddings: Path) -> set[str]:
+    import pyarrow.parquet as pq
+
+    return set(pq.read_table(embeddings, columns=["key"]).column("key").to_pylist())
+
+
+def _embed(cfg, corpus: Path, work: Path) -> tuple[int, Path]:
+    """Prepare's embedding pass alone (Ray Data, the embedder actors) over ``corpus``'s
+    shards -> (dimension, the embeddings folder). Clustering, assignment and shard writing
+    are the same for every embedder and tested on the demo campaign above."""
+    from hdd_ray.prepare.passes import embed_pass
+
+    shards = sorted(str(p) for p in corpus.glob("*.tar"))
+    out = work / "embeddings"
+    dim = embed_pass(cfg, shards, str(out), str(work / "embedded.marker"), "test")
+    return dim, out
 
 
 def test_dinov2_embedder_runs_from_a_local_weights_file(tmp_path, small_corpus, digits, ray_local):
@@ -268,15 +286,14 @@ def test_dinov2_embedder_runs_from_a_local_weights_file(tmp_path, small_corpus, 
                           "clustering.embedder_arch=vit_small_patch14_dinov2",
                           f"clustering.embedder_weights={weights}",
                           "clustering.embedder_image_size=28")
-    manifest = prepare_corpus(cfg)
-    assert manifest["embedder"]["dim"] == 384 and manifest["num_samples"] == 200
-    assert sum(manifest["counts"]) + manifest["num_heldout"] == 200
+    dim, embeddings = _embed(cfg, small_corpus, tmp_path)
+    assert dim == 384 and len(_stored_keys(embeddings)) == 200
     # the stored features are those of the saved weights (random init would differ)
     emb = build_embedder("dinov2", 1, arch="vit_small_patch14_dinov2", weights=str(weights),
                          image_size=28)
     img = decode_image(digits[0]["png"])
     expected = emb.embed(emb.preprocess(img)[None])[0]
-    np.testing.assert_allclose(_stored_embedding(tmp_path / "run", digits[0]["__key__"]),
+    np.testing.assert_allclose(_stored_embedding(embeddings, digits[0]["__key__"]),
                                expected, atol=1e-4)
 
 
@@ -296,12 +313,12 @@ def test_open_clip_embedder_runs_from_a_local_weights_file(tmp_path, small_corpu
     cfg = _webdataset_cfg(tmp_path / "run", small_corpus, "clustering.k=4",
                           "clustering.embedder=open_clip", f"clustering.embedder_arch={arch}",
                           f"clustering.embedder_weights={weights}")
-    manifest = prepare_corpus(cfg)
-    assert manifest["embedder"]["dim"] == 32 and manifest["num_samples"] == 200
+    dim, embeddings = _embed(cfg, small_corpus, tmp_path)
+    assert dim == 32 and len(_stored_keys(embeddings)) == 200
     emb = build_embedder("open_clip", 1, arch=str(arch), weights=str(weights))
     img = decode_image(digits[5]["png"])
     expected = emb.embed(emb.preprocess(img)[None])[0]
-    np.testing.assert_allclose(_stored_embedding(tmp_path / "run", digits[5]["__key__"]),
+    np.testing.assert_allclose(_stored_embedding(embeddings, digits[5]["__key__"]),
                                expected, atol=1e-4)
 
 
