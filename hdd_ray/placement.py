@@ -34,8 +34,13 @@ __all__ = ["RAY_ENV", "ResourceGate", "cluster_address", "init_ray", "label_matc
            "local_gate", "task_function", "worker_task"]
 
 #: Ray settings every job needs. Many experts starting at once on a small machine take longer
-#: than Ray Train's default 60 s to bring up their worker groups.
-RAY_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
+#: than Ray Train's default 60 s to bring up their worker groups. Ray Data (2.60) reads a
+#: parquet folder's footers (prepare's embeddings and assignments) on a pool of up to 32 actor
+#: processes of ~200 MB each, more of them alive the more files there are
+#: (benchmarks/bench_scale.py saw 4 at 8x the corpus): two, each with 128 I/O threads, read
+#: thousands of tiny footers as well, and keep prepare's memory from growing with the corpus.
+RAY_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
+           "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2"}
 
 _EPS = 1e-9
 

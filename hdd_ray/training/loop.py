@@ -368,7 +368,8 @@ class _Run:
         self.group = process_group_info()
         self.t0, self.smoothed = time.time(), None
         #: host seconds spent getting batches (the data path's share of the loop: a stream that
-        #: falls behind the model shows here; reported as ``data_wait_share``)
+        #: falls behind the model shows here; reported as ``data_wait_share``; a student's
+        #: batch includes its teacher's forward, hdd_ray.training.distill)
         self.data_wait = 0.0
         #: each step's micro-batch losses on the device, since the last read (:meth:`_settle`)
         self.pending: list[list[Tensor]] = []
@@ -504,7 +505,8 @@ class _Run:
             "wall_time": self.wall_before + elapsed})
         # metrics after the checkpoint, in the background: a checkpoint (a drain's included)
         # never waits on MLflow; what fails stays buffered (hdd_ray.tracking.MetricBuffer)
-        self.tracker.log("data_wait_share", metrics["data_wait_share"], step)
+        if step > self.start_step:  # a finished run re-run has waited for nothing
+            self.tracker.log("data_wait_share", metrics["data_wait_share"], step)
         self.tracker.flush()
 
 
