@@ -50,8 +50,7 @@ from torch import Tensor, nn
 from hdd_ray.devices import TrainingStreams
 from hdd_ray.diffusion import NoisedBatch, get_objective
 from hdd_ray.models.expert import ExpertModel
-from hdd_ray.samples import Decoding
-from hdd_ray.training.data import BatchSource, open_source
+from hdd_ray.training.data import BatchSource
 from hdd_ray.training.memory import Network, expert_network, router_network
 from hdd_ray.training.settings import RunSettings
 from hdd_ray.training.speed import unwrap
@@ -199,15 +198,7 @@ class DistillTask:
                         if record is not None and self.data_weight < 1 else None)
         self.network = student_network(spec.model, spec.text, settings.image_size,
                                        settings.channels, record if self.teacher else None)
-        k = settings.num_clusters
-        shards = [(p, c) for c in range(k) for p in settings.cluster_shards.get(c) or []]
-        counts = settings.cluster_counts
-        latents = settings.latents or {}
-        how = Decoding(settings.image_size, settings.channels, bool(latents),
-                       latent_bytes=4 if latents.get("dtype") == "bfloat16" else 2)
-        self.data = open_source(shards, how, settings.data, int(self.train.seed), rank, world,
-                                sum(int(n) for n in counts.values()) if counts else None,
-                                pin_memory)
+        self.data = settings.open_data(*settings.every_cluster(), rank, world, pin_memory)
         if not self.data.streaming:  # the student's prior E[x0]: the whole data's mean
             self.model.set_data_mean(self.data.mean()[None])
 

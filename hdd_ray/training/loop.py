@@ -41,8 +41,7 @@ from hdd_ray.devices import TrainingStreams
 from hdd_ray.diffusion import FM_TIME_SCALE, NoisedBatch, per_sample
 from hdd_ray.models.expert import ExpertModel, RouterModel
 from hdd_ray.optim import learning_rate
-from hdd_ray.samples import Decoding
-from hdd_ray.training.data import BatchSource, StreamSource, open_source
+from hdd_ray.training.data import BatchSource, StreamSource
 from hdd_ray.training.hooks import (
     Hooks,
     LocalHooks,
@@ -75,14 +74,6 @@ class _DataTask:
     data: BatchSource
     network: Network
 
-    def _open(self, settings: RunSettings, shards: list[tuple[str, int]],
-              num_samples: int | None, rank: int, world: int, pin_memory: bool) -> BatchSource:
-        latents = settings.latents or {}
-        how = Decoding(settings.image_size, settings.channels, bool(latents),
-                       latent_bytes=4 if latents.get("dtype") == "bfloat16" else 2)
-        return open_source(shards, how, settings.data, int(settings.train.seed), rank, world,
-                           num_samples, pin_memory)
-
     def close(self) -> None:
         """Stop the data source's background work."""
         self.data.close()
@@ -111,8 +102,8 @@ class ExpertTask(_DataTask):
         self.model.net.activation_checkpointing = bool(self.train.activation_checkpointing)
         self.network = expert_network(spec.model, spec.text, settings.image_size,
                                       settings.channels)
-        self.data = self._open(settings, [(p, spec.cluster) for p in settings.shards],
-                               settings.num_samples, rank, world, pin_memory)
+        self.data = settings.open_data([(p, spec.cluster) for p in settings.shards],
+                                       settings.num_samples, rank, world, pin_memory)
         # exported with the weights: the conversion's prior E[x0] near t = 1 (streaming: the
         # running mean over the samples seen, set at every step; hdd_ray.training.data)
         if not self.data.streaming:
@@ -145,10 +136,7 @@ class RouterTask(_DataTask):
         self.model.net.activation_checkpointing = bool(self.train.activation_checkpointing)
         self.network = router_network(settings.router_model, settings.image_size,
                                       settings.channels, k)
-        shards = [(p, c) for c in range(k) for p in settings.cluster_shards.get(c) or []]
-        counts = settings.cluster_counts
-        total = sum(int(n) for n in counts.values()) if counts else None
-        self.data = self._open(settings, shards, total, rank, world, pin_memory)
+        self.data = settings.open_data(*settings.every_cluster(), rank, world, pin_memory)
 
     def draw(self, model: nn.Module, batch_size: int, rng: TrainingStreams,
              device: torch.device) -> LabelledBatch:
@@ -457,17 +445,18 @@ class _Run:
         """One micro-batch's forward and backward -> its weighted loss, still on the device
         (read at the logging interval). A compiler failure at either runs it again eagerly
         (:class:`hdd_ray.training.speed.CompiledOrEager`): nothing was accumulated by it."""
-        try:
+        def forward_backward() -> Tensor:
             with self.autocast:
                 loss = part.loss(self.model) / share
             loss.backward()
+            return loss.detach()
+
+        try:
+            return forward_backward()
         except Exception as exc:
             if not (isinstance(self.model, CompiledOrEager) and self.model.fall_back(exc)):
                 raise
-            with self.autocast:
-                loss = part.loss(self.model) / share
-            loss.backward()
-        return loss.detach()
+        return forward_backward()
 
     def _settle(self) -> float:
         """The losses of the steps since the last call, read from the device at once (the

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hdd_ray.config import DataConfig, ResolvedExpert, TrainConfig
-from hdd_ray.training.data import data_settings
+from hdd_ray.samples import Decoding
+from hdd_ray.training.data import BatchSource, Shard, data_settings, open_source
 
 __all__ = ["RunSettings"]
 
@@ -58,6 +59,24 @@ class RunSettings:
     # a student (hdd_ray.training.distill): ``data_weight`` and ``teacher``, the mixture it
     # learns from (hdd_ray.training.distill.campaign_teacher or folder_teacher; None for the monolith baseline)
     distill: dict[str, Any] | None = None
+
+    def open_data(self, shards: list[Shard], num_samples: int | None, rank: int = 0,
+                  world: int = 1, pin_memory: bool = False) -> BatchSource:
+        """The run's data source over ``shards`` (``(path, cluster)`` pairs), decoded to its
+        input (pixels, or latents at their stored width), for ``rank`` of ``world``."""
+        latents = self.latents or {}
+        how = Decoding(self.image_size, self.channels, bool(latents),
+                       latent_bytes=4 if latents.get("dtype") == "bfloat16" else 2)
+        return open_source(shards, how, self.data, int(self.train.seed), rank, world,
+                           num_samples, pin_memory)
+
+    def every_cluster(self) -> tuple[list[Shard], int | None]:
+        """Every cluster's shards as ``(path, cluster)`` pairs, and their sample count (None when
+        not recorded): the data of the router and of a student."""
+        shards = [(p, c) for c in range(self.num_clusters)
+                  for p in self.cluster_shards.get(c) or []]
+        counts = self.cluster_counts
+        return shards, sum(int(n) for n in counts.values()) if counts else None
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> RunSettings:
