@@ -407,22 +407,33 @@ def _synthetic_shard(directory: str, n: int = 64, size: int = 32) -> str:
 _SYNC_WARNING = "called a synchronizing"
 
 
-def sync_detection_works(device: torch.device) -> bool:
-    """Whether ``set_sync_debug_mode("warn")`` reports a known synchronisation on ``device``
-    (``.item()`` of a device tensor): :func:`sync_watch`'s count of 0 means something only
-    then (False on the CPU, where nothing synchronises)."""
+@contextlib.contextmanager
+def _sync_warnings(found: list[str]) -> Iterator[None]:
+    """``torch.cuda.set_sync_debug_mode("warn")`` over the block: each synchronizing call it
+    reports is appended to ``found`` (``file:line: message``) when the block ends."""
     import warnings
 
-    if device.type != "cuda":
-        return False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            torch.ones(1, device=device).sum().item()
+            yield
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return any(_SYNC_WARNING in str(w.message) for w in caught)
+            found.extend(f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+                         if _SYNC_WARNING in str(w.message))
+
+
+def sync_detection_works(device: torch.device) -> bool:
+    """Whether ``set_sync_debug_mode("warn")`` reports a known synchronisation on ``device``
+    (``.item()`` of a device tensor): :func:`sync_watch`'s count of 0 means something only
+    then (False on the CPU, where nothing synchronises)."""
+    if device.type != "cuda":
+        return False
+    seen: list[str] = []
+    with _sync_warnings(seen):
+        torch.ones(1, device=device).sum().item()
+    return bool(seen)
 
 
 @contextlib.contextmanager
@@ -431,8 +442,6 @@ def sync_watch(device: torch.device, after: int) -> Iterator[list[str]]:
     ``after`` on (the first ones compile), under ``torch.cuda.set_sync_debug_mode("warn")``:
     yields the list they are appended to (``file:line: message``). The loop reads its losses
     once per logging interval, outside ``step``; nothing inside it may wait for the GPU."""
-    import warnings
-
     from hdd_ray.training import loop
 
     found: list[str] = []
@@ -441,16 +450,8 @@ def sync_watch(device: torch.device, after: int) -> Iterator[list[str]]:
     def watched(run: Any, step: int) -> Any:
         if device.type != "cuda" or step < after:
             return original(run, step)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                return original(run, step)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-                # the warning of each synchronizing call (not the mode's own "prototype" note)
-                found.extend(f"{w.filename}:{w.lineno}: {w.message}" for w in caught
-                             if _SYNC_WARNING in str(w.message))
+        with _sync_warnings(found):
+            return original(run, step)
 
     loop._Run.step = watched
     try:
