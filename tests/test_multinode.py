@@ -52,10 +52,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 _VENV_RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 RAY = _VENV_RAY if os.access(_VENV_RAY, os.X_OK) else (shutil.which("ray") or "ray")
 
-STEPS = 140
-# periodic checkpoints every 27 steps never land on a multiple of 10 (below 270), where the loop
+STEPS = 180
+# periodic checkpoints every 33 steps never land on a multiple of 10 (below 330), where the loop
 # checks for a drain notice: a checkpoint at a multiple of 10 is the drain's
-CHECKPOINT_EVERY = 27
+CHECKPOINT_EVERY = 33
 NODE_TYPES = {"gpu_80gb": 0, "gpu_24gb": 1}  # custom resource -> the cluster whose expert needs it
 #: the job's clustering settings (the corpus is prepared with them before the job)
 CLUSTERING = ["clustering.k=2", "clustering.fine_centroids=8", "tracking.enabled=false"]
@@ -393,7 +393,7 @@ def test_campaign_places_experts_by_node_type_and_survives_losing_nodes(cluster,
       its real ``ray drain-node`` call) polls a fake GCP metadata server; once the expert has a
       checkpoint the server announces a preemption, the watcher drains the node, Ray Train
       tells the loop, the loop checkpoints at once (at a multiple of 10 steps, which periodic
-      checkpoints every 27 steps never hit below 270), and only then the node is killed,
+      checkpoints every 33 steps never hit below 330), and only then the node is killed,
       as the cloud would.
 
     Once both are lost, a replacement node of each type joins; both experts resume from those
