@@ -27,6 +27,7 @@ from torch import Tensor
 from hdd_ray.corpus import decode_image, iter_samples, prepare_image
 from hdd_ray.errors import NoUsableData, first_line
 from hdd_ray.latents import LATENT_MEMBER, load_vae, vae_info
+from hdd_ray.models.text_features import TEXT_MEMBER, TextFeatures, decode_features, stack_features
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 
 #: one shard of a source: (path, label)
 Shard = tuple[str, int]
+#: what conditions one sample: its caption, or its stored text features (float16 [n, width])
+Condition = str | np.ndarray
 
 
 @dataclass(frozen=True)
@@ -47,15 +50,23 @@ class Decoding:
     image_key: str = "png"
     caption_key: str = "txt"
     latent_bytes: int = 2  # float16 storage; 4 for bfloat16-rounded latents (stored as float32)
+    # stored text features (hdd_ray.models.text_features) in place of the caption: the tower's
+    # context length and width; 0 = the caption itself
+    text_length: int = 0
+    text_width: int = 0
 
     @property
     def bytes_per_sample(self) -> int:
-        """Decoded bytes of one sample."""
-        return self.channels * self.image_size ** 2 * (self.latent_bytes if self.latents else 1)
+        """Decoded bytes of one sample (its stored text features counted at full length)."""
+        return (self.channels * self.image_size ** 2 * (self.latent_bytes if self.latents else 1)
+                + 2 * self.text_length * self.text_width)
 
 
-def decode_sample(sample: dict[str, Any], how: Decoding) -> tuple[np.ndarray, str]:
-    """A tar sample -> ``(array [C, H, W], caption)``; raises on any damage.
+def decode_sample(sample: dict[str, Any], how: Decoding) -> tuple[np.ndarray, Condition]:
+    """A tar sample -> ``(array [C, H, W], condition)``; raises on any damage.
+
+    The condition is the caption, or (``how.text_length``) the caption's stored features,
+    float16 ``[n, width]`` (:mod:`hdd_ray.models.text_features`; batched by :func:`batch_conditions`).
 
     Images become uint8 (resized and cropped to ``image_size``); a latent sample's
     ``latent.npy`` (``np.save`` of float16 ``[C, h, w]``, already scaled) stays float16 and must
@@ -65,7 +76,11 @@ def decode_sample(sample: dict[str, Any], how: Decoding) -> tuple[np.ndarray, st
     if "__error__" in sample:
         detail = sample.get("__detail__")
         raise ValueError(sample["__error__"] + (f" ({detail})" if detail else ""))
-    caption = sample.get(how.caption_key, b"").decode("utf-8")
+    caption: Condition = sample.get(how.caption_key, b"").decode("utf-8")
+    if how.text_length:
+        if TEXT_MEMBER not in sample:
+            raise ValueError(f"no {TEXT_MEMBER} (stored text features)")
+        caption = decode_features(sample[TEXT_MEMBER], how.text_width, how.text_length)
     if how.latents:
         arr = np.load(io.BytesIO(sample[LATENT_MEMBER]), allow_pickle=False)
         want = (how.channels, how.image_size, how.image_size)
@@ -75,6 +90,14 @@ def decode_sample(sample: dict[str, Any], how: Decoding) -> tuple[np.ndarray, st
         return np.ascontiguousarray(arr, dtype=keep), caption
     img = prepare_image(decode_image(sample[how.image_key]), how.channels, how.image_size)
     return np.ascontiguousarray(img.transpose(2, 0, 1)), caption
+
+
+def batch_conditions(conditions: list[Condition], how: Decoding) -> list[str] | TextFeatures:
+    """A batch's conditions as the model takes them: the captions, or their stored features
+    stacked into one :class:`hdd_ray.models.text_features.TextFeatures`."""
+    if how.text_length:
+        return stack_features(conditions, how.text_length)  # type: ignore[arg-type]
+    return conditions  # type: ignore[return-value]
 
 
 def to_model_space(x: Tensor) -> Tensor:
@@ -91,7 +114,7 @@ def skip_reason(sample: dict[str, Any], exc: BaseException | str) -> str:
 
 
 def read_samples(shards: list[Shard], how: Decoding, label_from_json: bool = False
-                 ) -> tuple[list[np.ndarray], list[str], list[int], int]:
+                 ) -> tuple[list[np.ndarray], list[Condition], list[int], int]:
     """Every sample of ``shards`` decoded -> ``(arrays, captions, labels, skipped)``.
 
     A shard's label is every one of its samples' label, or (``label_from_json``) each sample's
@@ -107,7 +130,7 @@ def read_samples(shards: list[Shard], how: Decoding, label_from_json: bool = Fal
 
 
 def iter_decoded(shards: list[Shard], how: Decoding, label_from_json: bool = False,
-                 skipped: list[int] | None = None) -> Iterator[tuple[np.ndarray, str, int]]:
+                 skipped: list[int] | None = None) -> Iterator[tuple[np.ndarray, Condition, int]]:
     """``(array, caption, label)`` of every usable sample of ``shards``, in order, one at a
     time (:func:`read_samples`' labels); each skip is logged once with its reason and counted
     in ``skipped[0]``."""

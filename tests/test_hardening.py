@@ -171,6 +171,49 @@ def test_expert_id_hashes_local_pretrained_text_weights_by_content(tmp_path):
     assert eid() == second  # content, not the path
 
 
+def test_a_frozen_text_tower_is_refused_on_a_corpus_without_its_stored_features(tmp_path):
+    """Stored text features are never mixed: an expert whose frozen tower is not the one the
+    corpus's features came from is refused in one line before any run starts; the same tower
+    trains from them; a learned encoder ignores them."""
+    from hdd_ray.campaign import text_features_record
+    from hdd_ray.prepare.passes import _write_shard_group
+    from hdd_ray.training.jobs import expert_job
+
+    weights = tmp_path / "text.pt"
+    weights.write_bytes(b"A" * 64)
+    tower = ["experts.text.encoder=open_clip", "experts.text.arch=ViT-B-32",
+             f"experts.text.pretrained={weights}"]
+    cfg = load_config(overrides=[f"root={tmp_path}", "clustering.k=2",
+                                 "experts.ddpm_clusters=[0]", *tower])
+    expert = resolve_experts(cfg)[0]
+    with pytest.raises(CampaignError, match="prepared without stored text features: run") as e:
+        expert_job(cfg, expert, _manifest())
+    assert "\n" not in str(e.value)
+    record = text_features_record(expert.text)
+    assert record["width"] == 512 and record["context_length"] == 77
+    other = {**record, "identity": "another tower", "arch": "ViT-L-14"}
+    with pytest.raises(CampaignError, match="prepared by the text tower ViT-L-14"):
+        expert_job(cfg, expert, {**_manifest(), "text_features": other})
+    job = expert_job(cfg, expert, {**_manifest(), "text_features": record})
+    assert job.settings.text_features == record
+    assert job.identity["text_features"] == "float16"
+    learned = load_config(overrides=[f"root={tmp_path}", "clustering.k=2",
+                                     "experts.ddpm_clusters=[0]"])
+    job = expert_job(learned, resolve_experts(learned)[0], {**_manifest(), "text_features": record})
+    assert job.settings.text_features is None and "text_features" not in job.identity
+    # prepare's write pass puts the features beside the sample
+    from hdd_ray.corpus import iter_samples
+    from hdd_ray.models.text_features import TEXT_MEMBER, encode_features
+
+    feats = encode_features(torch.ones(3, 512).numpy())
+    batch = {"dest": ["0"], "shard": [0], "pos": [0], "key": ["k0"], "caption": ["a cat"],
+             "meta": ["{}"], "cluster": [0], "png": [b"not read here"], "text": [feats]}
+    out = _write_shard_group(batch, str(tmp_path / "clusters"), text=True)
+    assert out["text_bytes"] == [len(feats)]
+    (sample,) = iter_samples(str(tmp_path / "clusters" / "0" / "shard-000000.tar"))
+    assert sample[TEXT_MEMBER] == feats and sample["txt"] == b"a cat"
+
+
 def test_corpus_rewritten_with_cp_p_is_prepared_again(tmp_path):
     from hdd_ray.corpus import write_demo_corpus
     from hdd_ray.prepare.stage import _inputs, _reusable_manifest

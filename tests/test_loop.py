@@ -372,3 +372,77 @@ def test_a_model_that_fails_to_compile_trains_eagerly_after_one_warning_line(mon
     assert fresh.failed is None
     # the backward's lazy compilation failing: the loop runs the micro-batch again eagerly
     assert fresh.fall_back(RuntimeError("backward compile failed")) and fresh.failed
+
+
+def _tiny_clip_weights(folder) -> tuple[str, str]:
+    """A tiny open_clip architecture (a config file) and its weights file, made here."""
+    import open_clip
+
+    from hdd_ray.models.text import TINY_OPEN_CLIP_CONFIG
+
+    arch = folder / "hdd-tiny-clip-loop.json"
+    arch.write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))
+    open_clip.add_model_config(str(arch))
+    torch.manual_seed(3)
+    weights = folder / "tiny_clip.pt"
+    torch.save(open_clip.create_model("hdd-tiny-clip-loop", pretrained=None).state_dict(),
+               weights)
+    return str(arch), str(weights)
+
+
+def test_a_frozen_text_tower_expert_trains_from_stored_features_with_the_captions_loss(
+        tmp_path, monkeypatch):
+    """Prepare stores a frozen tower's features beside each sample; training reads them and
+    never runs the tower, and its losses and weights are those of training from captions (up
+    to the float16 storage of the features)."""
+    from dataclasses import asdict
+
+    from hdd_ray.campaign import text_features_record
+    from hdd_ray.corpus import write_tar
+    from hdd_ray.models.text import OpenCLIPTextEncoder
+    from hdd_ray.models.text_features import TEXT_MEMBER, TextFeatureEncoder
+
+    arch, weights = _tiny_clip_weights(tmp_path)
+    cfg = load_config(overrides=["experts.objective=fm_velocity", "experts.ddpm_clusters=[]",
+                                 "experts.text.encoder=open_clip", f"experts.text.arch={arch}",
+                                 f"experts.text.pretrained={weights}"])
+    expert = resolve_experts(cfg)[0]
+    record = text_features_record(expert.text)
+    assert record["width"] == 64 and record["context_length"] == 16
+    # a shard as prepare writes it with this tower: captions of several lengths, features beside
+    plain = write_digit_shard(str(tmp_path / "plain.tar"), 3, 48, "x")
+    encode = TextFeatureEncoder(record)
+    samples = []
+    for i, s in enumerate(iter_samples(plain)):
+        caption = " ".join(["a handwritten digit three"] + ["seen twice"] * (i % 4))
+        samples.append({"__key__": s["__key__"], "png": s["png"], "json": s["json"],
+                        "txt": caption.encode(), TEXT_MEMBER: encode([caption])[0]})
+    shard = write_tar(str(tmp_path / "shard-000000.tar"), samples) and \
+        str(tmp_path / "shard-000000.tar")
+
+    def run(stored: bool) -> LocalHooks:
+        train = dict(expert.train, steps=20, checkpoint_every=10, batch_size=16,
+                     caption_dropout=0.2)
+        settings = RunSettings.from_dict({
+            "kind": "expert", "expert": asdict(expert), "train": train, "image_size": 8,
+            "channels": 1, "shards": [shard], "torch_threads": 1,
+            "text_features": record if stored else None})
+        hooks = LocalHooks(str(tmp_path / f"run-{stored}"))
+        run_loop(settings, hooks)
+        return hooks
+
+    captions = run(stored=False)
+    calls = []
+    real_forward = OpenCLIPTextEncoder.forward
+    monkeypatch.setattr(OpenCLIPTextEncoder, "forward",
+                        lambda self, ids: calls.append(1) or real_forward(self, ids))
+    stored = run(stored=True)
+    assert not calls  # the tower never ran
+    a, b = captions.reports, stored.reports
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [10, 20]
+    for ra, rb in zip(a, b, strict=True):
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-3 * abs(ra["loss"]), (ra["loss"], rb["loss"])
+    wa, wb = captions.load_state()["model"], stored.load_state()["model"]
+    for key in wa:
+        if not key.startswith("text."):
+            assert torch.allclose(wa[key], wb[key], atol=1e-3), key

@@ -17,6 +17,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from helpers_corpus import load_cluster_arrays
 
@@ -262,7 +263,7 @@ def _stored_keys(embeddings: Path) -> set[str]:
     return set(pq.read_table(embeddings, columns=["key"]).column("key").to_pylist())
 
 
-def _embed(cfg, corpus: Path, work: Path) -> tuple[int, Path]:
+def _embed(cfg, corpus: Path, work: Path, text=None) -> tuple[int, Path]:
     """Prepare's embedding pass alone (Ray Data, the embedder actors) over ``corpus``'s
     shards -> (dimension, the embeddings folder). Clustering, assignment and shard writing
     are the same for every embedder and tested on the demo campaign above."""
@@ -270,7 +271,7 @@ def _embed(cfg, corpus: Path, work: Path) -> tuple[int, Path]:
 
     shards = sorted(str(p) for p in corpus.glob("*.tar"))
     out = work / "embeddings"
-    dim = embed_pass(cfg, shards, str(out), str(work / "embedded.marker"), "test")
+    dim = embed_pass(cfg, shards, str(out), str(work / "embedded.marker"), "test", text=text)
     return dim, out
 
 
@@ -297,12 +298,19 @@ def test_dinov2_embedder_runs_from_a_local_weights_file(tmp_path, small_corpus, 
                                expected, atol=1e-4)
 
 
-def test_open_clip_embedder_runs_from_a_local_weights_file(tmp_path, small_corpus, digits,
-                                                           ray_local):
+def test_open_clip_embedder_and_frozen_text_tower_run_from_a_local_weights_file(
+        tmp_path, small_corpus, digits, ray_local):
+    """The embedder's image tower embeds; the experts' frozen text tower (the same CLIP file)
+    runs once per caption in the same actors, and its stored features are its output at the
+    caption's real tokens, in float16."""
     import open_clip
     import torch
 
-    from hdd_ray.models.text import TINY_OPEN_CLIP_CONFIG
+    from hdd_ray.campaign import text_features_record
+    from hdd_ray.config import to_dict
+    from hdd_ray.models.text import TINY_OPEN_CLIP_CONFIG, OpenCLIPTextEncoder
+    from hdd_ray.models.text_features import decode_features
+    from hdd_ray.prepare.stage import fingerprint_of
 
     arch = tmp_path / "hdd-tiny-clip-test.json"
     arch.write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))
@@ -310,11 +318,28 @@ def test_open_clip_embedder_runs_from_a_local_weights_file(tmp_path, small_corpu
     model = open_clip.create_model("hdd-tiny-clip-test", pretrained=None)
     weights = tmp_path / "tiny_clip.pt"
     torch.save(model.state_dict(), weights)
+    tower = ["experts.text.encoder=open_clip", f"experts.text.arch={arch}",
+             f"experts.text.pretrained={weights}"]
     cfg = _webdataset_cfg(tmp_path / "run", small_corpus, "clustering.k=4",
                           "clustering.embedder=open_clip", f"clustering.embedder_arch={arch}",
-                          f"clustering.embedder_weights={weights}")
-    dim, embeddings = _embed(cfg, small_corpus, tmp_path)
+                          f"clustering.embedder_weights={weights}", *tower)
+    record = text_features_record(to_dict(cfg.experts.text))
+    dim, embeddings = _embed(cfg, small_corpus, tmp_path, text=record)
     assert dim == 32 and len(_stored_keys(embeddings)) == 200
+    rows = pq.read_table(embeddings, columns=["key", "caption", "text"]).to_pylist()
+    assert len(rows) == 200 and all(r["text"] for r in rows)
+    text = OpenCLIPTextEncoder(str(arch), str(weights))
+    for row in rows[:5]:
+        stored = decode_features(row["text"], 64, 16)
+        want = text.encode([row["caption"]])
+        real = want["tokens"][0][want["mask"][0]].numpy()
+        assert stored.dtype == np.float16 and stored.shape == real.shape
+        np.testing.assert_allclose(stored.astype(np.float32), real, atol=2e-3, rtol=2e-3)
+    # the tower is in prepare's fingerprint: another tower (or none) prepares again
+    without = _webdataset_cfg(tmp_path / "run", small_corpus, "clustering.k=4",
+                              "clustering.embedder=open_clip", f"clustering.embedder_arch={arch}",
+                              f"clustering.embedder_weights={weights}")
+    assert fingerprint_of(cfg) != fingerprint_of(without)
     emb = build_embedder("open_clip", 1, arch=str(arch), weights=str(weights))
     img = decode_image(digits[5]["png"])
     expected = emb.embed(emb.preprocess(img)[None])[0]

@@ -17,10 +17,11 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from hdd_ray.campaign.artifacts import content_identity
-from hdd_ray.campaign.directory import cluster_info
+from hdd_ray.campaign.directory import CampaignPaths, cluster_info
 from hdd_ray.campaign.generations import contributed_expert, parent_view
 from hdd_ray.campaign.starts import describe_router_init, expert_start, start_identity
 from hdd_ray.config import to_dict
+from hdd_ray.errors import CampaignError
 
 if TYPE_CHECKING:
     from hdd_ray.config import CampaignConfig, ResolvedExpert
@@ -81,6 +82,51 @@ def _text_identity(text: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def text_features_record(text: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``text_features`` record prepare stores for the experts' text settings ``text``
+    (``experts.text`` as a dict; :mod:`hdd_ray.models.text_features`): the tower's
+    ``identity`` (its architecture and weights, local files by content), where it is
+    (``arch``, ``pretrained``), its ``width`` and ``context_length``, the storage ``dtype`` and
+    shard ``member``. None for a learned encoder, and for a frozen tower without weights (a
+    random tower differs in every process, so its features are not stored). Raises
+    ``ValueError`` (one line) for an architecture open_clip does not know."""
+    if text.get("encoder", "learned") == "learned" or not text.get("pretrained"):
+        return None
+    from hdd_ray import towers
+    from hdd_ray.models.text_features import FEATURE_DTYPE, TEXT_MEMBER
+
+    shape = towers.open_clip_text_config(str(text["arch"]), "experts.text.arch")
+    ident = {"arch": content_identity(text["arch"]),
+             "pretrained": content_identity(text["pretrained"])}
+    return {"identity": short_hash(ident, 16), "arch": str(text["arch"]),
+            "pretrained": str(text["pretrained"]), "width": int(shape["width"]),
+            "context_length": int(shape["context_length"]), "dtype": FEATURE_DTYPE,
+            "member": TEXT_MEMBER}
+
+
+def check_text_features(cfg: CampaignConfig, manifest: dict[str, Any],
+                        text: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The manifest's ``text_features`` record when the experts' text settings ``text``
+    (default ``experts.text``) train from stored features (a frozen tower with weights), else
+    None. Raises :class:`CampaignError` (one line; jobs call it before Ray takes anything) when
+    the corpus was prepared without them or by another tower: features are never mixed."""
+    try:
+        want = text_features_record(text if text is not None else to_dict(cfg.experts.text))
+    except (ValueError, OSError) as exc:
+        raise CampaignError(str(exc).splitlines()[0]) from None
+    if want is None:
+        return None
+    have = manifest.get("text_features")
+    if not have or have.get("identity") != want["identity"]:
+        what = (f"by the text tower {have.get('arch')} ({have.get('pretrained')})" if have
+                else "without stored text features")
+        raise CampaignError(
+            f"experts.text: the frozen tower {want['arch']} ({want['pretrained']}) but the corpus "
+            f"at {CampaignPaths(cfg.root).clusters} was prepared {what}: run "
+            f"`python jobs/prepare_corpus.py root={cfg.root}` (it stores this tower's features)")
+    return have
+
+
 def expert_identity(cfg: CampaignConfig, expert: ResolvedExpert,
                     manifest: dict[str, Any]) -> dict[str, Any]:
     """Everything that determines the expert's weights (resources excluded).
@@ -121,6 +167,9 @@ def expert_identity(cfg: CampaignConfig, expert: ResolvedExpert,
     }
     if applied_precision(expert.train, expert.resources or {}) == "bf16":
         identity["precision"] = "bf16"
+    stored = manifest.get("text_features")
+    if stored and expert.text.get("encoder", "learned") != "learned":
+        identity["text_features"] = stored.get("dtype")  # trained from stored features
     identity.update(_latent_identity(manifest))
     # its start: the init's format and content hash, mode, AdaLN variant, network (nothing
     # for a scratch expert of the objective's own network: its id is unchanged)

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_job_args(__doc__, argv, extra=[
         ("--expert", {"required": True, "help": "expert index (cluster) or expert id"}),
     ])
-    from hdd_ray.campaign import expert_id, load_manifest, model_shape
+    from hdd_ray.campaign import check_text_features, expert_id, load_manifest, model_shape
     from hdd_ray.config import resolve_experts
     from hdd_ray.errors import CampaignError, ConfigError
     from hdd_ray.progress import format_table
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         manifest = load_manifest(cfg)
+        check_text_features(cfg, manifest)  # a frozen tower's features, stored by prepare
         check_campaign_starts(cfg)  # its start read and fitted before Ray takes anything
     except (CampaignError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -18,6 +18,7 @@ from hdd_ray import storage
 from hdd_ray.errors import WeightsMismatch
 from hdd_ray.models import build_router, build_text_encoder
 from hdd_ray.models.adaln_zero import build_expert_dit
+from hdd_ray.models.text_features import TextFeatures
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,22 @@ class ExpertModel(nn.Module):
         elif key in missing_keys:
             missing_keys.remove(key)
 
-    def tokenize(self, captions: list[str], device: torch.device | str | None = None) -> dict[str, Tensor]:
-        """Captions -> ``{"ids", "mask"}`` for :meth:`forward`."""
+    def tokenize(self, captions: list[str] | TextFeatures,
+                 device: torch.device | str | None = None) -> dict[str, Tensor]:
+        """Captions -> ``{"ids", "mask"}`` for :meth:`forward`; a frozen tower's stored features
+        of them (:class:`hdd_ray.models.text_features.TextFeatures`) -> ``{"tokens", "mask"}``, so the
+        tower does not run."""
+        if isinstance(captions, TextFeatures):
+            if not self.text_frozen or captions.tokens.shape[-1] != self.text.dim:
+                raise ValueError(f"stored text features of width {captions.tokens.shape[-1]} "
+                                 f"for a {'frozen' if self.text_frozen else 'learned'} text "
+                                 f"encoder of width {self.text.dim}")
+            feats = captions
+            if device is not None:
+                if torch.device(device).type == "cuda" and not feats.tokens.is_pinned():
+                    feats = feats.pin_memory()
+                feats = feats.to(device, non_blocking=True)
+            return {"tokens": feats.tokens, "mask": feats.mask}
         tok = self.text.tokenizer(list(captions))
         ids, mask = tok if isinstance(tok, tuple) else (tok, tok != 0)
         if device is None:

@@ -99,9 +99,11 @@ def check_new_data(cfg: CampaignConfig, manifest: dict[str, Any],
                 f"with the same {what} (e.g. {hits[0][0]!r}); remove them from the new shards")
 
 
-def _embed_rows(cfg: CampaignConfig, shards: list[str], latents: Any) -> Any:
-    """The new shards embedded (and encoded, in latent space) as prepare's embed pass does:
-    a pandas frame of its columns, skipped samples dropped, first copy of a key kept."""
+def _embed_rows(cfg: CampaignConfig, shards: list[str], latents: Any,
+                text: dict[str, Any] | None = None) -> Any:
+    """The new shards embedded (and encoded, in latent space; their captions' features with
+    the campaign's frozen text tower) as prepare's embed pass does: a pandas frame of its
+    columns, skipped samples dropped, first copy of a key kept."""
     import pyarrow as pa
 
     from hdd_ray.prepare.passes import EmbedBatch
@@ -110,7 +112,7 @@ def _embed_rows(cfg: CampaignConfig, shards: list[str], latents: Any) -> Any:
     spec = {"name": cl.embedder, "pixel_size": cl.pixel_size, "arch": cl.embedder_arch,
             "weights": cl.embedder_weights, "image_size": cl.embedder_image_size,
             "use_gpu": cl.gpus_per_actor > 0}
-    embed = EmbedBatch(spec, corpus.channels, corpus.image_size, latents)
+    embed = EmbedBatch(spec, corpus.channels, corpus.image_size, latents, text)
     tables, batch = [], []
 
     def flush() -> None:
@@ -154,9 +156,11 @@ def _plan(rows: Any, cluster: int, cfg: CampaignConfig) -> Any:
     return plan.reset_index(drop=True)
 
 
-def _write_shards(clusters_dir: str, plan: Any, cluster: int, latent: bool) -> None:
+def _write_shards(clusters_dir: str, plan: Any, cluster: int, latent: bool,
+                  text: bool = False) -> None:
     """One tar per planned shard, samples in the plan's order (prepare's sample layout)."""
     from hdd_ray.latents import LATENT_MEMBER
+    from hdd_ray.models.text_features import TEXT_MEMBER
 
     for shard_path, group in plan.groupby("shard_path", sort=True):
         samples = []
@@ -169,20 +173,23 @@ def _write_shards(clusters_dir: str, plan: Any, cluster: int, latent: bool) -> N
                 sample[LATENT_MEMBER] = bytes(row.latent)
             else:
                 sample["png"] = bytes(row.png)
+            if text:
+                sample[TEXT_MEMBER] = bytes(row.text)
             samples.append(sample)
         write_tar(storage.join(clusters_dir, shard_path), samples)
 
 
 def _add_cluster_task(cfg: CampaignConfig, shards: list[str], cluster: int,
-                      latents: Any) -> dict[str, Any]:
+                      latents: Any, text: dict[str, Any] | None = None) -> dict[str, Any]:
     """The Ray task: embed, plan and write the new cluster; its record for the manifest."""
     paths = CampaignPaths(cfg.root)
-    rows = _embed_rows(cfg, shards, latents)
+    rows = _embed_rows(cfg, shards, latents, text)
     if len(rows) < 2:
         raise PrepareError(f"new shards: {len(rows)} decodable sample(s); a cluster needs 2")
     plan = _plan(rows, cluster, cfg)
     storage.remove(paths.cluster_dir(cluster))
-    _write_shards(paths.clusters, plan, cluster, latent=latents is not None)
+    _write_shards(paths.clusters, plan, cluster, latent=latents is not None,
+                  text=text is not None)
     train = plan[plan["split"] == "train"]
     emb = np.stack(train["embedding"].to_numpy()).astype(np.float32)
     record = _record_samples(paths, plan, cluster)
@@ -223,9 +230,10 @@ def add_cluster(cfg: CampaignConfig, shards: list[str], fingerprint: str | None 
     k = cfg.clustering.k
     latents = vae_info(cfg.latents, cfg.corpus.image_size, cfg.corpus.channels) \
         if cfg.latents.vae else None
+    text = _campaign_text_features(cfg, manifest)
     started = time.time()
     task = ray.remote(num_cpus=1, num_gpus=cfg.clustering.gpus_per_actor)(_add_cluster_task)
-    out = ray.get(task.remote(cfg, list(shards), k, latents))
+    out = ray.get(task.remote(cfg, list(shards), k, latents, text))
     plan, train = out["plan"], out["train"]
     lat = manifest.get("latents")
     size, ch = cfg.corpus.image_size, cfg.corpus.channels
@@ -257,6 +265,27 @@ def add_cluster(cfg: CampaignConfig, shards: list[str], fingerprint: str | None 
     view = generation_view(raw, k + 1)
     assert view is not None
     return view
+
+
+def _campaign_text_features(cfg: CampaignConfig, manifest: dict[str, Any]
+                            ) -> dict[str, Any] | None:
+    """The campaign's ``text_features`` record, which the new cluster's samples get too; a
+    config whose frozen text tower is not the one the campaign was prepared with is refused
+    in one line (the features are never mixed)."""
+    from hdd_ray.campaign import text_features_record
+    from hdd_ray.config import to_dict
+
+    have = manifest.get("text_features")
+    try:
+        want = text_features_record(to_dict(cfg.experts.text))
+    except (ValueError, OSError) as exc:
+        raise PrepareError(str(exc).splitlines()[0]) from None
+    if (want or {}).get("identity") != (have or {}).get("identity"):
+        def name(rec: dict[str, Any] | None) -> str:
+            return f"{rec['arch']} ({rec['pretrained']})" if rec else "no stored text features"
+        raise PrepareError(f"experts.text: {name(want)}, but the campaign was prepared with "
+                           f"{name(have)}: set experts.text back, or prepare the campaign again")
+    return have
 
 
 def _append_centroid(paths: CampaignPaths, centroid: np.ndarray) -> None:

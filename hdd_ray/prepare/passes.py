@@ -5,11 +5,14 @@
    ``corpus.channels`` and resized to ``corpus.image_size``, embed it, and write everything to
    ``clusters/embeddings/`` (parquet). Damaged samples become rows with a ``skip`` reason.
    In latent space (``latents.vae``) the same actors encode the same decoded image, in batches,
-   through the VAE (:mod:`hdd_ray.latents`): each image is decoded once for both.
+   through the VAE (:mod:`hdd_ray.latents`): each image is decoded once for both. With a frozen
+   text tower (:mod:`hdd_ray.models.text_features`) they also run it once per caption (column
+   ``text``), so training never does.
 2. **assign** -- every sample's squared distance to each coarse centroid.
 3. **write** -- group samples by the shard the driver's plan sends them to and write
    ``clusters/<k>/shard-000000.tar`` and ``clusters/heldout/shard-*.tar``, each once. A sample
-   holds ``png`` (pixel space) or ``latent.npy`` (latent space), ``txt`` and ``json``.
+   holds ``png`` (pixel space) or ``latent.npy`` (latent space), ``txt`` and ``json`` (and
+   ``text.npy``, its caption's stored features, with a frozen text tower).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from hdd_ray.corpus import (
     write_tar,
 )
 from hdd_ray.latents import LATENT_MEMBER, encode_member, load_vae
+from hdd_ray.models.text_features import TEXT_MEMBER, TextFeatureEncoder
 from hdd_ray.prepare.embedders import build_embedder
 
 if TYPE_CHECKING:
@@ -88,7 +92,7 @@ class EmbedBatch:
     """
 
     def __init__(self, embedder: dict[str, Any], channels: int, image_size: int,
-                 latents: VaeInfo | None = None) -> None:
+                 latents: VaeInfo | None = None, text: dict[str, Any] | None = None) -> None:
         from hdd_ray.devices import pick_device
 
         spec = dict(embedder)
@@ -97,6 +101,8 @@ class EmbedBatch:
         self.channels, self.image_size = channels, image_size
         #: the VAE (``latents``: a :class:`hdd_ray.latents.VaeInfo`) on the same device
         self.vae = load_vae(latents, device) if latents is not None else None
+        #: the frozen text tower of a ``text_features`` record, on the same device
+        self.text = TextFeatureEncoder(text, device) if text is not None else None
 
     def _one(self, batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
         if batch["error"][i]:
@@ -142,6 +148,12 @@ class EmbedBatch:
         if good:
             emb[good] = self.embedder.embed(np.stack([rows[i]["features"] for i in good]))
         latents = self._encode(rows, good) if self.vae is not None else None
+        text: list[bytes | None] | None = None
+        if self.text is not None:  # the good rows' captions through the tower, in one batch
+            text = [None] * n
+            for i, feats in zip(good, self.text([rows[i]["caption"] for i in good]),
+                                strict=True):
+                text[i] = feats
         keys = [str(k) for k in batch["key"]]
         return pa.table({
             "key": pa.array(keys, pa.string()),
@@ -157,6 +169,7 @@ class EmbedBatch:
                 pa.array(emb.reshape(-1), pa.float32()), self.embedder.dim
             ),
             **({"latent": pa.array(latents, pa.binary())} if latents is not None else {}),
+            **({"text": pa.array(text, pa.binary())} if text is not None else {}),
         })
 
     def _encode(self, rows: list[dict[str, Any]], good: list[int]) -> list[bytes | None]:
@@ -213,9 +226,10 @@ class AttachPlan:
 
 
 def _write_shard_group(batch: dict[str, np.ndarray], clusters_dir: str,
-                       latent: bool = False) -> dict[str, list]:
+                       latent: bool = False, text: bool = False) -> dict[str, list]:
     """Write pass: one group = one output shard, samples in the plan's (shuffled) order;
-    ``latent``: samples hold the ``latent.npy`` member instead of the image."""
+    ``latent``: samples hold the ``latent.npy`` member instead of the image; ``text``: and
+    their caption's stored features (``text.npy``)."""
     dest, shard = str(batch["dest"][0]), int(batch["shard"][0])
     order = np.argsort(batch["pos"], kind="stable")
     samples, seen = [], set()
@@ -231,10 +245,14 @@ def _write_shard_group(batch: dict[str, np.ndarray], clusters_dir: str,
             sample[LATENT_MEMBER] = bytes(batch["latent"][i])
         else:
             sample["png"] = bytes(batch["png"][i])
+        if text:
+            sample[TEXT_MEMBER] = bytes(batch["text"][i])
         samples.append(sample)
     path = storage.join(clusters_dir, dest, f"shard-{shard:06d}.tar")
     size = write_tar(path, samples)
-    return {"dest": [dest], "shard": [shard], "count": [len(samples)], "bytes": [size]}
+    text_bytes = sum(len(s[TEXT_MEMBER]) for s in samples) if text else 0
+    return {"dest": [dest], "shard": [shard], "count": [len(samples)], "bytes": [size],
+            "text_bytes": [text_bytes]}
 
 
 def read_parquet_columns(path: str, columns: list[str], filter: Any = None) -> pa.Table:
@@ -248,11 +266,13 @@ def read_parquet_columns(path: str, columns: list[str], filter: Any = None) -> p
 
 
 def embed_pass(cfg: CampaignConfig, shards: list[str], embed_dir: str, marker: str, fp: str,
-               latents: VaeInfo | None = None) -> int:
+               latents: VaeInfo | None = None, text: dict[str, Any] | None = None) -> int:
     """Pass 1: read + decode + embed every sample into ``embed_dir``; returns the dimension.
 
     ``latents`` (a :class:`hdd_ray.latents.VaeInfo`, or None in pixel space): the same actors
-    also encode each decoded image through that VAE (column ``latent``)."""
+    also encode each decoded image through that VAE (column ``latent``); ``text`` (a
+    ``text_features`` record, :func:`hdd_ray.campaign.text_features_record`): and each caption
+    through that frozen tower (column ``text``)."""
     import ray
 
     cl, corpus = cfg.clustering, cfg.corpus
@@ -272,7 +292,8 @@ def embed_pass(cfg: CampaignConfig, shards: list[str], embed_dir: str, marker: s
     ds = ds.map_batches(
         EmbedBatch,
         fn_constructor_kwargs={"embedder": spec, "channels": corpus.channels,
-                               "image_size": corpus.image_size, "latents": latents},
+                               "image_size": corpus.image_size, "latents": latents,
+                               "text": text},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cl.num_actors),
         num_gpus=cl.gpus_per_actor,
         batch_size=cl.batch_size,
@@ -301,9 +322,11 @@ def assign_pass(embed_dir: str, ok: Any, centroids: np.ndarray) -> np.ndarray:
 
 
 def write_pass(cfg: CampaignConfig, embed_dir: str, clusters_dir: str, plan_df: Any,
-               latent: bool = False) -> None:
+               latent: bool = False, text: bool = False) -> dict[str, int]:
     """Pass 3: group samples by (destination, shard) and write each shard once (``latent``:
-    the samples hold their ``latent.npy`` instead of the image)."""
+    the samples hold their ``latent.npy`` instead of the image; ``text``: and their stored
+    text features). Returns the shards' ``bytes`` and, of them, the text features'
+    ``text_bytes``."""
     import ray
     from ray.data.expressions import col
 
@@ -322,7 +345,8 @@ def write_pass(cfg: CampaignConfig, embed_dir: str, clusters_dir: str, plan_df: 
     ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     try:
         ds = ray.data.read_parquet(embed_dir).select_columns(
-            ["key", "url", "latent" if latent else "png", "caption", "meta", "skip"]
+            ["key", "url", "latent" if latent else "png", "caption", "meta", "skip",
+             *(["text"] if text else [])]
         )
         ds = ds.filter(expr=col("skip") == "").map_batches(
             AttachPlan, fn_constructor_kwargs={"plan": plan},
@@ -330,7 +354,8 @@ def write_pass(cfg: CampaignConfig, embed_dir: str, clusters_dir: str, plan_df: 
             batch_format="pyarrow",
         )
         ds = ds.groupby(["dest", "shard"], num_partitions=max(1, min(n_shards, 64))).map_groups(
-            _write_shard_group, fn_kwargs={"clusters_dir": clusters_dir, "latent": latent},
+            _write_shard_group, fn_kwargs={"clusters_dir": clusters_dir, "latent": latent,
+                                           "text": text},
             batch_format="numpy"
         )
         results = ds.take_all()
@@ -341,3 +366,5 @@ def write_pass(cfg: CampaignConfig, embed_dir: str, clusters_dir: str, plan_df: 
                plan_df.groupby(["dest", "shard"]).size().items()}
     if written != planned:  # every planned shard exactly once, with its planned samples
         raise RuntimeError(f"write pass wrote {written}, planned {planned}")
+    return {"bytes": sum(int(r["bytes"]) for r in results),
+            "text_bytes": sum(int(r["text_bytes"]) for r in results)}

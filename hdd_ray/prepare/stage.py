@@ -1,11 +1,15 @@
 """The prepare stage: embed the corpus, cluster it, write per-cluster shards and the manifest.
 
+Long because the stage's steps and the checks that guard them (before Ray: the VAE, the text
+tower, key names, weights; the fingerprints that decide reuse) read best in one place, in order.
+
 :func:`prepare_corpus` is the first stage of every campaign and reads as its steps:
 
 1. **reuse check** -- a complete result with the same fingerprint (settings + input files) is
    returned as it is;
 2. **embed** -- the embed pass (:mod:`hdd_ray.prepare.passes`), reused when only clustering
-   settings changed;
+   settings changed (with a frozen text tower it stores each caption's features too:
+   :mod:`hdd_ray.models.text_features`; the manifest's ``text_features`` record says which);
 3. **fit** -- the driver fits ``fine_centroids`` k-means centroids on a capped sample and
    merges them into K coarse clusters (:mod:`hdd_ray.clustering`);
 4. **assign** -- the assign pass gives every sample's distance to each coarse centroid; the
@@ -31,7 +35,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hdd_ray import storage, towers
-from hdd_ray.campaign import CampaignPaths, generation_view, generations, short_hash
+from hdd_ray.campaign import (
+    CampaignPaths,
+    generation_view,
+    generations,
+    short_hash,
+    text_features_record,
+)
 from hdd_ray.clustering import assign_clusters, fit_hierarchical_kmeans, heldout_mask
 from hdd_ray.config import to_dict
 from hdd_ray.corpus import first_sample, list_shards, write_demo_corpus
@@ -97,6 +107,7 @@ def prepare_corpus(cfg: CampaignConfig, force: bool = False,
     root = storage.absolute(cfg.root)  # URIs (file:// too) as given: storage resolves them
     paths = CampaignPaths(root)
     vae = _vae(cfg)  # latent space: the VAE checked (one line) before anything else
+    text = _text_features(cfg)  # a frozen text tower's features, stored beside each sample
     inputs = _inputs(cfg, paths)
     if not force and (old := _reusable_manifest(paths, inputs.fingerprint)) is not None:
         return {**old, "reused": True}
@@ -106,13 +117,19 @@ def prepare_corpus(cfg: CampaignConfig, force: bool = False,
     storage.remove(paths.manifest)  # from here on the old result is no longer complete
     _start_ray(cfg, ray_address)
 
-    embed_dir, dim = _embed(cfg, paths, inputs, force, vae)
+    embed_dir, dim = _embed(cfg, paths, inputs, force, vae, text)
     ok, skipped = _decodable_rows(embed_dir, cfg.clustering.k, inputs.uri)
     km, n_fit = _fit(embed_dir, ok, cfg.clustering, dim)
     plan = _assign(embed_dir, ok, km["coarse"], cfg)
-    _write(cfg, paths.clusters, embed_dir, plan, km, latent=vae is not None)
+    sizes = _write(cfg, paths.clusters, embed_dir, plan, km, latent=vae is not None,
+                   text=text is not None)
+    if text is not None:  # what the stored features cost on storage
+        text = {**text, "bytes": sizes["text_bytes"], "shard_bytes": sizes["bytes"]}
+        log.info("prepare: stored text features: %.1f MB of %.1f MB of shards (+%.0f %%)",
+                 sizes["text_bytes"] / 1e6, sizes["bytes"] / 1e6,
+                 100 * sizes["text_bytes"] / max(1, sizes["bytes"] - sizes["text_bytes"]))
     return _write_manifest(cfg, paths, inputs, dim=dim, km=km, n_fit=n_fit, plan=plan,
-                           skipped=skipped, started=started, vae=vae)
+                           skipped=skipped, started=started, vae=vae, text=text)
 
 
 # --------------------------------------------------------------------------- reuse check
@@ -187,6 +204,16 @@ def _vae(cfg: CampaignConfig) -> VaeInfo | None:
         raise PrepareError(str(exc)) from None
 
 
+def _text_features(cfg: CampaignConfig) -> dict[str, Any] | None:
+    """The ``text_features`` record of the experts' frozen text tower (None: the captions are
+    enough, :func:`hdd_ray.campaign.text_features_record`); an unknown architecture or a
+    missing weights file fails in one line before Ray starts."""
+    try:
+        return text_features_record(to_dict(cfg.experts.text))
+    except (ValueError, OSError) as exc:
+        raise PrepareError(str(exc).splitlines()[0]) from None
+
+
 def _refuse_latents_change(cfg: CampaignConfig, paths: CampaignPaths,
                            vae: VaeInfo | None) -> None:
     """A prepared corpus of other ``latents`` settings (the VAE's identity and content, latent
@@ -250,7 +277,7 @@ def _start_ray(cfg: CampaignConfig, ray_address: str | None) -> None:
 
 
 def _embed(cfg: CampaignConfig, paths: CampaignPaths, inputs: _Inputs, force: bool,
-           vae: VaeInfo | None = None) -> tuple[str, int]:
+           vae: VaeInfo | None = None, text: dict[str, Any] | None = None) -> tuple[str, int]:
     """The embeddings directory and dimension: reused when the embed fingerprint matches."""
     embed_dir = storage.join(paths.clusters, "embeddings")
     embed_marker = storage.join(paths.clusters, "embeddings.json")
@@ -259,7 +286,7 @@ def _embed(cfg: CampaignConfig, paths: CampaignPaths, inputs: _Inputs, force: bo
         log.info("prepare: reusing embeddings in %s", embed_dir)
         return embed_dir, int(marker["dim"])
     return embed_dir, embed_pass(cfg, inputs.shards, embed_dir, embed_marker, inputs.embed_fp,
-                                 latents=vae)
+                                 latents=vae, text=text)
 
 
 def _decodable_rows(embed_dir: str, k: int, uri: str) -> tuple[Any, dict[str, Any]]:
@@ -364,14 +391,16 @@ def _plan(ok: Any, dists: np.ndarray, cl: ClusteringConfig, shard_size: int) -> 
 
 
 def _write(cfg: CampaignConfig, clusters_dir: str, embed_dir: str, plan: Any,
-           km: dict[str, np.ndarray], latent: bool = False) -> None:
-    """Replace the old outputs by the shards of ``plan``, the centroids and the assignments."""
+           km: dict[str, np.ndarray], latent: bool = False, text: bool = False) -> dict[str, int]:
+    """Replace the old outputs by the shards of ``plan``, the centroids and the assignments;
+    the shards' bytes (:func:`hdd_ray.prepare.passes.write_pass`)."""
     # Old outputs go first, so a K that shrank leaves no stale cluster folders behind.
     for name in storage.listdir(clusters_dir):
         if name.isdigit() or name == HELDOUT or name in OUTPUT_FILES.values():
             storage.remove(storage.join(clusters_dir, name))
-    write_pass(cfg, embed_dir, clusters_dir, plan, latent=latent)
+    sizes = write_pass(cfg, embed_dir, clusters_dir, plan, latent=latent, text=text)
     write_cluster_arrays(clusters_dir, km, plan)
+    return sizes
 
 
 # --------------------------------------------------------------------------- manifest
@@ -380,7 +409,7 @@ def _write(cfg: CampaignConfig, clusters_dir: str, embed_dir: str, plan: Any,
 def _write_manifest(
     cfg: CampaignConfig, paths: CampaignPaths, inputs: _Inputs, *, dim: int,
     km: dict[str, np.ndarray], n_fit: int, plan: Any, skipped: dict[str, Any], started: float,
-    vae: VaeInfo | None = None,
+    vae: VaeInfo | None = None, text: dict[str, Any] | None = None,
 ) -> dict:
     """Montage, manifest, MLflow run; the manifest is written last (the stage is complete)."""
     corpus = cfg.corpus
@@ -401,6 +430,8 @@ def _write_manifest(
         dim=dim, km=km, n_fit=n_fit, plan=plan, skipped=skipped, clusters=clusters,
         started=started, latents=record,
     )
+    if text is not None:
+        manifest["text_features"] = text
     manifest["mlflow_run_id"] = None
     storage.write_json(paths.manifest, manifest)  # last: marks the stage complete
     log.info("prepare: wrote %s in %.1f s", paths.manifest, manifest["wall_s"])
@@ -471,6 +502,9 @@ def _embed_settings(cfg: CampaignConfig) -> dict[str, Any]:
         settings["quick_gelu"] = True
     if vae is not None:  # latent space only: pixel-space fingerprints stay what they were
         settings["latents"] = identity_of(latent_record(vae, cfg.corpus.image_size))
+    text = _text_features(cfg)
+    if text is not None:  # a frozen tower's stored features: other fingerprints unchanged
+        settings["text_features"] = text["identity"]
     return settings
 
 

@@ -84,9 +84,12 @@ from hdd_ray import devices
 from hdd_ray.config import DATA_MODES, DataConfig
 from hdd_ray.corpus import iter_samples
 from hdd_ray.errors import ConfigError, first_line
+from hdd_ray.models.text_features import TextFeatures
 from hdd_ray.samples import (
+    Condition,
     Decoding,
     Shard,
+    batch_conditions,
     decode_sample,
     no_usable,
     read_samples,
@@ -105,7 +108,8 @@ __all__ = [
     "open_source",
 ]
 
-Batch = tuple[Tensor, list[str], Tensor]
+#: ``(x0, conditions, labels)``: the captions, or their stored features (hdd_ray.models.text_features)
+Batch = tuple[Tensor, list[str] | TextFeatures, Tensor]
 
 
 def data_settings(data: dict[str, Any] | None) -> DataConfig:
@@ -130,7 +134,8 @@ class BatchSource:
     streaming: bool = False
 
     def next_batch(self, n: int, generator: torch.Generator | None = None) -> Batch:
-        """``n`` samples: float32 ``[n, C, H, W]`` in model space, captions, labels ``[n]``."""
+        """``n`` samples: float32 ``[n, C, H, W]`` in model space, their captions (or stored
+        text features), labels ``[n]``."""
         raise NotImplementedError
 
     def mean(self) -> Tensor:
@@ -172,8 +177,8 @@ class MemorySource(BatchSource):
     def next_batch(self, n: int, generator: torch.Generator | None = None) -> Batch:
         """``n`` samples drawn with replacement with ``generator`` (CPU, the rank's data stream)."""
         idx = devices.randint(len(self), n, generator)  # on the CPU, where the samples are
-        return (to_model_space(self.samples[idx]), [self.captions[i] for i in idx.tolist()],
-                self.labels[idx])
+        conditions = batch_conditions([self.captions[i] for i in idx.tolist()], self.how)
+        return to_model_space(self.samples[idx]), conditions, self.labels[idx]
 
     def mean(self) -> Tensor:
         """The exact mean sample (sums of the raw values in float64, converted once)."""
@@ -429,7 +434,7 @@ class StreamSource(BatchSource):
             self._put(exc)
 
     def _decoded(self, pool: ThreadPoolExecutor
-                 ) -> Iterator[tuple[tuple[np.ndarray, str, int] | None, int, dict[str, Any]]]:
+                 ) -> Iterator[tuple[tuple[np.ndarray, Condition, int] | None, int, dict[str, Any]]]:
         """``(decoded sample or None if damaged, damage to count, position after it)`` in
         stream order, forever. Raises :class:`hdd_ray.errors.NoUsableData` when a pass over the data gives no
         usable sample and none ever came (a rank's shards differ per epoch: one empty pass of
@@ -471,7 +476,7 @@ class StreamSource(BatchSource):
     def _who(self) -> str:
         return self.reader.who()
 
-    def _decode_one(self, item: tuple[dict, int]) -> tuple[np.ndarray, str, int] | str:
+    def _decode_one(self, item: tuple[dict, int]) -> tuple[np.ndarray, Condition, int] | str:
         """The decoded sample, or why it cannot be decoded."""
         record, label = item
         try:
@@ -495,10 +500,13 @@ class StreamSource(BatchSource):
                 continue
             raw = torch.from_numpy(np.stack(arrays))
             x = to_model_space(raw)
+            conditions = batch_conditions(captions, self.how)
             if self.pin:
                 x = x.pin_memory()
+                if isinstance(conditions, TextFeatures):
+                    conditions = conditions.pin_memory()
             total = raw.to(torch.float64).sum(0)
-            item = _Prepared((x, captions, torch.tensor(labels)), total, skipped, pos)
+            item = _Prepared((x, conditions, torch.tensor(labels)), total, skipped, pos)
             if not self._put(item):
                 return
             arrays, captions, labels, skipped = [], [], [], 0

@@ -103,7 +103,8 @@ class ExpertTask(_DataTask):
         self.network = expert_network(spec.model, spec.text, settings.image_size,
                                       settings.channels)
         self.data = settings.open_data([(p, spec.cluster) for p in settings.shards],
-                                       settings.num_samples, rank, world, pin_memory)
+                                       settings.num_samples, rank, world, pin_memory,
+                                       stored_text=True)
         # exported with the weights: the conversion's prior E[x0] near t = 1 (streaming: the
         # running mean over the samples seen, set at every step; hdd_ray.training.data)
         if not self.data.streaming:

@@ -31,6 +31,10 @@ class RunSettings:
     # the manifest's latents record (VAE identity, shape, scaling): the shards hold
     # ``latent.npy`` members instead of images; None in pixel space
     latents: dict[str, Any] | None = None
+    # the manifest's text_features record (hdd_ray.models.text_features): an expert with a
+    # frozen text tower reads its captions' stored features and never runs the tower; None:
+    # the captions themselves
+    text_features: dict[str, Any] | None = None
     use_gpu: bool = False
     torch_threads: int = 1
     # the memory plan's budget (resources.gpu_memory_gb, GB; None = the device's own) and the
@@ -61,12 +65,18 @@ class RunSettings:
     distill: dict[str, Any] | None = None
 
     def open_data(self, shards: list[Shard], num_samples: int | None, rank: int = 0,
-                  world: int = 1, pin_memory: bool = False) -> BatchSource:
+                  world: int = 1, pin_memory: bool = False,
+                  stored_text: bool = False) -> BatchSource:
         """The run's data source over ``shards`` (``(path, cluster)`` pairs), decoded to its
-        input (pixels, or latents at their stored width), for ``rank`` of ``world``."""
+        input (pixels, or latents at their stored width), for ``rank`` of ``world``;
+        ``stored_text``: conditioned on the captions' stored features when the run has them
+        (:attr:`text_features`), else on the captions."""
         latents = self.latents or {}
+        text = (self.text_features or {}) if stored_text else {}
         how = Decoding(self.image_size, self.channels, bool(latents),
-                       latent_bytes=4 if latents.get("dtype") == "bfloat16" else 2)
+                       latent_bytes=4 if latents.get("dtype") == "bfloat16" else 2,
+                       text_length=int(text.get("context_length", 0)),
+                       text_width=int(text.get("width", 0)))
         return open_source(shards, how, self.data, int(self.train.seed), rank, world,
                            num_samples, pin_memory)
 
@@ -91,6 +101,7 @@ class RunSettings:
             train=TrainConfig(**dict(config.get("train") or {})),
             image_size=int(config["image_size"]), channels=int(config["channels"]),
             data=data_settings(config.get("data")), latents=config.get("latents") or None,
+            text_features=config.get("text_features") or None,
             use_gpu=bool(config.get("use_gpu", False)),
             torch_threads=int(config.get("torch_threads", 1)),
             gpu_memory_gb=config.get("gpu_memory_gb"),
