@@ -89,41 +89,72 @@ def test_a_resumed_stream_continues_exactly_where_its_state_was_taken(tmp_path, 
     assert after.count == 16 * 5
 
 
-def _count_reads(monkeypatch) -> list[int]:
-    """Count the records the stream reads from its shards (the real tar reader, wrapped)."""
-    from hdd_ray.training import data
-
-    reads, real = [0], data.iter_samples
-
-    def counting(*args, **kwargs):
-        for record in real(*args, **kwargs):
-            reads[0] += 1
-            yield record
-
-    monkeypatch.setattr(data, "iter_samples", counting)
-    return reads
-
-
-def test_a_stream_reads_each_record_once_per_pass_and_a_resume_skips_only_once(
-        tmp_path, monkeypatch):
+def test_a_stream_reads_each_record_once_per_pass_and_a_resume_skips_only_once(tmp_path):
+    """The producer process counts the records it reads from the shards (``records_read``,
+    as of the batch taken): once per pass, and a resume re-reads only up to its position."""
     paths = _shards(tmp_path, [300, 300])
-    reads = _count_reads(monkeypatch)
     source = _stream(paths, shuffle_buffer=32, open_shards=2)
     _keys(source, 70)  # 350 samples, mid-pass
     state = source.state()
     _keys(source, 110)  # on into the next pass: 900 samples in all
+    reads = source.records_read
     source.close()
-    # before the fix every block re-opened both shards and skipped to its position (~10x)
-    assert reads[0] <= 1.1 * 900 + 32
-    reads[0] = 0
+    # before the fix every block re-opened both shards and skipped to its position (~10x);
+    # the producer reads at most the next block ahead of the batch it formed
+    assert 900 <= reads <= 1.1 * 900 + 2 * 32
     after = _stream(paths, shuffle_buffer=32, open_shards=2)
     after.load_state(state)
     _keys(after, 110)
+    reads = after.records_read
     after.close()
     skipped_to = sum(n for _, n in state["position"]["block"]["slots"])
     assert 300 <= skipped_to <= 350  # what the resume must skip: the open shards' read records
     # a resume reads the records before its position once (not decoded), then streams on
-    assert reads[0] <= skipped_to + 1.1 * 550 + 32
+    assert skipped_to + 550 <= reads <= skipped_to + 1.1 * 550 + 2 * 32
+
+
+def test_the_stream_decodes_in_a_process_that_dies_with_its_training_process(tmp_path):
+    """Reading and decoding run in a producer process (off the training loop's GIL); a
+    training process killed outright leaves no producer behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    paths = _shards(tmp_path, [40, 40])
+    source = _stream(paths)
+    source.next_batch(4)
+    producer = source._producer.process
+    assert producer.is_alive() and producer.pid != os.getpid()
+    source.close()
+    assert not producer.is_alive()  # closed: stopped
+    script = (
+        "import os, signal, sys, json\n"
+        "from hdd_ray.config import DataConfig\n"
+        "from hdd_ray.samples import Decoding\n"
+        "from hdd_ray.training.data import StreamSource\n"
+        f"s = StreamSource([(p, 0) for p in {paths!r}], Decoding(8, 1), DataConfig(), seed=0)\n"
+        "s.next_batch(4)\n"
+        "print(s._producer.process.pid, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    pid = int(out.stdout.split()[0])
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{pid}/stat") as f:  # a zombie (not yet reaped) has ended too
+            if f.read().split()[2] == "Z":
+                break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the producer outlived its training process")
 
 
 @pytest.mark.parametrize("sizes", [[9, 8, 7, 6], [20]])  # shards split by rank / records modulo

@@ -141,7 +141,7 @@ class DataConfig:
     shuffle_buffer: int = 4096  # samples per shuffled block of the stream (undecoded bytes)
     open_shards: int = 8  # shards read at once, round-robin, into each block
     prefetch_batches: int = 4  # batches decoded ahead in the background
-    decode_workers: int = 2  # threads decoding images
+    decode_workers: int = 2  # threads decoding images in the stream's producer process
 
     def validate(self, prefix: str) -> None:
         """One-line :class:`ConfigError` naming ``prefix`` (``experts.data``, ``router.data``)."""

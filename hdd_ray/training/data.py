@@ -1,8 +1,5 @@
 """Training data for experts and the router: one interface, two ways to feed it.
 
-Long because the stream is one piece of state: its reader, its background producer and the
-exact resume of its position (with the settings the position depends on) belong together.
-
 The loop sees one :class:`BatchSource` (``next_batch(n, generator) -> (x0, captions, labels)``
 with ``x0`` float32 ``[n, C, H, W]`` in model space, ``state()`` / ``load_state()``,
 ``skipped``, ``mean()``), built by :func:`open_source`:
@@ -19,16 +16,15 @@ float32 batch converted only when the batch is formed (``x = pixel / 127.5 - 1``
 already scaled).
 
 **Why this reader, not Ray Data or WebDataset's pipeline** (numbers in ``benchmarks/README.md``,
-"Streaming training data"): the streaming path is a thread in the training worker over the
-corpus module's tolerant tar reader (:func:`hdd_ray.corpus.iter_samples`, local disks and object
-stores through pyarrow). It adds no processes to an expert (each Ray Train run is already five
-Ray processes; a Ray Data pipeline per expert adds an executor and read tasks competing for the
-expert's CPUs), it reads damaged shards the way prepare does (Ray Data fails a whole block on one
-bad sample), and its position is exact and cheap to restore, which neither Ray Data's iterators
-nor WebDataset's shuffle buffer offer. Measured at the demo's scale: the same peak RSS at 16x
-the data (ratio 1.00); steps/s 0.93 of the in-memory path on a shared 2-core machine (load
-average 4.5-12), where decoding competes with training for the CPU. Ray Data and WebDataset
-were not benchmarked against it.
+"Streaming training data"): the stream is read and decoded by one producer process per rank
+(:mod:`hdd_ray.training.stream`: off the training loop's GIL, the next block read while the
+current one is decoded) over the corpus module's tolerant tar reader
+(:func:`hdd_ray.corpus.iter_samples`, local disks and object stores through pyarrow); a thread
+of the training process receives its batches and makes them tensors (pinned on CUDA). It adds
+one process to an expert, not a Ray Data executor and read tasks competing for the expert's
+CPUs; it reads damaged shards the way prepare does (Ray Data fails a whole block on one bad
+sample), and its position is exact and cheap to restore, which neither Ray Data's iterators nor
+WebDataset's shuffle buffer offer. Ray Data and WebDataset were not benchmarked against it.
 
 **Streaming order.** Epoch ``e`` permutes the shards with ``(seed, e)`` (the same permutation on
 every rank). Ranks read disjoint samples: with at least as many shards as ranks, rank ``r``
@@ -38,7 +34,7 @@ keeps the records whose index in the shard is ``r`` modulo ``W``. A rank keeps
 samples taken round-robin from the open shards (a finished shard is replaced by the next one of
 the permutation); the open shards stay open from one block to the next, so each record is read
 once per pass (only a resume re-opens shards and skips to the recorded records). A block is shuffled with ``(seed, rank, epoch, block)`` and decoded batch by
-batch in a background thread (``data.decode_workers`` threads decode; PIL releases the GIL),
+batch in the producer process (``data.decode_workers`` threads decode; PIL releases the GIL),
 ``data.prefetch_batches`` batches ahead, pinned when training on CUDA. Memory: one block of
 encoded samples plus the prefetched batches, whatever the cluster's size. The router streams
 every cluster's shards as one pool, so it sees each cluster at its natural frequency: every
@@ -68,11 +64,8 @@ exact mean of the cluster; streaming, the running mean over the samples this ran
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,20 +75,17 @@ from torch import Tensor
 
 from hdd_ray import devices
 from hdd_ray.config import DATA_MODES, DataConfig
-from hdd_ray.corpus import iter_samples
-from hdd_ray.errors import ConfigError, first_line
+from hdd_ray.errors import ConfigError
 from hdd_ray.models.text_features import TextFeatures
 from hdd_ray.samples import (
-    Condition,
     Decoding,
     Shard,
     batch_conditions,
-    decode_sample,
     no_usable,
     read_samples,
-    skip_reason,
     to_model_space,
 )
+from hdd_ray.training.stream import BlockReader, Produced, Producer, start_producer
 
 log = logging.getLogger(__name__)
 
@@ -193,130 +183,15 @@ class MemorySource(BatchSource):
 # ------------------------------------------------------------------------------------- streaming
 
 
-class _ShardStream:
-    """One open shard: its records in order, and how many were read (damage included)."""
-
-    def __init__(self, path: str, index: int, skip: int) -> None:
-        self.index, self.read, self.path = index, 0, path
-        self._it: Iterator[dict[str, Any]] | None = iter_samples(path, include_damaged=True)
-        while self.read < skip and self.next() is not None:
-            pass  # a resume: records already read, not decoded again
-
-    def next(self) -> dict[str, Any] | None:
-        if self._it is None:
-            return None
-        try:
-            record = next(self._it, None)
-        except Exception as exc:  # a shard that cannot be opened or listed: one damaged record
-            self._it, record = None, {"__key__": "", "__url__": self.path,
-                                      "__error__": "unreadable_shard",
-                                      "__detail__": first_line(exc)}
-        if record is not None:
-            self.read += 1
-        return record
-
-
-class _Reader:
-    """A rank's deterministic sequence of shuffled blocks (see the module docstring)."""
-
-    def __init__(self, shards: list[Shard], settings: DataConfig, seed: int, rank: int,
-                 world: int) -> None:
-        self.shards, self.settings = shards, settings
-        self.seed, self.rank, self.world = int(seed), int(rank), int(world)
-        self.split = len(shards) >= world  # shards split by rank, else records modulo world
-        # the shards left open by the last block, with the position they stand at: the next
-        # block continues them instead of re-opening and skipping (a resume, or a position
-        # other than the last one returned, re-opens)
-        self._live: tuple[int, int, list[_ShardStream]] | None = None
-
-    def order(self, epoch: int) -> list[int]:
-        """This rank's shards (indices into ``shards``) in epoch ``epoch``'s order."""
-        perm = np.random.default_rng([self.seed, epoch, 71]).permutation(len(self.shards))
-        return [int(i) for i in (perm[self.rank::self.world] if self.split else perm)]
-
-    @staticmethod
-    def start(epoch: int) -> dict[str, Any]:
-        """The position at the start of an epoch."""
-        return {"epoch": epoch, "block": 0, "next": 0, "slots": None}
-
-    def _open(self, order: list[int], i: int, skip: int = 0) -> _ShardStream:
-        return _ShardStream(self.shards[order[i]][0], i, skip)
-
-    def _continue(self, pos: dict[str, Any]) -> list[_ShardStream | None] | None:
-        """The open shards of the last block when ``pos`` is exactly where they stand (the
-        position that block returned), else ``None``. Hands them over: used once."""
-        live, self._live = self._live, None
-        if live is None:
-            return None
-        epoch, nxt, streams = live
-        want = [[int(i), int(n)] for i, n in pos["slots"]]
-        if (epoch != pos["epoch"] or nxt != pos["next"]
-                or want != [[st.index, st.read] for st in streams]):
-            return None
-        return list(streams)
-
-    def who(self) -> str:
-        """`` for rank r of W`` with several ranks, else nothing (for messages)."""
-        return f" for rank {self.rank} of {self.world}" if self.world > 1 else ""
-
-    def release(self) -> None:
-        """Drop the shards kept open between blocks."""
-        self._live = None
-
-    def read_block(self, pos: dict[str, Any]) -> tuple[list[tuple[dict, int]], int, dict]:
-        """The block at ``pos``: ``(samples with labels, damaged records, position after)``;
-        no samples and no damage when the epoch is over."""
-        order = self.order(pos["epoch"])
-        if pos["slots"] is None:  # epoch start: the first shards of the permutation
-            width = min(self.settings.open_shards, len(order))
-            slots = [self._open(order, i) for i in range(width)]
-            nxt = width
-        else:
-            slots = self._continue(pos) or [self._open(order, i, skip)
-                                            for i, skip in pos["slots"]]
-            nxt = pos["next"]
-        per_slot = max(1, math.ceil(self.settings.shuffle_buffer / max(1, len(slots))))
-        block, damaged = [], 0
-        for s in range(len(slots)):
-            taken = 0
-            while taken < per_slot and slots[s] is not None:
-                stream = slots[s]
-                record = stream.next()
-                if record is None:  # shard done: the next one of the permutation takes its slot
-                    slots[s] = self._open(order, nxt) if nxt < len(order) else None
-                    nxt += slots[s] is not None
-                    continue
-                if not self.split and (stream.read - 1) % self.world != self.rank:
-                    continue  # another rank's record
-                taken += 1
-                if "__error__" in record:
-                    damaged += 1
-                    # damage is counted (and told) on the first pass only; a read that failed
-                    # (an I/O error after every retry) is told in every pass
-                    if pos["epoch"] == 0 or record.get("__detail__"):
-                        why = str(record["__error__"]) + (
-                            f" ({record['__detail__']})" if record.get("__detail__") else "")
-                        log.warning("data%s: %s", self.who(), skip_reason(record, why))
-                else:
-                    block.append((record, self.shards[order[stream.index]][1]))
-        live = [st for st in slots if st is not None]
-        open_slots = [[st.index, st.read] for st in live]
-        after = ({"epoch": pos["epoch"], "block": pos["block"] + 1, "next": nxt,
-                  "slots": open_slots} if open_slots or nxt < len(order)
-                 else self.start(pos["epoch"] + 1))
-        self._live = (after["epoch"], nxt, live) if after["slots"] is not None else None
-        perm = np.random.default_rng([self.seed, self.rank, pos["epoch"], pos["block"], 72])
-        return [block[i] for i in perm.permutation(len(block))], damaged, after
-
-
 @dataclass
 class _Prepared:
-    """A batch formed in the background, with what the consumer accounts when it takes it."""
+    """A batch received from the producer, with what the consumer accounts when it takes it."""
 
     batch: Batch
     total: Tensor  # float64 sum of the raw values
     skipped: int
     position: dict[str, Any]
+    records_read: int
 
 
 class StreamSource(BatchSource):
@@ -329,15 +204,19 @@ class StreamSource(BatchSource):
         if not shards:
             raise no_usable([], 0)
         self.how, self.settings, self.pin = how, settings, pin_memory
-        self.reader = _Reader(shards, settings, seed, rank, world)
+        self.shards, self.seed, self.rank, self.world = list(shards), int(seed), rank, world
+        self.reader = BlockReader(shards, settings, seed, rank, world)  # its order, its rules
         self.paths = [p for p, _ in shards]
-        self.position: dict[str, Any] = {"block": _Reader.start(0), "offset": 0}
+        self.position: dict[str, Any] = {"block": BlockReader.start(0), "offset": 0}
         self.skipped, self.count = 0, 0
+        #: records the producer had read from the shards when it formed the last batch taken
+        self.records_read = 0
         self.total = torch.zeros(how.channels, how.image_size, how.image_size,
                                  dtype=torch.float64)
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._producer: Producer | None = None
         self._n = 0
 
     # -- the consumer (training thread)
@@ -363,6 +242,7 @@ class StreamSource(BatchSource):
         self.skipped += item.skipped
         self.total += item.total
         self.count += n
+        self.records_read = item.records_read
         return item.batch
 
     def mean(self) -> Tensor:
@@ -394,12 +274,14 @@ class StreamSource(BatchSource):
         resume with another number of workers, or from the in-memory path)."""
         if self._thread is not None:
             raise RuntimeError("start_epoch after the stream started")
-        self.position = {"block": _Reader.start(epoch), "offset": 0}
+        self.position = {"block": BlockReader.start(epoch), "offset": 0}
         self.skipped = int(skipped)
 
     def close(self) -> None:
-        """Stop the background thread (it exits at its next queue operation)."""
+        """Stop the producer process and the receiving thread."""
         self._stop.set()
+        if self._producer is not None:
+            self._producer.stop()
         if self._thread is not None:
             while self._thread.is_alive():
                 try:
@@ -409,12 +291,15 @@ class StreamSource(BatchSource):
                 self._thread.join(timeout=0.05)
         self.reader.release()
 
-    # -- the producer (background thread)
+    # -- the receiver (a thread of the training process): batches from the producer process
+    # turned into tensors (pinned when training on CUDA), log records logged here
 
     def _start(self, n: int) -> None:
         self._n = n
-        self._queue = queue.Queue(maxsize=max(1, self.settings.prefetch_batches))
-        self._thread = threading.Thread(target=self._produce, name="hdd-ray-data", daemon=True)
+        self._queue = queue.Queue(maxsize=1)
+        self._producer = start_producer(self.shards, self.how, self.settings, self.seed,
+                                        self.rank, self.world, self.position, self.count, n)
+        self._thread = threading.Thread(target=self._receive, name="hdd-ray-data", daemon=True)
         self._thread.start()
 
     def _put(self, item: Any) -> bool:
@@ -426,90 +311,34 @@ class StreamSource(BatchSource):
                 continue
         return False
 
-    def _produce(self) -> None:
+    def _receive(self) -> None:
+        assert self._producer is not None
         try:
-            with ThreadPoolExecutor(max(1, self.settings.decode_workers)) as pool:
-                self._batches(pool)
+            while not self._stop.is_set():
+                try:
+                    item = self._producer.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if isinstance(item, logging.LogRecord):
+                    logging.getLogger(item.name).handle(item)
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                if not self._put(self._tensors(item)):
+                    return
         except BaseException as exc:  # handed to the training thread, raised there
             self._put(exc)
 
-    def _decoded(self, pool: ThreadPoolExecutor
-                 ) -> Iterator[tuple[tuple[np.ndarray, Condition, int] | None, int, dict[str, Any]]]:
-        """``(decoded sample or None if damaged, damage to count, position after it)`` in
-        stream order, forever. Raises :class:`hdd_ray.errors.NoUsableData` when a pass over the data gives no
-        usable sample and none ever came (a rank's shards differ per epoch: one empty pass of
-        a rank that had data before is passed over)."""
-        block_pos, offset = self.position["block"], int(self.position["offset"])
-        ever, good, bad, empty_passes = self.count > 0, 0, 0, 0
-        chunk = max(8, 2 * self._n)
-        while True:
-            items, damaged, after = self.reader.read_block(block_pos)
-            first_pass = block_pos["epoch"] == 0
-            # a block's read damage is counted when its first sample is consumed, once
-            damage = damaged if (offset == 0 and first_pass) else 0
-            bad += damaged
-            for start in range(offset, len(items), chunk):
-                results = pool.map(self._decode_one, items[start:start + chunk])
-                for j, result in enumerate(results, start):
-                    if isinstance(result, str):  # undecodable: the reason
-                        if first_pass:
-                            log.warning("data%s: %s", self._who(), result)
-                        result = None
-                        bad += 1
-                        damage += first_pass
-                    else:
-                        good += 1
-                    pos = ({"block": after, "offset": 0} if j + 1 == len(items)
-                           else {"block": block_pos, "offset": j + 1})
-                    yield result, damage, pos
-                    damage = 0
-            if damage:  # a block of damage only: its count rides with the next sample
-                yield None, damage, {"block": after, "offset": 0}
-            if after["epoch"] != block_pos["epoch"]:  # a pass over this rank's data ended
-                ever = ever or good > 0
-                empty_passes = 0 if good else empty_passes + 1
-                if (not ever and empty_passes) or empty_passes > 100:
-                    raise no_usable(self.paths, bad, self._who())
-                good, bad = 0, 0
-            block_pos, offset = after, 0
-
-    def _who(self) -> str:
-        return self.reader.who()
-
-    def _decode_one(self, item: tuple[dict, int]) -> tuple[np.ndarray, Condition, int] | str:
-        """The decoded sample, or why it cannot be decoded."""
-        record, label = item
-        try:
-            arr, caption = decode_sample(record, self.how)
-        except Exception as exc:
-            return skip_reason(record, exc)
-        return arr, caption, label
-
-    def _batches(self, pool: ThreadPoolExecutor) -> None:
-        arrays, captions, labels, skipped = [], [], [], 0
-        for result, damage, pos in self._decoded(pool):
-            if self._stop.is_set():
-                return
-            skipped += damage
-            if result is None:
-                continue
-            arrays.append(result[0])
-            captions.append(result[1])
-            labels.append(result[2])
-            if len(arrays) < self._n:
-                continue
-            raw = torch.from_numpy(np.stack(arrays))
-            x = to_model_space(raw)
-            conditions = batch_conditions(captions, self.how)
-            if self.pin:
-                x = x.pin_memory()
-                if isinstance(conditions, TextFeatures):
-                    conditions = conditions.pin_memory()
-            total = raw.to(torch.float64).sum(0)
-            item = _Prepared((x, conditions, torch.tensor(labels)), total, skipped, pos)
-            if not self._put(item):
-                return
-            arrays, captions, labels, skipped = [], [], [], 0
+    def _tensors(self, item: Produced) -> _Prepared:
+        x = to_model_space(torch.from_numpy(item.arrays))
+        conditions = batch_conditions(item.conditions, self.how)
+        if self.pin:
+            x = x.pin_memory()
+            if isinstance(conditions, TextFeatures):
+                conditions = conditions.pin_memory()
+        batch = (x, conditions, torch.from_numpy(item.labels))
+        return _Prepared(batch, torch.from_numpy(item.total), item.skipped, item.position,
+                         item.records_read)
 
 
 # ------------------------------------------------------------------------------------- choosing
