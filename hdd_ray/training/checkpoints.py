@@ -8,7 +8,9 @@ step, the attempts and the wall time in its metadata. The export reads that one 
 
 * Ray Train's (``ray.executor: train``): ``<run>/checkpoint_<time>/``, registered in
   ``<run>/checkpoint_manager_snapshot.json`` (:data:`RAY_TRAIN_SNAPSHOT`) with the metrics
-  reported with it; read here, never written (Ray Train writes them).
+  reported with it; its files written straight into Ray Train's storage
+  (:func:`write_checkpoint_to`, as Ray Train's ``checkpoint_upload_fn``), the folder registered
+  by Ray Train once they are; the record read here, never written.
 * The task executor's (``ray.executor: task``): ``<run>/checkpoint_task/``, its two files and
   ``metrics.json``, each replaced atomically, the metrics last (:func:`write_task_checkpoint`).
 
@@ -42,7 +44,7 @@ __all__ = ["EMA_FILE", "RAY_TRAIN_SNAPSHOT", "STATE_FILE", "TASK_CHECKPOINT", "T
            "latest_checkpoint_step", "newest_state", "other_state", "ray_train_checkpoint_metrics",
            "ray_train_state", "read_checkpoint", "read_export", "result_export",
            "task_checkpoint_export", "task_checkpoint_metrics", "task_checkpoint_state",
-           "write_checkpoint", "write_task_checkpoint"]
+           "write_checkpoint", "write_checkpoint_to", "write_task_checkpoint"]
 
 #: a checkpoint's state without the average (model, optimizer, step, generators, data positions)
 STATE_FILE = "state.pt"
@@ -68,15 +70,16 @@ class FinalWeights:
     wall_time: float
 
 
-def checkpoint_files(state: dict[str, Any]) -> dict[str, bytes]:
+def checkpoint_files(state: dict[str, Any]) -> dict[str, bytes | memoryview]:
     """The loop's state (``ema`` = the exported EMA weights) as a checkpoint's files:
-    :data:`EMA_FILE` first (the order to write them in), then :data:`STATE_FILE`."""
+    :data:`EMA_FILE` first (the order to write them in), then :data:`STATE_FILE` (a view of
+    its buffer: a 12 GB state is not copied once more)."""
     progress = {k: state[k] for k in _PROGRESS}
     ema = save_safetensors({k: v.detach().cpu().contiguous() for k, v in state["ema"].items()},
                            metadata={"progress": json.dumps(progress)})
     buffer = io.BytesIO()
     torch.save({k: v for k, v in state.items() if k != "ema"}, buffer)
-    return {EMA_FILE: ema, STATE_FILE: buffer.getvalue()}
+    return {EMA_FILE: ema, STATE_FILE: buffer.getbuffer()}
 
 
 def write_checkpoint(directory: str, state: dict[str, Any]) -> None:
@@ -84,6 +87,15 @@ def write_checkpoint(directory: str, state: dict[str, Any]) -> None:
     each file replaced atomically on a local disk."""
     for name, data in checkpoint_files(state).items():
         storage.write_bytes(storage.join(directory, name), data)
+
+
+def write_checkpoint_to(filesystem: Any, directory: str, state: dict[str, Any]) -> None:
+    """Write the loop's state as a checkpoint into ``directory`` of a pyarrow ``filesystem``
+    (Ray Train's storage: the folder is registered only once this returned)."""
+    filesystem.create_dir(directory, recursive=True)
+    for name, data in checkpoint_files(state).items():
+        with filesystem.open_output_stream(f"{directory}/{name}") as f:
+            f.write(data)
 
 
 def read_checkpoint(directory: str) -> dict[str, Any] | None:
