@@ -92,8 +92,9 @@ def write_checkpoint(directory: str, state: dict[str, Any]) -> None:
 def write_checkpoint_to(filesystem: Any, directory: str, state: dict[str, Any]) -> None:
     """Write the loop's state as a checkpoint into ``directory`` of a pyarrow ``filesystem``
     (Ray Train's storage: the folder is registered only once this returned)."""
+    files = checkpoint_files(state)  # serialised first: a failure leaves no folder behind
     filesystem.create_dir(directory, recursive=True)
-    for name, data in checkpoint_files(state).items():
+    for name, data in files.items():
         with filesystem.open_output_stream(f"{directory}/{name}") as f:
             f.write(data)
 
