@@ -183,7 +183,7 @@ def test_a_failed_write_is_raised_in_one_line(shard, tmp_path, monkeypatch):
 
 @pytest.mark.ray
 def test_under_ray_train_training_goes_on_while_ray_uploads_and_every_checkpoint_registers(
-        shard, tmp_path, ray_local):
+        shard, tmp_path, monkeypatch, ray_local):
     """Ray Train's ``ASYNC`` upload with our upload function: the worker trains 5 steps past
     checkpoint 10 while it is written (else the write fails the run), checkpoints 10, 20 and 30
     are registered in order with the synchronous run's weights, and the last one is written
@@ -219,14 +219,12 @@ def test_under_ray_train_training_goes_on_while_ray_uploads_and_every_checkpoint
                                                 checkpoint_config=CheckpointConfig()))
     result = trainer.fit()
     assert result.error is None, result.error
-    sync: dict[int, dict] = {}
-    for steps in (10, 20, 30):  # the same run, synchronous, in this process (CPU: the same bits)
-        hooks = LocalHooks(str(tmp_path / f"sync{steps}"))
-        run_loop(_settings(shard, steps=steps, asynchronous=False), hooks)
-        sync[steps] = hooks.load_state()["ema"]
+    # the same run, synchronous, in this process (CPU: the same bits)
+    sync = Progress(monkeypatch)
+    run_loop(_settings(shard, asynchronous=False), LocalHooks(str(tmp_path / "sync")))
     registered = [(m["step"], c) for c, m in result.best_checkpoints]
     assert [s for s, _ in registered] == [10, 20, 30]
     for step, checkpoint in registered:
         state = checkpoints.read_checkpoint(checkpoint.path)
-        assert state["step"] == step and _same(state["ema"], sync[step]), step
+        assert state["step"] == step and _same(state["ema"], sync.written[step]), step
     assert checkpoints.result_export(result).step == 30
