@@ -22,7 +22,8 @@ a thread of their own (:class:`hdd_ray.training.writer.CheckpointWriter`).
 :class:`RayTrainHooks` uses Ray Train's own background upload: ``ray.train.report(...,
 checkpoint_upload_mode=ASYNC, checkpoint_upload_fn=...)`` for periodic checkpoints, ``SYNC``
 for the drain and final ones, our ``checkpoint_upload_fn`` serialising the snapshot and
-writing its files straight into the run's storage (:func:`checkpoints.write_checkpoint_to`).
+writing its files straight into the run's storage (:func:`checkpoints.write_checkpoint_to`; on
+an object store through a local temporary folder).
 Why, from Ray 2.60's source (``ray/train/v2/_internal/execution/context.py``, ``report``, and
 ``worker_group/worker.py``, ``run_train_fn``):
 
@@ -36,8 +37,8 @@ Why, from Ray 2.60's source (``ray/train/v2/_internal/execution/context.py``, ``
   rank agrees on (one more collective), and the latest registered checkpoint would lag.
 * ``ASYNC`` alone would not do: without an upload function the caller still writes the whole
   checkpoint to a local folder in the training thread; Ray only copies it in the background.
-  Our upload function moves the serialisation itself off the training thread, and writes the
-  files once (no local copy to upload).
+  Our upload function moves the serialisation itself off the training thread, and on a
+  local or shared disk writes the files once (no local copy to upload).
 * The next report: a ``SYNC`` one waits, in the training thread, for every earlier report to be
   on the queue; an ``ASYNC`` one is queued behind the upload in flight, without bound. So the
   loop waits for the previous write itself (:meth:`flush`, before its next snapshot): one

@@ -7,7 +7,8 @@ their shared data handling are read together; a student's task is
 The loop never knows which objective it trains: an expert's :class:`Objective` owns the loss,
 the router's task owns its cross-entropy. What the loop owns is everything a preemptible run
 needs: resume from the run's newest checkpoint (model, EMA, optimizer, step, RNG states), a
-checkpoint every ``checkpoint_every`` steps and at once when Ray reports a drain of the node,
+checkpoint every ``checkpoint_every`` steps and at once when Ray reports a drain of the node
+(written while training goes on, :mod:`hdd_ray.training.writer`),
 gradient accumulation, the learning-rate schedule (:func:`hdd_ray.optim.learning_rate`), bf16
 autocast and DDP on GPUs, and metrics to MLflow (:class:`hdd_ray.tracking.MetricBuffer`, with
 the tracking URI passed in: workers do not inherit the driver's). Who runs it answers through
