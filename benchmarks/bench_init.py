@@ -81,12 +81,12 @@ class Recorder:
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    def report(self, metrics: dict, state: dict | None) -> None:
+    def report(self, metrics: dict, state: dict | None, wait: bool = False) -> None:
         """Keep a copy of the EMA weights, then report as ``LocalHooks`` does."""
         if state is not None:
             self.weights[int(state["step"])] = {k: v.detach().clone()
                                                 for k, v in state["ema"].items()}
-        self.inner.report(metrics, state)
+        self.inner.report(metrics, state, wait)
 
 
 def settings_for(cfg: CampaignConfig, manifest: dict, expert, shards: list[str], count: int,

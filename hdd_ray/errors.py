@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "CampaignError",
+    "CheckpointWriteError",
     "ConfigError",
     "ExpertRejected",
     "HddRayError",
@@ -35,6 +36,10 @@ class PrepareError(HddRayError):
 
 class CampaignError(HddRayError):
     """A campaign that cannot be trained or evaluated as asked (one line)."""
+
+
+class CheckpointWriteError(HddRayError):
+    """A training checkpoint that could not be written (one line: its step, where, why)."""
 
 
 class ExpertRejected(HddRayError):

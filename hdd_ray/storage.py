@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -73,6 +75,31 @@ def write_bytes(path: str, data: bytes | bytearray | memoryview) -> None:
     else:
         with fs.open_output_stream(p) as f:
             f.write(data)
+
+
+def write_with(path: str, write: Callable[[str], None]) -> None:
+    """Write a whole file by ``write(local_path)`` (a writer that wants a path: ``torch.save``,
+    safetensors' ``save_file``; they hold the GIL far less than building the bytes in memory
+    and keep no copy of them): atomic on local disks; to an object store through a local
+    temporary file."""
+    fs, p = resolve(path)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        with tempfile.TemporaryDirectory() as d:
+            write(os.path.join(d, "file"))
+            fs.create_dir(posixpath.dirname(p), recursive=True)
+            pafs.copy_files(os.path.join(d, "file"), p,
+                            source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        return
+    os.makedirs(os.path.dirname(p), exist_ok=True)
+    tmp = f"{p}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):  # the write failed: no half-written file is left behind
+            os.remove(tmp)
 
 
 def read_json(path: str) -> Any:

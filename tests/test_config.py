@@ -107,7 +107,8 @@ def test_expert_id_depends_on_what_determines_the_weights_only():
     ident = id_of([])
     more_cpu = id_of(["experts.resources.cpus_per_worker=2"])
     ckpt = id_of(["experts.train.checkpoint_every=7"])
-    assert ident == more_cpu == ckpt
+    sync_ckpt = id_of(["experts.train.async_checkpoint=false"])  # the same weights, written later
+    assert ident == more_cpu == ckpt == sync_ckpt
     assert ident != id_of(["experts.train.steps=9"])
     assert ident != id_of([], "other-data")
     assert ident.startswith("c1-fm-")

@@ -537,8 +537,8 @@ def test_a_drain_checkpoint_never_waits_on_an_unreachable_mlflow(tmp_path, monke
             events["notice"] = time.time()
             return True
 
-        def report(self, metrics, state):
-            super().report(metrics, state)
+        def report(self, metrics, state, wait=False):
+            super().report(metrics, state, wait)
             if state is not None:
                 events.setdefault("checkpoint", time.time())
 

@@ -248,8 +248,8 @@ def test_learning_rate_schedules_warm_up_and_decay_by_step_alone(shard, tmp_path
         pass
 
     class KilledAfterStep10(LocalHooks):
-        def report(self, metrics, state):
-            super().report(metrics, state)
+        def report(self, metrics, state, wait=False):
+            super().report(metrics, state, wait)
             if metrics["step"] == 10:
                 raise Killed
 

@@ -271,6 +271,8 @@ def test_a_sweep_described_before_later_settings_still_restores(tmp_path):
     now = describe(_cfg(tmp_path / "root"))
     older = copy.deepcopy(now)
     older["experts"]["train"]["compile"] = older["router"]["train"]["compile"] = False
+    older["experts"]["train"]["async_checkpoint"] = False  # (`now` holds no such key)
+    older["router"]["train"]["async_checkpoint"] = True
     older["router"]["grow"] = {"mode": "incremental", "steps": 200, "replay_samples": 1024}
     assert comparable(older) == now
     assert comparable({**older, "sampling": {**older["sampling"], "router": "learned"}}) == now

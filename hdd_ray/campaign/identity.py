@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 MEMORY_TRAIN_KEYS = ("micro_batch_size", "activation_checkpointing")
 #: training settings that change neither an expert's nor the router's weights, so they are left
 #: out of identities: changing them keeps the cached run
-NON_IDENTITY_TRAIN_KEYS = ("checkpoint_every", "compile", *MEMORY_TRAIN_KEYS)
+NON_IDENTITY_TRAIN_KEYS = ("checkpoint_every", "async_checkpoint", "compile",
+                           *MEMORY_TRAIN_KEYS)
 
 
 def short_hash(obj: Any, n: int = 10) -> str:

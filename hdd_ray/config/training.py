@@ -64,6 +64,12 @@ class TrainConfig:
     caption_dropout: float = 0.1
     timestep_sampling: str = "uniform"  # uniform | logit_normal
     checkpoint_every: int = 100
+    # write checkpoints in the background: the state is copied to host memory at the step (one
+    # extra host copy of it, pinned on GPUs, kept for the next), then serialised and written
+    # while training goes on, one write at a time; the drain and final checkpoints are written
+    # before the loop goes on. false: each checkpoint is written at its step, in the training
+    # thread, from the live state (hdd_ray/training/writer.py). Changes no number.
+    async_checkpoint: bool = True
     mixed_precision: str = "bf16"  # bf16 autocast on GPU; ignored on CPU
     # torch.compile of the training step's model, on CUDA only (ignored on CPU); a failure to
     # compile trains eagerly after one warning line (hdd_ray/training/speed.py)

@@ -155,8 +155,8 @@ _LATER_DEFAULTS = {("sampling", "router"): "learned", ("sampling", "centroid_tem
 
 
 def comparable(spec: dict[str, Any]) -> dict[str, Any]:
-    """A sweep description as :func:`describe` compares it: without ``train.compile`` (it
-    changes no number), a grown router's settings (``router.grow``: they train no router of
+    """A sweep description as :func:`describe` compares it: without ``train.compile`` and
+    ``train.async_checkpoint`` (they change no number), a grown router's settings (``router.grow``: they train no router of
     the sweep's cluster set) and the later settings of :data:`_LATER_DEFAULTS` at their
     defaults, so a sweep described before those settings existed is restored, not refused."""
     spec = copy.deepcopy(spec)
@@ -165,6 +165,7 @@ def comparable(spec: dict[str, Any]) -> dict[str, Any]:
         for train in [part.get("train") or {}, *[(e or {}).get("train") or {}
                                                   for e in part.get("list") or []]]:
             train.pop("compile", None)
+            train.pop("async_checkpoint", None)
         part.pop("grow", None)
     for (section, key), default in _LATER_DEFAULTS.items():
         if (spec.get(section) or {}).get(key, default) == default:

@@ -1,6 +1,6 @@
 """A run's checkpoints, as either executor writes them, and the readers of both.
 
-Every checkpoint is a folder of two files (:func:`checkpoint_files`): ``state.pt``, what a resume
+Every checkpoint is a folder of two files (:func:`checkpoint_writers`): ``state.pt``, what a resume
 needs besides the average (model, optimizer, step, generators, data positions), and
 ``ema.safetensors`` (:data:`EMA_FILE`), the EMA weights exactly as they are exported, with the
 step, the attempts and the wall time in its metadata. The export reads that one file
@@ -8,7 +8,9 @@ step, the attempts and the wall time in its metadata. The export reads that one 
 
 * Ray Train's (``ray.executor: train``): ``<run>/checkpoint_<time>/``, registered in
   ``<run>/checkpoint_manager_snapshot.json`` (:data:`RAY_TRAIN_SNAPSHOT`) with the metrics
-  reported with it; read here, never written (Ray Train writes them).
+  reported with it; its files written straight into Ray Train's storage
+  (:func:`write_checkpoint_to`, as Ray Train's ``checkpoint_upload_fn``), the folder registered
+  by Ray Train once they are; the record read here, never written.
 * The task executor's (``ray.executor: task``): ``<run>/checkpoint_task/``, its two files and
   ``metrics.json``, each replaced atomically, the metrics last (:func:`write_task_checkpoint`).
 
@@ -24,13 +26,14 @@ import io
 import json
 import logging
 import struct
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+from safetensors.torch import save_file as save_safetensors_file
 from torch import Tensor
 
 from hdd_ray import storage
@@ -38,11 +41,11 @@ from hdd_ray import storage
 log = logging.getLogger(__name__)
 
 __all__ = ["EMA_FILE", "RAY_TRAIN_SNAPSHOT", "STATE_FILE", "TASK_CHECKPOINT", "TASK_METRICS",
-           "FinalWeights", "checkpoint_files", "latest_checkpoint_metrics",
+           "FinalWeights", "checkpoint_writers", "latest_checkpoint_metrics",
            "latest_checkpoint_step", "newest_state", "other_state", "ray_train_checkpoint_metrics",
            "ray_train_state", "read_checkpoint", "read_export", "result_export",
            "task_checkpoint_export", "task_checkpoint_metrics", "task_checkpoint_state",
-           "write_checkpoint", "write_task_checkpoint"]
+           "write_checkpoint", "write_checkpoint_to", "write_task_checkpoint"]
 
 #: a checkpoint's state without the average (model, optimizer, step, generators, data positions)
 STATE_FILE = "state.pt"
@@ -68,22 +71,40 @@ class FinalWeights:
     wall_time: float
 
 
-def checkpoint_files(state: dict[str, Any]) -> dict[str, bytes]:
-    """The loop's state (``ema`` = the exported EMA weights) as a checkpoint's files:
-    :data:`EMA_FILE` first (the order to write them in), then :data:`STATE_FILE`."""
+def checkpoint_writers(state: dict[str, Any]) -> dict[str, Callable[[str], None]]:
+    """The loop's state (``ema`` = the exported EMA weights) as a checkpoint's files, each a
+    function that writes it to a local path: :data:`EMA_FILE` first (the order to write them
+    in), then :data:`STATE_FILE`. Written to files, not built as bytes: a 12 GB state is not
+    copied once more, and a write in a background thread holds the GIL far less
+    (:mod:`hdd_ray.training.writer`)."""
     progress = {k: state[k] for k in _PROGRESS}
-    ema = save_safetensors({k: v.detach().cpu().contiguous() for k, v in state["ema"].items()},
-                           metadata={"progress": json.dumps(progress)})
-    buffer = io.BytesIO()
-    torch.save({k: v for k, v in state.items() if k != "ema"}, buffer)
-    return {EMA_FILE: ema, STATE_FILE: buffer.getvalue()}
+    ema = {k: v.detach().cpu().contiguous() for k, v in state["ema"].items()}
+    rest = {k: v for k, v in state.items() if k != "ema"}
+    return {EMA_FILE: lambda path: save_safetensors_file(
+                ema, path, metadata={"progress": json.dumps(progress)}),
+            STATE_FILE: lambda path: torch.save(rest, path)}
 
 
 def write_checkpoint(directory: str, state: dict[str, Any]) -> None:
     """Write the loop's state as a checkpoint into ``directory`` (a local folder or a URI),
     each file replaced atomically on a local disk."""
-    for name, data in checkpoint_files(state).items():
-        storage.write_bytes(storage.join(directory, name), data)
+    for name, write in checkpoint_writers(state).items():
+        storage.write_with(storage.join(directory, name), write)
+
+
+def write_checkpoint_to(filesystem: Any, directory: str, state: dict[str, Any]) -> None:
+    """Write the loop's state as a checkpoint into ``directory`` of a pyarrow ``filesystem``
+    (Ray Train's storage: the folder is registered only once this returned)."""
+    import pyarrow.fs as pafs
+
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        write_checkpoint(directory, state)
+        return
+    with tempfile.TemporaryDirectory() as local:  # an object store: written, then uploaded
+        write_checkpoint(local, state)
+        filesystem.create_dir(directory, recursive=True)
+        pafs.copy_files(local, directory, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=filesystem)
 
 
 def read_checkpoint(directory: str) -> dict[str, Any] | None:

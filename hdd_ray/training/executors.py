@@ -113,7 +113,8 @@ def one_line(exc: BaseException) -> str:
     """A run's failure as one line of its status (Ray's wrapping and the exception's class
     name stripped; 300 characters at most)."""
     text = str(exc).strip()
-    for marker in ("NoUsableData: ", "WeightsMismatch: ", "ValueError: ", "RuntimeError: "):
+    for marker in ("NoUsableData: ", "WeightsMismatch: ", "CheckpointWriteError: ",
+                   "ValueError: ", "RuntimeError: "):
         if marker in text:
             text = text.split(marker, 1)[1]
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]

@@ -11,6 +11,48 @@ is being drained, and how to wrap the model for data parallelism:
 
 Either executor resumes from the newest checkpoint of the run, its own or the other's
 (:mod:`hdd_ray.training.checkpoints`).
+
+**Checkpoints are written in the background** (``train.async_checkpoint``,
+:mod:`hdd_ray.training.writer`): the loop hands :meth:`report` a host snapshot of its state
+and goes on training; ``report(..., wait=True)`` (the drain and final checkpoints, or every one
+with the switch off) returns once the checkpoint is written, and :meth:`flush` waits for the
+write in flight and raises its failure. :class:`LocalHooks` and :class:`TaskHooks` write in
+a thread of their own (:class:`hdd_ray.training.writer.CheckpointWriter`).
+
+:class:`RayTrainHooks` uses Ray Train's own background upload: ``ray.train.report(...,
+checkpoint_upload_mode=ASYNC, checkpoint_upload_fn=...)`` for periodic checkpoints, ``SYNC``
+for the drain and final ones, our ``checkpoint_upload_fn`` serialising the snapshot and
+writing its files straight into the run's storage (:func:`checkpoints.write_checkpoint_to`; on
+an object store through a local temporary folder).
+Why, from Ray 2.60's source (``ray/train/v2/_internal/execution/context.py``, ``report``, and
+``worker_group/worker.py``, ``run_train_fn``):
+
+* ``report`` stays in the training thread on every rank, at the same steps, in the same order:
+  it syncs the checkpoint's folder name across ranks (a barrier) there, then ``ASYNC`` submits
+  the upload to a one-thread pool (``MAX_CHECKPOINT_UPLOAD_THREADS = 1``), which puts the
+  report on the result queue (the controller registers it) only after the upload returned, in
+  report order (``_wait_then_report``). A report is registered only once its files are
+  written, so a crash mid-write leaves an unregistered folder, never a corrupt latest
+  checkpoint. With a thread of our own, the report would have to come later, at a step every
+  rank agrees on (one more collective), and the latest registered checkpoint would lag.
+* ``ASYNC`` alone would not do: without an upload function the caller still writes the whole
+  checkpoint to a local folder in the training thread; Ray only copies it in the background.
+  Our upload function moves the serialisation itself off the training thread, and on a
+  local or shared disk writes the files once (no local copy to upload).
+* The next report: a ``SYNC`` one waits, in the training thread, for every earlier report to be
+  on the queue; an ``ASYNC`` one is queued behind the upload in flight, without bound. So the
+  loop waits for the previous write itself (:meth:`flush`, before its next snapshot): one
+  write in flight, one host copy of the state.
+* The worker's exit: after the training function returns, Ray shuts the upload pool down with
+  ``wait=True`` (``train_fn_with_final_checkpoint_flush``), so a finished run's uploads
+  complete; a training function that raises skips that, and the worker group is torn down
+  with the upload possibly unfinished: the loop waits for its write on every way out
+  (:meth:`flush` in its ``finally``), and uses ``SYNC`` for the drain and final checkpoints,
+  which also wait for earlier reports to reach the controller.
+* A failed ``ASYNC`` upload is put on the training thread's exception queue: the worker is
+  reported failed (Ray Train retries the run from its last registered checkpoint), and the
+  training thread's next :meth:`flush` raises it too (a later report would otherwise wait
+  for it forever in ``_wait_then_report``).
 """
 
 from __future__ import annotations
@@ -32,8 +74,10 @@ from hdd_ray.training.checkpoints import (
     read_checkpoint,
     task_checkpoint_state,
     write_checkpoint,
+    write_checkpoint_to,
     write_task_checkpoint,
 )
+from hdd_ray.training.writer import CheckpointWriter
 
 __all__ = ["Hooks", "LocalHooks", "RayTrainHooks", "TaskHooks"]
 
@@ -48,6 +92,11 @@ class RayTrainHooks:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.run_directory = run_directory
+        self.writer = CheckpointWriter()
+        try:  # the run's storage (a DeveloperAPI of Ray Train)
+            self.storage: Any = ctx.get_storage()
+        except Exception:  # Ray Train's local mode (num_workers=0): nothing is persisted
+            self.storage = None
 
     def device(self, use_cuda: bool) -> torch.device:
         """This worker's device (Ray Train's GPU for it, when asked)."""
@@ -70,16 +119,38 @@ class RayTrainHooks:
                  if self.run_directory else None)
         return newest_state(state, local)
 
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        """``ray.train.report``, with a checkpoint of ``state`` when it is given."""
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None,
+               wait: bool = False) -> None:
+        """``ray.train.report``, with a checkpoint of ``state`` when it is given: written by Ray
+        Train's upload thread (``ASYNC``), or before this returns when ``wait`` (``SYNC``)."""
         import ray.train
 
         if state is None:
             ray.train.report(metrics)
             return
-        with tempfile.TemporaryDirectory() as d:
-            write_checkpoint(d, state)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        if self.storage is None:  # local mode: Ray Train would not call an upload function
+            with tempfile.TemporaryDirectory() as d:
+                write_checkpoint(d, state)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            return
+        storage = self.storage
+
+        def upload(_: Any, name: str) -> Any:
+            path = storage.build_checkpoint_path_from_name(name)
+            write_checkpoint_to(storage.storage_filesystem, path, state)
+            return ray.train.Checkpoint(path, filesystem=storage.storage_filesystem)
+
+        upload_fn = self.writer.track(upload, f"of step {state['step']} (Ray Train)", wait)
+        mode = ray.train.CheckpointUploadMode
+        # Ray Train wants a local folder to report: an empty one, deleted once uploaded
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(
+                             tempfile.mkdtemp(prefix="hdd-ckpt-")),
+                         checkpoint_upload_mode=mode.SYNC if wait else mode.ASYNC,
+                         delete_local_checkpoint_after_upload=True, checkpoint_upload_fn=upload_fn)
+
+    def flush(self) -> None:
+        """Wait for the checkpoint write in flight; raise its failure (one line)."""
+        self.writer.wait()
 
     def preempted(self) -> bool:
         """Whether Ray reports a drain of this node."""
@@ -111,6 +182,7 @@ class LocalHooks:
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self.reports: list[dict[str, Any]] = []
+        self.writer = CheckpointWriter()
 
     def device(self, use_cuda: bool) -> torch.device:
         """``cuda`` when asked, else the CPU."""
@@ -120,11 +192,18 @@ class LocalHooks:
         """The checkpoint in ``directory``, or ``None``."""
         return read_checkpoint(self.directory)
 
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        """Keep ``metrics``; replace the checkpoint in ``directory`` when ``state`` is given."""
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None,
+               wait: bool = False) -> None:
+        """Keep ``metrics``; replace the checkpoint in ``directory`` with ``state`` when it is
+        given: in the background, or before this returns when ``wait``."""
         self.reports.append(metrics)
         if state is not None:
-            write_checkpoint(self.directory, state)
+            self.writer.write(lambda: write_checkpoint(self.directory, state),
+                              f"of step {state['step']} to {self.directory}", wait)
+
+    def flush(self) -> None:
+        """Wait for the checkpoint write in flight; raise its failure (one line)."""
+        self.writer.wait()
 
     def preempted(self) -> bool:
         """Never: a plain process gets no drain notice."""
@@ -151,11 +230,14 @@ class TaskHooks(LocalHooks):
                                 f"{self.directory}: Ray Train's latest checkpoint")
         return newest_state(task_checkpoint_state(self.directory), ray_train)
 
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        """Write ``state`` (when given) then ``metrics`` into ``checkpoint_task/``."""
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None,
+               wait: bool = False) -> None:
+        """Write ``state`` (when given) then ``metrics`` into ``checkpoint_task/``: in the
+        background, or before this returns when ``wait``."""
         self.reports.append(metrics)
         if state is not None:
-            write_task_checkpoint(self.directory, state, metrics)
+            self.writer.write(lambda: write_task_checkpoint(self.directory, state, metrics),
+                              f"of step {state['step']} to {self.directory}", wait)
 
 
 #: what the loop is run by

@@ -7,7 +7,8 @@ their shared data handling are read together; a student's task is
 The loop never knows which objective it trains: an expert's :class:`Objective` owns the loss,
 the router's task owns its cross-entropy. What the loop owns is everything a preemptible run
 needs: resume from the run's newest checkpoint (model, EMA, optimizer, step, RNG states), a
-checkpoint every ``checkpoint_every`` steps and at once when Ray reports a drain of the node,
+checkpoint every ``checkpoint_every`` steps and at once when Ray reports a drain of the node
+(written while training goes on, :mod:`hdd_ray.training.writer`),
 gradient accumulation, the learning-rate schedule (:func:`hdd_ray.optim.learning_rate`), bf16
 autocast and DDP on GPUs, and metrics to MLflow (:class:`hdd_ray.tracking.MetricBuffer`, with
 the tracking URI passed in: workers do not inherit the driver's). Who runs it answers through
@@ -54,6 +55,7 @@ from hdd_ray.training.memory import Network, expert_network, router_network, wor
 from hdd_ray.training.settings import RunSettings
 from hdd_ray.training.speed import CompiledOrEager, enable_tf32, unwrap
 from hdd_ray.training.starts import expert_objective, load_start
+from hdd_ray.training.writer import StateSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -365,6 +367,8 @@ class _Run:
         # a constant rate without warm-up leaves the optimizer's lr alone (the runs before schedules)
         self.scheduled = tr.lr_schedule != "constant" or tr.warmup_steps > 0
         self.last: dict[str, Any] = {}
+        #: train.async_checkpoint: the state copied to the host here, written in the background
+        self.snapshot = StateSnapshot() if tr.async_checkpoint else None
 
     def _resume(self, model: nn.Module, state: dict[str, Any] | None) -> None:
         if state is None:
@@ -380,10 +384,10 @@ class _Run:
     def train(self) -> dict[str, Any]:
         """Every step left, the checkpoints and the metrics; the last reported metrics."""
         steps, every = self.tr.steps, self.tr.checkpoint_every
-        drain_checkpointed = False
+        drain_checkpointed = failed = False
         try:
             if self.start_step >= steps:  # a finished run re-run: re-report its state
-                self.report(self.start_step, None, final=True)
+                self.report(self.start_step, None, final=True, wait=True)
                 return self.last
             for step in range(self.start_step, steps):
                 self.pending.append(self.step(step))
@@ -399,16 +403,31 @@ class _Run:
                     if drain and self.rank == 0:
                         log.warning("drain notice at step %d: checkpointing now", done)
                 if done % every == 0 or done == steps or drain:
-                    self._settle()
-                    self.report(done, self.smoothed, final=done == steps)
+                    self._settle()  # the drain's and the last checkpoint are written when done
+                    self.report(done, self.smoothed, final=done == steps,
+                                wait=drain or done == steps)
                 if drain:  # the node may go away any time now: keep unsent metrics in the outbox
                     self.tracker.persist()
+        except BaseException:
+            failed = True
+            raise
         finally:
-            # also when the loop fails: a task's worker process lives on (ray.executor: task);
-            # its data producer thread and metric buffer must not
+            self._finish(failed)
+        return self.last
+
+    def _finish(self, failed: bool) -> None:
+        """On every way out: wait for the checkpoint write in flight (its failure raised, or
+        logged when the loop itself ``failed``), then stop the data source and the metrics
+        (a task's worker process lives on, ``ray.executor: task``: its threads must not)."""
+        try:
+            self.hooks.flush()
+        except Exception as exc:
+            if not failed:
+                raise
+            log.error("%s", exc)  # the loop's own failure is the one raised
+        finally:
             self.task.close()
             self.tracker.close()  # after the last checkpoint: a bounded last try, the rest to the outbox
-        return self.last
 
     def step(self, step: int) -> list[Tensor]:
         """One optimizer step at 0-based ``step`` -> its micro-batches' losses, still on the
@@ -474,8 +493,10 @@ class _Run:
         self.pending.clear()
         return total
 
-    def report(self, step: int, loss: float | None, final: bool = False) -> None:
-        """Metrics to the hooks (rank 0: with the checkpoint's state), then MLflow's in the
+    def report(self, step: int, loss: float | None, final: bool = False,
+               wait: bool = False) -> None:
+        """Metrics to the hooks (rank 0: with the checkpoint's state, written before this
+        returns when ``wait`` or without ``train.async_checkpoint``), then MLflow's in the
         background."""
         elapsed = time.time() - self.t0
         data = _data_states(self.task, self.rng, self.world)  # every rank's, for rank 0's checkpoint
@@ -486,13 +507,17 @@ class _Run:
                    "skipped": sum(int(d["source"].get("skipped", 0)) for d in data), **self.group}
         self.last.update(metrics)
         if self.rank != 0:
-            self.hooks.report(metrics, None)
+            self.hooks.report(metrics, None, wait=wait)
             return
-        self.hooks.report(metrics, {
+        state = {
             "model": unwrap(self.model).state_dict(), "ema": self.ema.exported(unwrap(self.model)),
             "optimizer": self.opt.state_dict(), "step": step, "history": self.history,
             **self.rng.state(), "torch_rng": torch.get_rng_state(), "data": data,
-            "wall_time": self.wall_before + elapsed})
+            "wall_time": self.wall_before + elapsed}
+        if self.snapshot is not None:  # hdd_ray.training.writer: copied now, written meanwhile
+            self.hooks.flush()  # the previous write is done with the snapshot's buffers
+            state = self.snapshot.take(state)
+        self.hooks.report(metrics, state, wait=wait or self.snapshot is None)
         # metrics after the checkpoint, in the background: a checkpoint (a drain's included)
         # never waits on MLflow; what fails stays buffered (hdd_ray.tracking.MetricBuffer)
         if step > self.start_step:  # a finished run re-run has waited for nothing
