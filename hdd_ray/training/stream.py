@@ -20,6 +20,7 @@ compete for the expert's CPUs.
 
 from __future__ import annotations
 
+import gc
 import logging
 import logging.handlers
 import math
@@ -205,7 +206,13 @@ class Producer:
         self._stop = ctx.Event()
         self.process = ctx.Process(target=_produce, args=(job, self.queue, self._stop),
                                    name="hdd-ray-data", daemon=True)
-        self.process.start()
+        # the objects that exist now are left out of the forked producer's garbage
+        # collections: scanning them would copy their pages (the whole heap) into it
+        gc.freeze()
+        try:
+            self.process.start()
+        finally:
+            gc.unfreeze()
 
     def get(self, timeout: float) -> Any:
         """The next item (:class:`Produced`, a log record or an exception); raises
