@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections import Counter
 from dataclasses import asdict, replace
 
@@ -129,6 +130,17 @@ def test_the_stream_decodes_in_a_process_that_dies_with_its_training_process(tmp
     assert producer.is_alive() and producer.pid != os.getpid()
     source.close()
     assert not producer.is_alive()  # closed: stopped
+    # a producer that dies (killed, out of memory) is an error in the training process, not a
+    # wait: its pipe's only write end was its own
+    source = _stream(paths)
+    source.next_batch(4)
+    os.kill(source._producer.process.pid, signal.SIGKILL)
+    started = time.time()
+    with pytest.raises(RuntimeError, match="the data process ended"):
+        for _ in range(100):
+            source.next_batch(4)
+    assert time.time() - started < 10
+    source.close()
     script = (
         "import os, signal, sys, json\n"
         "from hdd_ray.config import DataConfig\n"
@@ -542,7 +554,9 @@ def test_every_skipped_sample_of_a_stream_is_logged_once_with_its_reason(tmp_pat
     source = _stream(paths)
     total = 9 + 14 + 11 + 1  # good samples: two passes over them
     with caplog.at_level(logging.WARNING, logger="hdd_ray"):
-        _keys(source, 2 * total // 5)
+        _keys(source, 1)
+        time.sleep(0.5)  # the producer runs ahead: its warnings must wait, never be dropped
+        _keys(source, 2 * total // 5 - 1)
     source.close()
     skips = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert source.skipped == 1 and len(skips) == 1, skips  # once, though read on every pass

@@ -194,6 +194,12 @@ def test_a_frozen_text_tower_is_refused_on_a_corpus_without_its_stored_features(
     other = {**record, "identity": "another tower", "arch": "ViT-L-14"}
     with pytest.raises(CampaignError, match="prepared by the text tower ViT-L-14"):
         expert_job(cfg, expert, {**_manifest(), "text_features": other})
+    from hdd_ray.errors import PrepareError
+    from hdd_ray.prepare.grow import campaign_text_features
+
+    with pytest.raises(PrepareError, match="prepared with no stored text features"):
+        campaign_text_features(cfg, _manifest())  # add_expert's check, before Ray starts
+    assert campaign_text_features(cfg, {**_manifest(), "text_features": record}) == record
     job = expert_job(cfg, expert, {**_manifest(), "text_features": record})
     assert job.settings.text_features == record
     assert job.identity["text_features"] == "float16"

@@ -169,7 +169,7 @@ def expert_identity(cfg: CampaignConfig, expert: ResolvedExpert,
     if applied_precision(expert.train, expert.resources or {}) == "bf16":
         identity["precision"] = "bf16"
     stored = manifest.get("text_features")
-    if stored and expert.text.get("encoder", "learned") != "learned":
+    if stored and text_features_record(expert.text) is not None:
         identity["text_features"] = stored.get("dtype")  # trained from stored features
     identity.update(_latent_identity(manifest))
     # its start: the init's format and content hash, mode, AdaLN variant, network (nothing

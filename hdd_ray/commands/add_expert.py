@@ -41,11 +41,22 @@ def main(argv: list[str] | None = None) -> int:
                           "help": "a contributed expert's folder (weights.safetensors + "
                                   "expert.json): installed instead of trained"}),
     ])
-    from hdd_ray.campaign import generations, load_manifest, model_shape, with_k
+    from hdd_ray.campaign import (
+        check_text_features,
+        generations,
+        load_manifest,
+        model_shape,
+        with_k,
+    )
     from hdd_ray.corpus import list_shards
     from hdd_ray.errors import CampaignError, ConfigError, PrepareError
     from hdd_ray.placement import init_ray
-    from hdd_ray.prepare.grow import add_cluster, check_new_data, new_samples
+    from hdd_ray.prepare.grow import (
+        add_cluster,
+        campaign_text_features,
+        check_new_data,
+        new_samples,
+    )
     from hdd_ray.prepare.stage import fingerprint_of
     from hdd_ray.progress import format_table
     from hdd_ray.training.launcher import train_campaign
@@ -65,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         grown = _grown_config(with_k(cfg, (k if resume is None else resume) + 1), objective)
         new = grown.clustering.k - 1
         preflight(grown, model_shape(cfg, manifest), experts=[new], router=True)
+        campaign_text_features(cfg, manifest)  # the new cluster gets the campaign's tower's
+        check_text_features(grown, manifest)  # ... and its expert trains from them
         fingerprint = fingerprint_of(grown)
     except (CampaignError, ConfigError, PrepareError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -35,7 +35,7 @@ from hdd_ray.prepare.manifest import HELDOUT, OUTPUT_FILES, cluster_hash
 if TYPE_CHECKING:
     from hdd_ray.config import CampaignConfig
 
-__all__ = ["ADDED", "add_cluster", "check_new_data", "replay_shards"]
+__all__ = ["ADDED", "add_cluster", "campaign_text_features", "check_new_data", "replay_shards"]
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def add_cluster(cfg: CampaignConfig, shards: list[str], fingerprint: str | None 
     k = cfg.clustering.k
     latents = vae_info(cfg.latents, cfg.corpus.image_size, cfg.corpus.channels) \
         if cfg.latents.vae else None
-    text = _campaign_text_features(cfg, manifest)
+    text = campaign_text_features(cfg, manifest)
     started = time.time()
     task = ray.remote(num_cpus=1, num_gpus=cfg.clustering.gpus_per_actor)(_add_cluster_task)
     out = ray.get(task.remote(cfg, list(shards), k, latents, text))
@@ -267,7 +267,7 @@ def add_cluster(cfg: CampaignConfig, shards: list[str], fingerprint: str | None 
     return view
 
 
-def _campaign_text_features(cfg: CampaignConfig, manifest: dict[str, Any]
+def campaign_text_features(cfg: CampaignConfig, manifest: dict[str, Any]
                             ) -> dict[str, Any] | None:
     """The campaign's ``text_features`` record, which the new cluster's samples get too; a
     config whose frozen text tower is not the one the campaign was prepared with is refused

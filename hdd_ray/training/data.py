@@ -33,10 +33,11 @@ keeps the records whose index in the shard is ``r`` modulo ``W``. A rank keeps
 ``data.open_shards`` shards open and reads *blocks*: about ``data.shuffle_buffer`` undecoded
 samples taken round-robin from the open shards (a finished shard is replaced by the next one of
 the permutation); the open shards stay open from one block to the next, so each record is read
-once per pass (only a resume re-opens shards and skips to the recorded records). A block is shuffled with ``(seed, rank, epoch, block)`` and decoded batch by
-batch in the producer process (``data.decode_workers`` threads decode; PIL releases the GIL),
-``data.prefetch_batches`` batches ahead, pinned when training on CUDA. Memory: one block of
-encoded samples plus the prefetched batches, whatever the cluster's size. The router streams
+once per pass (only a resume re-opens shards and skips to the recorded records). A block is
+shuffled with ``(seed, rank, epoch, block)`` and decoded batch by batch in the producer process
+(``data.decode_workers`` threads decode; PIL releases the GIL), ``data.prefetch_batches``
+batches ahead, pinned when training on CUDA. Memory: two blocks of encoded samples (the one
+decoding, the next one read ahead) plus the prefetched batches, whatever the cluster's size. The router streams
 every cluster's shards as one pool, so it sees each cluster at its natural frequency: every
 sample of every cluster once per epoch (the posterior it must learn, no prior correction).
 
@@ -278,25 +279,21 @@ class StreamSource(BatchSource):
         self.skipped = int(skipped)
 
     def close(self) -> None:
-        """Stop the producer process and the receiving thread."""
+        """Stop the receiving thread, then the producer process (each within seconds)."""
         self._stop.set()
+        if self._thread is not None:  # it sees the stop within 0.1 s
+            self._thread.join(timeout=5.0)
         if self._producer is not None:
             self._producer.stop()
-        if self._thread is not None:
-            while self._thread.is_alive():
-                try:
-                    self._queue.get_nowait()  # type: ignore[union-attr]
-                except queue.Empty:
-                    pass
-                self._thread.join(timeout=0.05)
         self.reader.release()
 
     # -- the receiver (a thread of the training process): batches from the producer process
-    # turned into tensors (pinned when training on CUDA), log records logged here
+    # turned into tensors (pinned when training on CUDA), ``data.prefetch_batches`` of them
+    # kept; log records logged here
 
     def _start(self, n: int) -> None:
         self._n = n
-        self._queue = queue.Queue(maxsize=1)
+        self._queue = queue.Queue(maxsize=max(1, self.settings.prefetch_batches))
         self._producer = start_producer(self.shards, self.how, self.settings, self.seed,
                                         self.rank, self.world, self.position, self.count, n)
         self._thread = threading.Thread(target=self._receive, name="hdd-ray-data", daemon=True)

@@ -143,10 +143,15 @@ class RayTrainHooks:
         upload_fn = self.writer.track(upload, f"of step {state['step']} (Ray Train)", wait)
         mode = ray.train.CheckpointUploadMode
         # Ray Train wants a local folder to report: an empty one, deleted once uploaded
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(
-                             tempfile.mkdtemp(prefix="hdd-ckpt-")),
-                         checkpoint_upload_mode=mode.SYNC if wait else mode.ASYNC,
-                         delete_local_checkpoint_after_upload=True, checkpoint_upload_fn=upload_fn)
+        try:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(
+                                 tempfile.mkdtemp(prefix="hdd-ckpt-")),
+                             checkpoint_upload_mode=mode.SYNC if wait else mode.ASYNC,
+                             delete_local_checkpoint_after_upload=True,
+                             checkpoint_upload_fn=upload_fn)
+        except BaseException:
+            self.writer.forget()  # no upload will come: nothing to wait for
+            raise
 
     def flush(self) -> None:
         """Wait for the checkpoint write in flight; raise its failure (one line)."""

@@ -3,17 +3,18 @@
 :class:`hdd_ray.training.data.StreamSource` (the consumer, in the training process) starts one
 producer process per rank (:func:`start_producer`). The producer runs :class:`BlockReader`
 (the deterministic sequence of shuffled blocks, described in :mod:`hdd_ray.training.data`),
-reads the next block in a thread while the current one is decoded, decodes with
-``data.decode_workers`` threads, forms each batch as numpy arrays with the position after it,
-and sends it through a bounded queue (``data.prefetch_batches``). Its log records travel the
-same queue and are logged by the consumer.
+reads the next block in a thread while the current one is decoded (two blocks at most),
+decodes with ``data.decode_workers`` threads, forms each batch as numpy arrays with the position
+after it, and sends it through a pipe to the consumer, which keeps ``data.prefetch_batches``.
+Its log records travel the same pipe, in order, and are logged by the consumer.
 
 **Why a process** (measured in ``benchmarks/README.md``, "Streaming training data"): tar
 parsing, PNG decoding and batch forming are Python work. In a thread of the training process
 they took the training loop's GIL: on 2 cores a stream ran at 0.63 of the in-memory speed. In
 a process of their own they run beside the loop. The process is forked (the consumer sends
 nothing but its settings and position, and the producer never touches torch's devices); where
-fork is unavailable it is spawned. Ray Data's streaming executor was not used: its iterators
+fork is unavailable, or the shards lie in an object store (an SDK client the training process
+started is not safe to fork), it is spawned. Ray Data's streaming executor was not used: its iterators
 give no exact position to resume from, and an executor per expert adds Ray processes that
 compete for the expert's CPUs.
 """
@@ -29,13 +30,14 @@ import os
 import pickle
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from hdd_ray import storage
 from hdd_ray.config import DataConfig
 from hdd_ray.corpus import iter_samples
 from hdd_ray.errors import first_line
@@ -194,17 +196,27 @@ class _Job:
     position: dict[str, Any]
     count: int  # samples consumed before (a resume): a pass with none is then not "never"
     batch_size: int
+    parent: int  # the consumer's process id
 
 
 class Producer:
-    """The consumer's handle on a producer process: :meth:`get` the next item, :meth:`stop`."""
+    """The consumer's handle on a producer process: :meth:`get` the next item, :meth:`stop`.
+
+    Items travel one pipe in order (batches, the producer's log records, its final error). The
+    pipe's buffer is the only slack: the producer waits in ``send`` until the consumer reads, and
+    the consumer's own queue holds ``data.prefetch_batches``. The consumer keeps only the read
+    end, so a producer that dies (killed, out of memory) is an end of file, never a wait."""
 
     def __init__(self, job: _Job) -> None:
         methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        self.queue = ctx.Queue(maxsize=max(1, job.settings.prefetch_batches))
+        # forked where it can be; spawned when shards lie in an object store (an SDK that the
+        # training process has started, e.g. pyarrow's S3 client, is not safe to fork)
+        remote = any(storage.is_uri(path) for path, _ in job.shards)
+        ctx = multiprocessing.get_context("fork" if "fork" in methods and not remote
+                                          else "spawn")
+        self._conn, child_end = ctx.Pipe(duplex=False)
         self._stop = ctx.Event()
-        self.process = ctx.Process(target=_produce, args=(job, self.queue, self._stop),
+        self.process = ctx.Process(target=_produce, args=(job, child_end, self._stop),
                                    name="hdd-ray-data", daemon=True)
         # the objects that exist now are left out of the forked producer's garbage
         # collections: scanning them would copy their pages (the whole heap) into it
@@ -213,34 +225,29 @@ class Producer:
             self.process.start()
         finally:
             gc.unfreeze()
+            child_end.close()  # the producer's end only: its death is an end of file here
 
     def get(self, timeout: float) -> Any:
         """The next item (:class:`Produced`, a log record or an exception); raises
         ``queue.Empty`` after ``timeout`` seconds, and ``RuntimeError`` when the producer
-        died without sending one."""
+        ended without sending one."""
         try:
-            return self.queue.get(timeout=timeout)
-        except queue.Empty:
-            if not self.process.is_alive():
-                raise RuntimeError(f"the data process ended (exit code "
-                                   f"{self.process.exitcode}) without a batch") from None
-            raise
+            if not self._conn.poll(timeout):
+                raise queue.Empty
+            return self._conn.recv()
+        except (EOFError, OSError):
+            self.process.join(timeout=1.0)
+            raise RuntimeError(f"the data process ended (exit code {self.process.exitcode}) "
+                               "without a batch") from None
 
     def stop(self) -> None:
         """Stop the producer and wait for it (a process that does not stop is killed)."""
         self._stop.set()
-        self.process.join(timeout=0.5)
-        while self.process.is_alive():
-            try:  # it may be blocked on a full queue
-                self.queue.get_nowait()
-            except queue.Empty:
-                pass
-            self.process.join(timeout=0.5)
-            if self.process.is_alive():
-                self.process.kill()
-                self.process.join(timeout=2.0)
-        self.queue.close()
-        self.queue.cancel_join_thread()
+        self._conn.close()  # a producer blocked in send gets a broken pipe
+        self.process.join(timeout=1.0)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout=2.0)
 
 
 def start_producer(shards: list[Shard], how: Decoding, settings: DataConfig, seed: int,
@@ -249,7 +256,7 @@ def start_producer(shards: list[Shard], how: Decoding, settings: DataConfig, see
     """A producer process streaming batches of ``batch_size`` from ``position`` (see the
     module docstring); ``count``: samples consumed before it."""
     return Producer(_Job(shards, how, settings, int(seed), int(rank), int(world), position,
-                         int(count), int(batch_size)))
+                         int(count), int(batch_size), os.getpid()))
 
 
 # ------------------------------------------------------------------------------------- producer
@@ -267,39 +274,49 @@ def _die_with_parent() -> None:
         pass
 
 
+class _PipeHandler(logging.Handler):
+    """The producer's log records, sent to the consumer (which logs them) in stream order."""
+
+    def __init__(self, send: Callable[[Any], bool]) -> None:
+        super().__init__()
+        self.send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Send ``record`` as :class:`logging.handlers.QueueHandler` prepares it (picklable)."""
+        self.send(logging.handlers.QueueHandler.prepare(self, record))  # type: ignore[arg-type]
+
+
 def _produce(job: _Job, out: Any, stop: Any) -> None:
     """The producer process: batches, log records and a final exception into ``out``."""
-    parent = os.getppid()
     _die_with_parent()
-    handler = logging.handlers.QueueHandler(out)
+    if os.getppid() != job.parent:  # it died before the death signal was asked for
+        return
+    lock = threading.Lock()  # the reading thread and the decoding threads log too
+
+    def send(item: Any) -> bool:
+        if stop.is_set():
+            return False
+        try:
+            with lock:
+                out.send(item)
+            return True
+        except (OSError, EOFError):  # the consumer closed its end, or ended
+            return False
+
     root = logging.getLogger("hdd_ray")
-    root.handlers[:] = [handler]  # the consumer logs them, with its own handlers
+    root.handlers[:] = [_PipeHandler(send)]  # the consumer logs them, with its own handlers
     root.propagate = False
     root.setLevel(logging.INFO)
-
-    def put(item: Any) -> bool:
-        while not stop.is_set() and os.getppid() == parent:
-            try:
-                out.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
     try:
         reader = BlockReader(job.shards, job.settings, job.seed, job.rank, job.world)
         with ThreadPoolExecutor(max(1, job.settings.decode_workers)) as pool:
             for item in _batches(job, reader, pool):
-                if not put(item):
+                if not send(item):
                     return
     except BaseException as exc:  # handed to the consumer, raised there
-        put(_picklable(exc))
+        send(_picklable(exc))
     finally:
         out.close()
-        if stop.is_set() or os.getppid() != parent:
-            out.cancel_join_thread()  # nobody reads what is left
-        else:
-            out.join_thread()  # what was put reaches the pipe before the process exits
 
 
 def _picklable(exc: BaseException) -> BaseException:
@@ -315,13 +332,16 @@ def _blocks(reader: BlockReader, pos: dict[str, Any]
             ) -> Iterator[tuple[dict[str, Any], tuple[list, int, dict[str, Any]]]]:
     """``(position, block at it)`` from ``pos`` on, forever: the next block is read in a
     thread while the current one is decoded."""
-    ahead: queue.Queue = queue.Queue(maxsize=1)
+    ahead: queue.Queue = queue.Queue()
     done = threading.Event()
+    slot = threading.Semaphore(1)  # one block read ahead of the one being decoded, no more
 
     def read() -> None:
         p = pos
         try:
             while not done.is_set():
+                if not slot.acquire(timeout=0.1):
+                    continue
                 block = reader.read_block(p)
                 ahead.put((p, block))
                 p = block[2]
@@ -335,6 +355,7 @@ def _blocks(reader: BlockReader, pos: dict[str, Any]
             p, block = ahead.get()
             if isinstance(block, BaseException):
                 raise block
+            slot.release()  # the block before this one is done: read the next one
             yield p, block
     finally:
         done.set()

@@ -131,6 +131,10 @@ class CheckpointWriter:
         if current.error is not None:
             raise current.error
 
+    def forget(self) -> None:
+        """Drop the write in flight without waiting (its report failed: it will never run)."""
+        self._current = None
+
     def write(self, write: Callable[[], Any], what: str, wait: bool) -> None:
         """Run ``write`` (``what``: the step and where, for the error line) once the previous
         write is done: in this thread when ``wait``, else in a background thread."""
