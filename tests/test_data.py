@@ -83,11 +83,15 @@ def test_a_resumed_stream_continues_exactly_where_its_state_was_taken(tmp_path, 
     state = before.state()
     before.close()
     after = _stream(paths)
+    if consumed % 2:  # primed at the start, as a fresh run's task does: restarted at the state
+        after.prime(5)
     after.load_state(state)
     tail = _keys(after, 16 - consumed)
     after.close()
     assert head + tail == expected  # nothing re-seen, nothing left out
     assert after.count == 16 * 5
+    with pytest.raises(RuntimeError, match="after the stream's first batch"):
+        after.load_state(state)
 
 
 def test_a_stream_reads_each_record_once_per_pass_and_a_resume_skips_only_once(tmp_path):

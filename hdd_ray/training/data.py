@@ -64,9 +64,11 @@ exact mean of the cluster; streaming, the running mean over the samples this ran
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +97,7 @@ __all__ = [
     "BatchSource",
     "MemorySource",
     "StreamSource",
+    "closed_on_error",
     "data_settings",
     "open_source",
 ]
@@ -140,8 +143,22 @@ class BatchSource:
     def load_state(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state` (before the first batch)."""
 
+    def prime(self, n: int) -> None:
+        """Begin preparing batches of ``n`` before the first :meth:`next_batch` (a stream
+        starts its producer; nothing in memory)."""
+
     def close(self) -> None:
         """Stop background work."""
+
+
+@contextlib.contextmanager
+def closed_on_error(source: BatchSource) -> Iterator[None]:
+    """Stop ``source``'s background work (a primed stream's producer) when the block raises."""
+    try:
+        yield
+    except BaseException:
+        source.close()
+        raise
 
 
 # ------------------------------------------------------------------------------------- in memory
@@ -219,12 +236,15 @@ class StreamSource(BatchSource):
         self._thread: threading.Thread | None = None
         self._producer: Producer | None = None
         self._n = 0
+        self._taken = False  # a batch was taken: the position moved on
 
     # -- the consumer (training thread)
 
     def next_batch(self, n: int, generator: torch.Generator | None = None) -> Batch:
         """The next ``n`` samples of the stream (``generator`` is not used: the order is the
         stream's own, seeded by ``(seed, rank, epoch)``)."""
+        if self._thread is not None and n != self._n and not self._taken:
+            self._unstart("next_batch")  # primed for another batch size: start again
         if self._thread is None:
             self._start(n)
         elif n != self._n:
@@ -239,6 +259,7 @@ class StreamSource(BatchSource):
                     raise RuntimeError("the data thread ended without a batch") from None
         if isinstance(item, BaseException):
             raise item
+        self._taken = True
         self.position = item.position
         self.skipped += item.skipped
         self.total += item.total
@@ -262,10 +283,26 @@ class StreamSource(BatchSource):
         return {"position": self.position, "layout": self.layout(), "skipped": self.skipped,
                 "count": self.count, "total": self.total.clone()}
 
+    def prime(self, n: int) -> None:
+        """Start the producer now, at the current position: its first block (read whole
+        before it is shuffled) is read while the run builds its model. A :meth:`load_state`
+        or :meth:`start_epoch` before the first batch restarts it at the new position."""
+        if self._thread is None:
+            self._start(n)
+
+    def _unstart(self, what: str) -> None:
+        """Stop a primed producer that no batch was taken from (its position changes)."""
+        if self._thread is None:
+            return
+        if self._taken:
+            raise RuntimeError(f"{what} after the stream's first batch")
+        self.close()
+        self._thread = self._producer = None
+        self._stop = threading.Event()
+
     def load_state(self, state: dict[str, Any]) -> None:
         """Continue at a recorded position (before the first batch)."""
-        if self._thread is not None:
-            raise RuntimeError("load_state after the stream started")
+        self._unstart("load_state")
         self.position = state["position"]
         self.skipped, self.count = int(state["skipped"]), int(state["count"])
         self.total = state["total"].to(torch.float64).clone()
@@ -273,8 +310,7 @@ class StreamSource(BatchSource):
     def start_epoch(self, epoch: int, skipped: int = 0) -> None:
         """Start at the beginning of ``epoch`` with ``skipped`` samples already counted (a
         resume with another number of workers, or from the in-memory path)."""
-        if self._thread is not None:
-            raise RuntimeError("start_epoch after the stream started")
+        self._unstart("start_epoch")
         self.position = {"block": BlockReader.start(epoch), "offset": 0}
         self.skipped = int(skipped)
 

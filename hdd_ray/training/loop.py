@@ -42,7 +42,7 @@ from hdd_ray.devices import TrainingStreams
 from hdd_ray.diffusion import FM_TIME_SCALE, NoisedBatch, per_sample
 from hdd_ray.models.expert import ExpertModel, RouterModel
 from hdd_ray.optim import learning_rate
-from hdd_ray.training.data import BatchSource, StreamSource
+from hdd_ray.training.data import BatchSource, StreamSource, closed_on_error
 from hdd_ray.training.hooks import (
     Hooks,
     LocalHooks,
@@ -92,10 +92,16 @@ class ExpertTask(_DataTask):
             raise ValueError("an expert run needs its expert (RunSettings.expert)")
         self.train = settings.train
         self.objective = expert_objective(settings)
-        self.model = ExpertModel(spec.model, spec.text, settings.image_size, settings.channels,
-                                 adaln=spec.adaln)
-        if fresh:  # a resumed run's checkpoint holds its weights: the init is not read again
-            load_start(self.model, settings)
+        self.data = settings.open_data([(p, spec.cluster) for p in settings.shards],
+                                       settings.num_samples, rank, world, pin_memory,
+                                       stored_text=True)
+        with closed_on_error(self.data):
+            if fresh:  # a stream's first block is read while the model is built
+                self.data.prime(rank_batch_size(self.train.batch_size, world))
+            self.model = ExpertModel(spec.model, spec.text, settings.image_size,
+                                     settings.channels, adaln=spec.adaln)
+            if fresh:  # a resumed run's checkpoint holds its weights: the init is not read again
+                load_start(self.model, settings)
         # without caption dropout the null caption is never used: it is not trained (DDP, with
         # find_unused_parameters=False, would wait for its gradient at every step; AdamW's
         # weight decay would shrink it)
@@ -104,9 +110,6 @@ class ExpertTask(_DataTask):
         self.model.net.activation_checkpointing = bool(self.train.activation_checkpointing)
         self.network = expert_network(spec.model, spec.text, settings.image_size,
                                       settings.channels)
-        self.data = settings.open_data([(p, spec.cluster) for p in settings.shards],
-                                       settings.num_samples, rank, world, pin_memory,
-                                       stored_text=True)
         # exported with the weights: the conversion's prior E[x0] near t = 1 (streaming: the
         # running mean over the samples seen, set at every step; hdd_ray.training.data)
         if not self.data.streaming:
@@ -133,13 +136,17 @@ class RouterTask(_DataTask):
                  pin_memory: bool = False, fresh: bool = True) -> None:
         self.train = settings.train
         k = settings.num_clusters
-        self.model = RouterModel(settings.router_model, settings.image_size, settings.channels, k)
-        if fresh:
-            load_start(self.model, settings)
+        self.data = settings.open_data(*settings.every_cluster(), rank, world, pin_memory)
+        with closed_on_error(self.data):
+            if fresh:  # a stream's first block is read while the model is built
+                self.data.prime(rank_batch_size(self.train.batch_size, world))
+            self.model = RouterModel(settings.router_model, settings.image_size,
+                                     settings.channels, k)
+            if fresh:
+                load_start(self.model, settings)
         self.model.net.activation_checkpointing = bool(self.train.activation_checkpointing)
         self.network = router_network(settings.router_model, settings.image_size,
                                       settings.channels, k)
-        self.data = settings.open_data(*settings.every_cluster(), rank, world, pin_memory)
 
     def draw(self, model: nn.Module, batch_size: int, rng: TrainingStreams,
              device: torch.device) -> LabelledBatch:
@@ -332,43 +339,44 @@ class _Run:
         state = hooks.load_state()
         self.task = kind(settings, self.rank, self.world, pin_memory=use_cuda,
                          fresh=state is None)
-        model = self.task.model.to(self.device)
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.opt = _adamw(self.trainable, tr.lr, tr.weight_decay)
-        self.ema = EMA(model, tr.ema_decay)
-        self.rng = TrainingStreams(tr.seed, self.rank, self.device)
-        self.batch = rank_batch_size(tr.batch_size, self.world)
-        self.plan = worker_plan(self.task.network, tr, self.batch, self.world, self.device,
-                                settings.gpu_memory_gb, settings.gpus_per_worker,
-                                settings.kind)
-        self.micro = int(self.plan.micro_batch or self.batch)
-        if self.rank == 0 and self.micro < self.batch:
-            log.info("memory plan: %s", self.plan.line())
-        self.start_step, self.history, self.wall_before = 0, [], 0.0
-        self._resume(model, state)
-        self.history.append({"start_step": self.start_step, "time": time.time(),
-                             **node_info(self.device)})
+        with closed_on_error(self.task.data):  # a primed stream stops with the run
+            model = self.task.model.to(self.device)
+            self.trainable = [p for p in model.parameters() if p.requires_grad]
+            self.opt = _adamw(self.trainable, tr.lr, tr.weight_decay)
+            self.ema = EMA(model, tr.ema_decay)
+            self.rng = TrainingStreams(tr.seed, self.rank, self.device)
+            self.batch = rank_batch_size(tr.batch_size, self.world)
+            self.plan = worker_plan(self.task.network, tr, self.batch, self.world, self.device,
+                                    settings.gpu_memory_gb, settings.gpus_per_worker,
+                                    settings.kind)
+            self.micro = int(self.plan.micro_batch or self.batch)
+            if self.rank == 0 and self.micro < self.batch:
+                log.info("memory plan: %s", self.plan.line())
+            self.start_step, self.history, self.wall_before = 0, [], 0.0
+            self._resume(model, state)
+            self.history.append({"start_step": self.start_step, "time": time.time(),
+                                 **node_info(self.device)})
 
-        model = hooks.wrap(model)
-        if use_cuda:
-            enable_tf32()
-        # compiled on CUDA only (train.compile, on by default), eager again if it fails
-        self.model = CompiledOrEager(model) if tr.compile and use_cuda else model
-        self.autocast = devices.autocast(self.device, tr.mixed_precision)
-        self.tracker = tracking.MetricBuffer(settings.tracking if self.rank == 0 else None)
-        self.group = process_group_info()
-        self.t0, self.smoothed = time.time(), None
-        #: host seconds spent getting batches (the data path's share of the loop: a stream that
-        #: falls behind the model shows here; reported as ``data_wait_share``; a student's
-        #: batch includes its teacher's forward, hdd_ray.training.distill)
-        self.data_wait = 0.0
-        #: each step's micro-batch losses on the device, since the last read (:meth:`_settle`)
-        self.pending: list[list[Tensor]] = []
-        # a constant rate without warm-up leaves the optimizer's lr alone (the runs before schedules)
-        self.scheduled = tr.lr_schedule != "constant" or tr.warmup_steps > 0
-        self.last: dict[str, Any] = {}
-        #: train.async_checkpoint: the state copied to the host here, written in the background
-        self.snapshot = StateSnapshot() if tr.async_checkpoint else None
+            model = hooks.wrap(model)
+            if use_cuda:
+                enable_tf32()
+            # compiled on CUDA only (train.compile, on by default), eager again if it fails
+            self.model = CompiledOrEager(model) if tr.compile and use_cuda else model
+            self.autocast = devices.autocast(self.device, tr.mixed_precision)
+            self.tracker = tracking.MetricBuffer(settings.tracking if self.rank == 0 else None)
+            self.group = process_group_info()
+            self.t0, self.smoothed = time.time(), None
+            #: host seconds spent getting batches (the data path's share of the loop: a stream that
+            #: falls behind the model shows here; reported as ``data_wait_share``; a student's
+            #: batch includes its teacher's forward, hdd_ray.training.distill)
+            self.data_wait = 0.0
+            #: each step's micro-batch losses on the device, since the last read (:meth:`_settle`)
+            self.pending: list[list[Tensor]] = []
+            # a constant rate without warm-up leaves the optimizer's lr alone (the runs before schedules)
+            self.scheduled = tr.lr_schedule != "constant" or tr.warmup_steps > 0
+            self.last: dict[str, Any] = {}
+            #: train.async_checkpoint: the state copied to the host here, written in the background
+            self.snapshot = StateSnapshot() if tr.async_checkpoint else None
 
     def _resume(self, model: nn.Module, state: dict[str, Any] | None) -> None:
         if state is None:
