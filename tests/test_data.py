@@ -123,9 +123,6 @@ def test_the_stream_decodes_in_a_process_that_dies_with_its_training_process(tmp
     training process killed outright leaves no producer behind."""
     import os
     import signal
-    import subprocess
-    import sys
-    import time
 
     paths = _shards(tmp_path, [40, 40])
     source = _stream(paths)
@@ -145,19 +142,24 @@ def test_the_stream_decodes_in_a_process_that_dies_with_its_training_process(tmp
             source.next_batch(4)
     assert time.time() - started < 10
     source.close()
-    script = (
-        "import os, signal, sys, json\n"
-        "from hdd_ray.config import DataConfig\n"
-        "from hdd_ray.samples import Decoding\n"
-        "from hdd_ray.training.data import StreamSource\n"
-        f"s = StreamSource([(p, 0) for p in {paths!r}], Decoding(8, 1), DataConfig(), seed=0)\n"
-        "s.next_batch(4)\n"
-        "print(s._producer.process.pid, flush=True)\n"
-        "os.kill(os.getpid(), signal.SIGKILL)\n")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == -signal.SIGKILL, out.stderr
-    pid = int(out.stdout.split()[0])
+    # a training process (forked from this one: nothing to import) killed outright
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    reader, writer = ctx.Pipe(duplex=False)
+
+    def train_then_die() -> None:
+        stream = _stream(paths)
+        stream.next_batch(4)
+        writer.send(stream._producer.process.pid)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    trainer = ctx.Process(target=train_then_die)
+    trainer.start()
+    writer.close()
+    pid = reader.recv()
+    trainer.join(timeout=30)
+    assert trainer.exitcode == -signal.SIGKILL
     deadline = time.time() + 10
     while time.time() < deadline:
         try:

@@ -15,6 +15,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from hdd_ray.campaign import text_features_record
 from hdd_ray.config import CONFIG_DIR, load_config, resolve_experts
 from hdd_ray.diffusion import get_objective
 from hdd_ray.errors import ConfigError
@@ -381,6 +382,8 @@ def test_a_plan_that_cannot_fit_one_sample_is_refused_before_ray_naming_key_and_
         {"cluster": c, "count": 10, "hash": "h", "shards": [f"{c}/shard-000000.tar"]}
         for c in (4, 5)]}
     expert = resolve_experts(cfg)[5]
+    # prepare stored the frozen ViT-L/14's caption features (hdd_ray.models.text_features)
+    manifest["text_features"] = text_features_record(expert.text)
     job = expert_job(cfg, expert, manifest)
     assert job.precheck_error == refusal(12)
     assert expert_job(cfg, resolve_experts(cfg)[4], manifest).precheck_error == ""
