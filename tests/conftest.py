@@ -22,7 +22,8 @@ if str(REPO_ROOT) not in sys.path:  # tests also run from a plain checkout (no p
 #: is left with a long module at the end; every other module follows in collection order
 LONGEST_FIRST = ("test_multinode.py", "test_preemption.py", "test_training.py", "test_sweep.py",
                  "test_grow.py", "test_prepare.py", "test_overfit.py", "test_hardening.py",
-                 "test_latents.py", "test_first_run.py", "test_clusters.py")
+                 "test_latents.py", "test_first_run.py", "test_clusters.py",
+                 "test_checkpoint_writes.py", "test_distill.py", "test_bench_gpu.py")
 
 
 def pytest_configure(config: pytest.Config) -> None:
