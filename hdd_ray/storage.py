@@ -77,12 +77,14 @@ def write_bytes(path: str, data: bytes | bytearray | memoryview) -> None:
             f.write(data)
 
 
-def write_with(path: str, write: Callable[[str], None]) -> None:
+def write_with(path: str, write: Callable[[str], None],
+               filesystem: pafs.FileSystem | None = None) -> None:
     """Write a whole file by ``write(local_path)`` (a writer that wants a path: ``torch.save``,
     safetensors' ``save_file``; they hold the GIL far less than building the bytes in memory
     and keep no copy of them): atomic on local disks; to an object store through a local
-    temporary file."""
-    fs, p = resolve(path)
+    temporary file. ``filesystem``: the pyarrow filesystem ``path`` lies in (as Ray Train's
+    storage gives it), else the one ``path`` names."""
+    fs, p = (filesystem, path) if filesystem is not None else resolve(path)
     if not isinstance(fs, pafs.LocalFileSystem):
         with tempfile.TemporaryDirectory() as d:
             write(os.path.join(d, "file"))

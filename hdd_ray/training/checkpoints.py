@@ -9,7 +9,7 @@ step, the attempts and the wall time in its metadata. The export reads that one 
 * Ray Train's (``ray.executor: train``): ``<run>/checkpoint_<time>/``, registered in
   ``<run>/checkpoint_manager_snapshot.json`` (:data:`RAY_TRAIN_SNAPSHOT`) with the metrics
   reported with it; its files written straight into Ray Train's storage
-  (:func:`write_checkpoint_to`, as Ray Train's ``checkpoint_upload_fn``), the folder registered
+  (:func:`write_checkpoint`, as Ray Train's ``checkpoint_upload_fn``), the folder registered
   by Ray Train once they are; the record read here, never written.
 * The task executor's (``ray.executor: task``): ``<run>/checkpoint_task/``, its two files and
   ``metrics.json``, each replaced atomically, the metrics last (:func:`write_task_checkpoint`).
@@ -26,7 +26,6 @@ import io
 import json
 import logging
 import struct
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +44,7 @@ __all__ = ["EMA_FILE", "RAY_TRAIN_SNAPSHOT", "STATE_FILE", "TASK_CHECKPOINT", "T
            "latest_checkpoint_step", "newest_state", "other_state", "ray_train_checkpoint_metrics",
            "ray_train_state", "read_checkpoint", "read_export", "result_export",
            "task_checkpoint_export", "task_checkpoint_metrics", "task_checkpoint_state",
-           "write_checkpoint", "write_checkpoint_to", "write_task_checkpoint"]
+           "write_checkpoint", "write_task_checkpoint"]
 
 #: a checkpoint's state without the average (model, optimizer, step, generators, data positions)
 STATE_FILE = "state.pt"
@@ -85,26 +84,12 @@ def checkpoint_writers(state: dict[str, Any]) -> dict[str, Callable[[str], None]
             STATE_FILE: lambda path: torch.save(rest, path)}
 
 
-def write_checkpoint(directory: str, state: dict[str, Any]) -> None:
-    """Write the loop's state as a checkpoint into ``directory`` (a local folder or a URI),
-    each file replaced atomically on a local disk."""
+def write_checkpoint(directory: str, state: dict[str, Any], filesystem: Any = None) -> None:
+    """Write the loop's state as a checkpoint into ``directory`` (a local folder or a URI; or
+    a folder of a pyarrow ``filesystem``, as Ray Train's storage gives it, which registers the
+    folder only once this returned), each file replaced atomically on a local disk."""
     for name, write in checkpoint_writers(state).items():
-        storage.write_with(storage.join(directory, name), write)
-
-
-def write_checkpoint_to(filesystem: Any, directory: str, state: dict[str, Any]) -> None:
-    """Write the loop's state as a checkpoint into ``directory`` of a pyarrow ``filesystem``
-    (Ray Train's storage: the folder is registered only once this returned)."""
-    import pyarrow.fs as pafs
-
-    if isinstance(filesystem, pafs.LocalFileSystem):
-        write_checkpoint(directory, state)
-        return
-    with tempfile.TemporaryDirectory() as local:  # an object store: written, then uploaded
-        write_checkpoint(local, state)
-        filesystem.create_dir(directory, recursive=True)
-        pafs.copy_files(local, directory, source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=filesystem)
+        storage.write_with(storage.join(directory, name), write, filesystem)
 
 
 def read_checkpoint(directory: str) -> dict[str, Any] | None:

@@ -22,7 +22,7 @@ a thread of their own (:class:`hdd_ray.training.writer.CheckpointWriter`).
 :class:`RayTrainHooks` uses Ray Train's own background upload: ``ray.train.report(...,
 checkpoint_upload_mode=ASYNC, checkpoint_upload_fn=...)`` for periodic checkpoints, ``SYNC``
 for the drain and final ones, our ``checkpoint_upload_fn`` serialising the snapshot and
-writing its files straight into the run's storage (:func:`checkpoints.write_checkpoint_to`; on
+writing its files straight into the run's storage (:func:`checkpoints.write_checkpoint`; on
 an object store through a local temporary folder).
 Why, from Ray 2.60's source (``ray/train/v2/_internal/execution/context.py``, ``report``, and
 ``worker_group/worker.py``, ``run_train_fn``):
@@ -74,7 +74,6 @@ from hdd_ray.training.checkpoints import (
     read_checkpoint,
     task_checkpoint_state,
     write_checkpoint,
-    write_checkpoint_to,
     write_task_checkpoint,
 )
 from hdd_ray.training.writer import CheckpointWriter
@@ -137,7 +136,7 @@ class RayTrainHooks:
 
         def upload(_: Any, name: str) -> Any:
             path = storage.build_checkpoint_path_from_name(name)
-            write_checkpoint_to(storage.storage_filesystem, path, state)
+            write_checkpoint(path, state, storage.storage_filesystem)
             return ray.train.Checkpoint(path, filesystem=storage.storage_filesystem)
 
         upload_fn = self.writer.track(upload, f"of step {state['step']} (Ray Train)", wait)
