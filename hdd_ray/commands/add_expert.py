@@ -41,13 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                           "help": "a contributed expert's folder (weights.safetensors + "
                                   "expert.json): installed instead of trained"}),
     ])
-    from hdd_ray.campaign import (
-        check_text_features,
-        generations,
-        load_manifest,
-        model_shape,
-        with_k,
-    )
+    from hdd_ray.campaign import generations, load_manifest, model_shape, with_k
     from hdd_ray.corpus import list_shards
     from hdd_ray.errors import CampaignError, ConfigError, PrepareError
     from hdd_ray.placement import init_ray
@@ -76,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         grown = _grown_config(with_k(cfg, (k if resume is None else resume) + 1), objective)
         new = grown.clustering.k - 1
         preflight(grown, model_shape(cfg, manifest), experts=[new], router=True)
-        campaign_text_features(cfg, manifest)  # the new cluster gets the campaign's tower's
-        check_text_features(grown, manifest)  # ... and its expert trains from them
+        # the new cluster gets the campaign tower's features, which its expert trains from
+        campaign_text_features(cfg, manifest)
         fingerprint = fingerprint_of(grown)
     except (CampaignError, ConfigError, PrepareError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -224,7 +224,6 @@ class StreamSource(BatchSource):
         self.how, self.settings, self.pin = how, settings, pin_memory
         self.shards, self.seed, self.rank, self.world = list(shards), int(seed), rank, world
         self.reader = BlockReader(shards, settings, seed, rank, world)  # its order, its rules
-        self.paths = [p for p, _ in shards]
         self.position: dict[str, Any] = {"block": BlockReader.start(0), "offset": 0}
         self.skipped, self.count = 0, 0
         #: records the producer had read from the shards when it formed the last batch taken

@@ -14,9 +14,9 @@ they took the training loop's GIL: on 2 cores a stream ran at 0.63 of the in-mem
 a process of their own they run beside the loop. The process is forked (the consumer sends
 nothing but its settings and position, and the producer never touches torch's devices); where
 fork is unavailable, or the shards lie in an object store (an SDK client the training process
-started is not safe to fork), it is spawned. Ray Data's streaming executor was not used: its iterators
-give no exact position to resume from, and an executor per expert adds Ray processes that
-compete for the expert's CPUs.
+started is not safe to fork), it is spawned. Ray Data's streaming executor was not used: its
+iterators give no exact position to resume from, and an executor per expert adds Ray processes
+that compete for the expert's CPUs.
 """
 
 from __future__ import annotations
@@ -48,13 +48,12 @@ log = logging.getLogger(__name__)
 __all__ = ["BlockReader", "Produced", "Producer", "start_producer"]
 
 
-
 class _ShardStream:
     """One open shard: its records in order, and how many were read (damage included)."""
 
-    def __init__(self, path: str, index: int, skip: int, counter: list[int] | None = None) -> None:
+    def __init__(self, path: str, index: int, skip: int, counter: list[int]) -> None:
         self.index, self.read, self.path = index, 0, path
-        self._counter = counter if counter is not None else [0]
+        self._counter = counter  # the reader's count of records read, shared by its shards
         self._it: Iterator[dict[str, Any]] | None = iter_samples(path, include_damaged=True)
         while self.read < skip and self.next() is not None:
             pass  # a resume: records already read, not decoded again
@@ -264,7 +263,8 @@ def start_producer(shards: list[Shard], how: Decoding, settings: DataConfig, see
 
 def _die_with_parent() -> None:
     """Ask Linux to kill this process when the thread that forked it ends (a training worker
-    killed outright leaves no producer behind); elsewhere the parent-pid check does it."""
+    killed outright leaves no producer behind); elsewhere its next send finds the pipe
+    broken."""
     try:
         import ctypes
         import signal
@@ -274,16 +274,17 @@ def _die_with_parent() -> None:
         pass
 
 
-class _PipeHandler(logging.Handler):
-    """The producer's log records, sent to the consumer (which logs them) in stream order."""
+class _PipeHandler(logging.handlers.QueueHandler):
+    """The producer's log records, prepared as a :class:`logging.handlers.QueueHandler` does
+    (picklable), sent to the consumer (which logs them) in stream order."""
 
     def __init__(self, send: Callable[[Any], bool]) -> None:
-        super().__init__()
+        super().__init__(None)  # type: ignore[arg-type]
         self.send = send
 
-    def emit(self, record: logging.LogRecord) -> None:
-        """Send ``record`` as :class:`logging.handlers.QueueHandler` prepares it (picklable)."""
-        self.send(logging.handlers.QueueHandler.prepare(self, record))  # type: ignore[arg-type]
+    def enqueue(self, record: logging.LogRecord) -> None:
+        """Send the prepared ``record`` through the pipe (waiting, never dropping it)."""
+        self.send(record)
 
 
 def _produce(job: _Job, out: Any, stop: Any) -> None:
