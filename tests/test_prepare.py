@@ -374,6 +374,17 @@ def test_wrong_image_key_is_one_line(tmp_path, small_corpus):
                     "corpus.caption_key='caption'")
 
 
+def test_missing_text_tower_weights_are_one_line_before_ray(tmp_path, small_corpus):
+    """A frozen text tower's features are stored by prepare: its weights are checked first."""
+    tower = ["experts.text.encoder=open_clip", "experts.text.arch=ViT-B-32"]
+    _one_line_error(_webdataset_cfg(tmp_path, small_corpus, *tower,
+                                    f"experts.text.pretrained={tmp_path}/text.pt"),
+                    f"experts.text.pretrained='{tmp_path}/text.pt': no such file")
+    _one_line_error(_webdataset_cfg(tmp_path, small_corpus, *tower,
+                                    "experts.text.pretrained=no-such-tag"),
+                    "experts.text.pretrained='no-such-tag': not a local file nor an open_clip tag")
+
+
 def test_missing_embedder_weights_is_one_line(tmp_path, small_corpus):
     _one_line_error(_webdataset_cfg(tmp_path, small_corpus, "clustering.embedder=dinov2",
                                     "clustering.embedder_arch=vit_small_patch14_dinov2",

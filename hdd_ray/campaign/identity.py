@@ -90,12 +90,16 @@ def text_features_record(text: dict[str, Any]) -> dict[str, Any] | None:
     (``arch``, ``pretrained``), its ``width`` and ``context_length``, the storage ``dtype`` and
     shard ``member``. None for a learned encoder, and for a frozen tower without weights (a
     random tower differs in every process, so its features are not stored). Raises
-    ``ValueError`` (one line) for an architecture open_clip does not know."""
+    ``ValueError`` or ``FileNotFoundError`` (one line) for an architecture open_clip does not
+    know, a tag it does not have or a weights file that is not there (:mod:`hdd_ray.towers`'s
+    own checks, before any actor loads the tower)."""
     if text.get("encoder", "learned") == "learned" or not text.get("pretrained"):
         return None
     from hdd_ray import towers
     from hdd_ray.models.text_features import FEATURE_DTYPE, TEXT_MEMBER
 
+    towers.resolve_open_clip(str(text["arch"]), str(text["pretrained"]), "experts.text.arch",
+                             "experts.text.pretrained")
     shape = towers.open_clip_text_config(str(text["arch"]), "experts.text.arch")
     ident = {"arch": content_identity(text["arch"]),
              "pretrained": content_identity(text["pretrained"])}
